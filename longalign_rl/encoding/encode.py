@@ -1,0 +1,114 @@
+"""Segment-level encoding of long prompts through a CLIP text encoder (METHOD.md 1.2-1.5).
+
+Every segment is encoded on its own (padded to 77 tokens, no attention mask, as SD v1.5's
+pipeline calls its encoder); the per-segment hidden states are concatenated keeping each
+segment's <sot> state and word states and dropping <eot>/padding; the result is cut or
+padded to `max_tokens` with a fixed pad vector. The output is the `[B, max_tokens,
+hidden]` tensor that the UNet's cross-attention takes unchanged, and that a diffusers
+`StableDiffusionPipeline` accepts as `prompt_embeds` / `negative_prompt_embeds`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from longalign_rl.encoding.segments import MAX_SEGMENT_TOKENS, split_segments, token_counter
+
+log = logging.getLogger(__name__)
+
+CLIP_WINDOW = MAX_SEGMENT_TOKENS + 2  # <sot> + 75 words + <eot>
+# The pad vector is the mean hidden state over these positions of the empty prompt
+# (reference choice: they are deep in the padding, far from <sot>/<eot>).
+PAD_POSITIONS = slice(17, CLIP_WINDOW)
+
+
+def _run_encoder(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final-layer-norm hidden states, the tensor SD's UNet normally receives."""
+    device = next(text_encoder.parameters()).device
+    return text_encoder(input_ids.to(device))[0]
+
+
+@torch.no_grad()
+def pad_vector(tokenizer, text_encoder) -> torch.Tensor:
+    """Mean hidden state at positions 17..76 of "" padded to 77 tokens: `[hidden]`."""
+    ids = tokenizer([""], padding="max_length", max_length=CLIP_WINDOW, return_tensors="pt").input_ids
+    return _run_encoder(text_encoder, ids)[0, PAD_POSITIONS].mean(dim=0)
+
+
+@torch.no_grad()
+def encode_prompts(
+    prompts: Sequence[str],
+    tokenizer,
+    text_encoder,
+    *,
+    max_tokens: int = 240,
+    pack_segments: bool = False,
+    pad: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Encode prompts by segments: `[B, max_tokens, hidden]`.
+
+    `pad` is the pad vector; pass a cached one (see `SegmentEncoder`) to save one
+    encoder call. The empty prompt gives <sot> followed by pad vectors: the
+    unconditional embedding for classifier-free guidance.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    count = token_counter(tokenizer)
+    per_prompt = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt {i} is a {type(prompt).__name__}, not a str")
+        per_prompt.append(split_segments(prompt, count, pack_segments=pack_segments) or [""])
+
+    flat = [segment for segments in per_prompt for segment in segments]
+    ids = tokenizer(
+        flat, padding="max_length", max_length=CLIP_WINDOW, truncation=True, return_tensors="pt"
+    ).input_ids
+    states = _run_encoder(text_encoder, ids)  # one call for all segments of all prompts
+    if pad is None:
+        pad = pad_vector(tokenizer, text_encoder)
+    pad = pad.to(states)
+
+    # Word tokens of a segment sit at 1..n; n = tokens before the first <eot>.
+    n_words = (ids[:, 1:] != tokenizer.eos_token_id).int().cumprod(dim=1).sum(dim=1).tolist()
+    out = pad.expand(len(prompts), max_tokens, pad.shape[-1]).clone()
+    row = 0
+    for b, segments in enumerate(per_prompt):
+        kept = torch.cat([states[row + j, : 1 + n_words[row + j]] for j in range(len(segments))])
+        row += len(segments)
+        if kept.shape[0] > max_tokens:
+            log.warning(
+                "prompt %d: %d of its %d encoded states are past max_tokens=%d and were cut",
+                b, kept.shape[0] - max_tokens, kept.shape[0], max_tokens,
+            )
+        kept = kept[:max_tokens]
+        out[b, : kept.shape[0]] = kept
+    return out
+
+
+class SegmentEncoder:
+    """A frozen tokenizer + text encoder with its pad vector, computed once and kept here."""
+
+    def __init__(self, tokenizer, text_encoder, *, max_tokens: int = 240, pack_segments: bool = False):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.max_tokens = max_tokens
+        self.pack_segments = pack_segments
+        self.pad = pad_vector(tokenizer, text_encoder)
+        self._uncond = self([""])
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        return encode_prompts(
+            prompts, self.tokenizer, self.text_encoder,
+            max_tokens=self.max_tokens, pack_segments=self.pack_segments, pad=self.pad,
+        )
+
+    def uncond(self, batch_size: int) -> torch.Tensor:
+        """The unconditional embedding repeated: `[batch_size, max_tokens, hidden]`."""
+        return self._uncond.expand(batch_size, -1, -1)
+
+    def segments(self, prompt: str) -> list[str]:
+        return split_segments(prompt, token_counter(self.tokenizer), pack_segments=self.pack_segments)

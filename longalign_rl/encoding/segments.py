@@ -1,0 +1,119 @@
+"""Split a long prompt into segments that each fit one CLIP text-encoder call.
+
+METHOD.md section 1.1. The reference splits on "." and "?" only and truncates a sentence
+longer than the encoder's window; we split on ". ! ? ;" and newlines, never inside a
+decimal number, and split an over-long sentence further (at commas, then at word and
+character boundaries) so that no text is silently lost.
+
+Pure Python: the only thing needed from the tokenizer is a token counter.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+# One CLIP call holds 77 tokens: <sot> + 75 word tokens + <eot>.
+MAX_SEGMENT_TOKENS = 75
+
+# A sentence ends after . ! ? ; (any run of them) or at a newline. A "." between two
+# digits (3.5) is not a sentence end.
+_SENTENCE_END = re.compile(r"(?:(?<!\d)\.|\.(?!\d)|[!?;])+|\n")
+_COMMA = re.compile(r"(?<=,)")
+
+# A word longer than this many characters is cut into chunks of this size. CLIP's
+# byte-level BPE spends at most 4 tokens per character (a 4-byte UTF-8 character), so
+# 18 characters are at most 72 tokens and always fit a segment.
+_MAX_WORD_CHARS = 18
+
+TokenCounter = Callable[[str], int]
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split at sentence ends and newlines; keep the punctuation; drop empty pieces."""
+    pieces, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        pieces.append(text[start : match.end()])
+        start = match.end()
+    pieces.append(text[start:])
+    return [p.strip() for p in pieces if p.strip(" \t\r\n.!?;")]
+
+
+def _wrap_words(text: str, count: TokenCounter, limit: int) -> list[str]:
+    """Greedy word wrap so that every line has at most `limit` tokens.
+
+    CLIP's tokenizer splits on whitespace before BPE, so token counts add up over
+    words and each word is counted once.
+    """
+    words: list[str] = []
+    for word in text.split():
+        if count(word) > limit:
+            words.extend(word[i : i + _MAX_WORD_CHARS] for i in range(0, len(word), _MAX_WORD_CHARS))
+        else:
+            words.append(word)
+    lines, line, used = [], [], 0
+    for word in words:
+        n = count(word)
+        if line and used + n > limit:
+            lines.append(" ".join(line))
+            line, used = [], 0
+        line.append(word)
+        used += n
+    if line:
+        lines.append(" ".join(line))
+    return lines
+
+
+def _fit(sentence: str, count: TokenCounter, limit: int) -> list[str]:
+    """One sentence -> pieces of at most `limit` tokens: whole, else at commas, else wrapped."""
+    if count(sentence) <= limit:
+        return [sentence]
+    pieces: list[str] = []
+    for clause in _COMMA.split(sentence):
+        clause = clause.strip()
+        if not clause:
+            continue
+        if pieces and count(pieces[-1] + " " + clause) <= limit:
+            pieces[-1] = pieces[-1] + " " + clause  # keep short clauses together
+        elif count(clause) <= limit:
+            pieces.append(clause)
+        else:
+            pieces.extend(_wrap_words(clause, count, limit))
+    return pieces
+
+
+def _pack(segments: Sequence[str], count: TokenCounter, limit: int) -> list[str]:
+    packed: list[str] = []
+    for segment in segments:
+        if packed and count(packed[-1] + " " + segment) <= limit:
+            packed[-1] = packed[-1] + " " + segment
+        else:
+            packed.append(segment)
+    return packed
+
+
+def split_segments(
+    text: str,
+    count_tokens: TokenCounter,
+    *,
+    max_segment_tokens: int = MAX_SEGMENT_TOKENS,
+    pack_segments: bool = False,
+) -> list[str]:
+    """Split `text` into segments of at most `max_segment_tokens` tokens each.
+
+    One sentence per segment (the reference's choice) unless `pack_segments`, which
+    joins consecutive sentences while they fit. An empty or blank text gives [].
+    """
+    segments = [piece for s in split_sentences(text) for piece in _fit(s, count_tokens, max_segment_tokens)]
+    if pack_segments:
+        segments = _pack(segments, count_tokens, max_segment_tokens)
+    return segments
+
+
+def token_counter(tokenizer) -> TokenCounter:
+    """A counter of word tokens (no <sot>/<eot>) for a transformers CLIP tokenizer."""
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+
+    return count

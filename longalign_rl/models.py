@@ -1,0 +1,122 @@
+"""Build or load the diffusion model's parts: UNet, VAE, text encoder, tokenizer, scheduler.
+
+`model` is one of
+- "tiny": random-initialised parts of SD v1.5's classes, built from the JSON configs in
+  `longalign_rl/model_configs/tiny/` with a fixed seed, so that every process (sampler
+  actor or trainer worker) builds the same weights without sharing a file;
+- a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/);
+- a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5" (needs network).
+
+The tokenizer of "tiny" is the real CLIP BPE tokenizer, built offline from the
+vocabulary file that open_clip ships, so token counts in tests are real.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+CLIP_VOCAB_SIZE = 49408
+TINY_CONFIG_DIR = Path(__file__).parent / "model_configs" / "tiny"
+
+
+@dataclass
+class Components:
+    """The frozen and trainable parts of a UNet/CLIP latent diffusion model."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+
+
+def _read_config(name: str) -> dict:
+    config = json.loads((TINY_CONFIG_DIR / f"{name}.json").read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+@lru_cache(maxsize=1)
+def _clip_bpe() -> tuple[dict, list]:
+    """CLIP's byte-level BPE vocabulary and merges, from the file open_clip ships."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def build_clip_tokenizer(max_length: int = 77):
+    """The CLIP tokenizer SD v1.5 uses, built offline (49,408 entries; pad = <|endoftext|>)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_bpe()
+    tokenizer = CLIPTokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
+        model_max_length=max_length,
+        pad_token="<|endoftext|>",
+    )
+    check_clip_tokenizer(tokenizer, "the offline CLIP tokenizer")
+    return tokenizer
+
+
+def check_clip_tokenizer(tokenizer, where: str) -> None:
+    """Offline, `from_pretrained` can return a useless 3-token tokenizer without raising."""
+    if len(tokenizer) != CLIP_VOCAB_SIZE:
+        raise ValueError(f"{where} has {len(tokenizer)} entries, not CLIP's {CLIP_VOCAB_SIZE}: it did not load")
+
+
+def build_tiny(seed: int = 0) -> Components:
+    """Random-initialised tiny parts of SD v1.5's classes; the same weights for the same seed."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**_read_config("unet"))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**_read_config("vae"))
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_read_config("text_encoder")))
+    return Components(unet, vae, text_encoder, build_clip_tokenizer(), _read_config("scheduler"))
+
+
+def load_pretrained(path_or_id: str, revision: str | None = None) -> Components:
+    """SD v1.5 (or another UNet/CLIP model) from a local diffusers folder or a hub id."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = {"revision": revision} if revision else {}
+    unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet", **kw)
+    vae = AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(path_or_id, subfolder="text_encoder", **kw)
+    tokenizer = CLIPTokenizer.from_pretrained(path_or_id, subfolder="tokenizer", **kw)
+    check_clip_tokenizer(tokenizer, f"the tokenizer of {path_or_id}")
+    scheduler_config = dict(DDIMScheduler.load_config(path_or_id, subfolder="scheduler", **kw))
+    return Components(unet, vae, text_encoder, tokenizer, scheduler_config)
+
+
+def load_components(model: str, *, seed: int = 0, revision: str | None = None) -> Components:
+    """All parts frozen (requires_grad False, eval mode); the caller adds what trains."""
+    parts = build_tiny(seed) if model == "tiny" else load_pretrained(model, revision)
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        module.requires_grad_(False).eval()
+    return parts
+
+
+def make_scheduler(scheduler_config: dict, *, timestep_spacing: str):
+    """A deterministic-capable DDIM scheduler on the model's own noise schedule."""
+    from diffusers import DDIMScheduler
+
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    config.update(timestep_spacing=timestep_spacing, clip_sample=False, thresholding=False)
+    return DDIMScheduler.from_config(config)
