@@ -1,0 +1,56 @@
+"""Reward backpropagation by trajectory replay (METHOD.md section 5). Pure torch.
+
+The reference runs the whole 50-step chain in the trainer, with gradient at 5 steps whose
+UNet *inputs* are detached. Because those inputs are detached and every DDIM update is
+linear, the final latent depends on the weights only through the guided noise predictions
+at the gradient steps:
+
+    x0(theta) = x0_recorded + sum_k c_k * (eps_k(theta; x_{t_k}) - eps_k_recorded)
+
+Its value equals the recorded x0 when the weights are the sampler's, and its gradient is
+the reference gradient exactly. So the trainer re-runs only the K guided UNet calls, the
+VAE decode and the reward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longalign_rl.registry import RewardOutput
+from longalign_rl.sampling.ddim import guided_eps
+from longalign_rl.types import Rollout
+
+
+def replay_final_latents(unet, rollout: Rollout, guidance_scale: float) -> torch.Tensor:
+    """The rollout's final latents as a function of the UNet's weights (with gradient)."""
+    device = next(unet.parameters()).device
+    cond, uncond = rollout.cond.to(device), rollout.uncond.to(device)
+    latents = rollout.final_latents.to(device)
+    for k, t in enumerate(rollout.grad_timesteps.tolist()):
+        x_k = rollout.grad_latents[:, k].to(device)  # a recorded tensor: no graph behind it
+        eps_k = guided_eps(unet, x_k, t, cond, uncond, guidance_scale)
+        recorded = rollout.grad_eps[:, k].to(device)
+        latents = latents + float(rollout.coeffs[k]) * (eps_k.to(latents.dtype) - recorded)
+    return latents
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], float32, differentiable (SD's VAE convention)."""
+    dtype = next(vae.parameters()).dtype
+    images = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def reward_loss(out: RewardOutput) -> torch.Tensor:
+    """The reference loss: 0.5 * (1 - mean reward). A cosine reward lies in [-1, 1]."""
+    return 0.5 * (1.0 - out.total.mean())
+
+
+def reward_backprop_step(unet, vae, reward, rollout: Rollout, guidance_scale: float):
+    """Loss (with graph) and per-sample statistics for one rollout."""
+    latents = replay_final_latents(unet, rollout, guidance_scale)
+    replay_error = (latents.detach() - rollout.final_latents.to(latents.device)).abs().max()
+    out = reward(decode(vae, latents), rollout.prompts)
+    stats = {"reward": out.total.detach().float(), "replay_error": replay_error.reshape(1).float()}
+    stats.update({k: v.detach().float() for k, v in out.components.items()})
+    return reward_loss(out), stats

@@ -1,0 +1,315 @@
+"""The run configuration: typed, frozen dataclasses with every default in one place.
+
+Defaults are the reference values of LongAlign's stage 2 (METHOD.md section 5) unless a
+comment says otherwise. YAML files under `configs/` hold overrides only; the command line
+adds dotted overrides (`train.lr=1e-5`). Unknown keys and wrong types are errors that name
+the key's full path. The resolved config is saved with every run (`to_yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "tiny" (random tiny SD parts built from longalign_rl/model_configs/tiny, no download),
+    # a local diffusers folder, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5.
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    # Hub revision (branch, tag or commit) of `pretrained`; None = the default branch.
+    revision: str | None = None
+    # Seed of the tiny random weights; every process builds the same ones from it.
+    tiny_seed: int = 0
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    # "demo" (built-in long prompts), a .txt file (one prompt per line) or a .jsonl file
+    # (one {"prompt": ...} object per line).
+    source: str = "demo"
+    # Length of the merged segment encoding, in token states (reference: 240 = 3 x 80).
+    max_tokens: int = 240
+    # Join consecutive short sentences into one segment while they fit 75 tokens.
+    # False = one sentence per segment, as the reference.
+    pack_segments: bool = False
+    # Reshuffle the prompts every pass over them (seeded by train.seed).
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    # Ray sampler actors (no gradient); each trainer worker draws from actor rank % num_actors.
+    num_actors: int = 6
+    # Resources per actor; fractions share a GPU. The autoscaler adds nodes to satisfy them.
+    num_gpus: float = 1.0
+    num_cpus: float = 1.0
+    # DDIM steps from pure noise (reference: 50, t = 999, 979, ..., 19).
+    num_steps: int = 50
+    # "trailing" gives the reference timesteps 999..19; "leading" gives diffusers' 981..1.
+    timestep_spacing: str = "trailing"
+    # Classifier-free guidance scale.
+    guidance_scale: float = 7.5
+    # Image side in pixels (latents are resolution / 8).
+    resolution: int = 512
+    # Steps whose UNet call gets a gradient: every (num_steps // num_grad_steps)-th step
+    # from a random offset (reference: 5 of 50, every 10th).
+    num_grad_steps: int = 5
+    # Sampler precision: fp32 | bf16 | fp16.
+    precision: str = "bf16"
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    # A registered reward (see `longalign_rl.registry.list_rewards()`) or "pkg.module:Class".
+    name: str = "hpsv2"
+    # Keyword arguments for the reward, e.g. text_irrelevant_weight, direction.
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    # False = full fine-tuning of the UNet.
+    enabled: bool = True
+    # Reference: rank 32 on every linear/conv of the resnet, attention and GEGLU blocks.
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = (
+        "to_q", "to_k", "to_v", "to_out.0",      # attention
+        "proj_in", "proj_out",                   # transformer block in/out
+        "ff.net.0.proj", "ff.net.2",             # GEGLU feed-forward
+        "conv1", "conv2", "conv_shortcut", "time_emb_proj",  # resnet blocks
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Optimiser steps (reference: about 3,750).
+    steps: int = 3750
+    # Ray Train workers, each with a DeepSpeed engine (reference: 6 GPUs).
+    num_workers: int = 6
+    use_gpu: bool = True
+    # Prompts per worker per micro-step (reference: 48 global / 6 GPUs = 8).
+    batch_size: int = 8
+    # Micro-steps accumulated per optimiser step.
+    grad_accum: int = 1
+    # AdamW, as the reference.
+    lr: float = 3e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    # Linear warm-up to lr over this many steps, then constant.
+    warmup_steps: int = 2000
+    # Global gradient-norm clip.
+    grad_clip: float = 0.3
+    # Trainer precision: fp32 | bf16 | fp16.
+    precision: str = "bf16"
+    # DeepSpeed ZeRO stage: 0, 1 or 2 (stage 3 would shard the weights the samplers need).
+    zero_stage: int = 2
+    # Recompute UNet activations in backward (saves memory at gradient steps).
+    activation_checkpointing: bool = True
+    # Publish weights to the sampler actors every this many steps.
+    sync_every: int = 1
+    # Most optimiser steps a rollout's weights may lag the trainer's (1 = samplers work on
+    # the next batch while the trainer updates; 0 = fully on-policy, no overlap).
+    max_policy_lag: int = 1
+    # Seeds prompt order, noise and LoRA dropout.
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Runs are written to output_dir/name; an empty name is replaced by a timestamp.
+    output_dir: str = "runs"
+    name: str = ""
+    # Ray Train checkpoint every this many steps (and at the end).
+    checkpoint_every: int = 250
+    # Image grid of the current rollout every this many steps (and at step 1).
+    image_every: int = 250
+    # Worker restarts Ray Train allows (each resumes from the last checkpoint).
+    max_failures: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimiser step over all workers."""
+        return self.train.num_workers * self.train.batch_size * self.train.grad_accum
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _check_value(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if args[-1] is Ellipsis:
+            return tuple(_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads "3e-5" as a string; a float field means a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        path = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _check_value(value, tp, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Nested dict merge; an override replaces leaves and adds keys (reward.kwargs included)."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _dotted(overrides: list[str]) -> dict:
+    """["train.lr=1e-5", "reward.kwargs.direction=corpus"] -> nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        path, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = tree
+        *parents, leaf = path.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = value
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file's overrides, then dotted command-line overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    data = _merge(data, _dotted(overrides or []))
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def from_dict(data: dict) -> Config:
+    """A config from a (resolved) dict, as saved in a run directory."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span a value's range or several keys."""
+    s, t = cfg.sampler, cfg.train
+    for key, value in [("sampler.num_actors", s.num_actors), ("sampler.num_steps", s.num_steps),
+                       ("sampler.num_grad_steps", s.num_grad_steps), ("train.steps", t.steps),
+                       ("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),
+                       ("train.grad_accum", t.grad_accum), ("train.sync_every", t.sync_every),
+                       ("prompts.max_tokens", cfg.prompts.max_tokens), ("run.checkpoint_every", cfg.run.checkpoint_every),
+                       ("run.image_every", cfg.run.image_every), ("lora.rank", cfg.lora.rank)]:
+        _require(value >= 1, key, f"must be >= 1, got {value}")
+    _require(s.num_grad_steps <= s.num_steps, "sampler.num_grad_steps",
+             f"{s.num_grad_steps} gradient steps do not fit in sampler.num_steps={s.num_steps}")
+    _require(s.timestep_spacing in ("trailing", "leading", "linspace"), "sampler.timestep_spacing",
+             f"must be trailing, leading or linspace, got {s.timestep_spacing!r}")
+    _require(s.resolution % 8 == 0, "sampler.resolution", f"must be a multiple of 8, got {s.resolution}")
+    for key, value in [("sampler.precision", s.precision), ("train.precision", t.precision)]:
+        _require(value in ("fp32", "bf16", "fp16"), key, f"must be fp32, bf16 or fp16, got {value!r}")
+    _require(t.zero_stage in (0, 1, 2), "train.zero_stage", f"must be 0, 1 or 2, got {t.zero_stage}")
+    _require(t.max_policy_lag >= 0, "train.max_policy_lag", f"must be >= 0, got {t.max_policy_lag}")
+    _require(t.sync_every - 1 <= t.max_policy_lag, "train.sync_every",
+             f"sync_every={t.sync_every} lets the samplers lag {t.sync_every - 1} steps, more than "
+             f"train.max_policy_lag={t.max_policy_lag}")
+    _require(s.guidance_scale >= 1.0, "sampler.guidance_scale", f"must be >= 1, got {s.guidance_scale}")
+    _require(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")

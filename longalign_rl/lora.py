@@ -1,0 +1,70 @@
+"""What trains: a peft LoRA on the UNet (the reference) or the whole UNet. Pure torch/peft.
+
+The same functions run in the trainer (which publishes its trainable weights) and in the
+sampler actors (which load them), so both sides agree on names by construction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from longalign_rl.config import LoRAConfig
+
+
+def make_trainable(unet, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
+    """Add the LoRA adapter (or unfreeze the UNet) and return the trainable parameters."""
+    if cfg.enabled:
+        from peft import LoraConfig
+
+        unet.add_adapter(
+            LoraConfig(
+                r=cfg.rank,
+                lora_alpha=cfg.alpha,
+                lora_dropout=cfg.dropout,
+                target_modules=list(cfg.target_modules),
+                init_lora_weights="gaussian",  # down-projection random, up-projection zero
+            )
+        )
+    else:
+        unet.requires_grad_(True)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def trainable_state_dict(unet, cfg: LoRAConfig) -> dict[str, torch.Tensor]:
+    """The weights a sampler needs to match the trainer: CPU copies."""
+    if cfg.enabled:
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(unet)
+    else:
+        state = unet.state_dict()
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def load_trainable_state_dict(unet, state: dict[str, torch.Tensor], cfg: LoRAConfig) -> None:
+    if cfg.enabled:
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(unet, state)
+        if result.unexpected_keys:
+            raise ValueError(f"LoRA weights do not fit this UNet: unexpected {result.unexpected_keys[:3]}")
+    else:
+        unet.load_state_dict(state)
+
+
+def export_for_diffusers(unet, cfg: LoRAConfig, directory: str | Path) -> Path:
+    """Write what `StableDiffusionPipeline.load_lora_weights(directory)` (LoRA) or
+    `UNet2DConditionModel.from_pretrained(directory)` (full fine-tuning) loads."""
+    directory = Path(directory)
+    if cfg.enabled:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+    else:
+        unet.save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -1,0 +1,96 @@
+"""Prompt sources: the built-in long demo prompts, a text file, or a JSONL file.
+
+A text file holds one prompt per line (blank lines skipped). A JSONL file holds one JSON
+object per line with a "prompt" string (blank lines skipped). Lines that cannot be used
+(not UTF-8, not JSON, no "prompt" string, an empty prompt) are reported together with
+their line numbers, so a user fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+DEMO_PROMPTS = Path(__file__).parent / "data" / "demo_prompts.txt"
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message names the file and the bad lines."""
+
+
+def _parse_line(raw: bytes, jsonl: bool) -> str | None:
+    """One line -> its prompt, None for a blank line; ValueError says what is wrong."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    text = text.strip()
+    if not text:
+        return None
+    if not jsonl:
+        return text
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg})") from None
+    prompt = record.get("prompt") if isinstance(record, dict) else None
+    if not isinstance(prompt, str):
+        raise ValueError('no "prompt" string')
+    if not prompt.strip():
+        raise ValueError("empty prompt")
+    return prompt.strip()
+
+
+def load_prompts(source: str) -> list[str]:
+    """"demo", a .txt path or a .jsonl path -> the list of prompts, in file order."""
+    path = DEMO_PROMPTS if source == "demo" else Path(source)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {source!r} does not exist (use 'demo' for the built-in prompts)")
+    jsonl = path.suffix == ".jsonl"
+    prompts, errors = [], []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            prompt = _parse_line(raw, jsonl)
+        except ValueError as e:
+            errors.append(f"  line {number}: {e}")
+            continue
+        if prompt is not None:
+            prompts.append(prompt)
+    if errors:
+        shown = "\n".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
+        raise PromptFileError(f"prompt file {str(path)!r} has {len(errors)} bad line(s):\n{shown}")
+    if not prompts:
+        raise PromptFileError(f"prompt file {str(path)!r} holds no prompts")
+    return prompts
+
+
+class PromptOrder:
+    """A seeded, endless order over the prompts, in passes (epochs), with random access.
+
+    Position p is the p-th prompt handed out since the run began. Every trainer worker
+    holds the same order, so a batch is a pure function of its position, and a checkpoint
+    resumes the exact prompt order from one integer.
+    """
+
+    def __init__(self, prompts: list[str], *, seed: int, shuffle: bool):
+        self.prompts = prompts
+        self.seed = seed
+        self.shuffle = shuffle
+        self._epoch, self._order = -1, []
+
+    def _order_of(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:  # one shuffle per pass, not per prompt
+            order = list(range(len(self.prompts)))
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch, self._order = epoch, order
+        return self._order
+
+    def batch(self, position: int, n: int) -> list[str]:
+        """The n prompts at positions position, position + 1, ..."""
+        out = []
+        for p in range(position, position + n):
+            epoch, i = divmod(p, len(self.prompts))
+            out.append(self.prompts[self._order_of(epoch)[i]])
+        return out

@@ -1,0 +1,81 @@
+"""The sampler: segment-encode prompts, run the no-gradient DDIM chain, record a Rollout.
+
+Plain torch, so the same code runs inside a Ray actor (`sampling/actor.py`), in a benchmark
+on a GPU machine without Ray, and in tests.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from longalign_rl.encoding import SegmentEncoder
+from longalign_rl.sampling.ddim import grad_step_indices, guided_eps, replay_coefficients, step_coefficients
+from longalign_rl.types import Rollout
+
+
+class Sampler:
+    def __init__(
+        self,
+        unet,
+        encoder: SegmentEncoder,
+        scheduler,
+        *,
+        num_steps: int,
+        guidance_scale: float,
+        resolution: int,
+        num_grad_steps: int,
+    ):
+        self.unet = unet
+        self.encoder = encoder
+        self.scheduler = scheduler
+        self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
+        self.latent_size = resolution // 8  # SD's VAE downsamples 8x
+        self.num_grad_steps = num_grad_steps
+        scheduler.set_timesteps(num_steps)
+        self.a, self.b = step_coefficients(scheduler)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seed: int, policy_version: int = 0) -> Rollout:
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed)
+        stride = self.num_steps // self.num_grad_steps
+        offset = int(torch.randint(stride, (1,), generator=generator))
+        indices = grad_step_indices(self.num_steps, self.num_grad_steps, offset)
+
+        cond = self.encoder(prompts).float()
+        uncond = self.encoder.uncond(1).float()
+        channels = self.unet.config.in_channels
+        shape = (len(prompts), channels, self.latent_size, self.latent_size)
+        latents = torch.randn(shape, generator=generator) * self.scheduler.init_noise_sigma
+        latents = latents.to(self.device)
+        cond_d, uncond_d = cond.to(self.device), uncond.to(self.device)
+
+        grad_latents, grad_eps = [], []
+        for i, t in enumerate(self.scheduler.timesteps):
+            eps = guided_eps(self.unet, latents, t, cond_d, uncond_d, self.guidance_scale)
+            if i in indices:
+                grad_latents.append(latents.cpu())
+                grad_eps.append(eps.cpu())
+            latents = self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
+
+        return Rollout(
+            prompts=list(prompts),
+            cond=cond.cpu(),
+            uncond=uncond.cpu(),
+            grad_indices=indices,
+            grad_timesteps=self.scheduler.timesteps[indices].clone(),
+            grad_latents=torch.stack(grad_latents, dim=1),
+            grad_eps=torch.stack(grad_eps, dim=1),
+            coeffs=replay_coefficients(self.a, self.b, indices),
+            final_latents=latents.float().cpu(),
+            policy_version=policy_version,
+            seed=seed,
+            seconds=time.perf_counter() - start,
+        )
