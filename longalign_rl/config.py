@@ -100,6 +100,8 @@ class TrainConfig:
     # Ray Train workers, each with a DeepSpeed engine (reference: 6 GPUs).
     num_workers: int = 6
     use_gpu: bool = True
+    # CPUs Ray reserves per worker (fractions allowed: the tiny run packs 4 processes on 2 cores).
+    cpus_per_worker: float = 1.0
     # Prompts per worker per micro-step (reference: 48 global / 6 GPUs = 8).
     batch_size: int = 8
     # Micro-steps accumulated per optimiser step.
@@ -139,6 +141,8 @@ class RunConfig:
     image_every: int = 250
     # Worker restarts Ray Train allows (each resumes from the last checkpoint).
     max_failures: int = 3
+    # Checkpoints kept on disk (the newest ones); 0 keeps all.
+    keep_checkpoints: int = 3
 
 
 @dataclass(frozen=True)
@@ -312,4 +316,5 @@ def validate(cfg: Config) -> None:
     _require(s.guidance_scale >= 1.0, "sampler.guidance_scale", f"must be >= 1, got {s.guidance_scale}")
     _require(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", f"must be >= 0, got {cfg.run.keep_checkpoints}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")

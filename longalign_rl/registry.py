@@ -82,7 +82,7 @@ def _reset() -> None:
 def register_reward(name: str, factory: Factory) -> None:
     """Register `factory` under `name`; a name that is already taken is an error."""
     if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(f"reward name must be a non-empty string without ':' (that marks an import path), got {name!r}")
+        raise ValueError(f"a reward name is a non-empty string without ':' (that marks an import path), got {name!r}")
     if not callable(factory):
         raise TypeError(f"the factory of reward {name!r} is not callable: {factory!r}")
     if name in _registered:

@@ -1,0 +1,31 @@
+"""Our config -> a DeepSpeed config dict. Pure: no deepspeed import, tested on its own."""
+
+from __future__ import annotations
+
+from longalign_rl.config import Config
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """ZeRO stage, precision, gradient clipping and accumulation, from `cfg.train`.
+
+    The optimiser (torch AdamW) and the warm-up schedule are built by the trainer and
+    passed to `deepspeed.initialize`, so they are not in this dict.
+    """
+    t = cfg.train
+    config = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        # We log ourselves (metrics.jsonl); DeepSpeed's own step printing stays off.
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "fp16":
+        config["fp16"].update(loss_scale=0, initial_scale_power=16)  # dynamic loss scaling
+    if t.zero_stage > 0:
+        # Overlap gradient reduction with backward; buckets sized for a LoRA's few MB.
+        config["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
+    return config

@@ -1,0 +1,231 @@
+"""The per-worker training function that Ray Train's TorchTrainer runs on every worker.
+
+`TorchTrainer.fit()` blocks for the whole run, so the RL loop lives here. One step reads:
+
+    SAMPLE   get this worker's rollouts from its sampler actor (requested one step ahead
+             when the lag bound allows it, so sampling overlaps training)
+    UPDATE   replay the gradient steps, decode, score with the reward, DeepSpeed step
+    SYNC     every sync_every steps rank 0 publishes its trainable weights to the actors
+    LOG      rank 0 appends the all-worker means to metrics.jsonl; image grids
+    CKPT     every checkpoint_every steps every worker reports to Ray Train
+
+Each piece of maths is a call into a pure module (algorithms/, sampling/, rewards/).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import deepspeed
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from longalign_rl.algorithms.reward_backprop import decode, reward_backprop_step
+from longalign_rl.config import Config, from_dict
+from longalign_rl.lora import export_for_diffusers, make_trainable, trainable_state_dict
+from longalign_rl.models import load_components
+from longalign_rl.prompts import PromptOrder, load_prompts
+from longalign_rl.registry import get_reward
+from longalign_rl.training import checkpoint
+from longalign_rl.training.deepspeed_config import deepspeed_config
+from longalign_rl.training.outputs import MetricsLog, save_image_grid
+from longalign_rl.types import Rollout
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Per-sample statistics that every reward step reports, averaged over all workers.
+MEAN_STATS = ("reward", "text_relevant", "text_irrelevant", "score")
+
+
+class RolloutClient:
+    """This worker's view of its sampler actor: requests by micro-step, lag check, retries.
+
+    A micro-step's prompts and noise seed are pure functions of (micro-step, rank), so a
+    resumed run asks for exactly what the killed run would have asked for.
+    """
+
+    def __init__(self, actor, order: PromptOrder, cfg: Config, rank: int, world: int):
+        self.actor, self.order, self.cfg, self.rank, self.world = actor, order, cfg, rank, world
+        self.pending: dict[int, ray.ObjectRef] = {}
+
+    def prompt_position(self, micro: int) -> int:
+        return micro * self.world * self.cfg.train.batch_size
+
+    def request(self, micro: int) -> None:
+        if micro not in self.pending:
+            b = self.cfg.train.batch_size
+            prompts = self.order.batch(self.prompt_position(micro) + self.rank * b, b)
+            seed = (self.cfg.train.seed * 1_000_003 + micro) * 1_009 + self.rank
+            self.pending[micro] = self.actor.sample.remote(prompts, seed)
+
+    def get(self, micro: int, version: int, weights_fn) -> Rollout:
+        """The rollout of `micro`, resampled with fresh weights if it lags too far."""
+        for attempt in range(4):
+            self.request(micro)
+            try:
+                rollout = ray.get(self.pending.pop(micro))
+            except ray.exceptions.RayActorError as e:  # died: Ray restarts it (max_restarts)
+                log.warning("rank %d: sampler actor failed (%s); retrying", self.rank, type(e).__name__)
+                time.sleep(2.0 * (attempt + 1))
+                continue
+            lag = version - rollout.policy_version
+            if lag <= self.cfg.train.max_policy_lag:
+                return rollout
+            # A restarted actor is back at version 0: give it our (identical) weights.
+            log.warning("rank %d: rollout lags %d steps (bound %d); resyncing its actor",
+                        self.rank, lag, self.cfg.train.max_policy_lag)
+            ray.get(self.actor.set_weights.remote(ray.put(weights_fn()), version))
+        raise RuntimeError(f"rank {self.rank}: no usable rollout for micro-step {micro} after 4 tries")
+
+
+def _all_mean(values: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / dist.get_world_size()
+
+
+def _warmup(steps: int):
+    return lambda s: min(1.0, (s + 1) / steps) if steps > 0 else 1.0
+
+
+def train_func(loop_config: dict) -> None:
+    cfg: Config = from_dict(loop_config["config"])
+    actors, run_dir = loop_config["actors"], Path(loop_config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)  # same LoRA init on every worker
+    dtype = DTYPES[cfg.train.precision]
+
+    # ------------------------------------------------------------------ models
+    parts = load_components(cfg.model.pretrained, seed=cfg.model.tiny_seed, revision=cfg.model.revision)
+    del parts.text_encoder  # prompts arrive encoded in the rollouts
+    unet = parts.unet.to(device)
+    params = make_trainable(unet, cfg.lora)
+    unet.train()
+    if cfg.train.activation_checkpointing:
+        unet.enable_gradient_checkpointing()
+    vae = parts.vae.to(device, dtype)
+    reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
+    if not reward.differentiable:
+        raise ValueError(f"reward {cfg.reward.name!r} is not differentiable; reward backpropagation "
+                         "needs gradients from the reward to the image")
+    reward = reward.to(device) if hasattr(reward, "to") else reward
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
+                                  weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(cfg.train.warmup_steps))
+    engine, optimizer, _, schedule = deepspeed.initialize(
+        model=unet, optimizer=optimizer, lr_scheduler=schedule,
+        config=deepspeed_config(cfg), dist_init_required=False,
+    )
+
+    def weights() -> dict:
+        return trainable_state_dict(engine.module, cfg.lora)
+
+    # ------------------------------------------------------------------ resume
+    state = checkpoint.TrainerState()
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = checkpoint.load(Path(d), engine, rank)
+        log.info("rank %d: resumed at step %d", rank, state.step)
+    metrics_log = MetricsLog(run_dir)
+    if rank == 0:
+        metrics_log.truncate_after(state.step)
+
+    order = PromptOrder(load_prompts(cfg.prompts.source), seed=cfg.train.seed, shuffle=cfg.prompts.shuffle)
+    client = RolloutClient(actors[rank % len(actors)], order, cfg, rank, world)
+    accum = cfg.train.grad_accum
+    prefetch = cfg.train.max_policy_lag >= cfg.train.sync_every  # overlap sampling with training
+
+    def publish(version: int) -> float:
+        """Rank 0 sends its weights to every actor; returns the slowest actor's load time."""
+        ref = ray.put(weights())
+        return max(ray.get([a.set_weights.remote(ref, version) for a in actors]))
+
+    # The actors start from the base weights: bring them to this run's version first.
+    if rank == 0:
+        publish(state.step)
+    dist.barrier()
+
+    for step in range(state.step, cfg.train.steps):
+        t0 = time.perf_counter()
+        stats: dict[str, list[torch.Tensor]] = {}
+        sample_wait = train_time = actor_seconds = 0.0
+        lags = []
+        for j in range(accum):
+            # SAMPLE
+            micro = step * accum + j
+            t = time.perf_counter()
+            rollout = client.get(micro, step, weights)
+            if prefetch and step + 1 < cfg.train.steps:
+                client.request(micro + accum)
+            sample_wait += time.perf_counter() - t
+            actor_seconds += rollout.seconds
+            lags.append(step - rollout.policy_version)
+
+            # UPDATE
+            t = time.perf_counter()
+            loss, step_stats = reward_backprop_step(engine, vae, reward, rollout, cfg.sampler.guidance_scale)
+            engine.backward(loss)
+            engine.step()
+            train_time += time.perf_counter() - t
+            step_stats["loss"] = loss.detach().reshape(1).float()
+            for k, v in step_stats.items():
+                stats.setdefault(k, []).append(v)
+
+            if rank == 0 and (step == 0 or (step + 1) % cfg.run.image_every == 0) and j == 0:
+                with torch.no_grad():
+                    images = decode(vae, rollout.final_latents.to(device))
+                save_image_grid(images, rollout.prompts, run_dir / "images" / f"step_{step + 1:06d}.png")
+
+        # SYNC
+        t = time.perf_counter()
+        sync_load = 0.0
+        if (step + 1) % cfg.train.sync_every == 0:
+            if rank == 0:
+                sync_load = publish(step + 1)
+            dist.barrier()  # no worker requests new rollouts before the actors hold step + 1
+        sync_wait = time.perf_counter() - t
+
+        # LOG
+        names = sorted(k for k in stats if k != "replay_error")
+        means = torch.stack([torch.cat(stats[k]).float().mean() for k in names]).to(device)
+        means = _all_mean(means).tolist()
+        grad_norm = engine.get_global_grad_norm()
+        elapsed = time.perf_counter() - t0
+        record = {
+            "step": step + 1,
+            **dict(zip(names, means)),
+            "replay_error": float(torch.cat(stats["replay_error"]).max()),
+            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "lr": schedule.get_last_lr()[0],
+            "policy_lag": max(lags),
+            "samples_per_s": cfg.global_batch / elapsed,
+            "time/step": elapsed,
+            "time/sample_wait": sample_wait,     # trainer blocked on rollouts
+            "time/sample_actor": actor_seconds,  # actor time spent sampling them
+            "time/train": train_time,
+            "time/sync": sync_wait,              # put + slowest actor load + barrier
+            "time/sync_load": sync_load,
+        }
+        if rank == 0:
+            metrics_log.write(record)
+            log.info("step %d: reward %.4f loss %.4f (%.2fs)", step + 1, record["reward"], record["loss"], elapsed)
+
+        # CKPT
+        last = step + 1 == cfg.train.steps
+        if (step + 1) % cfg.run.checkpoint_every == 0 or last:
+            state = checkpoint.TrainerState(step=step + 1, prompt_position=client.prompt_position((step + 1) * accum))
+            with tempfile.TemporaryDirectory() as d:
+                checkpoint.save(Path(d), engine, weights() if rank == 0 else {}, state, rank)
+                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    if rank == 0:
+        export_for_diffusers(engine.module, cfg.lora, run_dir / ("lora" if cfg.lora.enabled else "unet"))

@@ -1,0 +1,47 @@
+"""What a run writes besides checkpoints: metrics.jsonl and image grids with their prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class MetricsLog:
+    """Appends one JSON object per step to run_dir/metrics.jsonl (flushed every line)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines of steps after the checkpoint (they will be redone)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def save_image_grid(images: torch.Tensor, prompts: list[str], path: str | Path) -> Path:
+    """images [B,3,H,W] in [0,1] -> one PNG grid, and the prompts in a .txt beside it."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    b, _, h, w = images.shape
+    cols = math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    pixels = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    for i in range(b):
+        r, c = divmod(i, cols)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = pixels[i]
+    Image.fromarray(grid).save(path)
+    path.with_suffix(".txt").write_text("".join(f"{i}: {p}\n" for i, p in enumerate(prompts)))
+    return path

@@ -1,0 +1,117 @@
+"""The reward registry: built-ins through entry points, names, import paths, and clear errors."""
+
+import pytest
+import torch
+
+from longalign_rl import registry
+from longalign_rl.registry import get_reward, list_rewards, register_reward
+from rewards.decomposed import ClipTypeReward
+from tests.plugins.my_reward import MyReward
+
+BUILT_INS = {"clip", "pickscore", "hpsv2", "tiny_clip", "tiny_openclip"}
+IMAGES = torch.full((2, 3, 8, 8), 0.5)
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry():
+    """Every test starts and ends with no registrations and unread entry points."""
+    registry._reset()
+    yield
+    registry._reset()
+
+
+def fake_distribution(root, entry_points: str) -> None:
+    """An installed distribution "fake-plugin" whose only content is its entry points."""
+    info = root / "fake_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[longalign_rl.rewards]\n" + entry_points)
+
+
+def test_built_ins_are_found_through_entry_points():
+    # Nothing registers in code after _reset(), so these can only come from the entry points.
+    assert BUILT_INS <= set(list_rewards())
+    reward = get_reward("tiny_openclip")
+    assert isinstance(reward, ClipTypeReward) and reward.differentiable is True
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown reward 'no_such_reward'") as info:
+        get_reward("no_such_reward")
+    assert all(name in str(info.value) for name in BUILT_INS)
+
+
+def test_registered_reward_is_listed_and_built_with_kwargs():
+    register_reward("brightness", MyReward)
+    assert "brightness" in list_rewards()
+    out = get_reward("brightness", scale=2.0)(IMAGES, ["a", "b"])
+    torch.testing.assert_close(out.total, torch.ones(2))
+
+
+def test_duplicate_names_are_errors():
+    register_reward("brightness", MyReward)
+    with pytest.raises(ValueError, match="'brightness' is already registered"):
+        register_reward("brightness", MyReward)
+    # A built-in entry point also holds its name, and the error says whose it is.
+    with pytest.raises(ValueError, match="'tiny_clip' is already declared.*longalign-rl"):
+        register_reward("tiny_clip", MyReward)
+
+
+def test_import_path_builds_a_third_party_reward():
+    reward = get_reward("tests.plugins.my_reward:MyReward", scale=3.0)
+    torch.testing.assert_close(reward(IMAGES, ["a", "b"]).total, torch.full((2,), 1.5))
+
+
+@pytest.mark.parametrize(
+    "path, why",
+    [
+        ("tests.plugins.not_there:MyReward", "cannot import module"),
+        ("tests.plugins.my_reward:NotThere", "no attribute"),
+    ],
+)
+def test_bad_import_path_names_the_path(path, why):
+    with pytest.raises(ValueError, match=why) as info:
+        get_reward(path)
+    assert repr(path) in str(info.value)
+
+
+def test_rejected_keyword_names_reward_and_keyword():
+    with pytest.raises(TypeError, match="reward 'tiny_clip'.*'colour'"):
+        get_reward("tiny_clip", colour="red")
+    with pytest.raises(TypeError, match="reward 'tests.plugins.my_reward:MyReward'.*'scael'"):
+        get_reward("tests.plugins.my_reward:MyReward", scael=2.0)
+    # A keyword the reward knows, with a value it refuses.
+    with pytest.raises(ValueError, match="reward 'tiny_openclip'.*direction must be one of"):
+        get_reward("tiny_openclip", direction="sideways")
+
+
+def test_factory_that_returns_no_reward_is_an_error():
+    with pytest.raises(TypeError, match="returned int, which is not a reward"):
+        get_reward("tests.plugins.my_reward:not_a_reward")
+
+
+def test_entry_point_of_another_distribution_is_listed_and_built(tmp_path, monkeypatch):
+    fake_distribution(tmp_path, "brightness = tests.plugins.my_reward:MyReward\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry._reset()  # re-read the entry points with the new distribution on sys.path
+    assert "brightness" in list_rewards() and BUILT_INS <= set(list_rewards())
+    torch.testing.assert_close(get_reward("brightness", scale=2.0)(IMAGES, ["a", "b"]).total, torch.ones(2))
+    with pytest.raises(ValueError, match="'brightness' is already declared.*fake-plugin"):
+        register_reward("brightness", MyReward)
+
+
+def test_entry_point_that_fails_to_load_names_plugin_and_distribution(tmp_path, monkeypatch):
+    fake_distribution(tmp_path, "broken = tests.plugins.not_there:make\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry._reset()
+    with pytest.raises(RuntimeError, match="reward plugin 'broken' failed to load.*fake-plugin 0.1"):
+        get_reward("broken")
+
+
+def test_two_entry_points_with_one_name_are_an_error(tmp_path, monkeypatch):
+    fake_distribution(tmp_path, "tiny_clip = tests.plugins.my_reward:MyReward\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry._reset()
+    with pytest.raises(ValueError, match="'tiny_clip' is declared twice") as info:
+        list_rewards()
+    assert "fake-plugin" in str(info.value) and "longalign-rl" in str(info.value)
