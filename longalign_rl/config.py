@@ -73,7 +73,8 @@ class SamplerConfig:
 class RewardConfig:
     # A registered reward (see `longalign_rl.registry.list_rewards()`) or "pkg.module:Class".
     name: str = "hpsv2"
-    # Keyword arguments for the reward, e.g. text_irrelevant_weight, direction.
+    # Keyword arguments for the reward, e.g. text_irrelevant_weight, direction. An override
+    # that names another reward starts from empty kwargs (they belong to the reward).
     kwargs: dict = field(default_factory=dict)
 
 
@@ -227,6 +228,16 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _merge_layers(base: dict, override: dict) -> dict:
+    """_merge, except that reward.kwargs belong to their reward: naming another reward
+    starts from no kwargs instead of inheriting the previous reward's."""
+    merged = _merge(base, override)
+    new, old = override.get("reward") or {}, base.get("reward") or {}
+    if isinstance(new, dict) and isinstance(old, dict) and "name" in new and new["name"] != old.get("name"):
+        merged["reward"] = {**merged["reward"], "kwargs": new.get("kwargs", {})}
+    return merged
+
+
 def _dotted(overrides: list[str]) -> dict:
     """["train.lr=1e-5", "reward.kwargs.direction=corpus"] -> nested dict (values parsed as YAML)."""
     tree: dict = {}
@@ -258,7 +269,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-    data = _merge(data, _dotted(overrides or []))
+    data = _merge_layers(data, _dotted(overrides or []))
     cfg = _build(Config, data, "")
     validate(cfg)
     return cfg

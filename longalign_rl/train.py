@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
-    """The config of this run and its directory (created; the resolved config saved in it)."""
+    """The config of this run and its directory (nothing is written yet)."""
     if args.resume:
         run_dir = Path(args.resume).resolve()
         if not (run_dir / "config.yaml").is_file():
@@ -45,8 +45,6 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"run.name: {run_dir} already holds a run; pass --resume {run_dir} to continue it")
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides + [f"run.name={name}"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return cfg, run_dir
 
 
@@ -119,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     print(describe(cfg, run_dir), flush=True)
     start = time.perf_counter()
     result = run(cfg, run_dir)

@@ -40,8 +40,6 @@ from longalign_rl.types import Rollout
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Per-sample statistics that every reward step reports, averaged over all workers.
-MEAN_STATS = ("reward", "text_relevant", "text_irrelevant", "score")
 
 
 class RolloutClient:
@@ -88,6 +86,14 @@ class RolloutClient:
 def _all_mean(values: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values / dist.get_world_size()
+
+
+def _weights_spread(module) -> float:
+    """Max - min over workers of a checksum of the trainable weights: 0 when they agree."""
+    checksum = torch.stack([p.detach().double().sum() for p in module.parameters() if p.requires_grad]).sum()
+    both = torch.stack([checksum, -checksum]).to(next(module.parameters()).device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return float(both[0] + both[1])
 
 
 def _warmup(steps: int):
@@ -199,6 +205,7 @@ def train_func(loop_config: dict) -> None:
         means = torch.stack([torch.cat(stats[k]).float().mean() for k in names]).to(device)
         means = _all_mean(means).tolist()
         grad_norm = engine.get_global_grad_norm()
+        spread = _weights_spread(engine.module)
         elapsed = time.perf_counter() - t0
         record = {
             "step": step + 1,
@@ -207,6 +214,7 @@ def train_func(loop_config: dict) -> None:
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "lr": schedule.get_last_lr()[0],
             "policy_lag": max(lags),
+            "weights_spread": spread,  # must stay 0: every worker holds the same weights
             "samples_per_s": cfg.global_batch / elapsed,
             "time/step": elapsed,
             "time/sample_wait": sample_wait,     # trainer blocked on rollouts
