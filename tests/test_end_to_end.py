@@ -111,7 +111,7 @@ def test_run_writes_metrics_images_config_and_checkpoints(tiny_run):
     assert (run_dir / "images" / "step_000001.png").is_file()
     assert (run_dir / "images" / "step_000002.txt").read_text().startswith("0: ")
     assert "pretrained: tiny" in (run_dir / "config.yaml").read_text()
-    checkpoints = sorted(run_dir.glob("checkpoint_*"))
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 3  # steps 2, 4, 6
     newest = checkpoints[-1]
     assert json.loads((newest / "state.json").read_text())["step"] == 6
