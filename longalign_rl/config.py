@@ -165,8 +165,24 @@ class Config:
 # ---------------------------------------------------------------- building from dicts
 
 
+class _Raw(str):
+    """A command-line value not parsed yet: a str field takes it as written ("2024" stays
+    a string), any other field parses it as YAML ("1e-5" -> 1e-05, "[a, b]" -> a list)."""
+
+
+def _parse_raw(value: Any) -> Any:
+    if isinstance(value, _Raw):
+        return yaml.safe_load(value) if value.strip() else ""
+    if isinstance(value, dict):
+        return {k: _parse_raw(v) for k, v in value.items()}
+    return value
+
+
 def _check_value(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it converted (list -> tuple)."""
+    if isinstance(value, _Raw):
+        is_str = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+        value = str(value) if is_str and value.strip().lower() not in ("null", "none", "~") else _parse_raw(value)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -186,7 +202,7 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     if tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        return _parse_raw(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -214,7 +230,7 @@ def _build(cls: type, data: dict, prefix: str):
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
+            kwargs[name] = _build(tp, _parse_raw(value) if isinstance(value, _Raw) else value, key)
         else:
             kwargs[name] = _check_value(value, tp, key)
     return cls(**kwargs)
@@ -245,7 +261,7 @@ def _dotted(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         path, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _Raw(raw)
         node = tree
         *parents, leaf = path.strip().split(".")
         for p in parents:

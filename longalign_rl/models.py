@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 CLIP_VOCAB_SIZE = 49408
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config names
 TINY_CONFIG_DIR = Path(__file__).parent / "model_configs" / "tiny"
 
 

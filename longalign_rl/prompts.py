@@ -22,7 +22,7 @@ class PromptFileError(ValueError):
 def _parse_line(raw: bytes, jsonl: bool) -> str | None:
     """One line -> its prompt, None for a blank line; ValueError says what is wrong."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").lstrip("\ufeff")  # a byte-order mark is not text
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
     text = text.strip()

@@ -321,3 +321,17 @@ def test_shipped_sd15_config_is_the_reference():
     # everything else is the reference default
     assert dataclasses.replace(cfg, reward=RewardConfig(), model=Config().model) == Config()
     assert cfg.train == TrainConfig() and cfg.lora == LoRAConfig()
+
+
+def test_command_line_values_keep_their_text_for_string_fields():
+    cfg = load_config(None, ["run.name=2024", "model.revision=0123", "train.lr=1e-5", "reward.kwargs.w=0.5"])
+    assert cfg.run.name == "2024" and cfg.model.revision == "0123"
+    assert cfg.train.lr == 1e-5 and cfg.reward.kwargs["w"] == 0.5
+
+
+def test_naming_another_reward_drops_the_previous_rewards_kwargs(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("reward:\n  name: clip\n  kwargs:\n    text_irrelevant_weight: 0.5\n")
+    assert load_config(path, ["reward.name=my.mod:R"]).reward.kwargs == {}
+    assert load_config(path, ["reward.kwargs.direction=corpus"]).reward.kwargs == {
+        "text_irrelevant_weight": 0.5, "direction": "corpus"}

@@ -156,6 +156,18 @@ def test_word_that_grows_under_unicode_normalisation_is_chunked_to_fit(count):
     assert max(count(s) for s in segments) <= 75, max(count(s) for s in segments)
 
 
+def test_no_text_is_silently_cut_by_the_encoder(parts, count):
+    """BUG (currently fails), the consequence of the one above: 36 half-note symbols are
+    216 word tokens, but only 150 word states (+2 <sot>) reach the merged sequence, with
+    no warning, although max_tokens has room for all of them."""
+    word = "\U0001d15e" * 36
+    enc = SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=400)
+    segments = enc.segments(word)
+    out = enc([word])[0]
+    content = (~torch.isclose(out, enc.pad, atol=1e-6).all(dim=1)).sum().item()
+    assert content == count(word) + len(segments)
+
+
 def test_long_text_with_mixed_cases(count):
     long_clause = " ".join(["word"] * 100)
     text = ("Short one. " + long_clause + ", then a comma clause, and another one! "
@@ -487,3 +499,7 @@ def test_segment_encoding_drives_a_diffusers_pipeline(pipeline, encoder):
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     torch.testing.assert_close(images[2], images[0], atol=1e-5, rtol=1e-5)
     assert (images[1] - images[0]).abs().max() > 1e-4  # a different prompt gives a different image
+
+
+def test_a_leading_decimal_point_is_part_of_the_number():
+    assert split_sentences("It is .5 m wide. Next") == ["It is .5 m wide.", "Next"]

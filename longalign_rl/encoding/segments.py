@@ -16,15 +16,10 @@ from typing import Callable, Sequence
 # One CLIP call holds 77 tokens: <sot> + 75 word tokens + <eot>.
 MAX_SEGMENT_TOKENS = 75
 
-# A sentence ends after . ! ? ; (any run of them) or at a newline. A "." between two
-# digits (3.5) is not a sentence end.
-_SENTENCE_END = re.compile(r"(?:(?<!\d)\.|\.(?!\d)|[!?;])+|\n")
+# A sentence ends after . ! ? ; (any run of them) or at a newline. A "." followed by a
+# digit (3.5, .5) is part of a number, not a sentence end.
+_SENTENCE_END = re.compile(r"(?:\.(?!\d)|[!?;])+|\n")
 _COMMA = re.compile(r"(?<=,)")
-
-# A word longer than this many characters is cut into chunks of this size. CLIP's
-# byte-level BPE spends at most 4 tokens per character (a 4-byte UTF-8 character), so
-# 18 characters are at most 72 tokens and always fit a segment.
-_MAX_WORD_CHARS = 18
 
 TokenCounter = Callable[[str], int]
 
@@ -36,7 +31,20 @@ def split_sentences(text: str) -> list[str]:
         pieces.append(text[start : match.end()])
         start = match.end()
     pieces.append(text[start:])
-    return [p.strip() for p in pieces if p.strip(" \t\r\n.!?;")]
+    pieces = [p.strip() for p in pieces]
+    return [p for p in pieces if p.strip(".!?;")]
+
+
+def _chunk_word(word: str, count: TokenCounter, limit: int) -> list[str]:
+    """Cut one over-long "word" into pieces of at most `limit` tokens, by token count
+    (a character may become several tokens, more after Unicode normalisation)."""
+    chunks, current = [], ""
+    for char in word:
+        if current and count(current + char) > limit:
+            chunks.append(current)
+            current = ""
+        current += char
+    return chunks + [current] if current else chunks
 
 
 def _wrap_words(text: str, count: TokenCounter, limit: int) -> list[str]:
@@ -48,7 +56,7 @@ def _wrap_words(text: str, count: TokenCounter, limit: int) -> list[str]:
     words: list[str] = []
     for word in text.split():
         if count(word) > limit:
-            words.extend(word[i : i + _MAX_WORD_CHARS] for i in range(0, len(word), _MAX_WORD_CHARS))
+            words.extend(_chunk_word(word, count, limit))
         else:
             words.append(word)
     lines, line, used = [], [], 0

@@ -16,11 +16,9 @@ import torch
 from longalign_rl.config import Config, from_dict, to_dict
 from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
-from longalign_rl.models import load_components, make_scheduler
+from longalign_rl.models import DTYPES, load_components, make_scheduler
 from longalign_rl.sampling.sampler import Sampler
 from longalign_rl.types import Rollout
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_sampler(cfg: Config, device: torch.device) -> Sampler:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from longalign_rl.algorithms.reward_backprop import decode, reward_backprop_step
 from longalign_rl.config import Config, from_dict
 from longalign_rl.lora import export_for_diffusers, make_trainable, trainable_state_dict
-from longalign_rl.models import load_components
+from longalign_rl.models import DTYPES, load_components
 from longalign_rl.prompts import PromptOrder, load_prompts
 from longalign_rl.registry import get_reward
 from longalign_rl.training import checkpoint
@@ -39,7 +39,6 @@ from longalign_rl.training.outputs import MetricsLog, save_image_grid
 from longalign_rl.types import Rollout
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class RolloutClient:
@@ -100,16 +99,9 @@ def _warmup(steps: int):
     return lambda s: min(1.0, (s + 1) / steps) if steps > 0 else 1.0
 
 
-def train_func(loop_config: dict) -> None:
-    cfg: Config = from_dict(loop_config["config"])
-    actors, run_dir = loop_config["actors"], Path(loop_config["run_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+def build_engine(cfg: Config, device: torch.device):
+    """UNet with its trainable part in a DeepSpeed engine, the frozen VAE and the reward."""
     torch.manual_seed(cfg.train.seed)  # same LoRA init on every worker
-    dtype = DTYPES[cfg.train.precision]
-
-    # ------------------------------------------------------------------ models
     parts = load_components(cfg.model.pretrained, seed=cfg.model.tiny_seed, revision=cfg.model.revision)
     del parts.text_encoder  # prompts arrive encoded in the rollouts
     unet = parts.unet.to(device)
@@ -117,7 +109,7 @@ def train_func(loop_config: dict) -> None:
     unet.train()
     if cfg.train.activation_checkpointing:
         unet.enable_gradient_checkpointing()
-    vae = parts.vae.to(device, dtype)
+    vae = parts.vae.to(device, DTYPES[cfg.train.precision])
     reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
     if not reward.differentiable:
         raise ValueError(f"reward {cfg.reward.name!r} is not differentiable; reward backpropagation "
@@ -126,10 +118,31 @@ def train_func(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(cfg.train.warmup_steps))
-    engine, optimizer, _, schedule = deepspeed.initialize(
+    engine, _, _, schedule = deepspeed.initialize(
         model=unet, optimizer=optimizer, lr_scheduler=schedule,
         config=deepspeed_config(cfg), dist_init_required=False,
     )
+    return engine, vae, reward, schedule
+
+
+def update(engine, vae, reward, rollout: Rollout, guidance_scale: float) -> dict[str, torch.Tensor]:
+    """One micro-step of reward backpropagation through the DeepSpeed engine."""
+    loss, stats = reward_backprop_step(engine, vae, reward, rollout, guidance_scale)
+    engine.backward(loss)
+    engine.step()
+    stats["loss"] = loss.detach().reshape(1).float()
+    return stats
+
+
+def train_func(loop_config: dict) -> None:
+    cfg: Config = from_dict(loop_config["config"])
+    actors, run_dir = loop_config["actors"], Path(loop_config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    # ------------------------------------------------------------------ models
+    engine, vae, reward, schedule = build_engine(cfg, device)
 
     def weights() -> dict:
         return trainable_state_dict(engine.module, cfg.lora)
@@ -178,11 +191,8 @@ def train_func(loop_config: dict) -> None:
 
             # UPDATE
             t = time.perf_counter()
-            loss, step_stats = reward_backprop_step(engine, vae, reward, rollout, cfg.sampler.guidance_scale)
-            engine.backward(loss)
-            engine.step()
+            step_stats = update(engine, vae, reward, rollout, cfg.sampler.guidance_scale)
             train_time += time.perf_counter() - t
-            step_stats["loss"] = loss.detach().reshape(1).float()
             for k, v in step_stats.items():
                 stats.setdefault(k, []).append(v)
 
