@@ -19,6 +19,6 @@ fi
 .venv/bin/python - <<'PY'
 from deepspeed.accelerator import get_accelerator
 if get_accelerator().device_name() == "cpu":
-    get_accelerator().create_op_builder("ShareMemCommBuilder")().load(verbose=False)
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
 PY
 echo "environment ready: .venv"

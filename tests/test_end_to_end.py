@@ -180,3 +180,54 @@ def test_bad_config_fails_before_starting_anything(tmp_path, capsys):
     assert "train.lrr" in capsys.readouterr().err
     assert train.main(["reward.name=no_such_reward", f"run.output_dir={tmp_path}"]) == 2
     assert "no_such_reward" in capsys.readouterr().err
+
+
+def test_a_stale_or_restarted_sampler_actor_is_resynced(ray_local):
+    """A rollout that lags more than max_policy_lag is not used: its actor gets the
+    trainer's weights and samples again. A killed actor restarts and the same happens."""
+    import ray
+
+    from longalign_rl.config import load_config
+    from longalign_rl.prompts import PromptOrder, load_prompts
+    from longalign_rl.sampling.actor import start_sampler_actors
+    from longalign_rl.training.loop import RolloutClient
+
+    cfg = load_config(train.DEFAULT_CONFIG, ["sampler.num_actors=1", "train.max_policy_lag=1"])
+    (actor,) = start_sampler_actors(cfg)
+    client = RolloutClient(actor, PromptOrder(load_prompts("demo"), seed=0, shuffle=True), cfg, rank=0, world=1)
+    calls = []
+
+    def weights():
+        calls.append(1)
+        return {}  # LoRA weights not needed to test the version bookkeeping
+
+    assert client.get(0, version=1, weights_fn=weights).policy_version == 0  # lag 1: usable
+    assert client.get(1, version=5, weights_fn=weights).policy_version == 5  # lag 5: resynced
+    assert len(calls) == 1
+
+    ray.kill(actor, no_restart=False)  # dies; Ray restarts it at version 0
+    rollout = client.get(2, version=5, weights_fn=weights)
+    assert rollout.policy_version == 5 and len(calls) == 2
+    ray.kill(actor)
+
+
+def test_the_run_joins_the_cluster_named_by_ray_address(monkeypatch, tmp_path):
+    """`ray job submit` sets RAY_ADDRESS; the entry point must join it, not start its own."""
+    import ray
+
+    seen = {}
+
+    class Joined(Exception):
+        pass
+
+    def fake_init(address=None, **kwargs):
+        seen["address"] = address
+        raise Joined
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    with pytest.raises(Joined):
+        train.main([f"run.output_dir={tmp_path}", "run.name=joined"])
+    assert seen["address"] == "127.0.0.1:6379"
+    assert (tmp_path / "joined" / "config.yaml").is_file()

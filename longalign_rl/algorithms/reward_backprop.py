@@ -41,16 +41,36 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+def score(reward, images: torch.Tensor, prompts: list[str]) -> tuple[RewardOutput, torch.Tensor]:
+    """The reward of `images`, and which samples got a finite one.
+
+    A sample whose reward is NaN or infinite sends no gradient back at all (its image
+    gradient is zeroed: masking the loss alone would still let 0 * NaN through).
+    """
+    out = reward(images, prompts)
+    finite = torch.isfinite(out.total).detach()
+    if images.requires_grad and not bool(finite.all()):
+        mask = finite.view(-1, *([1] * (images.dim() - 1)))
+        images.register_hook(lambda g: torch.where(mask, g, torch.zeros_like(g)))
+    return out, finite
+
+
 def reward_loss(out: RewardOutput) -> torch.Tensor:
-    """The reference loss: 0.5 * (1 - mean reward). A cosine reward lies in [-1, 1]."""
-    return 0.5 * (1.0 - out.total.mean())
+    """The reference loss: 0.5 * (1 - mean reward). A cosine reward lies in [-1, 1].
+
+    Samples whose reward is NaN or infinite are left out of the mean (see `score`).
+    """
+    finite = torch.isfinite(out.total)
+    total = torch.where(finite, out.total, torch.zeros_like(out.total))
+    return 0.5 * (1.0 - total.sum() / finite.sum().clamp(min=1))
 
 
 def reward_backprop_step(unet, vae, reward, rollout: Rollout, guidance_scale: float):
     """Loss (with graph) and per-sample statistics for one rollout."""
     latents = replay_final_latents(unet, rollout, guidance_scale)
     replay_error = (latents.detach() - rollout.final_latents.to(latents.device)).abs().max()
-    out = reward(decode(vae, latents), rollout.prompts)
-    stats = {"reward": out.total.detach().float(), "replay_error": replay_error.reshape(1).float()}
+    out, finite = score(reward, decode(vae, latents), rollout.prompts)
+    stats = {"reward": out.total.detach().float()[finite], "replay_error": replay_error.reshape(1).float(),
+             "reward_nonfinite": (~finite).float()}
     stats.update({k: v.detach().float() for k, v in out.components.items()})
     return reward_loss(out), stats
