@@ -44,16 +44,20 @@ log = logging.getLogger(__name__)
 class RolloutClient:
     """This worker's view of its sampler actor: requests by micro-step, lag check, retries.
 
-    A micro-step's prompts and noise seed are pure functions of (micro-step, rank), so a
-    resumed run asks for exactly what the killed run would have asked for.
+    A micro-step's prompts and noise seed are pure functions of (micro-step, rank) and of
+    where the run (re)started, so a resumed run asks for exactly what the killed run
+    would have asked for, even with another number of workers.
     """
 
-    def __init__(self, actor, order: PromptOrder, cfg: Config, rank: int, world: int):
+    def __init__(self, actor, order: PromptOrder, cfg: Config, rank: int, world: int,
+                 start_micro: int = 0, start_position: int = 0):
         self.actor, self.order, self.cfg, self.rank, self.world = actor, order, cfg, rank, world
+        self.start_micro, self.start_position = start_micro, start_position
         self.pending: dict[int, ray.ObjectRef] = {}
 
     def prompt_position(self, micro: int) -> int:
-        return micro * self.world * self.cfg.train.batch_size
+        """Prompts handed out to all workers before micro-step `micro`."""
+        return self.start_position + (micro - self.start_micro) * self.world * self.cfg.train.batch_size
 
     def request(self, micro: int) -> None:
         if micro not in self.pending:
@@ -159,8 +163,9 @@ def train_func(loop_config: dict) -> None:
         metrics_log.truncate_after(state.step)
 
     order = PromptOrder(load_prompts(cfg.prompts.source), seed=cfg.train.seed, shuffle=cfg.prompts.shuffle)
-    client = RolloutClient(actors[rank % len(actors)], order, cfg, rank, world)
     accum = cfg.train.grad_accum
+    client = RolloutClient(actors[rank % len(actors)], order, cfg, rank, world,
+                           start_micro=state.step * accum, start_position=state.prompt_position)
     prefetch = cfg.train.max_policy_lag >= cfg.train.sync_every  # overlap sampling with training
 
     def publish(version: int) -> float:
