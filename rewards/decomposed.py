@@ -47,16 +47,16 @@ def decomposed_score(
     return text_relevant + text_irrelevant_weight * text_irrelevant, text_relevant, text_irrelevant
 
 
-def batch_direction(text_emb: torch.Tensor) -> torch.Tensor:
+def batch_direction(text_emb: torch.Tensor, all_workers: bool = True) -> torch.Tensor:
     """v = the normalised mean of the batch's text embeddings, over all workers.
 
-    Under torch.distributed (the trainer workers' process group) the sum of t is
-    all-reduced first, so every worker gets the same v; every worker must then call the
-    reward the same number of times. The count need not be reduced: normalising the
-    sum gives the same unit vector as normalising the mean.
+    With `all_workers` and torch.distributed initialised (the trainer workers' process
+    group) the sum of t is all-reduced first, so every worker gets the same v; every
+    worker must then call the reward the same number of times. The count need not be
+    reduced: normalising the sum gives the same unit vector as normalising the mean.
     """
     total = text_emb.sum(0)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if all_workers and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)  # SUM
     return F.normalize(total, dim=0)
 
@@ -135,6 +135,9 @@ class ClipTypeReward(Reward):
     direction_path: a .safetensors file with key "direction" [D], from
         `python -m longalign_rl.direction`; only with direction="corpus".
     segment_pooling: "mean" (reference) or "mean_renorm" (the mean, L2-normalised).
+    sync_direction: with direction="batch", all-reduce v over the trainer workers (True,
+        the reference). False for a reward that one process calls alone inside a
+        distributed program (evaluation on rank 0), where an all-reduce would hang.
     """
 
     differentiable = True
@@ -147,6 +150,7 @@ class ClipTypeReward(Reward):
         direction: str = "batch",
         direction_path: str | None = None,
         segment_pooling: str = "mean",
+        sync_direction: bool = True,
     ):
         super().__init__()
         if isinstance(text_irrelevant_weight, bool) or not isinstance(text_irrelevant_weight, (int, float)):
@@ -166,6 +170,7 @@ class ClipTypeReward(Reward):
         self.text_irrelevant_weight = float(text_irrelevant_weight)
         self.direction = direction
         self.segment_pooling = segment_pooling
+        self.sync_direction = bool(sync_direction)
         if direction == "corpus":
             v = load_direction(direction_path, backend.embed_dim)
             self.register_buffer("corpus_direction", v, persistent=False)
@@ -208,7 +213,7 @@ class ClipTypeReward(Reward):
         segment_emb, counts = self._segment_embeddings(prompts)
         t = self._pool(segment_emb, counts)
         f = self.image_embeddings(images)
-        v = self.corpus_direction if self.direction == "corpus" else batch_direction(t)
+        v = self.corpus_direction if self.direction == "corpus" else batch_direction(t, self.sync_direction)
         total, text_relevant, text_irrelevant = decomposed_score(f, t, v, self.text_irrelevant_weight)
         # Logged only: cut from the graph so that logging keeps no activations alive.
         segment_scores = [f_b.detach() @ seg.T for f_b, seg in zip(f, segment_emb.split(counts))]

@@ -83,6 +83,8 @@ def test_batch_direction_sums_over_workers(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     torch.testing.assert_close(batch_direction(t), F.normalize(torch.cat([t, t_other_worker]).mean(0), dim=0))
+    # A reward used by one process alone (sync_direction=False) keeps to its own batch.
+    torch.testing.assert_close(batch_direction(t, all_workers=False), F.normalize(t.mean(0), dim=0))
 
 
 # --- the tiny CLIP-type rewards ------------------------------------------------------------

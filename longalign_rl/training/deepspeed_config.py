@@ -26,6 +26,7 @@ def deepspeed_config(cfg: Config) -> dict:
     if t.precision == "fp16":
         config["fp16"].update(loss_scale=0, initial_scale_power=16)  # dynamic loss scaling
     if t.zero_stage > 0:
-        # Overlap gradient reduction with backward; buckets sized for a LoRA's few MB.
-        config["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
+        # Overlapping gradient reduction with backward needs a separate CUDA stream; on
+        # CPU (gloo) it only adds bookkeeping: measured +40 ms on a 200 ms tiny step.
+        config["zero_optimization"].update(overlap_comm=t.use_gpu, contiguous_gradients=True)
     return config
