@@ -231,3 +231,17 @@ def test_the_run_joins_the_cluster_named_by_ray_address(monkeypatch, tmp_path):
         train.main([f"run.output_dir={tmp_path}", "run.name=joined"])
     assert seen["address"] == "127.0.0.1:6379"
     assert (tmp_path / "joined" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_run_exports_a_diffusers_unet(ray_local, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from longalign_rl.models import load_components
+
+    run_main(tmp_path, "train.steps=2", "run.checkpoint_every=2", "lora.enabled=false", "run.name=full")
+    run_dir = tmp_path / "full"
+    assert [m["weights_spread"] for m in read_metrics(run_dir)] == [0.0, 0.0]
+    tuned = UNet2DConditionModel.from_pretrained(run_dir / "unet")
+    base = load_components("tiny").unet
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
