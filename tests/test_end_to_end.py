@@ -105,6 +105,8 @@ def test_run_writes_metrics_images_config_and_checkpoints(tiny_run):
             assert key in m and m[key] == m[key], key  # present and not NaN
         assert m["policy_lag"] <= 1
         assert m["grad_norm"] > 0
+        # per-sentence scores by position: every demo prompt has at least 5 sentences
+        assert all(-1 <= m[f"segment_score/{i}"] <= 1 for i in range(1, 6))
         # reward = relevant + 0.3 * irrelevant, as means over both workers' samples
         assert m["reward"] == pytest.approx(m["text_relevant"] + 0.3 * m["text_irrelevant"], abs=1e-6)
     assert first[0]["policy_lag"] == 0 and first[0]["replay_error"] < 1e-4  # on-policy at the start

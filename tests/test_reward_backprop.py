@@ -26,3 +26,13 @@ def test_a_non_finite_reward_is_left_out_and_sends_no_gradient():
     loss.backward()
     assert torch.isfinite(images.grad).all()
     assert (images.grad[1] == 0).all() and (images.grad[0] < 0).all()
+
+
+def test_segment_scores_are_grouped_by_sentence_position():
+    from longalign_rl.algorithms.reward_backprop import SEGMENT_POSITIONS, segment_score_stats
+
+    stats = segment_score_stats([torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5])])
+    assert len(stats) == SEGMENT_POSITIONS  # the same keys whatever the prompts
+    assert torch.allclose(stats["segment_score/1"], torch.tensor([0.1, 0.5]))
+    assert torch.allclose(stats["segment_score/3"], torch.tensor([0.3]))
+    assert stats["segment_score/4"].numel() == 0

@@ -65,6 +65,21 @@ def reward_loss(out: RewardOutput) -> torch.Tensor:
     return 0.5 * (1.0 - total.sum() / finite.sum().clamp(min=1))
 
 
+# Per-sentence scores are logged for the first this many sentence positions.
+SEGMENT_POSITIONS = 8
+
+
+def segment_score_stats(segment_scores: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """"segment_score/i": the scores of every prompt's i-th sentence (1-based); always the
+    same keys, so every worker logs the same statistics. A low score at a position says
+    which sentences of long prompts are not shown yet."""
+    stats = {f"segment_score/{i + 1}": [] for i in range(SEGMENT_POSITIONS)}
+    for scores in segment_scores or []:
+        for i, value in enumerate(scores[:SEGMENT_POSITIONS].tolist()):
+            stats[f"segment_score/{i + 1}"].append(value)
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in stats.items()}
+
+
 def reward_backprop_step(unet, vae, reward, rollout: Rollout, guidance_scale: float):
     """Loss (with graph) and per-sample statistics for one rollout."""
     latents = replay_final_latents(unet, rollout, guidance_scale)
@@ -73,4 +88,6 @@ def reward_backprop_step(unet, vae, reward, rollout: Rollout, guidance_scale: fl
     stats = {"reward": out.total.detach().float()[finite], "replay_error": replay_error.reshape(1).float(),
              "reward_nonfinite": (~finite).float()}
     stats.update({k: v.detach().float() for k, v in out.components.items()})
+    if out.segment_scores is not None:
+        stats.update(segment_score_stats(out.segment_scores))
     return reward_loss(out), stats

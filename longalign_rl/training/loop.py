@@ -86,9 +86,18 @@ class RolloutClient:
         raise RuntimeError(f"rank {self.rank}: no usable rollout for micro-step {micro} after 4 tries")
 
 
-def _all_mean(values: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / dist.get_world_size()
+def _all_means(stats: dict[str, list[torch.Tensor]], device) -> dict[str, float]:
+    """Mean of each statistic over every sample of every worker (NaN where there is none).
+
+    Sums and counts are all-reduced, so workers with different numbers of values (say,
+    of 7th sentences) are weighted by what they saw; every worker must pass the same keys.
+    """
+    names = sorted(stats)
+    values = [torch.cat([v.reshape(-1) for v in stats[k]]).double() for k in names]
+    sums = torch.stack([torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64)]) for v in values])
+    sums = sums.to(device)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    return {k: s / c if c > 0 else math.nan for k, (s, c) in zip(names, sums.tolist())}
 
 
 def _weights_spread(module) -> float:
@@ -216,16 +225,15 @@ def train_func(loop_config: dict) -> None:
         sync_wait = time.perf_counter() - t
 
         # LOG
-        names = sorted(k for k in stats if k != "replay_error")
-        means = torch.stack([torch.cat(stats[k]).float().mean() for k in names]).to(device)
-        means = _all_mean(means).tolist()
+        replay_error = float(torch.cat(stats.pop("replay_error")).max())
+        means = _all_means(stats, device)
         grad_norm = engine.get_global_grad_norm()
         spread = _weights_spread(engine.module)
         elapsed = time.perf_counter() - t0
         record = {
             "step": step + 1,
-            **dict(zip(names, means)),
-            "replay_error": float(torch.cat(stats["replay_error"]).max()),
+            **means,
+            "replay_error": replay_error,  # this worker's max |replayed - recorded x0|
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "lr": schedule.get_last_lr()[0],
             "policy_lag": max(lags),
