@@ -47,7 +47,7 @@ def rollout_for(cfg: Config):
 def plain_step_fn(cfg: Config, rollout):
     """A plain single-process torch update: the same loss, torch AdamW, no DeepSpeed."""
     torch.manual_seed(cfg.train.seed)
-    parts = load_components(cfg.model.pretrained, seed=cfg.model.tiny_seed)
+    parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed)
     unet = parts.unet
     params = make_trainable(unet, cfg.lora)
     unet.train()

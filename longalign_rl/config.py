@@ -24,13 +24,14 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # "tiny" (random tiny SD parts built from longalign_rl/model_configs/tiny, no download),
-    # a local diffusers folder, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5.
+    # A built-in architecture with random weights ("tiny": test-sized SD parts, or
+    # "sd15-random": SD v1.5's architecture; see longalign_rl/model_configs/), a local
+    # diffusers folder, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5.
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # Hub revision (branch, tag or commit) of `pretrained`; None = the default branch.
     revision: str | None = None
-    # Seed of the tiny random weights; every process builds the same ones from it.
-    tiny_seed: int = 0
+    # Seed of a built-in architecture's random weights; every process builds the same ones.
+    random_seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """Build or load the diffusion model's parts: UNet, VAE, text encoder, tokenizer, scheduler.
 
 `model` is one of
-- "tiny": random-initialised parts of SD v1.5's classes, built from the JSON configs in
-  `longalign_rl/model_configs/tiny/` with a fixed seed, so that every process (sampler
-  actor or trainer worker) builds the same weights without sharing a file;
+- a built-in architecture, random-initialised from the JSON configs in
+  `longalign_rl/model_configs/<name>/` with a fixed seed, so that every process (sampler
+  actor or trainer worker) builds the same weights without sharing a file: "tiny"
+  (test-sized parts of SD v1.5's classes) or "sd15-random" (SD v1.5's architecture, for
+  benchmarks) - see `builtin_models()`;
 - a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/);
 - a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5" (needs network).
 
@@ -23,7 +25,7 @@ import torch
 
 CLIP_VOCAB_SIZE = 49408
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config names
-TINY_CONFIG_DIR = Path(__file__).parent / "model_configs" / "tiny"
+CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
 @dataclass
@@ -37,8 +39,13 @@ class Components:
     scheduler_config: dict
 
 
-def _read_config(name: str) -> dict:
-    config = json.loads((TINY_CONFIG_DIR / f"{name}.json").read_text())
+def builtin_models() -> list[str]:
+    """Names of the architectures built from configs in the package (random weights)."""
+    return sorted(p.name for p in CONFIG_DIR.iterdir() if (p / "unet.json").is_file())
+
+
+def _read_config(model: str, part: str) -> dict:
+    config = json.loads((CONFIG_DIR / model / f"{part}.json").read_text())
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
@@ -77,18 +84,18 @@ def check_clip_tokenizer(tokenizer, where: str) -> None:
         raise ValueError(f"{where} has {len(tokenizer)} entries, not CLIP's {CLIP_VOCAB_SIZE}: it did not load")
 
 
-def build_tiny(seed: int = 0) -> Components:
-    """Random-initialised tiny parts of SD v1.5's classes; the same weights for the same seed."""
+def build_random(model: str = "tiny", seed: int = 0) -> Components:
+    """Random-initialised parts of a built-in architecture; the same weights for the same seed."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**_read_config("unet"))
+    unet = UNet2DConditionModel(**_read_config(model, "unet"))
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**_read_config("vae"))
+    vae = AutoencoderKL(**_read_config(model, "vae"))
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_read_config("text_encoder")))
-    return Components(unet, vae, text_encoder, build_clip_tokenizer(), _read_config("scheduler"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_read_config(model, "text_encoder")))
+    return Components(unet, vae, text_encoder, build_clip_tokenizer(), _read_config(model, "scheduler"))
 
 
 def load_pretrained(path_or_id: str, revision: str | None = None) -> Components:
@@ -108,7 +115,7 @@ def load_pretrained(path_or_id: str, revision: str | None = None) -> Components:
 
 def load_components(model: str, *, seed: int = 0, revision: str | None = None) -> Components:
     """All parts frozen (requires_grad False, eval mode); the caller adds what trains."""
-    parts = build_tiny(seed) if model == "tiny" else load_pretrained(model, revision)
+    parts = build_random(model, seed) if model in builtin_models() else load_pretrained(model, revision)
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.requires_grad_(False).eval()
     return parts

@@ -64,3 +64,16 @@ def test_lora_weights_move_from_trainer_to_sampler():
     assert state and all("lora" in k for k in state)
     load_trainable_state_dict(sampler, state, cfg)
     assert same_weights(trainer, sampler)
+
+
+def test_builtin_architectures_include_sd15_sized_configs():
+    """sd15-random is SD v1.5's architecture; its UNet config must build (checked on the
+    meta device: no 3.4 GB allocation in a unit test)."""
+    from diffusers import UNet2DConditionModel
+
+    from longalign_rl.models import _read_config, builtin_models
+
+    assert builtin_models() == ["sd15-random", "tiny"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**_read_config("sd15-random", "unet"))
+    assert 855e6 < sum(p.numel() for p in unet.parameters()) < 865e6  # SD v1.5: 859.5M

@@ -23,7 +23,7 @@ from longalign_rl.types import Rollout
 
 def build_sampler(cfg: Config, device: torch.device) -> Sampler:
     """The sampler a worker of this config uses, on `device` (also used without Ray)."""
-    parts = load_components(cfg.model.pretrained, seed=cfg.model.tiny_seed, revision=cfg.model.revision)
+    parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision)
     make_trainable(parts.unet, cfg.lora)
     dtype = DTYPES[cfg.sampler.precision]
     unet = parts.unet.to(device, dtype).eval().requires_grad_(False)

@@ -115,7 +115,7 @@ def _warmup(steps: int):
 def build_engine(cfg: Config, device: torch.device):
     """UNet with its trainable part in a DeepSpeed engine, the frozen VAE and the reward."""
     torch.manual_seed(cfg.train.seed)  # same LoRA init on every worker
-    parts = load_components(cfg.model.pretrained, seed=cfg.model.tiny_seed, revision=cfg.model.revision)
+    parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision)
     del parts.text_encoder  # prompts arrive encoded in the rollouts
     unet = parts.unet.to(device)
     params = make_trainable(unet, cfg.lora)
