@@ -108,7 +108,8 @@ def _import_path(path: str) -> Factory:
     return getattr(module, attr)
 
 
-def _factory(name: str) -> Factory:
+def find_reward(name: str) -> Factory:
+    """The factory behind `name` (a registered name or an import path), not called yet."""
     if ":" in name:
         return _import_path(name)
     if name in _registered:
@@ -127,7 +128,7 @@ def _factory(name: str) -> Factory:
 
 def get_reward(name: str, **kwargs) -> Reward:
     """Build the reward `name` (a registered name or "pkg.mod:Attr") with `kwargs`."""
-    factory = _factory(name)
+    factory = find_reward(name)
     if not callable(factory):
         raise TypeError(f"reward {name!r}: {factory!r} is not callable, so it cannot build a reward")
     try:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from longalign_rl.config import Config, ConfigError, load_config, to_yaml
+from longalign_rl.prompts import load_prompts
 
 log = logging.getLogger("longalign_rl")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -50,9 +51,9 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
 
 def check_reward(cfg: Config) -> None:
     """Fail on the driver, before any worker starts, for a reward that cannot be used."""
-    from longalign_rl.registry import _factory
+    from longalign_rl.registry import find_reward
 
-    factory = _factory(cfg.reward.name)  # unknown name / bad import path -> clear error here
+    factory = find_reward(cfg.reward.name)  # unknown name / bad import path -> clear error here
     if getattr(factory, "differentiable", True) is False:
         raise ConfigError(f"reward.name: reward {cfg.reward.name!r} is not differentiable; "
                           "reward backpropagation needs gradients from the reward to the image")
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, run_dir = resolve(args)
         check_reward(cfg)
-    except (ConfigError, ValueError, KeyError) as e:
+        load_prompts(cfg.prompts.source)  # a bad prompt file fails here, with its line numbers
+    except (ConfigError, ValueError, TypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -182,6 +182,11 @@ def test_bad_config_fails_before_starting_anything(tmp_path, capsys):
     assert "train.lrr" in capsys.readouterr().err
     assert train.main(["reward.name=no_such_reward", f"run.output_dir={tmp_path}"]) == 2
     assert "no_such_reward" in capsys.readouterr().err
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "a red cube"}\nnot json\n')
+    assert train.main([f"prompts.source={bad}", f"run.output_dir={tmp_path}"]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [bad]  # no run directory was made
 
 
 def test_a_stale_or_restarted_sampler_actor_is_resynced(ray_local):
@@ -196,7 +201,7 @@ def test_a_stale_or_restarted_sampler_actor_is_resynced(ray_local):
 
     cfg = load_config(train.DEFAULT_CONFIG, ["sampler.num_actors=1", "train.max_policy_lag=1"])
     (actor,) = start_sampler_actors(cfg)
-    client = RolloutClient(actor, PromptOrder(load_prompts("demo"), seed=0, shuffle=True), cfg, rank=0, world=1)
+    client = RolloutClient([actor], PromptOrder(load_prompts("demo"), seed=0, shuffle=True), cfg, rank=0, world=1)
     calls = []
 
     def weights():
@@ -211,6 +216,26 @@ def test_a_stale_or_restarted_sampler_actor_is_resynced(ray_local):
     rollout = client.get(2, version=5, weights_fn=weights)
     assert rollout.policy_version == 5 and len(calls) == 2
     ray.kill(actor)
+
+
+def test_a_worker_moves_on_when_its_sampler_actor_is_gone_for_good(ray_local):
+    """A node that goes away takes its actor with it: the run goes on with fewer samplers."""
+    import ray
+
+    from longalign_rl.config import load_config
+    from longalign_rl.prompts import PromptOrder, load_prompts
+    from longalign_rl.sampling.actor import start_sampler_actors
+    from longalign_rl.training.loop import RolloutClient
+
+    cfg = load_config(train.DEFAULT_CONFIG, ["sampler.num_actors=2"])
+    actors = start_sampler_actors(cfg)
+    client = RolloutClient(actors, PromptOrder(load_prompts("demo"), seed=0, shuffle=True), cfg, rank=1, world=2)
+    assert client.actor == actors[1]
+    client.request(0)  # in flight when the actor dies
+    ray.kill(actors[1], no_restart=True)
+    rollout = client.get(0, version=0, weights_fn=dict)
+    assert client.actor == actors[0] and len(rollout) == cfg.train.batch_size
+    ray.kill(actors[0])
 
 
 def test_the_run_joins_the_cluster_named_by_ray_address(monkeypatch, tmp_path):

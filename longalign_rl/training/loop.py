@@ -41,19 +41,31 @@ from longalign_rl.types import Rollout
 log = logging.getLogger(__name__)
 
 
-class RolloutClient:
-    """This worker's view of its sampler actor: requests by micro-step, lag check, retries.
+# How long a worker keeps asking sampler actors before the run fails (a restarted actor
+# rebuilds its model: seconds for the tiny model, minutes for SD v1.5 on a new node).
+ACTOR_WAIT_S = 600
 
-    A micro-step's prompts and noise seed are pure functions of (micro-step, rank) and of
-    where the run (re)started, so a resumed run asks for exactly what the killed run
-    would have asked for, even with another number of workers.
+
+class RolloutClient:
+    """This worker's view of the sampler actors: requests by micro-step, lag check, failover.
+
+    Worker `rank` draws from actor rank % num_actors. When a call to it fails (the actor
+    died; Ray restarts it where resources allow), the worker moves on to the next actor, so
+    the run goes on with fewer samplers. A micro-step's prompts and noise seed are pure
+    functions of (micro-step, rank) and of where the run (re)started, so a resumed run asks
+    for exactly what the killed run would have asked for, even with another worker count.
     """
 
-    def __init__(self, actor, order: PromptOrder, cfg: Config, rank: int, world: int,
+    def __init__(self, actors: list, order: PromptOrder, cfg: Config, rank: int, world: int,
                  start_micro: int = 0, start_position: int = 0):
-        self.actor, self.order, self.cfg, self.rank, self.world = actor, order, cfg, rank, world
+        self.actors, self.choice = actors, rank % len(actors)
+        self.order, self.cfg, self.rank, self.world = order, cfg, rank, world
         self.start_micro, self.start_position = start_micro, start_position
         self.pending: dict[int, ray.ObjectRef] = {}
+
+    @property
+    def actor(self):
+        return self.actors[self.choice]
 
     def prompt_position(self, micro: int) -> int:
         """Prompts handed out to all workers before micro-step `micro`."""
@@ -68,22 +80,30 @@ class RolloutClient:
 
     def get(self, micro: int, version: int, weights_fn) -> Rollout:
         """The rollout of `micro`, resampled with fresh weights if it lags too far."""
-        for attempt in range(4):
+        deadline, failures, resyncs = time.monotonic() + ACTOR_WAIT_S, 0, 0
+        while True:
             self.request(micro)
             try:
                 rollout = ray.get(self.pending.pop(micro))
-            except ray.exceptions.RayActorError as e:  # died: Ray restarts it (max_restarts)
-                log.warning("rank %d: sampler actor failed (%s); retrying", self.rank, type(e).__name__)
-                time.sleep(2.0 * (attempt + 1))
+            except ray.exceptions.RayActorError as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rank {self.rank}: no sampler actor answered for {ACTOR_WAIT_S} s") from e
+                self.choice = (self.choice + 1) % len(self.actors)
+                failures += 1
+                log.warning("rank %d: sampler actor failed (%s); using actor %d", self.rank,
+                            type(e).__name__, self.choice)
+                time.sleep(min(2.0 ** failures, 10.0))  # a restart rebuilds the model
                 continue
             lag = version - rollout.policy_version
             if lag <= self.cfg.train.max_policy_lag:
                 return rollout
+            if resyncs == 2:
+                raise RuntimeError(f"rank {self.rank}: rollouts still lag {lag} steps after resyncing the actor")
             # A restarted actor is back at version 0: give it our (identical) weights.
             log.warning("rank %d: rollout lags %d steps (bound %d); resyncing its actor",
                         self.rank, lag, self.cfg.train.max_policy_lag)
             ray.get(self.actor.set_weights.remote(ray.put(weights_fn()), version))
-        raise RuntimeError(f"rank {self.rank}: no usable rollout for micro-step {micro} after 4 tries")
+            resyncs += 1
 
 
 def _all_means(stats: dict[str, list[torch.Tensor]], device) -> dict[str, float]:
@@ -173,14 +193,23 @@ def train_func(loop_config: dict) -> None:
 
     order = PromptOrder(load_prompts(cfg.prompts.source), seed=cfg.train.seed, shuffle=cfg.prompts.shuffle)
     accum = cfg.train.grad_accum
-    client = RolloutClient(actors[rank % len(actors)], order, cfg, rank, world,
+    client = RolloutClient(actors, order, cfg, rank, world,
                            start_micro=state.step * accum, start_position=state.prompt_position)
     prefetch = cfg.train.max_policy_lag >= cfg.train.sync_every  # overlap sampling with training
 
     def publish(version: int) -> float:
-        """Rank 0 sends its weights to every actor; returns the slowest actor's load time."""
+        """Rank 0 sends its weights to every actor; returns the slowest actor's load time.
+
+        An actor that fails here is restarting or gone: its next rollout lags, and the
+        worker that gets it resyncs it (RolloutClient.get)."""
         ref = ray.put(weights())
-        return max(ray.get([a.set_weights.remote(ref, version) for a in actors]))
+        seconds = [0.0]
+        for actor, call in [(a, a.set_weights.remote(ref, version)) for a in actors]:
+            try:
+                seconds.append(ray.get(call))
+            except ray.exceptions.RayActorError as e:
+                log.warning("weight sync to a sampler actor failed (%s)", type(e).__name__)
+        return max(seconds)
 
     # The actors start from the base weights: bring them to this run's version first.
     if rank == 0:
