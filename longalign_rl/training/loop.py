@@ -173,6 +173,10 @@ def train_func(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if not (run_dir / "config.yaml").is_file():  # the driver wrote it before starting us
+        raise RuntimeError(
+            f"rank {rank} on node {ray.get_runtime_context().get_node_id()[:8]} cannot see the run directory "
+            f"{run_dir}: on a multi-node cluster run.output_dir must be shared storage (see cluster/README.md)")
 
     # ------------------------------------------------------------------ models
     engine, vae, reward, schedule = build_engine(cfg, device)
