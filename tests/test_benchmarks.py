@@ -38,3 +38,15 @@ def test_run_summary_reports_throughput_and_time_split(tmp_path, capsys):
         sys.path.remove(str(BENCHMARKS))
     text = summarise(run, skip=1)
     assert "2 steps" in text and "4.00" in text and "60.0%" in text
+
+
+def test_flop_estimate_counts_sd15_sized_models_on_the_meta_device():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from flop_estimate import count
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    flops = count()
+    # SD v1.5's UNet is ~0.8 TFLOP per 512 px image and step: one guided step is two images.
+    assert 1.4e12 < flops["unet_guided_step"] < 1.9e12
+    assert flops["vae_decode"] > flops["reward_image"] > 0
