@@ -68,3 +68,19 @@ def export_for_diffusers(unet, cfg: LoRAConfig, directory: str | Path) -> Path:
     else:
         unet.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def merge_lora(unet) -> None:
+    """Fold the LoRA adapter into the base weights and remove its layers, in place, so the
+    next stage starts from a plain UNet (METHOD.md section 4: the stage-1 LoRA is merged
+    before stage 2). Afterwards the state dict has a plain UNet's keys and no adapter
+    remains, so `make_trainable` can add a fresh one.
+
+    diffusers' `fuse_lora` merges every peft layer (W += scale * B @ A) and `unload_lora`
+    then swaps each peft layer for its base layer; `unload_lora` alone would drop the
+    LoRA's effect.
+    """
+    if not getattr(unet, "_hf_peft_config_loaded", False):
+        raise ValueError("merge_lora: this UNet has no LoRA adapter to merge")
+    unet.fuse_lora()
+    unet.unload_lora()
