@@ -8,7 +8,7 @@ from longalign_rl.registry import get_reward, list_rewards, register_reward
 from rewards.decomposed import ClipTypeReward
 from tests.plugins.my_reward import MyReward
 
-BUILT_INS = {"clip", "pickscore", "hpsv2", "tiny_clip", "tiny_openclip"}
+BUILT_INS = {"clip", "pickscore", "hpsv2", "tiny_clip", "tiny_openclip", "shapes_checker"}
 IMAGES = torch.full((2, 3, 8, 8), 0.5)
 
 
