@@ -1,0 +1,88 @@
+"""Stage 1: supervised long-text fine-tuning with the denoising loss (METHOD.md section 4).
+
+Pure torch/diffusers: no ray, no deepspeed. The reference trains a LoRA on the UNet with
+the standard epsilon-MSE loss on long-caption image pairs whose captions are segment
+encoded ([B, 240, H]); timesteps uniform in [0, 1000), caption dropout 0.1. The noise
+schedule is the scheduler's (`add_noise`, `get_velocity`), not a copy of it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Reference: 10% of captions replaced by the empty prompt, so the model keeps learning the
+# unconditional branch that classifier-free guidance needs.
+CAPTION_DROPOUT = 0.1
+
+
+def _draw_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
+    """Random numbers are drawn where the generator lives (a CUDA generator cannot fill CPU tensors)."""
+    return generator.device if generator is not None else fallback
+
+
+def caption_dropout(cond: torch.Tensor, uncond: torch.Tensor, p: float,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each sample's conditioning `[B, L, H]` replaced by `uncond` (`[B, L, H]` or `[L, H]`)
+    with probability `p`; a new tensor, `cond` is left alone."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"caption dropout probability must lie in [0, 1], got {p}")
+    u = torch.rand(cond.shape[0], generator=generator, device=_draw_device(generator, cond.device))
+    drop = (u < p).to(cond.device).view(-1, *([1] * (cond.dim() - 1)))
+    return torch.where(drop, uncond.to(cond.dtype).expand_as(cond), cond)
+
+
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict, by the scheduler's `prediction_type`."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}: expected 'epsilon' or 'v_prediction'")
+
+
+def denoising_loss_at(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor,
+                      timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The MSE between the UNet's prediction and its target at given timesteps and noise."""
+    dtype = next(unet.parameters()).dtype
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = denoising_target(scheduler, latents, noise, timesteps)
+    pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)).sample
+    return F.mse_loss(pred.float(), target.float())  # the mean in float32 whatever the UNet's dtype
+
+
+def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor,
+                   generator: torch.Generator | None = None):
+    """Loss (with graph) and statistics for one batch of latents `[B, 4, h, w]` (already
+    scaled by the VAE's scaling factor) and conditioning `[B, L, H]` (after dropout).
+
+    Timesteps are uniform integers in [0, num_train_timesteps) and the noise N(0, 1), both
+    drawn from `generator`, so a seeded generator gives the same loss.
+    Statistics are 1-D tensors as the training loop averages them: "loss" (one value) and
+    "timestep" (one per sample; its mean is the mean timestep).
+    """
+    draw = _draw_device(generator, latents.device)
+    n = latents.shape[0]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=draw)
+    noise = torch.randn(latents.shape, generator=generator, device=draw, dtype=torch.float32)
+    timesteps, noise = timesteps.to(latents.device), noise.to(latents.device, latents.dtype)
+    loss = denoising_loss_at(unet, scheduler, latents, cond, timesteps, noise)
+    stats = {"loss": loss.detach().reshape(1).float(), "timestep": timesteps.float()}
+    return loss, stats
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images `[B, 3, H, W]` in [0, 1] -> latents scaled by the VAE's scaling factor.
+
+    A *sample* of the posterior, not its mode, as diffusers' text-to-image training scripts
+    (and SD's own training) do: the posterior's spread is small and acts as a slight
+    augmentation, and it is what the UNet was trained to denoise.
+    """
+    if images.min() < 0 or images.max() > 1:
+        raise ValueError(f"images must lie in [0, 1], got [{float(images.min()):.3g}, {float(images.max()):.3g}]")
+    dtype = next(vae.parameters()).dtype
+    dist = vae.encode((images * 2 - 1).to(dtype)).latent_dist  # SD's VAE expects [-1, 1]
+    return dist.sample(generator=generator) * vae.config.scaling_factor
