@@ -38,9 +38,8 @@ def build_sampler(cfg: Config, device: torch.device) -> Sampler:
 
 @ray.remote
 class SamplerActor:
-    def __init__(self, config: dict, index: int):
+    def __init__(self, config: dict):
         self.cfg = from_dict(config)
-        self.index = index
         torch.set_num_threads(max(1, int(self.cfg.sampler.num_cpus)))
         device = torch.device("cuda" if self.cfg.sampler.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.sampler = build_sampler(self.cfg, device)
@@ -70,4 +69,4 @@ def start_sampler_actors(cfg: Config) -> list:
     """Create cfg.sampler.num_actors actors with the resources the config asks for."""
     options = dict(num_cpus=cfg.sampler.num_cpus, num_gpus=cfg.sampler.num_gpus,
                    max_restarts=-1, max_task_retries=0)
-    return [SamplerActor.options(**options).remote(to_dict(cfg), i) for i in range(cfg.sampler.num_actors)]
+    return [SamplerActor.options(**options).remote(to_dict(cfg)) for _ in range(cfg.sampler.num_actors)]
