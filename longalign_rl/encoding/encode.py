@@ -112,3 +112,23 @@ class SegmentEncoder:
 
     def segments(self, prompt: str) -> list[str]:
         return split_segments(prompt, token_counter(self.tokenizer), pack_segments=self.pack_segments)
+
+
+class TruncatedEncoder:
+    """The plain SD v1.5 encoding, the baseline that segment encoding replaces: the whole
+    prompt in one 77-token window, cut after 75 word tokens, `<eot>`/padding states kept.
+    The same interface as `SegmentEncoder`, so a `Sampler` takes either."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self._uncond = self([""])
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=CLIP_WINDOW, truncation=True,
+                             return_tensors="pt").input_ids
+        return _run_encoder(self.text_encoder, ids)
+
+    def uncond(self, batch_size: int) -> torch.Tensor:
+        return self._uncond.expand(batch_size, -1, -1)

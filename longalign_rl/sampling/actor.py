@@ -16,7 +16,7 @@ import torch
 from longalign_rl.config import Config, from_dict, to_dict
 from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
-from longalign_rl.models import DTYPES, load_components, make_scheduler
+from longalign_rl.models import DTYPES, load_components, make_scheduler, vae_scale_factor
 from longalign_rl.sampling.sampler import Sampler
 from longalign_rl.types import Rollout
 
@@ -33,7 +33,7 @@ def build_sampler(cfg: Config, device: torch.device) -> Sampler:
     scheduler = make_scheduler(parts.scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing)
     return Sampler(unet, encoder, scheduler, num_steps=cfg.sampler.num_steps,
                    guidance_scale=cfg.sampler.guidance_scale, resolution=cfg.sampler.resolution,
-                   num_grad_steps=cfg.sampler.num_grad_steps)
+                   num_grad_steps=cfg.sampler.num_grad_steps, vae_scale_factor=vae_scale_factor(parts.vae))
 
 
 @ray.remote

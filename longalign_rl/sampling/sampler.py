@@ -26,13 +26,16 @@ class Sampler:
         guidance_scale: float,
         resolution: int,
         num_grad_steps: int,
+        vae_scale_factor: int = 8,
     ):
         self.unet = unet
         self.encoder = encoder
         self.scheduler = scheduler
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
-        self.latent_size = resolution // 8  # SD's VAE downsamples 8x
+        if resolution % vae_scale_factor:
+            raise ValueError(f"resolution {resolution} is not a multiple of the VAE's scale factor {vae_scale_factor}")
+        self.latent_size = resolution // vae_scale_factor  # SD's VAE: 8
         self.num_grad_steps = num_grad_steps
         scheduler.set_timesteps(num_steps)
         self.a, self.b = step_coefficients(scheduler)
