@@ -6,10 +6,14 @@
   actor or trainer worker) builds the same weights without sharing a file: "tiny"
   (test-sized parts of SD v1.5's classes) or "sd15-random" (SD v1.5's architecture, for
   benchmarks) - see `builtin_models()`;
+- a shipped model, trained here and stored in `longalign_rl/model_weights/<name>/`:
+  "shapesworld" (the ShapesWorld base, pretrained on 77-token captions) and
+  "shapesworld-stage1" (that base after stage 1), made by
+  `python -m longalign_rl.shapesworld.pretrain` - see `shipped_models()`;
 - a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/);
 - a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5" (needs network).
 
-The tokenizer of "tiny" is the real CLIP BPE tokenizer, built offline from the
+The tokenizer of "tiny" and of the shipped models is the real CLIP BPE tokenizer, built offline from the
 vocabulary file that open_clip ships, so token counts in tests are real.
 """
 
@@ -26,6 +30,8 @@ import torch
 CLIP_VOCAB_SIZE = 49408
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config names
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+WEIGHTS_DIR = Path(__file__).parent / "model_weights"
+SHIPPED_BASE = "shapesworld"
 
 
 @dataclass
@@ -42,6 +48,18 @@ class Components:
 def builtin_models() -> list[str]:
     """Names of the architectures built from configs in the package (random weights)."""
     return sorted(p.name for p in CONFIG_DIR.iterdir() if (p / "unet.json").is_file())
+
+
+def shipped_models() -> list[str]:
+    """Names of the trained models stored in the package (`model_weights/<name>/`)."""
+    if not WEIGHTS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "unet").is_dir())
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent along a side: 8 for SD's VAE (three downsamplings)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _read_config(model: str, part: str) -> dict:
@@ -99,23 +117,47 @@ def build_random(model: str = "tiny", seed: int = 0) -> Components:
 
 
 def load_pretrained(path_or_id: str, revision: str | None = None) -> Components:
-    """SD v1.5 (or another UNet/CLIP model) from a local diffusers folder or a hub id."""
+    """SD v1.5 (or another UNet/CLIP model) from a local diffusers folder or a hub id.
+
+    Weights load in float32 whatever their stored dtype (the shipped models are stored in
+    float16); a folder without tokenizer/ gets the offline CLIP tokenizer."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kw = {"revision": revision} if revision else {}
-    unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path_or_id, subfolder="text_encoder", **kw)
-    tokenizer = CLIPTokenizer.from_pretrained(path_or_id, subfolder="tokenizer", **kw)
-    check_clip_tokenizer(tokenizer, f"the tokenizer of {path_or_id}")
+    f32 = {"torch_dtype": torch.float32}
+    unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet", **f32, **kw)
+    vae = AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **f32, **kw)
+    text_encoder = CLIPTextModel.from_pretrained(path_or_id, subfolder="text_encoder", dtype=torch.float32, **kw)
+    local = Path(path_or_id)
+    if local.is_dir() and not (local / "tokenizer").is_dir():
+        tokenizer = build_clip_tokenizer()
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(path_or_id, subfolder="tokenizer", **kw)
+        check_clip_tokenizer(tokenizer, f"the tokenizer of {path_or_id}")
     scheduler_config = dict(DDIMScheduler.load_config(path_or_id, subfolder="scheduler", **kw))
     return Components(unet, vae, text_encoder, tokenizer, scheduler_config)
 
 
+def load_shipped(name: str) -> Components:
+    """A shipped model; parts its folder lacks (a stage-1 model ships only its UNet) are
+    the shipped base's, "shapesworld"."""
+    from diffusers import UNet2DConditionModel
+
+    base = load_pretrained(str(WEIGHTS_DIR / SHIPPED_BASE))
+    if name != SHIPPED_BASE:
+        base.unet = UNet2DConditionModel.from_pretrained(WEIGHTS_DIR / name, subfolder="unet", torch_dtype=torch.float32)
+    return base
+
+
 def load_components(model: str, *, seed: int = 0, revision: str | None = None) -> Components:
     """All parts frozen (requires_grad False, eval mode); the caller adds what trains."""
-    parts = build_random(model, seed) if model in builtin_models() else load_pretrained(model, revision)
+    if model in builtin_models():
+        parts = build_random(model, seed)
+    elif model in shipped_models():
+        parts = load_shipped(model)
+    else:
+        parts = load_pretrained(model, revision)
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.requires_grad_(False).eval()
     return parts
