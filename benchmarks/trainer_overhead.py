@@ -31,7 +31,7 @@ from longalign_rl.lora import make_trainable
 from longalign_rl.models import load_components
 from longalign_rl.registry import get_reward
 from longalign_rl.sampling.actor import build_sampler
-from longalign_rl.training.loop import _warmup
+from longalign_rl.training.worker import warmup
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -55,7 +55,7 @@ def plain_step_fn(cfg: Config, rollout):
     reward = get_reward(cfg.reward.name, **cfg.reward.kwargs, sync_direction=False)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(cfg.train.warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(cfg.train.warmup_steps))
 
     def step():
         loss, _ = reward_backprop_step(unet, parts.vae, reward, rollout, cfg.sampler.guidance_scale)

@@ -1,9 +1,11 @@
 """The run configuration: typed, frozen dataclasses with every default in one place.
 
 Defaults are the reference values of LongAlign's stage 2 (METHOD.md section 5) unless a
-comment says otherwise. YAML files under `configs/` hold overrides only; the command line
-adds dotted overrides (`train.lr=1e-5`). Unknown keys and wrong types are errors that name
-the key's full path. The resolved config is saved with every run (`to_yaml`).
+comment says otherwise; `stage: 1` with a `data` section runs stage 1 (METHOD.md section
+4, supervised long-text fine-tuning; its reference values are in configs/sd15_stage1.yaml).
+YAML files under `configs/` hold overrides only; the command line adds dotted overrides
+(`train.lr=1e-5`). Unknown keys and wrong types are errors that name the key's full path.
+The resolved config is saved with every run (`to_yaml`).
 """
 
 from __future__ import annotations
@@ -35,11 +37,40 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Stage 1's image-caption pairs (unused by stage 2)."""
+
+    # Where the pairs come from: a folder of images with same-named .txt captions
+    # (a.png + a.txt), a .jsonl or .csv manifest with an image path (relative to the
+    # manifest) and a caption per row, "shapesworld" (built-in synthetic long captions), or
+    # "pkg.module:function" returning an iterable of (uint8 [H, W, 3] image, caption) pairs.
+    source: str = ""
+    # Keyword arguments of a generator source, e.g. {n: 512, seed: 0}; for shapesworld
+    # `n` and `seed` go to make_dataset and the rest to WorldConfig (e.g. image_size, grid).
+    kwargs: dict = field(default_factory=dict)
+    # Manifest columns (JSONL keys or CSV header names) of the image path and the caption.
+    image_column: str = "image"
+    caption_column: str = "caption"
+    # Training image side in pixels: the shorter side is resized to it, then centre-cropped
+    # (latents are resolution / 8).
+    resolution: int = 512
+    # Probability that a caption is replaced by the empty prompt's encoding, so the model
+    # keeps the unconditional branch classifier-free guidance needs (reference: 0.1).
+    caption_dropout: float = 0.1
+    # Passes over the data (reference: 2). Stage 1 stops after data.epochs epochs or
+    # train.steps optimiser steps, whichever comes first.
+    epochs: int = 2
+    # Reshuffle the pairs every epoch (seeded by train.seed).
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
 class PromptConfig:
     # "demo" (built-in long prompts), a .txt file (one prompt per line) or a .jsonl file
     # (one {"prompt": ...} object per line).
     source: str = "demo"
-    # Length of the merged segment encoding, in token states (reference: 240 = 3 x 80).
+    # Length of the merged segment encoding, in token states (reference: 240 = 3 x 80);
+    # stage 1 encodes its captions the same way.
     max_tokens: int = 240
     # Join consecutive short sentences into one segment while they fit 75 tokens.
     # False = one sentence per segment, as the reference.
@@ -149,7 +180,12 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Config:
+    # 1 = supervised long-text fine-tuning with the denoising loss on `data` (METHOD.md
+    # section 4); 2 = reward fine-tuning with sampler actors and `reward` (section 5).
+    stage: int = 2
     model: ModelConfig = field(default_factory=ModelConfig)
+    # Stage 1's image-caption pairs.
+    data: DataConfig = field(default_factory=DataConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -246,12 +282,14 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 def _merge_layers(base: dict, override: dict) -> dict:
-    """_merge, except that reward.kwargs belong to their reward: naming another reward
-    starts from no kwargs instead of inheriting the previous reward's."""
+    """_merge, except that reward.kwargs belong to their reward and data.kwargs to their
+    generator: naming another reward (data source) starts from no kwargs instead of
+    inheriting the previous one's."""
     merged = _merge(base, override)
-    new, old = override.get("reward") or {}, base.get("reward") or {}
-    if isinstance(new, dict) and isinstance(old, dict) and "name" in new and new["name"] != old.get("name"):
-        merged["reward"] = {**merged["reward"], "kwargs": new.get("kwargs", {})}
+    for section, name in (("reward", "name"), ("data", "source")):
+        new, old = override.get(section) or {}, base.get(section) or {}
+        if isinstance(new, dict) and isinstance(old, dict) and name in new and new[name] != old.get(name):
+            merged[section] = {**merged[section], "kwargs": new.get("kwargs", {})}
     return merged
 
 
@@ -321,7 +359,17 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks that span a value's range or several keys."""
-    s, t = cfg.sampler, cfg.train
+    s, t, d = cfg.sampler, cfg.train, cfg.data
+    _require(cfg.stage in (1, 2), "stage",
+             f"must be 1 (supervised fine-tuning) or 2 (reward fine-tuning), got {cfg.stage}")
+    if cfg.stage == 1:
+        _require(bool(d.source.strip()), "data.source",
+                 "stage 1 needs image-caption pairs: a folder, a .jsonl or .csv manifest, 'shapesworld' "
+                 "or 'pkg.module:function'")
+    _require(d.epochs >= 1, "data.epochs", f"must be >= 1, got {d.epochs}")
+    _require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution",
+             f"must be a positive multiple of 8, got {d.resolution}")
+    _require(0.0 <= d.caption_dropout <= 1.0, "data.caption_dropout", f"must be in [0, 1], got {d.caption_dropout}")
     for key, value in [("sampler.num_actors", s.num_actors), ("sampler.num_steps", s.num_steps),
                        ("sampler.num_grad_steps", s.num_grad_steps), ("train.steps", t.steps),
                        ("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),

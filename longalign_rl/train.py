@@ -3,6 +3,8 @@
 With no arguments: the tiny default (configs/tiny.yaml), local Ray, CPU, a few minutes.
 On a cluster: `ray job submit -- python -m longalign_rl.train --config configs/sd15_longalign.yaml`
 (Ray sets RAY_ADDRESS for the job, and this joins that cluster instead of starting one).
+`stage: 1` in the config (configs/sd15_stage1.yaml, configs/tiny_stage1.yaml) runs the
+supervised long-text fine-tuning on `data` instead of the reward fine-tuning.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 from longalign_rl.config import Config, ConfigError, load_config, to_yaml
+from longalign_rl.data import Pair, build_dataset, check_source
 from longalign_rl.prompts import load_prompts
 
 log = logging.getLogger("longalign_rl")
@@ -59,8 +62,38 @@ def check_reward(cfg: Config) -> None:
                           "reward backpropagation needs gradients from the reward to the image")
 
 
-def describe(cfg: Config, run_dir: Path) -> str:
+def check_inputs(cfg: Config) -> list[Pair] | None:
+    """Fail on the driver, before a run directory or a worker exists, for inputs that cannot
+    be used. Stage 1: the data source (returns the pairs of a folder or manifest). Stage 2:
+    the reward and the prompt file (bad lines are reported with their numbers)."""
+    if cfg.stage == 1:
+        return check_source(cfg.data)
+    check_reward(cfg)
+    load_prompts(cfg.prompts.source)
+    return None
+
+
+def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str:
     s, t = cfg.sampler, cfg.train
+    trains = f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "the whole UNet"
+    if cfg.stage == 1:
+        d = cfg.data
+        if pairs is None:
+            per_epoch = "pairs per epoch: as many as the generator gives"
+        else:
+            micro = len(pairs) // t.num_workers // t.batch_size  # per worker, full batches only
+            per_epoch = f"{len(pairs)} pairs -> {micro // t.grad_accum} steps per epoch"
+        return (
+            f"run directory      {run_dir}\n"
+            f"stage 1            supervised long-text fine-tuning (denoising loss) of {cfg.model.pretrained}, "
+            f"{trains}\n"
+            f"data               {d.source} {d.kwargs or ''}, {d.resolution} px, captions segment-encoded to "
+            f"{cfg.prompts.max_tokens} tokens, dropout {d.caption_dropout}; {per_epoch}\n"
+            f"trainers           {t.num_workers} workers x {t.batch_size} pairs x {t.grad_accum} accumulation "
+            f"= {cfg.global_batch} pairs per step, ZeRO-{t.zero_stage}, {t.precision}, lr {t.lr} "
+            f"({t.warmup_steps} warm-up steps)\n"
+            f"end                after {d.epochs} epoch(s) or {t.steps} steps, whichever comes first"
+        )
     return (
         f"run directory      {run_dir}\n"
         f"model              {cfg.model.pretrained}   reward {cfg.reward.name} {cfg.reward.kwargs}\n"
@@ -73,25 +106,21 @@ def describe(cfg: Config, run_dir: Path) -> str:
     )
 
 
-def run(cfg: Config, run_dir: Path):
-    """Start (or join) Ray, the sampler actors and the trainer workers; block until done."""
+def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None):
+    """Start (or join) Ray and the trainer workers (stage 2: and the sampler actors); block
+    until done. `pairs`: check_inputs' result, so a stage-1 manifest is not read twice."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from longalign_rl.config import to_dict
-    from longalign_rl.sampling.actor import start_sampler_actors
-    from longalign_rl.training.loop import train_func
 
     address = os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(address=address, logging_level=logging.WARNING)
     log.info("Ray: %s", f"joined the cluster at {address}" if address else "started a local instance")
 
-    actors = start_sampler_actors(cfg)
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"config": to_dict(cfg), "actors": actors, "run_dir": str(run_dir)},
+    common = dict(
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.train.use_gpu else {})}),
@@ -101,6 +130,29 @@ def run(cfg: Config, run_dir: Path):
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints or None),
         ),
+    )
+    if cfg.stage == 1:
+        from ray.train import DataConfig as IngestConfig
+
+        from longalign_rl.training import supervised
+
+        trainer = TorchTrainer(
+            supervised.train_func,
+            train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir)},
+            datasets={"train": build_dataset(cfg.data, cfg.train.seed, pairs)},
+            dataset_config=IngestConfig(datasets_to_split=["train"]),  # an equal shard per worker
+            **common,
+        )
+        return trainer.fit()
+
+    from longalign_rl.sampling.actor import start_sampler_actors
+    from longalign_rl.training.loop import train_func
+
+    actors = start_sampler_actors(cfg)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"config": to_dict(cfg), "actors": actors, "run_dir": str(run_dir)},
+        **common,
     )
     try:
         return trainer.fit()
@@ -114,16 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg, run_dir = resolve(args)
-        check_reward(cfg)
-        load_prompts(cfg.prompts.source)  # a bad prompt file fails here, with its line numbers
+        pairs = check_inputs(cfg)  # a bad prompt file or data source fails here, naming its lines
     except (ConfigError, ValueError, TypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    print(describe(cfg, run_dir), flush=True)
+    print(describe(cfg, run_dir, pairs), flush=True)
     start = time.perf_counter()
-    result = run(cfg, run_dir)
+    result = run(cfg, run_dir, pairs)
     print(f"done in {time.perf_counter() - start:.1f} s; last checkpoint {result.checkpoint.path if result.checkpoint else None}")
     return 0
 

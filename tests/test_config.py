@@ -288,6 +288,8 @@ def test_empty_yaml_file_gives_the_defaults(tmp_path):
         ("tiny.yaml", []),
         ("sd15_longalign.yaml", ["train.lr=1e-5", "model.revision=abc123", "lora.target_modules=[to_q]",
                                  "reward.kwargs.direction=corpus", "train.betas=[0.5, 0.75]"]),
+        ("tiny_stage1.yaml", ["data.kwargs.n=8"]),
+        ("sd15_stage1.yaml", []),
     ],
 )
 def test_to_yaml_and_back_gives_an_equal_config(source, overrides, tmp_path):
@@ -298,7 +300,7 @@ def test_to_yaml_and_back_gives_an_equal_config(source, overrides, tmp_path):
     # to_dict is plain YAML data: lists, not tuples
     data = to_dict(cfg)
     assert isinstance(data["train"]["betas"], list) and isinstance(data["lora"]["target_modules"], list)
-    assert list(data) == ["model", "prompts", "sampler", "reward", "lora", "train", "run"]
+    assert list(data) == ["stage", "model", "data", "prompts", "sampler", "reward", "lora", "train", "run"]
 
 
 def test_shipped_tiny_config():
@@ -335,3 +337,60 @@ def test_naming_another_reward_drops_the_previous_rewards_kwargs(tmp_path):
     assert load_config(path, ["reward.name=my.mod:R"]).reward.kwargs == {}
     assert load_config(path, ["reward.kwargs.direction=corpus"]).reward.kwargs == {
         "text_irrelevant_weight": 0.5, "direction": "corpus"}
+
+
+# ------------------------------------------------------------------------- stage 1
+
+
+def test_stage_defaults_to_2_and_data_has_the_reference_stage_1_values():
+    cfg = Config()
+    assert cfg.stage == 2 and cfg.data.source == ""  # stage 2 needs no data
+    assert cfg.data.caption_dropout == 0.1 and cfg.data.epochs == 2 and cfg.data.resolution == 512
+    assert cfg.data.shuffle is True and cfg.data.image_column == "image" and cfg.data.caption_column == "caption"
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["stage=3"], "stage"),
+        (["stage=0"], "stage"),
+        (["stage=1"], "data.source"),        # stage 1 without pairs
+        (["stage=1", "data.source= "], "data.source"),
+        (["data.epochs=0"], "data.epochs"),
+        (["data.resolution=100"], "data.resolution"),
+        (["data.resolution=0"], "data.resolution"),
+        (["data.caption_dropout=1.5"], "data.caption_dropout"),
+        (["data.kwargs=3"], "data.kwargs"),
+        (["stage=one"], "stage"),
+    ],
+)
+def test_stage_and_data_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load_config(None, overrides)
+
+
+def test_naming_another_data_source_drops_the_previous_generators_kwargs(tmp_path):
+    path = write(tmp_path, "stage: 1\ndata:\n  source: shapesworld\n  kwargs:\n    n: 8\n")
+    assert load_config(path, ["data.source=pairs.jsonl"]).data.kwargs == {}
+    assert load_config(path, ["data.kwargs.seed=3"]).data.kwargs == {"n": 8, "seed": 3}
+
+
+def test_shipped_tiny_stage1_config():
+    cfg = load_config(CONFIGS / "tiny_stage1.yaml")
+    assert cfg.stage == 1 and cfg.model.pretrained == "tiny"
+    assert cfg.data.source == "shapesworld" and cfg.data.resolution == 64 and cfg.data.kwargs["n"] == 64
+    assert cfg.train.num_workers == 2 and cfg.train.use_gpu is False and cfg.train.precision == "fp32"
+
+
+def test_shipped_sd15_stage1_config_is_the_reference():
+    cfg = load_config(CONFIGS / "sd15_stage1.yaml")
+    t, d = cfg.train, cfg.data
+    assert cfg.stage == 1 and cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert d.source  # a placeholder to fill in
+    # METHOD.md section 4: AdamW lr 3e-5, weight decay 1e-2, 2000 warm-up steps, clip 0.3,
+    # global batch 192, two epochs, caption dropout 0.1, 512 px, LoRA, 240 tokens
+    assert t.lr == 3e-5 and t.weight_decay == 1e-2 and t.warmup_steps == 2000 and t.grad_clip == 0.3
+    assert cfg.global_batch == 192 and t.num_workers * t.batch_size * t.grad_accum == 192
+    assert d.epochs == 2 and d.caption_dropout == 0.1 and d.resolution == 512
+    assert cfg.lora.enabled and cfg.prompts.max_tokens == 240
+    assert t.steps * cfg.global_batch > 2 * 2_000_000  # the epochs, not the step cap, end the run

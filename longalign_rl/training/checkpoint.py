@@ -1,7 +1,8 @@
 """Checkpoint contents, written by every worker into one folder that Ray Train merges.
 
     weights.safetensors   trainable weights (LoRA or UNet), rank 0
-    state.json            step, prompt position, policy version, rank 0
+    state.json            the counters of TrainerState (step; stage 2's prompt position;
+                          stage 1's epoch and pairs used in it), rank 0
     rng/rank{r}.pt        torch, numpy and Python RNG states of worker r
     deepspeed/state/...   DeepSpeed's optimiser and LR-scheduler state (each rank its
                           ZeRO partition; DeepSpeed also keeps its own copy of the
@@ -29,8 +30,10 @@ DEEPSPEED_TAG = "state"  # not "latest": DeepSpeed writes a file of that name be
 
 @dataclass
 class TrainerState:
-    step: int = 0             # optimiser steps done
-    prompt_position: int = 0  # prompts handed out (PromptOrder position)
+    step: int = 0              # optimiser steps done
+    prompt_position: int = 0   # stage 2: prompts handed out (PromptOrder position)
+    epoch: int = 0             # stage 1: the epoch in progress (0-based)
+    samples_in_epoch: int = 0  # stage 1: pairs of that epoch used, all workers together
 
 
 def _rng_state() -> dict:
@@ -66,4 +69,5 @@ def load(directory: Path, engine, rank: int) -> TrainerState:
     rng = directory / "rng" / f"rank{rank}.pt"
     if rng.exists():  # absent when the world size changed; the counters still resume
         _set_rng_state(torch.load(rng, weights_only=False))
+    # A counter missing from an older checkpoint keeps its default.
     return TrainerState(**json.loads((directory / STATE).read_text()))

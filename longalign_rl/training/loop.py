@@ -15,12 +15,10 @@ Each piece of maths is a call into a pure module (algorithms/, sampling/, reward
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
 
-import deepspeed
 import ray
 import ray.train
 import ray.train.torch
@@ -29,13 +27,15 @@ import torch.distributed as dist
 
 from longalign_rl.algorithms.reward_backprop import decode, reward_backprop_step
 from longalign_rl.config import Config, from_dict
-from longalign_rl.lora import export_for_diffusers, make_trainable, trainable_state_dict
+from longalign_rl.lora import export_for_diffusers, trainable_state_dict
 from longalign_rl.models import DTYPES, load_components
 from longalign_rl.prompts import PromptOrder, load_prompts
 from longalign_rl.registry import get_reward
 from longalign_rl.training import checkpoint
-from longalign_rl.training.deepspeed_config import deepspeed_config
 from longalign_rl.training.outputs import MetricsLog, save_image_grid
+from longalign_rl.training.worker import (
+    all_means, grad_norm, make_engine, prepare_unet, require_run_dir, warmup, weights_spread,
+)
 from longalign_rl.types import Rollout
 
 log = logging.getLogger(__name__)
@@ -106,55 +106,19 @@ class RolloutClient:
             resyncs += 1
 
 
-def _all_means(stats: dict[str, list[torch.Tensor]], device) -> dict[str, float]:
-    """Mean of each statistic over every sample of every worker (NaN where there is none).
-
-    Sums and counts are all-reduced, so workers with different numbers of values (say,
-    of 7th sentences) are weighted by what they saw; every worker must pass the same keys.
-    """
-    names = sorted(stats)
-    values = [torch.cat([v.reshape(-1) for v in stats[k]]).double() for k in names]
-    sums = torch.stack([torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64)]) for v in values])
-    sums = sums.to(device)
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    return {k: s / c if c > 0 else math.nan for k, (s, c) in zip(names, sums.tolist())}
-
-
-def _weights_spread(module) -> float:
-    """Max - min over workers of a checksum of the trainable weights: 0 when they agree."""
-    checksum = torch.stack([p.detach().double().sum() for p in module.parameters() if p.requires_grad]).sum()
-    both = torch.stack([checksum, -checksum]).to(next(module.parameters()).device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    return float(both[0] + both[1])
-
-
-def _warmup(steps: int):
-    return lambda s: min(1.0, (s + 1) / steps) if steps > 0 else 1.0
-
-
 def build_engine(cfg: Config, device: torch.device):
     """UNet with its trainable part in a DeepSpeed engine, the frozen VAE and the reward."""
     torch.manual_seed(cfg.train.seed)  # same LoRA init on every worker
     parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision)
     del parts.text_encoder  # prompts arrive encoded in the rollouts
-    unet = parts.unet.to(device)
-    params = make_trainable(unet, cfg.lora)
-    unet.train()
-    if cfg.train.activation_checkpointing:
-        unet.enable_gradient_checkpointing()
+    params = prepare_unet(cfg, parts.unet, device)
     vae = parts.vae.to(device, DTYPES[cfg.train.precision])
     reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
     if not reward.differentiable:
         raise ValueError(f"reward {cfg.reward.name!r} is not differentiable; reward backpropagation "
                          "needs gradients from the reward to the image")
     reward = reward.to(device) if hasattr(reward, "to") else reward
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
-                                  weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(cfg.train.warmup_steps))
-    engine, _, _, schedule = deepspeed.initialize(
-        model=unet, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(cfg), dist_init_required=False,
-    )
+    engine, schedule = make_engine(cfg, parts.unet, params)
     return engine, vae, reward, schedule
 
 
@@ -173,10 +137,7 @@ def train_func(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if not (run_dir / "config.yaml").is_file():  # the driver wrote it before starting us
-        raise RuntimeError(
-            f"rank {rank} on node {ray.get_runtime_context().get_node_id()[:8]} cannot see the run directory "
-            f"{run_dir}: on a multi-node cluster run.output_dir must be shared storage (see cluster/README.md)")
+    require_run_dir(run_dir, rank)
 
     # ------------------------------------------------------------------ models
     engine, vae, reward, schedule = build_engine(cfg, device)
@@ -259,15 +220,14 @@ def train_func(loop_config: dict) -> None:
 
         # LOG
         replay_error = float(torch.cat(stats.pop("replay_error")).max())
-        means = _all_means(stats, device)
-        grad_norm = engine.get_global_grad_norm()
-        spread = _weights_spread(engine.module)
+        means = all_means(stats, device)
+        spread = weights_spread(engine.module)
         elapsed = time.perf_counter() - t0
         record = {
             "step": step + 1,
             **means,
             "replay_error": replay_error,  # this worker's max |replayed - recorded x0|
-            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "grad_norm": grad_norm(engine),
             "lr": schedule.get_last_lr()[0],
             "policy_lag": max(lags),
             "weights_spread": spread,  # must stay 0: every worker holds the same weights
