@@ -34,7 +34,7 @@ from longalign_rl.registry import get_reward
 from longalign_rl.training import checkpoint
 from longalign_rl.training.outputs import MetricsLog, save_image_grid
 from longalign_rl.training.worker import (
-    all_means, grad_norm, make_engine, prepare_unet, require_run_dir, warmup, weights_spread,
+    all_means, grad_norm, make_engine, prepare_unet, require_run_dir, weights_spread,
 )
 from longalign_rl.types import Rollout
 
