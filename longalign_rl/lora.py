@@ -60,10 +60,12 @@ def export_for_diffusers(unet, cfg: LoRAConfig, directory: str | Path) -> Path:
     directory = Path(directory)
     if cfg.enabled:
         from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        # peft's own key names (lora_A / lora_B), which load_lora_weights reads for every
+        # layer. Not convert_state_dict_to_diffusers: with diffusers 0.42 its old-style
+        # attention names (to_q.lora.down) are silently dropped on loading.
+        layers = get_peft_model_state_dict(unet)
         StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
     else:
         unet.save_pretrained(directory, safe_serialization=True)
