@@ -20,6 +20,9 @@ from typing import Any
 import yaml
 
 
+GROUND_TRUTHS = ("", "shapesworld")  # run.ground_truth
+
+
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key."""
 
@@ -176,6 +179,10 @@ class RunConfig:
     max_failures: int = 3
     # Checkpoints kept on disk (the newest ones); 0 keeps all.
     keep_checkpoints: int = 3
+    # Exact ground truth logged for every rollout of stage 2: "" (none) or "shapesworld"
+    # (the ShapesWorld checker: gt/colour/i and gt/shape/i per sentence position i, and
+    # gt/background; the prompts must be ShapesWorld captions, prompts.source=shapesworld).
+    ground_truth: str = ""
 
 
 @dataclass(frozen=True)
@@ -394,3 +401,5 @@ def validate(cfg: Config) -> None:
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _require(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", f"must be >= 0, got {cfg.run.keep_checkpoints}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(cfg.run.ground_truth in GROUND_TRUTHS, "run.ground_truth",
+             f"must be one of {', '.join(map(repr, GROUND_TRUTHS))}, got {cfg.run.ground_truth!r}")

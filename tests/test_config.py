@@ -286,6 +286,7 @@ def test_empty_yaml_file_gives_the_defaults(tmp_path):
     [
         (None, []),
         ("tiny.yaml", []),
+        ("shapesworld.yaml", []),
         ("sd15_longalign.yaml", ["train.lr=1e-5", "model.revision=abc123", "lora.target_modules=[to_q]",
                                  "reward.kwargs.direction=corpus", "train.betas=[0.5, 0.75]"]),
         ("tiny_stage1.yaml", ["data.kwargs.n=8"]),
@@ -301,6 +302,21 @@ def test_to_yaml_and_back_gives_an_equal_config(source, overrides, tmp_path):
     data = to_dict(cfg)
     assert isinstance(data["train"]["betas"], list) and isinstance(data["lora"]["target_modules"], list)
     assert list(data) == ["stage", "model", "data", "prompts", "sampler", "reward", "lora", "train", "run"]
+
+
+def test_default_run_is_the_shapesworld_demo():
+    from longalign_rl.train import DEFAULT_CONFIG
+
+    cfg = load_config(DEFAULT_CONFIG)
+    assert DEFAULT_CONFIG.name == "shapesworld.yaml"
+    assert cfg.model.pretrained == "shapesworld" and cfg.prompts.source == "shapesworld"
+    assert cfg.reward.name == "shapes_clip" and cfg.run.ground_truth == "shapesworld"
+    assert cfg.sampler.num_actors == 2 and cfg.train.num_workers == 2 and cfg.train.use_gpu is False
+
+
+def test_unknown_ground_truth_is_named():
+    with pytest.raises(ConfigError, match=r"run.ground_truth: must be one of '', 'shapesworld', got 'mnist'"):
+        load_config(None, ["run.ground_truth=mnist"])
 
 
 def test_shipped_tiny_config():

@@ -131,6 +131,16 @@ def update(engine, vae, reward, rollout: Rollout, guidance_scale: float) -> dict
     return stats
 
 
+def ground_truth(vae, rollout: Rollout, device) -> dict[str, torch.Tensor]:
+    """The exact checker's verdicts on the rollout's images (run.ground_truth=shapesworld)."""
+    from longalign_rl.shapesworld.evaluate import ground_truth as shapesworld_truth
+    from longalign_rl.shapesworld.world import WorldConfig
+
+    with torch.no_grad():
+        images = decode(vae, rollout.final_latents.to(device))
+    return shapesworld_truth(images, rollout.prompts, WorldConfig())
+
+
 def train_func(loop_config: dict) -> None:
     cfg: Config = from_dict(loop_config["config"])
     actors, run_dir = loop_config["actors"], Path(loop_config["run_dir"])
@@ -201,6 +211,8 @@ def train_func(loop_config: dict) -> None:
             t = time.perf_counter()
             step_stats = update(engine, vae, reward, rollout, cfg.sampler.guidance_scale)
             train_time += time.perf_counter() - t
+            if cfg.run.ground_truth:
+                step_stats.update(ground_truth(vae, rollout, device))
             for k, v in step_stats.items():
                 stats.setdefault(k, []).append(v)
 
