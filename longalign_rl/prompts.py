@@ -1,4 +1,7 @@
-"""Prompt sources: the built-in long demo prompts, a text file, or a JSONL file.
+"""Prompt sources: the built-in long demo prompts, ShapesWorld captions, a text file, or a JSONL file.
+
+"shapesworld" is 4,096 captions of the default ShapesWorld (longalign_rl/shapesworld),
+drawn with seed 0: long prompts whose ground truth the exact checker knows.
 
 A text file holds one prompt per line (blank lines skipped). A JSONL file holds one JSON
 object per line with a "prompt" string (blank lines skipped). Lines that cannot be used
@@ -42,11 +45,19 @@ def _parse_line(raw: bytes, jsonl: bool) -> str | None:
     return prompt.strip()
 
 
+SHAPESWORLD_PROMPTS = 4096
+
+
 def load_prompts(source: str) -> list[str]:
-    """"demo", a .txt path or a .jsonl path -> the list of prompts, in file order."""
+    """"demo", "shapesworld", a .txt path or a .jsonl path -> the list of prompts, in file order."""
+    if source == "shapesworld":
+        from longalign_rl.shapesworld.evaluate import draw_captions
+        from longalign_rl.shapesworld.world import WorldConfig
+
+        return draw_captions(WorldConfig(), SHAPESWORLD_PROMPTS, seed=0)
     path = DEMO_PROMPTS if source == "demo" else Path(source)
     if not path.is_file():
-        raise PromptFileError(f"prompt file {source!r} does not exist (use 'demo' for the built-in prompts)")
+        raise PromptFileError(f"prompt file {source!r} does not exist (use 'demo' or 'shapesworld' for built-in prompts)")
     jsonl = path.suffix == ".jsonl"
     prompts, errors = [], []
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):

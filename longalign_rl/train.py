@@ -1,6 +1,6 @@
 """`python -m longalign_rl.train [--config FILE] [--resume RUN_DIR] [key.path=value ...]`
 
-With no arguments: the tiny default (configs/tiny.yaml), local Ray, CPU, a few minutes.
+With no arguments: the ShapesWorld demo (configs/shapesworld.yaml), local Ray, CPU, a few minutes.
 On a cluster: `ray job submit -- python -m longalign_rl.train --config configs/sd15_longalign.yaml`
 (Ray sets RAY_ADDRESS for the job, and this joins that cluster instead of starting one).
 `stage: 1` in the config (configs/sd15_stage1.yaml, configs/tiny_stage1.yaml) runs the
@@ -21,13 +21,13 @@ from longalign_rl.data import Pair, build_dataset, check_source
 from longalign_rl.prompts import load_prompts
 
 log = logging.getLogger("longalign_rl")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapesworld.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m longalign_rl.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"YAML file of overrides (default: {DEFAULT_CONFIG.name}, the tiny CPU run)")
+    parser.add_argument("--config", help=f"YAML file of overrides (default: {DEFAULT_CONFIG.name}, the ShapesWorld demo on CPU)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue a run from its last checkpoint, with its saved config (overrides still apply)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. train.steps=10")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from longalign_rl import train
+from longalign_rl.prompts import load_prompts
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -105,14 +106,17 @@ def test_run_writes_metrics_images_config_and_checkpoints(tiny_run):
             assert key in m and m[key] == m[key], key  # present and not NaN
         assert m["policy_lag"] <= 1
         assert m["grad_norm"] > 0
-        # per-sentence scores by position: every demo prompt has at least 5 sentences
+        # per-sentence scores by position: every ShapesWorld caption has 5 sentences
         assert all(-1 <= m[f"segment_score/{i}"] <= 1 for i in range(1, 6))
+        # the exact checker's verdicts per cell sentence (run.ground_truth=shapesworld)
+        assert all(0 <= m[f"gt/{a}/{i}"] <= 1 for a in ("colour", "shape") for i in range(1, 5))
+        assert 0 <= m["gt/background"] <= 1
         # reward = relevant + 0.3 * irrelevant, as means over both workers' samples
         assert m["reward"] == pytest.approx(m["text_relevant"] + 0.3 * m["text_irrelevant"], abs=1e-6)
     assert first[0]["policy_lag"] == 0 and first[0]["replay_error"] < 1e-4  # on-policy at the start
     assert (run_dir / "images" / "step_000001.png").is_file()
     assert (run_dir / "images" / "step_000002.txt").read_text().startswith("0: ")
-    assert "pretrained: tiny" in (run_dir / "config.yaml").read_text()
+    assert "pretrained: shapesworld" in (run_dir / "config.yaml").read_text()
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 3  # steps 2, 4, 6
     newest = checkpoints[-1]
@@ -138,15 +142,18 @@ def test_resume_continues_the_step_count(tiny_run):
 
 
 def test_exported_lora_loads_into_a_diffusers_pipeline(tiny_run):
+    """Every trained LoRA layer loads into StableDiffusionPipeline and changes its output."""
     from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
 
     from longalign_rl.encoding import SegmentEncoder
     from longalign_rl.models import load_components, make_scheduler
 
     run_dir, _ = tiny_run
+    trained = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
 
     def generate(lora: bool):
-        parts = load_components("tiny")
+        parts = load_components("shapesworld")
         pipe = StableDiffusionPipeline(
             vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
             scheduler=make_scheduler(parts.scheduler_config, timestep_spacing="trailing"),
@@ -154,13 +161,15 @@ def test_exported_lora_loads_into_a_diffusers_pipeline(tiny_run):
         )
         if lora:
             pipe.load_lora_weights(run_dir / "lora")
-        encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder)
-        cond = encoder(["A red cube on a table. A blue ball beside it, under a lamp."])
+            loaded = [n for n, _ in pipe.unet.named_parameters() if "lora_" in n]
+            assert len(loaded) == len(trained) > 0  # attention layers included
+        encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=120)
+        cond = encoder([load_prompts("shapesworld")[0]])
         return pipe(prompt_embeds=cond, negative_prompt_embeds=encoder.uncond(1), num_inference_steps=4,
-                    height=64, width=64, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+                    height=32, width=32, output_type="pt", generator=torch.Generator().manual_seed(0)).images
 
     base, tuned = generate(False), generate(True)
-    assert base.shape == tuned.shape == (1, 3, 64, 64)
+    assert base.shape == tuned.shape == (1, 3, 32, 32)
     assert (base - tuned).abs().max() > 1e-4
 
 
