@@ -69,7 +69,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    # "demo" (built-in long prompts), a .txt file (one prompt per line) or a .jsonl file
+    # "demo" (built-in long prompts), "shapesworld" (4,096 ShapesWorld captions, seed 0),
+    # a .txt file (one prompt per line) or a .jsonl file
     # (one {"prompt": ...} object per line).
     source: str = "demo"
     # Length of the merged segment encoding, in token states (reference: 240 = 3 x 80);
