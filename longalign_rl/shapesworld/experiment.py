@@ -167,10 +167,10 @@ def jobs(s: Settings) -> list[Job]:
 def conditions(done: list[Job], s: Settings) -> dict[str, list[dict]]:
     """Condition name -> one ground-truth summary per seed."""
     table: dict[str, list[dict]] = {}
-    names = {s.base: "base", s.stage1: "stage 1"}
-    for job in done:
-        if job.kind == "eval":
-            table.setdefault(f"{names[job.model]}, {job.encoding}", []).append(job.result)
+    for model, name in ((s.base, "base"), (s.stage1, "stage 1")):
+        for encoding in ("truncated", "segment"):
+            table[f"{name}, {encoding}"] = [j.result for j in done if j.kind == "eval" and j.model == model
+                                            and j.encoding == encoding]
     for w in s.weights:
         table[f"stage 2 (w = {w}), segment"] = [j.result["final"] for j in done if j.kind == "stage2" and j.weight == w]
     return table
@@ -238,7 +238,7 @@ def plot(done: list[Job], s: Settings, out: Path) -> None:
 
     table = conditions(done, s)
     n_cells = WORLD.grid**2
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4), sharey=True)
     width = 0.8 / len(table)
     for a, attribute in zip(axes, ("colour", "shape")):
         for j, (name, rows) in enumerate(table.items()):
@@ -248,7 +248,7 @@ def plot(done: list[Job], s: Settings, out: Path) -> None:
         a.set_title(f"{attribute} accuracy by sentence position")
         a.axhline(1 / (len(WORLD.colours) if attribute == "colour" else len(WORLD.shapes)), color="grey", ls=":")
     axes[0].set_ylabel("exact checker accuracy")
-    axes[1].legend(fontsize=7, loc="lower left")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "accuracy_by_position.png", dpi=100)
     plt.close(fig)
