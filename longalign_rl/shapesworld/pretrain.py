@@ -125,7 +125,7 @@ def train_vae(images: torch.Tensor, budget: Budget, log) -> tuple[torch.nn.Modul
             log(f"vae step {steps}: loss {loss.item():.4f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        held_out = images[-256:]
+        held_out = images[-256:]  # from the pool (any image could be drawn in training)
         latents = vae.encode(held_out * 2 - 1).latent_dist.mode()
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
         recon = (vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
