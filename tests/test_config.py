@@ -287,6 +287,7 @@ def test_empty_yaml_file_gives_the_defaults(tmp_path):
         (None, []),
         ("tiny.yaml", []),
         ("shapesworld.yaml", []),
+        ("shapesworld_stage1.yaml", []),
         ("sd15_longalign.yaml", ["train.lr=1e-5", "model.revision=abc123", "lora.target_modules=[to_q]",
                                  "reward.kwargs.direction=corpus", "train.betas=[0.5, 0.75]"]),
         ("tiny_stage1.yaml", ["data.kwargs.n=8"]),

@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="stage-2 steps per run")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     parser.add_argument("--workers", type=int, help="processes (default 2)")
+    parser.add_argument("--weights", type=float, nargs="+", help="text_irrelevant_weight values (default 1.0 0.3 0.0)")
+    parser.add_argument("--lr", type=float, help="stage-2 learning rate (default 2e-3)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite report.md and the plots from --out/results.json without running anything")
     args = parser.parse_args(argv)
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     s = Settings.quick() if args.quick else Settings()
     s = replace(s, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in
-                      (("reward", args.reward), ("steps", args.steps), ("seeds", args.seeds), ("workers", args.workers))
+                      (("reward", args.reward), ("steps", args.steps), ("seeds", args.seeds), ("workers", args.workers),
+                       ("weights", args.weights), ("lr", args.lr))
                       if v is not None})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
