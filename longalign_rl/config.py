@@ -96,7 +96,7 @@ class SamplerConfig:
     timestep_spacing: str = "trailing"
     # Classifier-free guidance scale.
     guidance_scale: float = 7.5
-    # Image side in pixels (latents are resolution / 8).
+    # Image side in pixels (latents are resolution / the VAE's scale factor, 8 for SD's).
     resolution: int = 512
     # Steps whose UNet call gets a gradient: every (num_steps // num_grad_steps)-th step
     # from a random offset (reference: 5 of 50, every 10th).

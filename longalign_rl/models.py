@@ -116,17 +116,19 @@ def build_random(model: str = "tiny", seed: int = 0) -> Components:
     return Components(unet, vae, text_encoder, build_clip_tokenizer(), _read_config(model, "scheduler"))
 
 
-def load_pretrained(path_or_id: str, revision: str | None = None) -> Components:
+def load_pretrained(path_or_id: str, revision: str | None = None, unet_from: str | Path | None = None) -> Components:
     """SD v1.5 (or another UNet/CLIP model) from a local diffusers folder or a hub id.
 
     Weights load in float32 whatever their stored dtype (the shipped models are stored in
-    float16); a folder without tokenizer/ gets the offline CLIP tokenizer."""
+    float16); a folder without tokenizer/ gets the offline CLIP tokenizer. `unet_from`: a
+    folder whose unet/ replaces `path_or_id`'s (a model that ships only its UNet)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kw = {"revision": revision} if revision else {}
     f32 = {"torch_dtype": torch.float32}
-    unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet", **f32, **kw)
+    unet = UNet2DConditionModel.from_pretrained(unet_from or path_or_id, subfolder="unet", **f32,
+                                                **({} if unet_from else kw))
     vae = AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **f32, **kw)
     text_encoder = CLIPTextModel.from_pretrained(path_or_id, subfolder="text_encoder", dtype=torch.float32, **kw)
     local = Path(path_or_id)
@@ -142,12 +144,7 @@ def load_pretrained(path_or_id: str, revision: str | None = None) -> Components:
 def load_shipped(name: str) -> Components:
     """A shipped model; parts its folder lacks (a stage-1 model ships only its UNet) are
     the shipped base's, "shapesworld"."""
-    from diffusers import UNet2DConditionModel
-
-    base = load_pretrained(str(WEIGHTS_DIR / SHIPPED_BASE))
-    if name != SHIPPED_BASE:
-        base.unet = UNet2DConditionModel.from_pretrained(WEIGHTS_DIR / name, subfolder="unet", torch_dtype=torch.float32)
-    return base
+    return load_pretrained(str(WEIGHTS_DIR / SHIPPED_BASE), unet_from=WEIGHTS_DIR / name)
 
 
 def load_components(model: str, *, seed: int = 0, revision: str | None = None) -> Components:

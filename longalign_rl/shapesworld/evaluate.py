@@ -17,6 +17,10 @@ import torch
 from longalign_rl.shapesworld.checker import _labels, check
 from longalign_rl.shapesworld.world import WorldConfig, caption, sample_scene, to_uint8
 
+# Segment-encoded length of a default ShapesWorld caption: preamble (1 + 28 states) and
+# 4 cell sentences (1 + 19 or 20 each), at most 113.
+SEGMENT_MAX_TOKENS = 120
+
 
 def margin_mask(cfg: WorldConfig) -> np.ndarray:
     """bool [H, W]: pixels outside every cell's shape box."""
@@ -80,7 +84,7 @@ def generate(unet, vae, encoder, scheduler_config: dict, prompts: list[str], *, 
     return torch.cat(images)
 
 
-def make_encoder(parts, encoding: str, max_tokens: int = 120):
+def make_encoder(parts, encoding: str, max_tokens: int = SEGMENT_MAX_TOKENS):
     from longalign_rl.encoding import SegmentEncoder, TruncatedEncoder
 
     if encoding == "segment":
@@ -90,18 +94,21 @@ def make_encoder(parts, encoding: str, max_tokens: int = 120):
     raise ValueError(f"encoding must be 'segment' or 'truncated', got {encoding!r}")
 
 
-def evaluate_model(model: str, encoding: str, *, n: int = 256, seed: int = 12345, unet=None,
+def evaluate(parts, encoding: str, prompts: list[str], *, seed: int, cfg: WorldConfig | None = None,
+             **sampling) -> tuple[torch.Tensor, dict]:
+    """Sample `parts` (models.Components) on `prompts` with `encoding`; the images and the
+    ground-truth summary (`summarize`). `sampling` goes to `generate`."""
+    cfg = cfg or WorldConfig()
+    images = generate(parts.unet, parts.vae, make_encoder(parts, encoding), parts.scheduler_config, prompts,
+                      seed=seed, resolution=cfg.image_size, **sampling)
+    return images, summarize(ground_truth(images, prompts, cfg))
+
+
+def evaluate_model(model: str, encoding: str, *, n: int = 256, seed: int = 12345,
                    cfg: WorldConfig | None = None, **sampling) -> dict:
     """Ground-truth accuracy per position of `model` (a name or folder for
-    models.load_components; `unet` replaces its UNet) on n held-out captions."""
+    models.load_components) on n held-out captions."""
     from longalign_rl.models import load_components
 
     cfg = cfg or WorldConfig()
-    parts = load_components(model)
-    encoder = make_encoder(parts, encoding)
-    prompts = draw_captions(cfg, n, seed)
-    images = generate(unet if unet is not None else parts.unet, parts.vae, encoder, parts.scheduler_config,
-                      prompts, seed=seed, resolution=cfg.image_size, **sampling)
-    return summarize(ground_truth(images, prompts, cfg))
-
-
+    return evaluate(load_components(model), encoding, draw_captions(cfg, n, seed), seed=seed, cfg=cfg, **sampling)[1]

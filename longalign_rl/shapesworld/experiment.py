@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longalign_rl.shapesworld.evaluate import draw_captions, generate, ground_truth, make_encoder, summarize
+from longalign_rl.shapesworld.evaluate import draw_captions, evaluate, ground_truth, make_encoder, summarize
 from longalign_rl.shapesworld.world import WorldConfig, caption, sample_scene
+from longalign_rl.training.outputs import save_image_grid
 
 WORLD = WorldConfig()
-SEGMENT_MAX_TOKENS = 120
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,12 @@ def _eval_prompts(s: Settings, seed: int) -> list[str]:
 def run_eval(job: Job, s: Settings, out: Path) -> dict:
     from longalign_rl.models import load_components
 
-    parts = load_components(job.model)
     prompts = _eval_prompts(s, job.seed)
-    images = generate(parts.unet, parts.vae, make_encoder(parts, job.encoding, SEGMENT_MAX_TOKENS),
-                      parts.scheduler_config, prompts, seed=job.seed, num_steps=s.num_steps,
-                      guidance_scale=s.guidance_scale, resolution=WORLD.image_size)
+    images, result = evaluate(load_components(job.model), job.encoding, prompts, seed=job.seed, cfg=WORLD,
+                              num_steps=s.num_steps, guidance_scale=s.guidance_scale)
     if job.seed == s.seeds[0]:
-        _grid(images[:16], prompts[:16], out / "grids" / f"{job.model}_{job.encoding}.png")
-    return summarize(ground_truth(images, prompts, WORLD))
+        save_image_grid(images[:16], prompts[:16], out / "grids" / f"{job.model}_{job.encoding}.png")
+    return result
 
 
 def run_stage2(job: Job, s: Settings, out: Path) -> dict:
@@ -104,10 +102,10 @@ def run_stage2(job: Job, s: Settings, out: Path) -> dict:
     torch.manual_seed(job.seed)
     parts = load_components(s.stage1)
     params = make_trainable(parts.unet, LoRAConfig(rank=s.lora_rank, alpha=float(s.lora_rank), dropout=0.0))
-    reward = get_reward(s.reward, **({"text_irrelevant_weight": job.weight} if s.reward != "shapes_checker" else {}))
+    reward = get_reward(s.reward, text_irrelevant_weight=job.weight)
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=1e-2)
-    encoder = make_encoder(parts, "segment", SEGMENT_MAX_TOKENS)
-    sampler = Sampler(parts.unet, encoder, make_scheduler(parts.scheduler_config, timestep_spacing="trailing"),
+    scheduler = make_scheduler(parts.scheduler_config, timestep_spacing="trailing")
+    sampler = Sampler(parts.unet, make_encoder(parts, "segment"), scheduler,
                       num_steps=s.num_steps, guidance_scale=s.guidance_scale, resolution=WORLD.image_size,
                       num_grad_steps=s.num_grad_steps, vae_scale_factor=vae_scale_factor(parts.vae))
     rng = np.random.default_rng(20_000 + job.seed)  # training captions: fresh scenes every step
@@ -129,17 +127,11 @@ def run_stage2(job: Job, s: Settings, out: Path) -> dict:
                        "gt/background": gt["background"]})
         history.append(record)
     prompts = _eval_prompts(s, job.seed)
-    images = generate(parts.unet, parts.vae, encoder, parts.scheduler_config, prompts, seed=job.seed,
-                      num_steps=s.num_steps, guidance_scale=s.guidance_scale, resolution=WORLD.image_size)
+    images, final = evaluate(parts, "segment", prompts, seed=job.seed, cfg=WORLD, num_steps=s.num_steps,
+                             guidance_scale=s.guidance_scale)
     if job.seed == s.seeds[0]:
-        _grid(images[:16], prompts[:16], out / "grids" / f"stage2_w{job.weight}.png")
-    return {"history": history, "final": summarize(ground_truth(images, prompts, WORLD))}
-
-
-def _grid(images, prompts, path: Path) -> None:
-    from longalign_rl.training.outputs import save_image_grid
-
-    save_image_grid(images, prompts, path)
+        save_image_grid(images[:16], prompts[:16], out / "grids" / f"stage2_w{job.weight}.png")
+    return {"history": history, "final": final}
 
 
 def _run(args: tuple[Job, Settings, str]) -> Job:
@@ -276,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/shapesworld", help="folder for report.md, results.json, plots, grids")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 2 steps, 4 captions, 1 process: seconds (tests)")
-    parser.add_argument("--reward", help="a registered reward (default shapes_clip)")
+    parser.add_argument("--reward", help="a registered CLIP-type reward taking text_irrelevant_weight (default shapes_clip)")
     parser.add_argument("--steps", type=int, help="stage-2 steps per run")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     parser.add_argument("--workers", type=int, help="processes (default 2)")

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from longalign_rl.algorithms.denoising import caption_dropout, denoising_loss
 from longalign_rl.encoding import SegmentEncoder, TruncatedEncoder, split_sentences
 from longalign_rl.models import WEIGHTS_DIR, build_clip_tokenizer
+from longalign_rl.shapesworld.evaluate import SEGMENT_MAX_TOKENS
 from longalign_rl.shapesworld.world import WorldConfig, caption, render, sample_scene, to_tensor
 
 WORLD = WorldConfig()  # 32 px, 2 x 2 cells, 7 colours, 3 shapes
-SEGMENT_MAX_TOKENS = 120  # preamble (1 + 28) + 4 cell sentences (1 + 19 or 20): at most 113
 
 # SD v1.5's noise schedule (its scheduler_config.json), epsilon prediction.
 SCHEDULER = {
@@ -251,15 +251,14 @@ def train_unet(unet, scheduler, latents, cond, uncond, steps: int, batch: int, l
 def evaluate_parts(unet, vae, tokenizer, text_encoder, n: int, log, tag: str) -> dict:
     """Ground truth per cell position, truncated and segment encoding, n held-out captions."""
     from longalign_rl.models import Components
-    from longalign_rl.shapesworld.evaluate import draw_captions, generate, ground_truth, make_encoder, summarize
+    from longalign_rl.models import Components
+    from longalign_rl.shapesworld.evaluate import draw_captions, evaluate
 
     parts = Components(unet, vae, text_encoder, tokenizer, SCHEDULER)
     prompts = draw_captions(WORLD, n, seed=EVAL_SEED)
     result = {}
     for encoding in ("truncated", "segment"):
-        images = generate(unet, vae, make_encoder(parts, encoding, SEGMENT_MAX_TOKENS), SCHEDULER, prompts,
-                          seed=EVAL_SEED, resolution=WORLD.image_size)
-        result[encoding] = summarize(ground_truth(images, prompts, WORLD))
+        _, result[encoding] = evaluate(parts, encoding, prompts, seed=EVAL_SEED, cfg=WORLD)
         log(f"{tag}, {encoding} encoding: {result[encoding]}")
     return result
 
