@@ -28,12 +28,11 @@ import time
 import torch
 
 from longalign_rl.algorithms.reward_backprop import reward_backprop_step
-from longalign_rl.config import LoRAConfig
-from longalign_rl.encoding import SegmentEncoder
+from longalign_rl.config import LoRAConfig, PromptConfig, SamplerConfig
 from longalign_rl.lora import make_trainable
 from longalign_rl.models import DTYPES, load_components, make_scheduler
 from longalign_rl.prompts import load_prompts
-from longalign_rl.sampling.sampler import Sampler
+from longalign_rl.sampling.sampler import build_sampler
 
 # Dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, SXM parts).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
@@ -62,14 +61,12 @@ def build_reward(name: str, device):
 def bench_sampling(args, parts, device, dtype) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    unet = parts.unet.to(device, dtype)
+    settings = SamplerConfig(num_steps=args.steps, guidance_scale=7.5, resolution=args.resolution,
+                             num_grad_steps=args.grad_steps, timestep_spacing="trailing", precision=args.dtype)
+    sampler = build_sampler(settings, parts, prompts=PromptConfig(max_tokens=240), device=device)
+    unet, encoder, text_encoder = sampler.unet, sampler.encoder, parts.text_encoder
     if args.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
-    text_encoder = parts.text_encoder.to(device, dtype)
-    encoder = SegmentEncoder(parts.tokenizer, text_encoder, max_tokens=240)
-    scheduler = make_scheduler(parts.scheduler_config, timestep_spacing="trailing")
-    sampler = Sampler(unet, encoder, scheduler, num_steps=args.steps, guidance_scale=7.5,
-                      resolution=args.resolution, num_grad_steps=args.grad_steps)
     pipe = StableDiffusionPipeline(
         vae=parts.vae.to(device, dtype), text_encoder=text_encoder, tokenizer=parts.tokenizer, unet=unet,
         scheduler=make_scheduler(parts.scheduler_config, timestep_spacing="trailing"),

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from longalign_rl.config import load_config
-from longalign_rl.lora import trainable_state_dict
+from longalign_rl.lora import make_trainable, trainable_state_dict
+from longalign_rl.models import load_components
 from longalign_rl.prompts import load_prompts
-from longalign_rl.sampling.actor import build_sampler, start_sampler_actors
+from longalign_rl.sampling.sampler import build_sampler
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -41,11 +42,16 @@ def main() -> None:
 
     import ray
 
+    from longalign_rl.sampling.group import SamplerGroup
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     torch.set_num_threads(1)
-    plain = build_sampler(cfg, torch.device("cpu"))
-    actors = start_sampler_actors(cfg)
+    parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed)
+    make_trainable(parts.unet, cfg.lora)  # the actors' structure: the same UNet with its LoRA
+    plain = build_sampler(cfg.sampler, parts, prompts=cfg.prompts)
+    group = SamplerGroup(cfg)
+    actors = group.actors
     ray.get([a.get_version.remote() for a in actors])  # wait until built
     for a in actors:  # warm-up: first calls pay one-off costs
         ray.get(a.sample.remote(prompts, 0))
@@ -72,12 +78,12 @@ def main() -> None:
     sync, sample = [], []
     for r in range(args.rounds):
         t = time.perf_counter()
-        ref = ray.put(weights)
-        ray.get([a.set_weights.remote(ref, r) for a in actors])
+        group.publish(weights, r)
         sync.append(time.perf_counter() - t)
         t = time.perf_counter()
         ray.get(actors[0].sample.remote(prompts, r))
         sample.append(time.perf_counter() - t)
+    group.shutdown()
     ray.shutdown()
 
     med = {k: statistics.median(v) for k, v in rates.items()}

@@ -5,7 +5,8 @@ tiny-CLIP reward, AdamW) on the same tiny batch, one thread per process:
 - plain:       torch AdamW, `loss.backward()`, clip, `optimizer.step()`, in one process
                while the other worker waits;
 - distributed: Ray Train TorchTrainer with 2 workers, each a DeepSpeed ZeRO-2 engine
-               (`longalign_rl.training.loop.build_engine` / `update`, the code a run uses),
+               (`training/engine.py`'s `build_trainable` and `training/reward_backprop.py`'s
+               `update`, the code a run uses),
                gradients reduced over gloo.
 The two alternate step by step inside the same Ray workers, so machine noise hits both.
 Printed: median step time of each and their ratio (target: at most 1.3x).
@@ -30,8 +31,8 @@ from longalign_rl.config import Config, load_config, to_dict
 from longalign_rl.lora import make_trainable
 from longalign_rl.models import load_components
 from longalign_rl.registry import get_reward
-from longalign_rl.sampling.actor import build_sampler
-from longalign_rl.training.worker import warmup
+from longalign_rl.sampling.sampler import build_sampler
+from longalign_rl.training.engine import warmup
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -40,7 +41,9 @@ def rollout_for(cfg: Config):
     """The batch both sides train on: one rollout of the tiny demo prompts."""
     from longalign_rl.prompts import load_prompts
 
-    sampler = build_sampler(cfg, torch.device("cpu"))
+    parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed)
+    make_trainable(parts.unet, cfg.lora)
+    sampler = build_sampler(cfg.sampler, parts, prompts=cfg.prompts)
     return sampler.sample(load_prompts("demo")[: cfg.train.batch_size], seed=0)
 
 
@@ -78,12 +81,15 @@ def _worker(config: dict) -> None:
     import torch.distributed as dist
 
     from longalign_rl.config import from_dict
-    from longalign_rl.training.loop import build_engine, update
+    from longalign_rl.training.engine import build_trainable
+    from longalign_rl.training.reward_backprop import build_reward, update
 
     torch.set_num_threads(1)
     cfg, rollout = from_dict(config["config"]), config["rollout"]
     rank = ray.train.get_context().get_world_rank()
-    engine, vae, reward, _ = build_engine(cfg, ray.train.torch.get_device())
+    device = ray.train.torch.get_device()
+    parts, engine, _ = build_trainable(cfg, device)
+    vae, reward = parts.vae.to(device), build_reward(cfg, device)
     plain = plain_step_fn(cfg, rollout)
     times = {"plain": [], "plain_concurrent": [], "distributed": []}
     for i in range(config["warmup"] + config["steps"]):

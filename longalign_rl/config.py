@@ -19,8 +19,7 @@ from typing import Any
 
 import yaml
 
-
-GROUND_TRUTHS = ("", "shapesworld")  # run.ground_truth
+from longalign_rl.registry import IMPORT_PATH
 
 
 class ConfigError(ValueError):
@@ -45,11 +44,10 @@ class DataConfig:
 
     # Where the pairs come from: a folder of images with same-named .txt captions
     # (a.png + a.txt), a .jsonl or .csv manifest with an image path (relative to the
-    # manifest) and a caption per row, "shapesworld" (built-in synthetic long captions), or
-    # "pkg.module:function" returning an iterable of (uint8 [H, W, 3] image, caption) pairs.
+    # manifest) and a caption per row, or "pkg.module:function" returning an iterable of
+    # (uint8 [H, W, 3] image, caption) pairs (see longalign_rl/data.py).
     source: str = ""
-    # Keyword arguments of a generator source, e.g. {n: 512, seed: 0}; for shapesworld
-    # `n` and `seed` go to make_dataset and the rest to WorldConfig (e.g. image_size, grid).
+    # Keyword arguments of a generator source, e.g. {n: 512, seed: 0}.
     kwargs: dict = field(default_factory=dict)
     # Manifest columns (JSONL keys or CSV header names) of the image path and the caption.
     image_column: str = "image"
@@ -69,9 +67,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    # "demo" (built-in long prompts), "shapesworld" (4,096 ShapesWorld captions, seed 0),
-    # a .txt file (one prompt per line) or a .jsonl file
-    # (one {"prompt": ...} object per line).
+    # "demo" (built-in long prompts), a .txt file (one prompt per line), a .jsonl file
+    # (one {"prompt": ...} object per line) or "pkg.module:function" returning the list of
+    # prompts (see longalign_rl/prompts.py).
     source: str = "demo"
     # Length of the merged segment encoding, in token states (reference: 240 = 3 x 80);
     # stage 1 encodes its captions the same way.
@@ -180,10 +178,11 @@ class RunConfig:
     max_failures: int = 3
     # Checkpoints kept on disk (the newest ones); 0 keeps all.
     keep_checkpoints: int = 3
-    # Exact ground truth logged for every rollout of stage 2: "" (none) or "shapesworld"
-    # (the ShapesWorld checker: gt/colour/i and gt/shape/i per sentence position i, and
-    # gt/background; the prompts must be ShapesWorld captions, prompts.source=shapesworld).
-    ground_truth: str = ""
+    # Metric hooks of stage 2, as import paths "pkg.module:function": each is called as
+    # fn(images [B,3,H,W] in [0,1], prompts) on every rollout and returns {name: Tensor[B]},
+    # logged per step as all-worker means (a world's exact checker, say). Every call must
+    # return the same names.
+    metrics: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -372,8 +371,7 @@ def validate(cfg: Config) -> None:
              f"must be 1 (supervised fine-tuning) or 2 (reward fine-tuning), got {cfg.stage}")
     if cfg.stage == 1:
         _require(bool(d.source.strip()), "data.source",
-                 "stage 1 needs image-caption pairs: a folder, a .jsonl or .csv manifest, 'shapesworld' "
-                 "or 'pkg.module:function'")
+                 "stage 1 needs image-caption pairs: a folder, a .jsonl or .csv manifest or 'pkg.module:function'")
     _require(d.epochs >= 1, "data.epochs", f"must be >= 1, got {d.epochs}")
     _require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution",
              f"must be a positive multiple of 8, got {d.resolution}")
@@ -402,5 +400,6 @@ def validate(cfg: Config) -> None:
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _require(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", f"must be >= 0, got {cfg.run.keep_checkpoints}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    _require(cfg.run.ground_truth in GROUND_TRUTHS, "run.ground_truth",
-             f"must be one of {', '.join(map(repr, GROUND_TRUTHS))}, got {cfg.run.ground_truth!r}")
+    for i, hook in enumerate(cfg.run.metrics):
+        _require(bool(IMPORT_PATH.match(hook)), f"run.metrics[{i}]",
+                 f"must be an import path 'package.module:function', got {hook!r}")

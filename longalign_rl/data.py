@@ -6,9 +6,11 @@ that streams them to the trainer workers.
                       same-named .txt caption beside it (cat.png + cat.txt)
     a .jsonl file     one {"image": "a.png", "caption": "..."} object per line
     a .csv file       a header row naming the image and caption columns, one pair per row
-    "shapesworld"     the built-in synthetic world of long captions (shapesworld/):
-                      data.kwargs n and seed, the rest are WorldConfig fields
     "pkg.module:fn"   fn(**data.kwargs) returns an iterable of (uint8 [H, W, 3] image, caption)
+                      pairs (a world's generator, say); it runs on a Ray Data worker.
+                      On the driver its kwargs are bound to its signature, and a function
+                      with a `validate` attribute gets `fn.validate(**data.kwargs)` too (a
+                      cheap check that raises ValueError), so bad kwargs fail before the run
 
 Column names are `data.image_column` / `data.caption_column`; image paths in a manifest are
 relative to the manifest's folder. Everything that can be checked without decoding images is
@@ -16,13 +18,13 @@ checked on the driver, before a run directory exists: bad lines are reported tog
 their file and line number, and every image must exist. Images are decoded later, on Ray
 Data workers, a batch at a time.
 
-Pure python/numpy/PIL except `build_dataset`, which imports Ray Data.
+Pure python/numpy/PIL: the Ray Data pipeline that streams the pairs is
+training/denoising.py's `build_dataset`.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib
 import inspect
 import json
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from longalign_rl.config import DataConfig
+from longalign_rl.registry import resolve_source
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Rows per batch when decoding images or collecting a generator's output on Ray Data workers.
@@ -140,7 +143,7 @@ def read_pairs(source: str, *, image_column: str = "image", caption_column: str 
         raise DataSourceError(f"data source {source!r}: a manifest must be a .jsonl or .csv file")
     else:
         raise DataSourceError(f"data source {source!r} does not exist (a folder, a .jsonl or .csv manifest, "
-                              "'shapesworld' or 'pkg.module:function')")
+                              "or 'pkg.module:function')")
     if not pairs:
         raise DataSourceError(f"data source {source!r} holds no image-caption pairs")
     return pairs
@@ -149,47 +152,36 @@ def read_pairs(source: str, *, image_column: str = "image", caption_column: str 
 # ---------------------------------------------------------------- generators
 
 
-def shapesworld(n: int = 1000, seed: int = 0, **world) -> list[tuple[np.ndarray, str]]:
-    """n ShapesWorld (image, caption) pairs; `world` are WorldConfig fields (image_size, grid, ...)."""
-    from longalign_rl.shapesworld import WorldConfig, make_dataset
-
-    return [(image, caption) for image, caption, _ in make_dataset(WorldConfig(**world), n, seed)]
+def _resolve(source: str):
+    try:
+        return resolve_source(source, key="data.source", paths="folder or .jsonl / .csv manifest")
+    except ValueError as e:
+        raise DataSourceError(str(e)) from None
 
 
 def is_generator(source: str) -> bool:
-    return source == "shapesworld" or (":" in source and not Path(source).exists())
+    return _resolve(source).kind == "import"
 
 
 def find_generator(source: str) -> Callable[..., Iterable]:
-    """"shapesworld" or "pkg.module:function" -> the function."""
-    if source == "shapesworld":
-        return shapesworld
-    module_name, _, attr = source.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise DataSourceError(f"data.source {source!r}: cannot import module {module_name!r} ({e})") from None
-    fn = getattr(module, attr, None)
+    """"pkg.module:function" -> the function."""
+    fn = _resolve(source).target
     if not callable(fn):
-        raise DataSourceError(f"data.source {source!r}: module {module_name!r} has no function {attr!r}")
+        raise DataSourceError(f"data.source {source!r} is not a function")
     return fn
 
 
 def check_generator(source: str, kwargs: dict) -> None:
-    """The generator imports and accepts `kwargs` (it is not called: it may be expensive)."""
+    """The generator imports and accepts `kwargs` (it is not called: it may be expensive;
+    its `validate`, if it has one, is)."""
     fn = find_generator(source)
     try:
         inspect.signature(fn).bind(**kwargs)
-    except TypeError as e:
+        validate = getattr(fn, "validate", None)
+        if validate is not None:
+            validate(**kwargs)
+    except (TypeError, ValueError) as e:
         raise DataSourceError(f"data.kwargs {kwargs} do not fit {source!r}: {e}") from None
-    if fn is shapesworld:
-        from longalign_rl.shapesworld import WorldConfig
-
-        world = {k: v for k, v in kwargs.items() if k not in ("n", "seed")}
-        try:
-            WorldConfig(**world)
-        except (TypeError, ValueError) as e:
-            raise DataSourceError(f"data.kwargs {kwargs}: not a ShapesWorld config: {e}") from None
 
 
 def check_pair(item, index: int, source: str) -> tuple[np.ndarray, str]:
@@ -270,28 +262,3 @@ def check_source(data: DataConfig) -> list[Pair] | None:
         check_generator(data.source, data.kwargs)
         return None
     return read_pairs(data.source, image_column=data.image_column, caption_column=data.caption_column)
-
-
-def build_dataset(data: DataConfig, seed: int, pairs: list[Pair] | None = None):
-    """The `ray.data.Dataset` of {"image": float32 [3, R, R] in [0, 1], "caption": str} rows.
-
-    `pairs`: `check_source(data)`'s result when the caller has it (a folder or manifest is
-    read again otherwise). File sources hold only paths and captions on the driver; Ray Data
-    workers decode the images a batch at a time while the trainers consume them. A generator
-    runs in one Ray Data task per epoch (it should be seeded: each epoch calls it again).
-    With `data.shuffle` every epoch has another order, seeded by `seed`.
-    """
-    import ray.data
-    from ray.data import RandomSeedConfig
-
-    shuffle_seed = RandomSeedConfig(seed=seed, reseed_after_execution=True)  # a new order each epoch
-    if is_generator(data.source):
-        ds = ray.data.range(1).map_batches(
-            generate_batches, batch_size=None,
-            fn_kwargs={"source": data.source, "kwargs": dict(data.kwargs), "resolution": data.resolution})
-        return ds.random_shuffle(seed=shuffle_seed) if data.shuffle else ds
-    pairs = pairs if pairs is not None else check_source(data)
-    ds = ray.data.from_items([{"path": p.image, "caption": p.caption} for p in pairs])
-    if data.shuffle:  # shuffle the paths, before the (much larger) images exist
-        ds = ds.random_shuffle(seed=shuffle_seed)
-    return ds.map_batches(load_batch, batch_size=ROWS_PER_BATCH, fn_kwargs={"resolution": data.resolution})

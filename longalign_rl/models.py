@@ -1,37 +1,37 @@
 """Build or load the diffusion model's parts: UNet, VAE, text encoder, tokenizer, scheduler.
 
-`model` is one of
+`model.pretrained` names one of (longalign_rl.registry.resolve_source, in this order):
 - a built-in architecture, random-initialised from the JSON configs in
   `longalign_rl/model_configs/<name>/` with a fixed seed, so that every process (sampler
   actor or trainer worker) builds the same weights without sharing a file: "tiny"
   (test-sized parts of SD v1.5's classes) or "sd15-random" (SD v1.5's architecture, for
   benchmarks) - see `builtin_models()`;
-- a shipped model, trained here and stored in `longalign_rl/model_weights/<name>/`:
-  "shapesworld" (the ShapesWorld base, pretrained on 77-token captions) and
-  "shapesworld-stage1" (that base after stage 1), made by
-  `python -m longalign_rl.shapesworld.pretrain` - see `shipped_models()`;
+- a model registered in the entry-point group `longalign_rl.models` (name -> loader), as
+  the ShapesWorld world registers its shipped "shapesworld" and "shapesworld-stage1";
+- an import path "pkg.module:loader";
 - a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/);
 - a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5" (needs network).
+A loader is called as `loader(seed=model.random_seed)` and returns `Components`; the seed
+matters only to models whose weights are random-initialised.
 
-The tokenizer of "tiny" and of the shipped models is the real CLIP BPE tokenizer, built offline from the
-vocabulary file that open_clip ships, so token counts in tests are real.
+The tokenizer of "tiny" is the real CLIP BPE tokenizer, built offline from the vocabulary
+file that open_clip ships (encoding/tokenizer.py), so token counts in tests are real.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import partial
 from pathlib import Path
 
 import torch
 
-CLIP_VOCAB_SIZE = 49408
+from longalign_rl.encoding.tokenizer import build_clip_tokenizer, check_clip_tokenizer
+from longalign_rl.registry import Registry, resolve_source
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config names
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-WEIGHTS_DIR = Path(__file__).parent / "model_weights"
-SHIPPED_BASE = "shapesworld"
 
 
 @dataclass
@@ -50,13 +50,6 @@ def builtin_models() -> list[str]:
     return sorted(p.name for p in CONFIG_DIR.iterdir() if (p / "unet.json").is_file())
 
 
-def shipped_models() -> list[str]:
-    """Names of the trained models stored in the package (`model_weights/<name>/`)."""
-    if not WEIGHTS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "unet").is_dir())
-
-
 def vae_scale_factor(vae) -> int:
     """Pixels per latent along a side: 8 for SD's VAE (three downsamplings)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
@@ -65,41 +58,6 @@ def vae_scale_factor(vae) -> int:
 def _read_config(model: str, part: str) -> dict:
     config = json.loads((CONFIG_DIR / model / f"{part}.json").read_text())
     return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
-@lru_cache(maxsize=1)
-def _clip_bpe() -> tuple[dict, list]:
-    """CLIP's byte-level BPE vocabulary and merges, from the file open_clip ships."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    byte_chars = list(bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def build_clip_tokenizer(max_length: int = 77):
-    """The CLIP tokenizer SD v1.5 uses, built offline (49,408 entries; pad = <|endoftext|>)."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _clip_bpe()
-    tokenizer = CLIPTokenizer(
-        vocab=dict(vocab),
-        merges=list(merges),
-        model_max_length=max_length,
-        pad_token="<|endoftext|>",
-    )
-    check_clip_tokenizer(tokenizer, "the offline CLIP tokenizer")
-    return tokenizer
-
-
-def check_clip_tokenizer(tokenizer, where: str) -> None:
-    """Offline, `from_pretrained` can return a useless 3-token tokenizer without raising."""
-    if len(tokenizer) != CLIP_VOCAB_SIZE:
-        raise ValueError(f"{where} has {len(tokenizer)} entries, not CLIP's {CLIP_VOCAB_SIZE}: it did not load")
 
 
 def build_random(model: str = "tiny", seed: int = 0) -> Components:
@@ -141,18 +99,19 @@ def load_pretrained(path_or_id: str, revision: str | None = None, unet_from: str
     return Components(unet, vae, text_encoder, tokenizer, scheduler_config)
 
 
-def load_shipped(name: str) -> Components:
-    """A shipped model; parts its folder lacks (a stage-1 model ships only its UNet) are
-    the shipped base's, "shapesworld"."""
-    return load_pretrained(str(WEIGHTS_DIR / SHIPPED_BASE), unet_from=WEIGHTS_DIR / name)
+MODELS = Registry("model", "longalign_rl.models",
+                  builtins=lambda: {name: partial(build_random, name) for name in builtin_models()})
 
 
 def load_components(model: str, *, seed: int = 0, revision: str | None = None) -> Components:
-    """All parts frozen (requires_grad False, eval mode); the caller adds what trains."""
-    if model in builtin_models():
-        parts = build_random(model, seed)
-    elif model in shipped_models():
-        parts = load_shipped(model)
+    """All parts frozen (requires_grad False, eval mode); the caller adds what trains.
+    `model`: see the module docstring; `seed`: a random-initialised model's weights."""
+    source = resolve_source(model, key="model.pretrained", names=MODELS, paths="diffusers folder", hub_ids=True)
+    if source.kind in ("name", "import"):
+        parts = source.target(seed=seed)
+        if not isinstance(parts, Components):
+            raise TypeError(f"model.pretrained: the loader of {model!r} returned {type(parts).__name__}, "
+                            "not longalign_rl.models.Components")
     else:
         parts = load_pretrained(model, revision)
     for module in (parts.unet, parts.vae, parts.text_encoder):

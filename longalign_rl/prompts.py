@@ -1,12 +1,13 @@
-"""Prompt sources: the built-in long demo prompts, ShapesWorld captions, a text file, or a JSONL file.
+"""Prompt sources (`prompts.source`): the built-in long demo prompts, a text file, a JSONL
+file, or a function given by import path.
 
-"shapesworld" is 4,096 captions of the default ShapesWorld (longalign_rl/shapesworld),
-drawn with seed 0: long prompts whose ground truth the exact checker knows.
+    "demo"               the built-in long prompts (longalign_rl/demo_prompts.txt)
+    a .txt file          one prompt per line (blank lines skipped)
+    a .jsonl file        one JSON object per line with a "prompt" string (blank lines skipped)
+    "pkg.module:fn"      fn() returns the list of prompts (e.g. shapesworld.plugin:captions)
 
-A text file holds one prompt per line (blank lines skipped). A JSONL file holds one JSON
-object per line with a "prompt" string (blank lines skipped). Lines that cannot be used
-(not UTF-8, not JSON, no "prompt" string, an empty prompt) are reported together with
-their line numbers, so a user fixes a file in one pass.
+Lines that cannot be used (not UTF-8, not JSON, no "prompt" string, an empty prompt) are
+reported together with their line numbers, so a user fixes a file in one pass.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import json
 import random
 from pathlib import Path
 
-DEMO_PROMPTS = Path(__file__).parent / "data" / "demo_prompts.txt"
+from longalign_rl.registry import Registry, resolve_source
+
+DEMO_PROMPTS = Path(__file__).parent / "demo_prompts.txt"
 
 
 class PromptFileError(ValueError):
@@ -45,19 +48,33 @@ def _parse_line(raw: bytes, jsonl: bool) -> str | None:
     return prompt.strip()
 
 
-SHAPESWORLD_PROMPTS = 4096
+def demo_prompts() -> list[str]:
+    return _read_file(DEMO_PROMPTS)
+
+
+BUILTIN = Registry("prompt source", None, builtins=lambda: {"demo": demo_prompts})
 
 
 def load_prompts(source: str) -> list[str]:
-    """"demo", "shapesworld", a .txt path or a .jsonl path -> the list of prompts, in file order."""
-    if source == "shapesworld":
-        from longalign_rl.shapesworld.evaluate import draw_captions
-        from longalign_rl.shapesworld.world import WorldConfig
+    """`prompts.source` -> the list of prompts, in file (or function) order."""
+    try:
+        resolved = resolve_source(source, key="prompts.source", names=BUILTIN, paths="prompt file (.txt or .jsonl)")
+    except ValueError as e:
+        raise PromptFileError(str(e)) from None
+    if resolved.kind == "path":
+        return _read_file(resolved.target)
+    prompts = resolved.target()
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise PromptFileError(f"prompts.source {source!r} returned {type(prompts).__name__}, not a non-empty list of prompts")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise PromptFileError(f"prompts.source {source!r}: items {bad[:10]} are not non-empty strings")
+    return [p.strip() for p in prompts]
 
-        return draw_captions(WorldConfig(), SHAPESWORLD_PROMPTS, seed=0)
-    path = DEMO_PROMPTS if source == "demo" else Path(source)
+
+def _read_file(path: Path) -> list[str]:
     if not path.is_file():
-        raise PromptFileError(f"prompt file {source!r} does not exist (use 'demo' or 'shapesworld' for built-in prompts)")
+        raise PromptFileError(f"prompt file {str(path)!r} does not exist as a file (it is a folder)")
     jsonl = path.suffix == ".jsonl"
     prompts, errors = [], []
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):

@@ -1,13 +1,19 @@
-"""The reward protocol and the registry of rewards by name (DESIGN.md, "Reward plugin contract").
+"""Plugins by name, and the one resolver of what a config value names (DESIGN.md, "Reward
+plugin contract"; docs/architecture.md, "Extension points").
 
-A reward is built by a factory, `factory(**kwargs) -> Reward` (a class or a function).
-`get_reward(name, **kwargs)` finds the factory by
-- a name registered with `register_reward`, or
-- a name in the entry-point group `longalign_rl.rewards` (read once, on the first lookup;
-  the built-in rewards in `rewards/` register this way too, so there is one path), or
-- an import path "my_pkg.my_module:MyReward".
-Every failure names what failed: the unknown name (with the known ones), the duplicate
-name, the import path, the plugin and its distribution, the rejected keyword.
+A `Registry` holds one kind of plugin: rewards (entry-point group `longalign_rl.rewards`)
+and models (`longalign_rl.models`, in models.py). A name is found
+- among the kind's built-ins (the framework's own, such as the "tiny" architecture), or
+- registered in code with `register`, or
+- in the kind's entry-point group (read once, on the first lookup; the built-in rewards in
+  `rewards/` and the ShapesWorld world register this way too, so there is one path).
+
+`resolve_source` says what a config value such as `model.pretrained`, `prompts.source` or
+`data.source` names, by fixed rules rather than by guessing (see its docstring): a name, an
+import path "pkg.module:attr", an existing local path, or (where allowed) a hub id.
+
+Every failure names what failed: the config key, the unknown name (with the known ones),
+the duplicate name, the import path, the plugin and its distribution, the rejected keyword.
 
 Pure: imports torch only, never ray or deepspeed.
 """
@@ -15,22 +21,148 @@ Pure: imports torch only, never ray or deepspeed.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-ENTRY_POINT_GROUP = "longalign_rl.rewards"
+from longalign_rl.types import RewardOutput
+
+__all__ = ["Registry", "Reward", "RewardOutput", "Source", "REWARDS", "find_reward", "get_reward", "import_path",
+           "list_rewards", "register_reward", "resolve_source"]
+
+# "pkg.module:attr": dotted identifiers, one colon, an identifier. Nothing else is read as
+# an import path (so "C:\\data" or "runs/a:b" never is).
+IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+# "org/name" as the Hugging Face hub spells a repository id.
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-@dataclass
-class RewardOutput:
-    """What a reward returns for a batch of B images."""
+def _describe(ep: EntryPoint) -> str:
+    dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unknown distribution"
+    return f"{ep.value} (from {dist})"
 
-    total: torch.Tensor  # [B] the reward that is optimised (carries the graph if differentiable)
-    components: dict[str, torch.Tensor]  # named [B] parts, logged
-    segment_scores: list[torch.Tensor] | None = None  # per prompt: [n_segments], logged
+
+class Registry:
+    """Plugins of one kind by name: built-ins, registrations in code, and one entry-point group."""
+
+    def __init__(self, kind: str, group: str | None, builtins: Callable[[], dict[str, Any]] | None = None):
+        self.kind, self.group = kind, group  # "reward", "longalign_rl.rewards"; group None: built-ins only
+        self._builtins = builtins or dict
+        self._registered: dict[str, Any] = {}
+        self._entry_points: dict[str, EntryPoint] | None = None  # None until the first lookup
+
+    def _discover(self) -> dict[str, EntryPoint]:
+        """The group's entry points by name, read once; two with one name is an error."""
+        if self._entry_points is None:
+            found: dict[str, EntryPoint] = {}
+            for ep in entry_points(group=self.group) if self.group else []:
+                if ep.name in found:
+                    raise ValueError(f"{self.kind} {ep.name!r} is declared twice in entry-point group "
+                                     f"{self.group!r}: {_describe(found[ep.name])} and {_describe(ep)}")
+                found[ep.name] = ep
+            self._entry_points = found
+        return self._entry_points
+
+    def reset(self) -> None:
+        """Forget registrations and re-read the entry points on the next lookup (for tests)."""
+        self._registered.clear()
+        self._entry_points = None
+
+    def register(self, name: str, obj: Any) -> None:
+        """Register `obj` under `name`; a name that is already taken is an error."""
+        if not isinstance(name, str) or not name or ":" in name:
+            raise ValueError(f"a {self.kind} name is a non-empty string without ':' (that marks an import path), "
+                             f"got {name!r}")
+        if not callable(obj):
+            raise TypeError(f"the factory of {self.kind} {name!r} is not callable: {obj!r}")
+        if name in self._builtins():
+            raise ValueError(f"{self.kind} {name!r} is built in")
+        if name in self._registered:
+            raise ValueError(f"{self.kind} {name!r} is already registered (by {self._registered[name]!r})")
+        if name in self._discover():
+            raise ValueError(f"{self.kind} {name!r} is already declared by entry point {_describe(self._discover()[name])}")
+        self._registered[name] = obj
+
+    def names(self) -> list[str]:
+        return sorted(set(self._builtins()) | set(self._registered) | set(self._discover()))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._builtins() or name in self._registered or name in self._discover()
+
+    def find(self, name: str) -> Any:
+        """The object behind a known name (an entry point is imported now)."""
+        builtins = self._builtins()
+        if name in builtins:
+            return builtins[name]
+        if name in self._registered:
+            return self._registered[name]
+        eps = self._discover()
+        if name not in eps:
+            raise ValueError(f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names()) or '(none)'}")
+        try:
+            return eps[name].load()
+        except Exception as e:  # any failure inside a plugin's import is reported with its origin
+            raise RuntimeError(f"{self.kind} plugin {name!r} failed to load from {_describe(eps[name])}: {e!r}") from e
+
+
+def import_path(path: str, what: str = "") -> Any:
+    """The attribute named by "pkg.module:attr"; ValueError naming the path otherwise."""
+    where = f"{what} {path!r}" if what else repr(path)
+    if not IMPORT_PATH.match(path):
+        raise ValueError(f"{where}: not an import path of the form 'package.module:attribute'")
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{where}: cannot import module {module_name!r}: {e}") from e
+    if not hasattr(module, attr):
+        raise ValueError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a config value names: kind "name" or "import" (target: the object), "path"
+    (target: the Path) or "hub" (target: None; a hub repository id)."""
+
+    kind: str
+    value: str
+    target: Any = None
+
+
+def resolve_source(value: str, *, key: str, names: Registry | None = None, paths: str = "",
+                   hub_ids: bool = False) -> Source:
+    """What the config value `value` of `key` names, by these rules in this order:
+
+    1. a name that `names` knows (built-in, registered or an entry point);
+    2. an import path "pkg.module:attr" (only that exact shape): it must import;
+    3. an existing local path, if `paths` says what a path may be (e.g. "a .txt file");
+    4. a hub id "org/name", if `hub_ids`.
+    Anything else is a ValueError that names the key and lists what the value may be.
+    """
+    if names is not None and value in names:
+        return Source("name", value, names.find(value))
+    if IMPORT_PATH.match(value):
+        return Source("import", value, import_path(value, key))
+    if paths and Path(value).exists():
+        return Source("path", value, Path(value))
+    if hub_ids and HUB_ID.match(value) and not value.startswith("."):
+        return Source("hub", value)
+    forms = [f"a known name ({', '.join(names.names()) or 'none'})"] if names is not None else []
+    forms.append("an import path 'package.module:function'")
+    if paths:
+        forms.append(f"an existing {paths}")
+    if hub_ids:
+        forms.append("a hub id 'org/name'")
+    listed = ", ".join(forms[:-1]) + " or " + forms[-1] if len(forms) > 1 else forms[0]
+    raise ValueError(f"{key}: {value!r} does not exist; expected {listed}")
+
+
+# ---------------------------------------------------------------- rewards
 
 
 class Reward(torch.nn.Module):
@@ -47,83 +179,33 @@ class Reward(torch.nn.Module):
 
 Factory = Callable[..., Reward]
 
-_registered: dict[str, Factory] = {}  # from register_reward
-_entry_points: dict[str, EntryPoint] | None = None  # None until the first lookup
-
-
-def _describe(ep: EntryPoint) -> str:
-    dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unknown distribution"
-    return f"{ep.value} (from {dist})"
-
-
-def _discover() -> dict[str, EntryPoint]:
-    """The group's entry points by name, read once; two with one name is an error."""
-    global _entry_points
-    if _entry_points is None:
-        found: dict[str, EntryPoint] = {}
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in found:
-                raise ValueError(
-                    f"reward {ep.name!r} is declared twice in entry-point group {ENTRY_POINT_GROUP!r}: "
-                    f"{_describe(found[ep.name])} and {_describe(ep)}"
-                )
-            found[ep.name] = ep
-        _entry_points = found
-    return _entry_points
+REWARDS = Registry("reward", "longalign_rl.rewards")
+ENTRY_POINT_GROUP = REWARDS.group
 
 
 def _reset() -> None:
-    """Forget registrations and re-read the entry points on the next lookup (for tests)."""
-    global _entry_points
-    _registered.clear()
-    _entry_points = None
+    """Forget reward registrations and re-read the entry points on the next lookup (for tests)."""
+    REWARDS.reset()
 
 
 def register_reward(name: str, factory: Factory) -> None:
     """Register `factory` under `name`; a name that is already taken is an error."""
-    if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(f"a reward name is a non-empty string without ':' (that marks an import path), got {name!r}")
-    if not callable(factory):
-        raise TypeError(f"the factory of reward {name!r} is not callable: {factory!r}")
-    if name in _registered:
-        raise ValueError(f"reward {name!r} is already registered (by {_registered[name]!r})")
-    if name in _discover():
-        raise ValueError(f"reward {name!r} is already declared by entry point {_describe(_discover()[name])}")
-    _registered[name] = factory
+    REWARDS.register(name, factory)
 
 
 def list_rewards() -> list[str]:
     """The names `get_reward` knows (import paths are not listed)."""
-    return sorted(set(_registered) | set(_discover()))
-
-
-def _import_path(path: str) -> Factory:
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward {path!r}: cannot import module {module_name!r}: {e}") from e
-    if not hasattr(module, attr):
-        raise ValueError(f"reward {path!r}: module {module_name!r} has no attribute {attr!r}")
-    return getattr(module, attr)
+    return REWARDS.names()
 
 
 def find_reward(name: str) -> Factory:
     """The factory behind `name` (a registered name or an import path), not called yet."""
     if ":" in name:
-        return _import_path(name)
-    if name in _registered:
-        return _registered[name]
-    eps = _discover()
-    if name not in eps:
-        raise ValueError(
-            f"unknown reward {name!r}; known rewards: {', '.join(list_rewards()) or '(none)'}; "
-            "or give an import path 'package.module:Factory'"
-        )
-    try:
-        return eps[name].load()
-    except Exception as e:  # any failure inside a plugin's import is reported with its origin
-        raise RuntimeError(f"reward plugin {name!r} failed to load from {_describe(eps[name])}: {e!r}") from e
+        return import_path(name, "reward")
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(list_rewards()) or '(none)'}; "
+                         "or give an import path 'package.module:Factory'")
+    return REWARDS.find(name)
 
 
 def get_reward(name: str, **kwargs) -> Reward:

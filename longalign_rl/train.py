@@ -1,6 +1,6 @@
 """`python -m longalign_rl.train [--config FILE] [--resume RUN_DIR] [key.path=value ...]`
 
-With no arguments: the ShapesWorld demo (configs/shapesworld.yaml), local Ray, CPU, a few minutes.
+With no arguments: the CPU demo (configs/default.yaml), local Ray, a few minutes.
 On a cluster: `ray job submit -- python -m longalign_rl.train --config configs/sd15_longalign.yaml`
 (Ray sets RAY_ADDRESS for the job, and this joins that cluster instead of starting one).
 `stage: 1` in the config (configs/sd15_stage1.yaml, configs/tiny_stage1.yaml) runs the
@@ -17,17 +17,18 @@ import time
 from pathlib import Path
 
 from longalign_rl.config import Config, ConfigError, load_config, to_yaml
-from longalign_rl.data import Pair, build_dataset, check_source
+from longalign_rl.data import Pair, check_source
+from longalign_rl.hooks import load_metric_hooks
 from longalign_rl.prompts import load_prompts
 
 log = logging.getLogger("longalign_rl")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapesworld.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m longalign_rl.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"YAML file of overrides (default: {DEFAULT_CONFIG.name}, the ShapesWorld demo on CPU)")
+    parser.add_argument("--config", help=f"YAML file of overrides (default: {DEFAULT_CONFIG.name}, the demo on CPU)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue a run from its last checkpoint, with its saved config (overrides still apply)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. train.steps=10")
@@ -65,11 +66,13 @@ def check_reward(cfg: Config) -> None:
 def check_inputs(cfg: Config) -> list[Pair] | None:
     """Fail on the driver, before a run directory or a worker exists, for inputs that cannot
     be used. Stage 1: the data source (returns the pairs of a folder or manifest). Stage 2:
-    the reward and the prompt file (bad lines are reported with their numbers)."""
+    the reward, the prompt source (bad lines are reported with their numbers) and the
+    metric hooks."""
     if cfg.stage == 1:
         return check_source(cfg.data)
     check_reward(cfg)
     load_prompts(cfg.prompts.source)
+    load_metric_hooks(cfg.run.metrics)
     return None
 
 
@@ -134,31 +137,30 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None):
     if cfg.stage == 1:
         from ray.train import DataConfig as IngestConfig
 
-        from longalign_rl.training import supervised
+        from longalign_rl.training import denoising
 
         trainer = TorchTrainer(
-            supervised.train_func,
+            denoising.train_func,
             train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir)},
-            datasets={"train": build_dataset(cfg.data, cfg.train.seed, pairs)},
+            datasets={"train": denoising.build_dataset(cfg.data, cfg.train.seed, pairs)},
             dataset_config=IngestConfig(datasets_to_split=["train"]),  # an equal shard per worker
             **common,
         )
         return trainer.fit()
 
-    from longalign_rl.sampling.actor import start_sampler_actors
-    from longalign_rl.training.loop import train_func
+    from longalign_rl.sampling.group import SamplerGroup
+    from longalign_rl.training import reward_backprop
 
-    actors = start_sampler_actors(cfg)
+    samplers = SamplerGroup(cfg)
     trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"config": to_dict(cfg), "actors": actors, "run_dir": str(run_dir)},
+        reward_backprop.train_func,
+        train_loop_config={"config": to_dict(cfg), "samplers": samplers, "run_dir": str(run_dir)},
         **common,
     )
     try:
         return trainer.fit()
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        samplers.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

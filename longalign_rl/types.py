@@ -1,4 +1,5 @@
-"""Records that cross process boundaries (sampler actor -> trainer worker)."""
+"""Records that cross module and process boundaries: a sampler actor's `Rollout` goes to a
+trainer worker; a reward's `RewardOutput` goes to the loss and the metrics."""
 
 from __future__ import annotations
 
@@ -30,3 +31,12 @@ class Rollout:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+@dataclass
+class RewardOutput:
+    """What a reward returns for a batch of B images."""
+
+    total: torch.Tensor  # [B] the reward that is optimised (carries the graph if differentiable)
+    components: dict[str, torch.Tensor]  # named [B] parts, logged
+    segment_scores: list[torch.Tensor] | None = None  # per prompt: [n_segments], logged

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from longalign_rl.encoding.segments import token_counter
-from longalign_rl.models import check_clip_tokenizer
+from longalign_rl.encoding.tokenizer import token_counter
+from longalign_rl.encoding.tokenizer import check_clip_tokenizer
 from rewards.decomposed import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipBackend, ClipTypeReward
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from longalign_rl.models import CLIP_VOCAB_SIZE, build_clip_tokenizer
+from longalign_rl.encoding.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
 from rewards.clip import HFClipBackend
 from rewards.decomposed import ClipTypeReward
 from rewards.hps import OpenClipBackend

@@ -71,18 +71,3 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor,
     loss = denoising_loss_at(unet, scheduler, latents, cond, timesteps, noise)
     stats = {"loss": loss.detach().reshape(1).float(), "timestep": timesteps.float()}
     return loss, stats
-
-
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images `[B, 3, H, W]` in [0, 1] -> latents scaled by the VAE's scaling factor.
-
-    A *sample* of the posterior, not its mode, as diffusers' text-to-image training scripts
-    (and SD's own training) do: the posterior's spread is small and acts as a slight
-    augmentation, and it is what the UNet was trained to denoise.
-    """
-    if images.min() < 0 or images.max() > 1:
-        raise ValueError(f"images must lie in [0, 1], got [{float(images.min()):.3g}, {float(images.max()):.3g}]")
-    dtype = next(vae.parameters()).dtype
-    dist = vae.encode((images * 2 - 1).to(dtype)).latent_dist  # SD's VAE expects [-1, 1]
-    return dist.sample(generator=generator) * vae.config.scaling_factor

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from longalign_rl.registry import RewardOutput
 from longalign_rl.sampling.ddim import guided_eps
-from longalign_rl.types import Rollout
+from longalign_rl.types import RewardOutput, Rollout
+from longalign_rl.vae import decode
 
 
 def replay_final_latents(unet, rollout: Rollout, guidance_scale: float) -> torch.Tensor:
@@ -32,13 +32,6 @@ def replay_final_latents(unet, rollout: Rollout, guidance_scale: float) -> torch
         recorded = rollout.grad_eps[:, k].to(device)
         latents = latents + float(rollout.coeffs[k]) * (eps_k.to(latents.dtype) - recorded)
     return latents
-
-
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], float32, differentiable (SD's VAE convention)."""
-    dtype = next(vae.parameters()).dtype
-    images = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 def score(reward, images: torch.Tensor, prompts: list[str]) -> tuple[RewardOutput, torch.Tensor]:

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import torch
 
-from longalign_rl.encoding.segments import MAX_SEGMENT_TOKENS, split_segments, token_counter
+from longalign_rl.encoding.segments import MAX_SEGMENT_TOKENS, split_segments
+from longalign_rl.encoding.tokenizer import token_counter
 
 log = logging.getLogger(__name__)
 

@@ -5,13 +5,15 @@ longer than the encoder's window; we split on ". ! ? ;" and newlines, never insi
 decimal number, and split an over-long sentence further (at commas, then at word and
 character boundaries) so that no text is silently lost.
 
-Pure Python: the only thing needed from the tokenizer is a token counter.
+Pure Python: the only thing needed from the tokenizer is a token counter (tokenizer.py).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Sequence
+
+from longalign_rl.encoding.tokenizer import TokenCounter
 
 # One CLIP call holds 77 tokens: <sot> + 75 word tokens + <eot>.
 MAX_SEGMENT_TOKENS = 75
@@ -20,8 +22,6 @@ MAX_SEGMENT_TOKENS = 75
 # digit (3.5, .5) is part of a number, not a sentence end.
 _SENTENCE_END = re.compile(r"(?:\.(?!\d)|[!?;])+|\n")
 _COMMA = re.compile(r"(?<=,)")
-
-TokenCounter = Callable[[str], int]
 
 
 def split_sentences(text: str) -> list[str]:
@@ -116,12 +116,3 @@ def split_segments(
     if pack_segments:
         segments = _pack(segments, count_tokens, max_segment_tokens)
     return segments
-
-
-def token_counter(tokenizer) -> TokenCounter:
-    """A counter of word tokens (no <sot>/<eot>) for a transformers CLIP tokenizer."""
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
-
-    return count

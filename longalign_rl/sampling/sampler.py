@@ -1,7 +1,8 @@
 """The sampler: segment-encode prompts, run the no-gradient DDIM chain, record a Rollout.
 
-Plain torch, so the same code runs inside a Ray actor (`sampling/actor.py`), in a benchmark
-on a GPU machine without Ray, and in tests.
+Plain torch, so the same code runs inside a Ray actor (`sampling/group.py`), in a benchmark
+on a GPU machine without Ray, in a world's evaluation harness, and in tests.
+`build_sampler` assembles one from the config and the model's parts, for all of them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import time
 
 import torch
 
+from longalign_rl.config import PromptConfig, SamplerConfig
 from longalign_rl.encoding import SegmentEncoder
+from longalign_rl.models import DTYPES, Components, make_scheduler, vae_scale_factor
 from longalign_rl.sampling.ddim import grad_step_indices, guided_eps, replay_coefficients, step_coefficients
 from longalign_rl.types import Rollout
 
@@ -82,3 +85,24 @@ class Sampler:
             seed=seed,
             seconds=time.perf_counter() - start,
         )
+
+
+def build_sampler(cfg: SamplerConfig, parts: Components, *, prompts: PromptConfig | None = None,
+                  encoder=None, device: torch.device | str = "cpu") -> Sampler:
+    """The sampler of `cfg` over `parts`: the UNet (with whatever trainable structure the
+    caller added, e.g. a LoRA) and the text encoder moved to `device` in `cfg.precision`,
+    a DDIM scheduler on the model's noise schedule with `cfg.timestep_spacing`.
+
+    `encoder`: how prompts are encoded; by default a SegmentEncoder of `prompts`
+    (max_tokens, pack_segments), a TruncatedEncoder for SD's plain 77-token baseline.
+    The modules are moved in place; their requires_grad flags are left as they are."""
+    dtype = DTYPES[cfg.precision]
+    unet = parts.unet.to(device, dtype)
+    if encoder is None:
+        prompts = prompts or PromptConfig()
+        encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder.to(device, dtype),
+                                 max_tokens=prompts.max_tokens, pack_segments=prompts.pack_segments)
+    scheduler = make_scheduler(parts.scheduler_config, timestep_spacing=cfg.timestep_spacing)
+    return Sampler(unet, encoder, scheduler, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                   resolution=cfg.resolution, num_grad_steps=cfg.num_grad_steps,
+                   vae_scale_factor=vae_scale_factor(parts.vae))

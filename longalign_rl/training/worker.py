@@ -1,61 +1,99 @@
-"""What the Ray Train worker functions of both stages share: the trainable UNet in a
-DeepSpeed engine with AdamW and the warm-up schedule, and all-worker statistics.
+"""The one worker skeleton: what every algorithm's Ray Train worker does, around the body
+that is the algorithm's own.
 
-Stage 1 (training/supervised.py) and stage 2 (training/loop.py) differ in where their
-batches come from and in their loss, not in how the UNet is trained.
+`TorchTrainer.fit()` runs `run_worker(loop_config, Body)` on every worker, and it reads:
+
+    SET UP   context (rank, device, run directory); the UNet with what trains in a DeepSpeed
+             engine (training/engine.py); the body builds the rest (VAE, reward, encoder ...)
+    RESUME   weights, optimiser, RNG and counters from Ray Train's last checkpoint;
+             metrics.jsonl cut back to it
+    LOOP     body.step(): the algorithm's own step (stage 2: SAMPLE, UPDATE, SYNC;
+             stage 1: LOAD, UPDATE), then here:
+      LOG    all-worker means of the body's statistics, plus the common fields (grad norm,
+             lr, weights spread, samples/s, step time); rank 0 appends them to metrics.jsonl
+      CKPT   every run.checkpoint_every steps and at the end, every worker reports to Ray Train
+    EXPORT   rank 0 writes lora/ (or unet/), then whatever the body adds (stage 1: model/)
+
+A body is a class `Body(ctx, parts, loop_config)` with `start(state)`, `step(step, state)
+-> StepOutput | None` (None: its data ended), `export()` and `log_keys`. Adding an
+algorithm means writing its body (training/<name>.py) and its pure loss
+(algorithms/<name>.py), nothing else (docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-import deepspeed
+import ray
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from longalign_rl.config import Config
-from longalign_rl.lora import make_trainable
-from longalign_rl.training.deepspeed_config import deepspeed_config
+from longalign_rl.config import Config, from_dict
+from longalign_rl.lora import export_for_diffusers, trainable_state_dict
+from longalign_rl.models import Components
+from longalign_rl.outputs import MetricsLog
+from longalign_rl.training import checkpoint
+from longalign_rl.training.engine import build_trainable, grad_norm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """What a body knows of the worker it runs in."""
+
+    cfg: Config
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    engine: Any    # DeepSpeed engine; engine.module is the UNet with what trains
+    schedule: Any  # the lr schedule (warm-up, then constant)
+
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """The trainable weights (LoRA or whole UNet) as CPU copies: what samplers and exports need."""
+        return trainable_state_dict(self.engine.module, self.cfg.lora)
+
+
+@dataclass
+class StepOutput:
+    """What a body's step returns to the skeleton."""
+
+    # Per-sample (or per-micro-step) values, averaged over every worker: loss, reward ...
+    stats: dict[str, list[torch.Tensor]]
+    # Logged as they are, after the common fields: counters, timings, this worker's maxima.
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Body(Protocol):
+    log_keys: tuple[str, ...]  # record fields shown in the per-step log line
+
+    def start(self, state: checkpoint.TrainerState) -> None: ...
+    def step(self, step: int, state: checkpoint.TrainerState) -> StepOutput | None: ...
+    def export(self) -> None: ...
+
+
+def micro_seed(cfg: Config, micro: int, rank: int) -> int:
+    """The seed of worker `rank`'s micro-step `micro` (its noise, dropout, timesteps): a pure
+    function of both, so a resumed run draws exactly what the killed run would have."""
+    return (cfg.train.seed * 1_000_003 + micro) * 1_009 + rank
 
 
 def require_run_dir(run_dir: Path, rank: int) -> None:
     """The driver wrote config.yaml before starting the workers: a worker that cannot see it
     runs on a node without the shared storage."""
     if not (run_dir / "config.yaml").is_file():
-        import ray
-
         raise RuntimeError(
             f"rank {rank} on node {ray.get_runtime_context().get_node_id()[:8]} cannot see the run directory "
             f"{run_dir}: on a multi-node cluster run.output_dir must be shared storage (see cluster/README.md)")
-
-
-def prepare_unet(cfg: Config, unet, device: torch.device) -> list[torch.nn.Parameter]:
-    """Move the UNet to the device, add what trains (LoRA or everything), training mode."""
-    unet = unet.to(device)
-    params = make_trainable(unet, cfg.lora)
-    unet.train()
-    if cfg.train.activation_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return params
-
-
-def warmup(steps: int):
-    """LambdaLR factor: linear warm-up to the full lr over `steps` optimiser steps, then constant."""
-    return lambda s: min(1.0, (s + 1) / steps) if steps > 0 else 1.0
-
-
-def make_engine(cfg: Config, unet, params: list[torch.nn.Parameter]):
-    """AdamW and the warm-up schedule on `params`, in a DeepSpeed engine around `unet`
-    (ZeRO stage, precision, clipping and accumulation from training/deepspeed_config.py)."""
-    t = cfg.train
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, eps=t.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(t.warmup_steps))
-    engine, _, _, schedule = deepspeed.initialize(
-        model=unet, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(cfg), dist_init_required=False,
-    )
-    return engine, schedule
 
 
 def all_means(stats: dict[str, list[torch.Tensor]], device) -> dict[str, float]:
@@ -80,6 +118,86 @@ def weights_spread(module) -> float:
     return float(both[0] + both[1])
 
 
-def grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else math.nan
+def _resume(ctx: WorkerContext) -> checkpoint.TrainerState:
+    state = checkpoint.TrainerState()
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = checkpoint.load(Path(d), ctx.engine, ctx.rank)
+        log.info("rank %d: resumed at step %d", ctx.rank, state.step)
+    return state
+
+
+def _report(ctx: WorkerContext, state: checkpoint.TrainerState, record: dict) -> None:
+    """Every worker saves its part of the checkpoint and reports it to Ray Train."""
+    with tempfile.TemporaryDirectory() as d:
+        weights = ctx.trainable_weights() if ctx.rank == 0 else {}
+        checkpoint.save(Path(d), ctx.engine, weights, state, ctx.rank)
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _format(record: dict, keys: tuple[str, ...]) -> str:
+    shown = [f"{k} {record[k]:.4g}" if isinstance(record[k], float) else f"{k} {record[k]}" for k in keys if k in record]
+    return f"step {record['step']}: {' '.join(shown)} ({record['time/step']:.2f}s)"
+
+
+def run_worker(loop_config: dict, make_body: type) -> None:
+    """The skeleton above, with the body `make_body(ctx, parts, loop_config)`."""
+    # ------------------------------------------------------------------ SET UP
+    cfg: Config = from_dict(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    require_run_dir(run_dir, rank)
+    parts: Components
+    parts, engine, schedule = build_trainable(cfg, device)
+    ctx = WorkerContext(cfg, run_dir, rank, world, device, engine, schedule)
+    body: Body = make_body(ctx, parts, loop_config)
+    log.info("rank %d: models and DeepSpeed engine ready", rank)
+
+    # ------------------------------------------------------------------ RESUME
+    state = _resume(ctx)
+    metrics_log = MetricsLog(run_dir)
+    if rank == 0:
+        metrics_log.truncate_after(state.step)
+    body.start(state)
+
+    # ------------------------------------------------------------------ LOOP
+    checkpointed, record = state.step, None
+    for step in range(state.step, cfg.train.steps):
+        t0 = time.perf_counter()
+        out = body.step(step, state)
+        if out is None:
+            break  # the body's data ended (stage 1: data.epochs are done)
+        state.step = step + 1
+
+        # LOG
+        means = all_means(out.stats, device)
+        spread = weights_spread(engine.module)
+        elapsed = time.perf_counter() - t0
+        record = {
+            "step": step + 1,
+            **means,
+            "grad_norm": grad_norm(engine),
+            "lr": schedule.get_last_lr()[0],
+            "weights_spread": spread,  # must stay 0: every worker holds the same weights
+            "samples_per_s": cfg.global_batch / elapsed,
+            "time/step": elapsed,
+            **out.extra,
+        }
+        if rank == 0:
+            metrics_log.write(record)
+            log.info(_format(record, body.log_keys))
+
+        # CKPT
+        if state.step % cfg.run.checkpoint_every == 0:
+            _report(ctx, state, record)
+            checkpointed = state.step
+    if state.step > checkpointed:  # the run ended between checkpoints: one more, at the end
+        _report(ctx, state, record)
+
+    # ------------------------------------------------------------------ EXPORT
+    if rank == 0:
+        export_for_diffusers(engine.module, cfg.lora, run_dir / ("lora" if cfg.lora.enabled else "unet"))
+        body.export()

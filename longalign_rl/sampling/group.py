@@ -1,0 +1,156 @@
+"""The sampler actors of a run, as one object: create, publish weights with a version,
+hand out rollouts with failover and resync, shut down. The Ray shell around `Sampler`.
+
+    driver          group = SamplerGroup(cfg)          start cfg.sampler.num_actors actors
+                    ... TorchTrainer(train_loop_config={"samplers": group, ...}).fit()
+                    group.shutdown()
+    rank 0          group.publish(weights, version)    every actor loads the trainer's weights
+    every worker    client = group.client(rank)        this worker's view of the actors
+                    client.request(micro, prompts, seed); client.get(micro, version, weights_fn)
+
+Each actor builds its own frozen copy of the model parts, adds the same trainable
+structure as the trainer (LoRA or full UNet), and loads the trainer's weights when rank 0
+publishes them. Actors restart when they die (max_restarts); a restarted actor is back at
+version 0, which the worker that gets its next rollout sees and repairs (resync).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+import torch
+
+from longalign_rl.config import Config, from_dict, to_dict
+from longalign_rl.lora import load_trainable_state_dict, make_trainable
+from longalign_rl.models import load_components
+from longalign_rl.sampling.sampler import build_sampler
+from longalign_rl.types import Rollout
+
+log = logging.getLogger(__name__)
+
+# How long a worker keeps asking sampler actors before the run fails (a restarted actor
+# rebuilds its model: seconds for the tiny model, minutes for SD v1.5 on a new node).
+ACTOR_WAIT_S = 600
+
+
+@ray.remote
+class SamplerActor:
+    def __init__(self, config: dict):
+        self.cfg = from_dict(config)
+        torch.set_num_threads(max(1, int(self.cfg.sampler.num_cpus)))
+        device = torch.device("cuda" if self.cfg.sampler.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        m = self.cfg.model
+        parts = load_components(m.pretrained, seed=m.random_seed, revision=m.revision)
+        make_trainable(parts.unet, self.cfg.lora)
+        self.sampler = build_sampler(self.cfg.sampler, parts, prompts=self.cfg.prompts, device=device)
+        self.sampler.unet.eval().requires_grad_(False)
+        self.version = 0  # optimiser steps behind the weights held now
+
+    def sample(self, prompts: list[str], seed: int) -> Rollout:
+        return self.sampler.sample(prompts, seed, policy_version=self.version)
+
+    def set_weights(self, state: dict, version: int) -> float:
+        """Load the trainer's trainable weights (an object-store ref, resolved by Ray).
+
+        Returns the seconds spent loading, so the trainer can log the cost of a sync.
+        """
+        start = time.perf_counter()
+        unet = self.sampler.unet
+        dtype = next(unet.parameters()).dtype
+        load_trainable_state_dict(unet, {k: v.to(dtype) for k, v in state.items()}, self.cfg.lora)
+        # Always taken, even when older: a trainer restarted from a checkpoint goes back.
+        self.version = version
+        return time.perf_counter() - start
+
+    def get_version(self) -> int:
+        return self.version
+
+
+class SamplerGroup:
+    """cfg.sampler.num_actors sampler actors with the resources the config asks for.
+
+    Made on the driver; Ray pickles it (the actor handles) into every trainer worker."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        options = dict(num_cpus=cfg.sampler.num_cpus, num_gpus=cfg.sampler.num_gpus,
+                       max_restarts=-1, max_task_retries=0)
+        config = to_dict(cfg)
+        self.actors = [SamplerActor.options(**options).remote(config) for _ in range(cfg.sampler.num_actors)]
+
+    def publish(self, weights: dict, version: int) -> float:
+        """Send the trainer's weights to every actor (rank 0); returns the slowest actor's
+        load time. An actor that fails here is restarting or gone: its next rollout lags,
+        and the worker that gets it resyncs it (RolloutClient.get)."""
+        ref = ray.put(weights)
+        seconds = [0.0]
+        for call in [actor.set_weights.remote(ref, version) for actor in self.actors]:
+            try:
+                seconds.append(ray.get(call))
+            except ray.exceptions.RayActorError as e:
+                log.warning("weight sync to a sampler actor failed (%s)", type(e).__name__)
+        return max(seconds)
+
+    def client(self, rank: int) -> "RolloutClient":
+        return RolloutClient(self.actors, self.cfg.train.max_policy_lag, rank)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+class RolloutClient:
+    """One worker's view of the sampler actors: requests by micro-step, lag check, failover.
+
+    Worker `rank` draws from actor rank % num_actors. When a call to it fails (the actor
+    died; Ray restarts it where resources allow), the worker moves on to the next actor and
+    asks it the same, so the run goes on with fewer samplers. What to ask (prompts, seed)
+    is the caller's: a pure function of the micro-step, so a resumed run asks the same.
+    """
+
+    def __init__(self, actors: list, max_policy_lag: int, rank: int):
+        self.actors, self.max_policy_lag, self.rank = actors, max_policy_lag, rank
+        self.choice = rank % len(actors)
+        self.asked: dict[int, tuple[list[str], int]] = {}  # micro -> (prompts, seed)
+        self.pending: dict[int, ray.ObjectRef] = {}
+
+    @property
+    def actor(self):
+        return self.actors[self.choice]
+
+    def request(self, micro: int, prompts: list[str], seed: int) -> None:
+        """Ask for micro-step `micro`'s rollout now (a no-op if it is already asked for)."""
+        if micro not in self.pending:
+            self.asked[micro] = (prompts, seed)
+            self.pending[micro] = self.actor.sample.remote(prompts, seed)
+
+    def get(self, micro: int, version: int, weights_fn) -> Rollout:
+        """The rollout of `micro` (requested before), resampled with the trainer's weights
+        (`weights_fn()`, at `version`) if it lags more than max_policy_lag steps."""
+        deadline, failures, resyncs = time.monotonic() + ACTOR_WAIT_S, 0, 0
+        while True:
+            self.request(micro, *self.asked[micro])
+            try:
+                rollout = ray.get(self.pending.pop(micro))
+            except ray.exceptions.RayActorError as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rank {self.rank}: no sampler actor answered for {ACTOR_WAIT_S} s") from e
+                self.choice = (self.choice + 1) % len(self.actors)
+                failures += 1
+                log.warning("rank %d: sampler actor failed (%s); using actor %d", self.rank,
+                            type(e).__name__, self.choice)
+                time.sleep(min(2.0 ** failures, 10.0))  # a restart rebuilds the model
+                continue
+            lag = version - rollout.policy_version
+            if lag <= self.max_policy_lag:
+                del self.asked[micro]
+                return rollout
+            if resyncs == 2:
+                raise RuntimeError(f"rank {self.rank}: rollouts still lag {lag} steps after resyncing the actor")
+            # A restarted actor is back at version 0: give it our (identical) weights.
+            log.warning("rank %d: rollout lags %d steps (bound %d); resyncing its actor",
+                        self.rank, lag, self.max_policy_lag)
+            ray.get(self.actor.set_weights.remote(ray.put(weights_fn()), version))
+            resyncs += 1

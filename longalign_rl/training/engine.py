@@ -1,0 +1,59 @@
+"""The trainable UNet in a DeepSpeed engine, with AdamW and the warm-up schedule: how every
+algorithm's trainer worker trains, whatever its loss (training/worker.py builds it once).
+"""
+
+from __future__ import annotations
+
+import math
+
+import deepspeed
+import torch
+
+from longalign_rl.config import Config
+from longalign_rl.lora import make_trainable
+from longalign_rl.models import Components, load_components
+from longalign_rl.training.deepspeed_config import deepspeed_config
+
+
+def prepare_unet(cfg: Config, unet, device: torch.device) -> list[torch.nn.Parameter]:
+    """Move the UNet to the device, add what trains (LoRA or everything), training mode."""
+    unet = unet.to(device)
+    params = make_trainable(unet, cfg.lora)
+    unet.train()
+    if cfg.train.activation_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return params
+
+
+def warmup(steps: int):
+    """LambdaLR factor: linear warm-up to the full lr over `steps` optimiser steps, then constant."""
+    return lambda s: min(1.0, (s + 1) / steps) if steps > 0 else 1.0
+
+
+def make_engine(cfg: Config, unet, params: list[torch.nn.Parameter]):
+    """AdamW and the warm-up schedule on `params`, in a DeepSpeed engine around `unet`
+    (ZeRO stage, precision, clipping and accumulation from training/deepspeed_config.py)."""
+    t = cfg.train
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, eps=t.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(t.warmup_steps))
+    engine, _, _, schedule = deepspeed.initialize(
+        model=unet, optimizer=optimizer, lr_scheduler=schedule,
+        config=deepspeed_config(cfg), dist_init_required=False,
+    )
+    return engine, schedule
+
+
+def build_trainable(cfg: Config, device: torch.device) -> tuple[Components, object, object]:
+    """The model's parts (frozen), and its UNet with what trains in a DeepSpeed engine.
+
+    Seeded by train.seed first, so every worker initialises the same LoRA."""
+    torch.manual_seed(cfg.train.seed)
+    m = cfg.model
+    parts = load_components(m.pretrained, seed=m.random_seed, revision=m.revision)
+    engine, schedule = make_engine(cfg, parts.unet, prepare_unet(cfg, parts.unet, device))
+    return parts, engine, schedule
+
+
+def grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else math.nan

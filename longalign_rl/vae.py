@@ -1,0 +1,31 @@
+"""Between pixels and latents: SD's VAE convention, used by every algorithm and every world.
+
+Images are float `[B, 3, H, W]` in [0, 1]; the VAE works in [-1, 1]; latents are scaled by
+the VAE's `scaling_factor` (0.18215 for SD v1.5). Pure torch/diffusers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], float32, differentiable (SD's VAE convention)."""
+    dtype = next(vae.parameters()).dtype
+    images = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images `[B, 3, H, W]` in [0, 1] -> latents scaled by the VAE's scaling factor.
+
+    A *sample* of the posterior, not its mode, as diffusers' text-to-image training scripts
+    (and SD's own training) do: the posterior's spread is small and acts as a slight
+    augmentation, and it is what the UNet was trained to denoise.
+    """
+    if images.min() < 0 or images.max() > 1:
+        raise ValueError(f"images must lie in [0, 1], got [{float(images.min()):.3g}, {float(images.max()):.3g}]")
+    dtype = next(vae.parameters()).dtype
+    dist = vae.encode((images * 2 - 1).to(dtype)).latent_dist  # SD's VAE expects [-1, 1]
+    return dist.sample(generator=generator) * vae.config.scaling_factor

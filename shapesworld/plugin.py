@@ -1,0 +1,75 @@
+"""How ShapesWorld plugs into longalign-rl: through the public extension points any
+third-party world or dataset uses, and nothing else (docs/architecture.md).
+
+| config key / entry-point group      | here                                              |
+|-------------------------------------|---------------------------------------------------|
+| `prompts.source`                    | `shapesworld.plugin:captions` (4,096 captions)    |
+| `data.source` (stage 1)             | `shapesworld.plugin:pairs` (rendered image pairs) |
+| `run.metrics`                       | `shapesworld.plugin:ground_truth` (exact checker) |
+| `longalign_rl.models` entry points  | "shapesworld", "shapesworld-stage1" (shipped)     |
+| `longalign_rl.rewards` entry points | "shapes_clip", "shapes_checker"                   |
+
+The entry points are declared in setup.cfg, as a plugin package declares its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shapesworld.evaluate import draw_captions
+from shapesworld.evaluate import ground_truth as _ground_truth
+from shapesworld.world import WorldConfig, make_dataset
+
+# The shipped models (pretrain.py writes them) and the shipped shapes_clip reward.
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+SHIPPED_BASE = "shapesworld"
+NUM_CAPTIONS = 4096
+
+
+def captions() -> list[str]:
+    """`prompts.source`: 4,096 captions of the default world, drawn with seed 0."""
+    return draw_captions(WorldConfig(), NUM_CAPTIONS, seed=0)
+
+
+def pairs(n: int = 1000, seed: int = 0, **world) -> list[tuple[np.ndarray, str]]:
+    """`data.source`: n (uint8 image, caption) pairs; `world` are WorldConfig fields
+    (image_size, grid, ...), given as `data.kwargs`."""
+    return [(image, caption) for image, caption, _ in make_dataset(WorldConfig(**world), n, seed)]
+
+
+def _check_pairs_kwargs(n: int = 1000, seed: int = 0, **world) -> None:
+    try:
+        WorldConfig(**world)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"not a ShapesWorld config: {e}") from None
+
+
+pairs.validate = _check_pairs_kwargs  # run on the driver before anything starts (longalign_rl/data.py)
+
+
+def ground_truth(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """`run.metrics` hook: the exact checker's verdicts per sentence position ("gt/colour/i",
+    "gt/shape/i") and "gt/background", each a tensor [B]; the prompts must be captions of
+    the default world (prompts.source: shapesworld.plugin:captions)."""
+    return _ground_truth(images, prompts, WorldConfig())
+
+
+def _load_shipped(name: str):
+    """A shipped model; parts its folder lacks (a stage-1 model ships only its UNet) are
+    the shipped base's."""
+    from longalign_rl.models import load_pretrained
+
+    return load_pretrained(str(WEIGHTS_DIR / SHIPPED_BASE), unet_from=WEIGHTS_DIR / name)
+
+
+def base_model(seed: int = 0):
+    """Model "shapesworld": the base, pretrained on plain 77-token captions (weights/README.md)."""
+    return _load_shipped("shapesworld")
+
+
+def stage1_model(seed: int = 0):
+    """Model "shapesworld-stage1": the base after stage 1 on segment-encoded captions."""
+    return _load_shipped("shapesworld-stage1")

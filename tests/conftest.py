@@ -1,0 +1,88 @@
+"""Fixtures shared by both tiers: tiny model parts, a third-party plugin package, and a
+local Ray instance that leaves the process as it found it (environment, sys.path, the
+reward registry)."""
+
+import os
+import sys
+import textwrap
+
+import pytest
+
+from tests import REPO
+
+# A third-party package: two rewards, one of them declared as an entry point.
+PLUGIN = '''
+import torch
+from longalign_rl.registry import Reward, RewardOutput
+
+
+class Redness(Reward):
+    """Mean red minus mean green: differentiable and prompt-blind."""
+
+    differentiable = True
+
+    def forward(self, images, prompts):
+        total = images[:, 0].mean(dim=(1, 2)) - images[:, 1].mean(dim=(1, 2))
+        return RewardOutput(total=total, components={"red": images[:, 0].mean(dim=(1, 2)).detach()})
+
+
+class Darkness(Reward):
+    differentiable = True
+
+    def __init__(self, weight=1.0):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, images, prompts):
+        total = self.weight * (1 - images.mean(dim=(1, 2, 3)))
+        return RewardOutput(total=total, components={})
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+    """The "tiny" architecture's random-initialised parts (the same weights every time)."""
+    from longalign_rl.models import load_components
+
+    return load_components("tiny")
+
+
+@pytest.fixture(scope="session")
+def plugin_dir(tmp_path_factory):
+    """A third-party package `thirdparty_rewards` (not on sys.path until `ray_local`), with
+    its reward "redness" declared in the entry-point group longalign_rl.rewards."""
+    root = tmp_path_factory.mktemp("site")
+    (root / "thirdparty_rewards.py").write_text(textwrap.dedent(PLUGIN))
+    dist = root / "thirdparty_rewards-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-rewards\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[longalign_rl.rewards]\nredness = thirdparty_rewards:Redness\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_local(plugin_dir):
+    """A local Ray instance (2 CPUs, no dashboard, no auth) for one test module, whose
+    workers see this checkout and the plugin package, as `runtime_env` would give them
+    on a cluster. Afterwards the environment, sys.path and the registries are as before."""
+    import ray
+    import ray.data
+
+    from longalign_rl import registry
+
+    saved_env, saved_path = dict(os.environ), list(sys.path)
+    sys.path.insert(0, str(plugin_dir))
+    registry._reset()
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(plugin_dir), str(REPO), os.environ.get("PYTHONPATH")) if p)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.path[:] = saved_path
+        sys.modules.pop("thirdparty_rewards", None)
+        registry._reset()

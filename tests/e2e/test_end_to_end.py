@@ -1,0 +1,226 @@
+"""The whole pipeline on tiny models: two sampler actors, two DeepSpeed ZeRO-2 trainer
+workers on local Ray, a few steps, a checkpoint, a resume, the exported LoRA, and
+third-party rewards from an entry point and from an import path.
+
+One Ray instance (conftest.ray_local, with the plugin package on its workers' path) serves
+every test of this module: starting Ray costs ~10 s."""
+
+import json
+
+import pytest
+import torch
+
+from longalign_rl import train
+from longalign_rl.prompts import load_prompts
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def run_main(tmp_path, *args):
+    code = train.main([*args, f"run.output_dir={tmp_path}"] if "--resume" not in args else list(args))
+    assert code == 0
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_local, tmp_path_factory):
+    """4 steps with a checkpoint every 2, then --resume to 6 steps."""
+    out = tmp_path_factory.mktemp("runs")
+    run_main(out, "train.steps=4", "run.checkpoint_every=2", "run.image_every=2", "run.name=tiny")
+    run_dir = out / "tiny"
+    first = read_metrics(run_dir)
+    run_main(out, "--resume", str(run_dir), "train.steps=6")
+    return run_dir, first
+
+
+def test_run_writes_metrics_images_config_and_checkpoints(tiny_run):
+    run_dir, first = tiny_run
+    assert [m["step"] for m in first] == [1, 2, 3, 4]
+    for m in first:
+        for key in ("reward", "text_relevant", "text_irrelevant", "loss", "grad_norm", "policy_lag",
+                    "samples_per_s", "time/sample_wait", "time/train", "time/sync"):
+            assert key in m and m[key] == m[key], key  # present and not NaN
+        assert m["policy_lag"] <= 1
+        assert m["grad_norm"] > 0
+        # per-sentence scores by position: every ShapesWorld caption has 5 sentences
+        assert all(-1 <= m[f"segment_score/{i}"] <= 1 for i in range(1, 6))
+        # the exact checker's verdicts per cell sentence (run.metrics: shapesworld.plugin:ground_truth)
+        assert all(0 <= m[f"gt/{a}/{i}"] <= 1 for a in ("colour", "shape") for i in range(1, 5))
+        assert 0 <= m["gt/background"] <= 1
+        # reward = relevant + 0.3 * irrelevant, as means over both workers' samples
+        assert m["reward"] == pytest.approx(m["text_relevant"] + 0.3 * m["text_irrelevant"], abs=1e-6)
+    assert first[0]["policy_lag"] == 0 and first[0]["replay_error"] < 1e-4  # on-policy at the start
+    assert (run_dir / "images" / "step_000001.png").is_file()
+    assert (run_dir / "images" / "step_000002.txt").read_text().startswith("0: ")
+    assert "pretrained: shapesworld" in (run_dir / "config.yaml").read_text()
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 3  # steps 2, 4, 6
+    newest = checkpoints[-1]
+    assert json.loads((newest / "state.json").read_text())["step"] == 6
+    assert (newest / "weights.safetensors").is_file()
+    assert {p.name for p in (newest / "rng").iterdir()} == {"rank0.pt", "rank1.pt"}
+    optim = list((newest / "deepspeed").rglob("*optim_states.pt"))
+    assert len(optim) == 2, optim  # one ZeRO-2 partition per worker
+
+
+def test_workers_hold_identical_weights_every_step(tiny_run):
+    run_dir, _ = tiny_run
+    spreads = [m["weights_spread"] for m in read_metrics(run_dir)]
+    assert len(spreads) == 6 and all(s == 0.0 for s in spreads)
+
+
+def test_resume_continues_the_step_count(tiny_run):
+    run_dir, first = tiny_run
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert metrics[:4] == first  # nothing before the checkpoint was redone or lost
+    assert metrics[-1]["lr"] == pytest.approx(1e-3)
+
+
+def test_exported_lora_loads_into_a_diffusers_pipeline(tiny_run):
+    """Every trained LoRA layer loads into StableDiffusionPipeline and changes its output."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from longalign_rl.encoding import SegmentEncoder
+    from longalign_rl.models import load_components, make_scheduler
+
+    run_dir, _ = tiny_run
+    trained = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+
+    def generate(lora: bool):
+        parts = load_components("shapesworld")
+        pipe = StableDiffusionPipeline(
+            vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+            scheduler=make_scheduler(parts.scheduler_config, timestep_spacing="trailing"),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        if lora:
+            pipe.load_lora_weights(run_dir / "lora")
+            loaded = [n for n, _ in pipe.unet.named_parameters() if "lora_" in n]
+            assert len(loaded) == len(trained) > 0  # attention layers included
+        encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=120)
+        cond = encoder([load_prompts("shapesworld.plugin:captions")[0]])
+        return pipe(prompt_embeds=cond, negative_prompt_embeds=encoder.uncond(1), num_inference_steps=4,
+                    height=32, width=32, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+    base, tuned = generate(False), generate(True)
+    assert base.shape == tuned.shape == (1, 3, 32, 32)
+    assert (base - tuned).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("reward", ["redness", "thirdparty_rewards:Darkness"])
+def test_third_party_reward_plugins_drive_a_run(ray_local, tmp_path, reward):
+    """An entry-point plugin and an import-path plugin, each used for a real (short) run."""
+    kwargs = ["reward.kwargs={weight: 2.0}"] if ":" in reward else ["reward.kwargs={}"]
+    run_main(tmp_path, "train.steps=2", "run.checkpoint_every=2", f"reward.name={reward}", *kwargs, "run.name=p")
+    metrics = read_metrics(tmp_path / "p")
+    assert [m["step"] for m in metrics] == [1, 2]
+    if reward == "redness":
+        assert "red" in metrics[0]
+    else:  # weight 2: reward = 2 * (1 - brightness) lies in [0, 2] and above 1 for dark images
+        assert 0.0 <= metrics[0]["reward"] <= 2.0
+
+
+def test_bad_config_fails_before_starting_anything(tmp_path, capsys):
+    assert train.main(["train.lrr=1", f"run.output_dir={tmp_path}"]) == 2
+    assert "train.lrr" in capsys.readouterr().err
+    assert train.main(["reward.name=no_such_reward", f"run.output_dir={tmp_path}"]) == 2
+    assert "no_such_reward" in capsys.readouterr().err
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "a red cube"}\nnot json\n')
+    assert train.main([f"prompts.source={bad}", f"run.output_dir={tmp_path}"]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [bad]  # no run directory was made
+
+
+def test_a_stale_or_restarted_sampler_actor_is_resynced(ray_local):
+    """A rollout that lags more than max_policy_lag is not used: its actor gets the
+    trainer's weights and samples again. A killed actor restarts and the same happens."""
+    import ray
+
+    from longalign_rl.config import load_config
+    from longalign_rl.sampling.group import SamplerGroup
+
+    cfg = load_config(train.DEFAULT_CONFIG, ["sampler.num_actors=1", "train.max_policy_lag=1"])
+    group = SamplerGroup(cfg)
+    client = group.client(rank=0)
+    prompts = load_prompts("demo")[:2]
+    calls = []
+
+    def weights():
+        calls.append(1)
+        return {}  # LoRA weights not needed to test the version bookkeeping
+
+    client.request(0, prompts, seed=0)
+    assert client.get(0, version=1, weights_fn=weights).policy_version == 0  # lag 1: usable
+    client.request(1, prompts, seed=1)
+    assert client.get(1, version=5, weights_fn=weights).policy_version == 5  # lag 5: resynced
+    assert len(calls) == 1
+
+    ray.kill(group.actors[0], no_restart=False)  # dies; Ray restarts it at version 0
+    client.request(2, prompts, seed=2)
+    rollout = client.get(2, version=5, weights_fn=weights)
+    assert rollout.policy_version == 5 and len(calls) == 2
+    assert rollout.prompts == prompts and rollout.seed == 2  # the same request, asked again
+    group.shutdown()
+
+
+def test_a_worker_moves_on_when_its_sampler_actor_is_gone_for_good(ray_local):
+    """A node that goes away takes its actor with it: the run goes on with fewer samplers."""
+    import ray
+
+    from longalign_rl.config import load_config
+    from longalign_rl.sampling.group import SamplerGroup
+
+    cfg = load_config(train.DEFAULT_CONFIG, ["sampler.num_actors=2"])
+    group = SamplerGroup(cfg)
+    client = group.client(rank=1)
+    assert client.actor == group.actors[1]
+    prompts = load_prompts("demo")[: cfg.train.batch_size]
+    client.request(0, prompts, seed=7)  # in flight when the actor dies
+    ray.kill(group.actors[1], no_restart=True)
+    rollout = client.get(0, version=0, weights_fn=dict)
+    assert client.actor == group.actors[0] and rollout.prompts == prompts and rollout.seed == 7
+    assert group.publish({}, version=3) >= 0.0  # the dead actor is skipped, the live one updated
+    assert ray.get(group.actors[0].get_version.remote()) == 3
+    group.shutdown()
+
+
+def test_the_run_joins_the_cluster_named_by_ray_address(monkeypatch, tmp_path):
+    """`ray job submit` sets RAY_ADDRESS; the entry point must join it, not start its own."""
+    import ray
+
+    seen = {}
+
+    class Joined(Exception):
+        pass
+
+    def fake_init(address=None, **kwargs):
+        seen["address"] = address
+        raise Joined
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    with pytest.raises(Joined):
+        train.main([f"run.output_dir={tmp_path}", "run.name=joined"])
+    assert seen["address"] == "127.0.0.1:6379"
+    assert (tmp_path / "joined" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_run_exports_a_diffusers_unet(ray_local, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from longalign_rl.models import load_components
+
+    run_main(tmp_path, "train.steps=2", "run.checkpoint_every=2", "lora.enabled=false", "run.name=full")
+    run_dir = tmp_path / "full"
+    assert [m["weights_spread"] for m in read_metrics(run_dir)] == [0.0, 0.0]
+    tuned = UNet2DConditionModel.from_pretrained(run_dir / "unet")
+    base = load_components("tiny").unet
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))

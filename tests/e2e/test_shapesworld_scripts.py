@@ -1,0 +1,35 @@
+"""The ShapesWorld scripts at their quick sizes: the pretraining that makes the shipped
+models, and the experiment end to end. (They train in-process: seconds to a minute.)"""
+
+import json
+
+from longalign_rl.models import load_components, vae_scale_factor
+
+
+def test_quick_pretraining_writes_loadable_models(tmp_path):
+    from shapesworld import pretrain
+
+    assert pretrain.main(["--quick", "--out", str(tmp_path), "--eval", "2", "--threads", "1"]) == 0
+    base = load_components(str(tmp_path / "shapesworld"))  # a plain diffusers folder without tokenizer/
+    assert vae_scale_factor(base.vae) == 4 and len(base.tokenizer) == 49408
+    assert (tmp_path / "shapesworld-stage1" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    report = json.loads((tmp_path / "shapesworld" / "report.json").read_text())
+    assert report["quick"] is True
+    assert set(report["eval"]["shapesworld"]) == {"truncated", "segment"}
+
+
+def test_quick_experiment_end_to_end(tmp_path):
+    from shapesworld import experiment
+
+    assert experiment.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    for condition in ("base, truncated", "base, segment", "stage 1, segment", "stage 2 (w = 1.0)",
+                      "stage 2 (w = 0.3)", "stage 2 (w = 0.0)"):
+        assert condition in report
+    results = json.loads((tmp_path / "results.json").read_text())
+    stage2 = [j for j in results["jobs"] if j["kind"] == "stage2"]
+    assert len(stage2) == 3 * len(results["settings"]["seeds"])
+    for job in stage2:
+        assert {"reward", "text_relevant", "text_irrelevant", "gt/colour"} <= set(job["result"]["history"][-1])
+    for name in ("accuracy_by_position.png", "stage2_curves.png", "grids/stage2_w0.3.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -1,0 +1,59 @@
+"""The benchmark scripts run (at tiny size, on the CPU) and report what they promise.
+
+The GPU benchmark must stay ready for the day a GPU is available: it runs here on the
+tiny model with the same code paths (our sampler vs diffusers' pipeline, LoRA and full
+trainer steps, FLOP counting)."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+from tests import REPO
+
+BENCHMARKS = REPO / "benchmarks"
+
+
+def test_gpu_benchmark_runs_at_tiny_size_on_cpu(tmp_path, monkeypatch):
+    """...and without Ray or DeepSpeed, which the GPU machine cannot install."""
+    for module in ("ray", "deepspeed"):
+        for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+            monkeypatch.delitem(sys.modules, name)
+        monkeypatch.setitem(sys.modules, module, None)  # `import ray` now raises ImportError
+    out = tmp_path / "gpu.json"
+    monkeypatch.setattr(sys, "argv", [
+        "gpu_benchmark.py", "--model", "tiny", "--resolution", "64", "--steps", "4", "--grad-steps", "2",
+        "--batch", "2", "--reward", "tiny", "--dtype", "fp32", "--rounds", "1", "--out", str(out)])
+    runpy.run_path(str(BENCHMARKS / "gpu_benchmark.py"), run_name="__main__")
+    results = json.loads(out.read_text())
+    assert results["sampling"]["images_per_s"]["ours"] > 0 and results["sampling"]["images_per_s"]["diffusers"] > 0
+    for name in ("train_lora_r32", "train_full"):
+        assert results[name]["seconds"] > 0 and results[name]["tflop"] > 0
+    assert results["train_full"]["trainable_params"] > results["train_lora_r32"]["trainable_params"] > 0
+
+
+def test_run_summary_reports_throughput_and_time_split(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    record = {"samples_per_s": 4.0, "time/step": 1.0, "time/sample_wait": 0.1, "time/train": 0.6,
+              "time/sync": 0.3, "time/sync_load": 0.05, "time/sample_actor": 0.9}
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps({**record, "step": i}) for i in range(1, 4)) + "\n")
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from run_summary import summarise
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    text = summarise(run, skip=1)
+    assert "2 steps" in text and "4.00" in text and "60.0%" in text
+
+
+def test_flop_estimate_counts_sd15_sized_models_on_the_meta_device():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from flop_estimate import count
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    flops = count()
+    # SD v1.5's UNet is ~0.8 TFLOP per 512 px image and step: one guided step is two images.
+    assert 1.4e12 < flops["unet_guided_step"] < 1.9e12
+    assert flops["vae_decode"] > flops["reward_image"] > 0
