@@ -6,7 +6,7 @@ tiny config, one thread per process. Rounds alternate between the three set-ups 
 machine noise hits them alike; medians over rounds are printed, with the ratios:
 - actor overhead = plain images/s / (1 actor) images/s (target: close to 1);
 - scaling = (2 actors) / (1 actor) images/s (2 cores: at most 2).
-Then one `set_weights` publication to both actors is timed against one sampling call.
+Then one `SamplerGroup.publish` to both actors (what the trainer's rank 0 does) is timed against one sampling call.
 
     .venv/bin/python benchmarks/sampling_throughput.py [--rounds 5] [--batch 4] [key.path=value ...]
 """

@@ -29,8 +29,10 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     # A built-in architecture with random weights ("tiny": test-sized SD parts, or
-    # "sd15-random": SD v1.5's architecture; see longalign_rl/model_configs/), a local
-    # diffusers folder, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5.
+    # "sd15-random": SD v1.5's architecture; see longalign_rl/model_configs/), a model a
+    # plugin registers in the entry-point group longalign_rl.models, an import path
+    # "pkg.module:loader", a local diffusers folder, or a hub id such as
+    # stable-diffusion-v1-5/stable-diffusion-v1-5 (longalign_rl/models.py).
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # Hub revision (branch, tag or commit) of `pretrained`; None = the default branch.
     revision: str | None = None

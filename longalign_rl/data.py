@@ -1,5 +1,5 @@
-"""Stage 1's image-caption pairs: reading and checking a source, and the Ray Data pipeline
-that streams them to the trainer workers.
+"""Stage 1's image-caption pairs: reading and checking a source, and the per-batch functions
+that the Ray Data pipeline (training/denoising.py's `build_dataset`) runs.
 
 `data.source` is one of
     a folder          every image (.png .jpg .jpeg .webp .bmp, subfolders included) with a
@@ -252,7 +252,7 @@ def generate_batches(_: dict, source: str, kwargs: dict, resolution: int) -> Ite
         yield _rows(images, captions, resolution)
 
 
-# ---------------------------------------------------------------- the pipeline
+# ---------------------------------------------------------------- checks on the driver
 
 
 def check_source(data: DataConfig) -> list[Pair] | None:

@@ -1,8 +1,9 @@
 """Plugins by name, and the one resolver of what a config value names (DESIGN.md, "Reward
 plugin contract"; docs/architecture.md, "Extension points").
 
-A `Registry` holds one kind of plugin: rewards (entry-point group `longalign_rl.rewards`)
-and models (`longalign_rl.models`, in models.py). A name is found
+A `Registry` holds one kind of plugin: rewards (entry-point group `longalign_rl.rewards`),
+models (`longalign_rl.models`, in models.py) and the built-in prompt sources (prompts.py,
+no group). A name is found
 - among the kind's built-ins (the framework's own, such as the "tiny" architecture), or
 - registered in code with `register`, or
 - in the kind's entry-point group (read once, on the first lookup; the built-in rewards in

@@ -1,7 +1,8 @@
 """Ground truth on generated images: the exact checker's accuracy per sentence position.
 
-`ground_truth` turns a batch of images and their captions into per-sample statistics the
-training loop logs ("gt/colour/1" ... , "gt/background"); `evaluate_model` samples a model
+`ground_truth` turns a batch of images and their captions into per-sample statistics
+("gt/colour/1" ... , "gt/background") that the `run.metrics` hook
+`shapesworld.plugin:ground_truth` logs for every rollout; `evaluate_model` samples a model
 on held-out captions with either encoding and returns the accuracies. Pure torch/numpy.
 
 "gt/background" is an attribute no reward here scores: the fraction of the pixels outside

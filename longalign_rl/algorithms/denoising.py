@@ -60,7 +60,7 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor,
 
     Timesteps are uniform integers in [0, num_train_timesteps) and the noise N(0, 1), both
     drawn from `generator`, so a seeded generator gives the same loss.
-    Statistics are 1-D tensors as the training loop averages them: "loss" (one value) and
+    Statistics are 1-D tensors as the worker skeleton averages them (training/worker.py): "loss" (one value) and
     "timestep" (one per sample; its mean is the mean timestep).
     """
     draw = _draw_device(generator, latents.device)

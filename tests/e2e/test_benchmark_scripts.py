@@ -1,0 +1,33 @@
+"""The Ray benchmark scripts run at their smallest size and print the ratios BENCHMARKS.md
+quotes, so a change in the code they drive cannot leave them broken unnoticed. Each runs
+in its own process: they start their own local Ray instance."""
+
+import os
+import re
+import subprocess
+import sys
+
+from tests import REPO
+
+
+def run_script(name: str, *args: str) -> str:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_sampling_throughput_compares_a_plain_process_with_sampler_actors():
+    out = run_script("sampling_throughput.py", "--rounds", "1", "--calls", "1", "--batch", "2")
+    overhead = float(re.search(r"actor overhead \(plain / 1 actor\): ([\d.]+)x", out).group(1))
+    scaling = float(re.search(r"scaling \(2 actors / 1 actor\): +([\d.]+)x", out).group(1))
+    assert overhead > 0 and scaling > 0
+    assert re.search(r"weight sync to 2 actors \([\d.]+ MB of LoRA weights\): median [\d.]+ ms", out)
+
+
+def test_trainer_overhead_times_the_distributed_step_against_a_plain_one():
+    out = run_script("trainer_overhead.py", "--steps", "2")
+    ratio = float(re.search(r"overhead ratio \(distributed / plain alone\): ([\d.]+)x", out).group(1))
+    assert ratio > 0
+    assert re.search(r"Ray Train \+ DeepSpeed ZeRO-2, 2 workers: median +[\d.]+ ms/step", out)
