@@ -154,7 +154,7 @@ def read_pairs(source: str, *, image_column: str = "image", caption_column: str 
 
 def _resolve(source: str):
     try:
-        return resolve_source(source, key="data.source", paths="folder or .jsonl / .csv manifest")
+        return resolve_source(source, key="data.source", path_kind="folder or .jsonl / .csv manifest")
     except ValueError as e:
         raise DataSourceError(str(e)) from None
 

@@ -11,7 +11,7 @@ with an exact checker logs the ground truth this way. Pure torch: no ray, no dee
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -32,9 +32,11 @@ def load_metric_hooks(paths: tuple[str, ...] | list[str]) -> list[tuple[str, Met
 
 
 @torch.no_grad()
-def run_metric_hooks(hooks: list[tuple[str, MetricHook]], images: torch.Tensor,
-                     prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Every hook's metrics on one batch, each a float tensor [B] on the CPU."""
+def run_metric_hooks(hooks: list[tuple[str, MetricHook]], images: torch.Tensor, prompts: list[str],
+                     reserved: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Every hook's metrics on one batch, each a float tensor [B] on the CPU. `reserved`:
+    names logged already (the reward's statistics), which a hook may not reuse."""
+    reserved = set(reserved)
     out: dict[str, torch.Tensor] = {}
     for path, fn in hooks:
         result = fn(images, prompts)
@@ -44,7 +46,8 @@ def run_metric_hooks(hooks: list[tuple[str, MetricHook]], images: torch.Tensor,
             if not isinstance(value, torch.Tensor) or value.shape != (len(prompts),):
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise TypeError(f"metric hook {path!r}: {name!r} must be a tensor of shape [{len(prompts)}], got {got}")
-            if name in out:
-                raise ValueError(f"metric hook {path!r}: {name!r} is also logged by another hook")
+            if name in out or name in reserved:
+                raise ValueError(f"metric hook {path!r}: {name!r} is also logged by "
+                                 f"{'another hook' if name in out else 'the algorithm (the reward statistics)'}")
             out[name] = value.detach().float().cpu()
     return out

@@ -20,6 +20,7 @@ file that open_clip ships (encoding/tokenizer.py), so token counts in tests are 
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -106,8 +107,12 @@ MODELS = Registry("model", "longalign_rl.models",
 def load_components(model: str, *, seed: int = 0, revision: str | None = None) -> Components:
     """All parts frozen (requires_grad False, eval mode); the caller adds what trains.
     `model`: see the module docstring; `seed`: a random-initialised model's weights."""
-    source = resolve_source(model, key="model.pretrained", names=MODELS, paths="diffusers folder", hub_ids=True)
+    source = resolve_source(model, key="model.pretrained", names=MODELS, path_kind="diffusers folder", hub_ids=True)
     if source.kind in ("name", "import"):
+        try:
+            inspect.signature(source.target).bind(seed=seed)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"model.pretrained: the loader of {model!r} must be callable as loader(seed=...): {e}") from None
         parts = source.target(seed=seed)
         if not isinstance(parts, Components):
             raise TypeError(f"model.pretrained: the loader of {model!r} returned {type(parts).__name__}, "

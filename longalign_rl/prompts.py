@@ -58,7 +58,7 @@ BUILTIN = Registry("prompt source", None, builtins=lambda: {"demo": demo_prompts
 def load_prompts(source: str) -> list[str]:
     """`prompts.source` -> the list of prompts, in file (or function) order."""
     try:
-        resolved = resolve_source(source, key="prompts.source", names=BUILTIN, paths="prompt file (.txt or .jsonl)")
+        resolved = resolve_source(source, key="prompts.source", names=BUILTIN, path_kind="prompt file (.txt or .jsonl)")
     except ValueError as e:
         raise PromptFileError(str(e)) from None
     if resolved.kind == "path":

@@ -135,13 +135,14 @@ class Source:
     target: Any = None
 
 
-def resolve_source(value: str, *, key: str, names: Registry | None = None, paths: str = "",
+def resolve_source(value: str, *, key: str, names: Registry | None = None, path_kind: str = "",
                    hub_ids: bool = False) -> Source:
     """What the config value `value` of `key` names, by these rules in this order:
 
     1. a name that `names` knows (built-in, registered or an entry point);
     2. an import path "pkg.module:attr" (only that exact shape): it must import;
-    3. an existing local path, if `paths` says what a path may be (e.g. "a .txt file");
+    3. an existing local path, where the key takes one: `path_kind` names what it is for
+       the error message (e.g. "diffusers folder"); "" = the key takes no paths;
     4. a hub id "org/name", if `hub_ids`.
     Anything else is a ValueError that names the key and lists what the value may be.
     """
@@ -149,14 +150,14 @@ def resolve_source(value: str, *, key: str, names: Registry | None = None, paths
         return Source("name", value, names.find(value))
     if IMPORT_PATH.match(value):
         return Source("import", value, import_path(value, key))
-    if paths and Path(value).exists():
+    if path_kind and Path(value).exists():
         return Source("path", value, Path(value))
     if hub_ids and HUB_ID.match(value) and not value.startswith("."):
         return Source("hub", value)
     forms = [f"a known name ({', '.join(names.names()) or 'none'})"] if names is not None else []
     forms.append("an import path 'package.module:function'")
-    if paths:
-        forms.append(f"an existing {paths}")
+    if path_kind:
+        forms.append(f"an existing {path_kind}")
     if hub_ids:
         forms.append("a hub id 'org/name'")
     listed = ", ".join(forms[:-1]) + " or " + forms[-1] if len(forms) > 1 else forms[0]

@@ -108,7 +108,7 @@ class RewardBackprop:
             if self.hooks or grid_due:
                 with torch.no_grad():
                     images = decode(self.vae, rollout.final_latents.to(ctx.device))
-                step_stats.update(self._metrics(images, rollout.prompts, step_stats))
+                step_stats.update(run_metric_hooks(self.hooks, images, rollout.prompts, reserved=step_stats))
                 if grid_due:
                     save_image_grid(images, rollout.prompts, ctx.run_dir / "images" / f"step_{step + 1:06d}.png")
             for k, v in step_stats.items():
@@ -133,13 +133,6 @@ class RewardBackprop:
             "time/sync": sync_wait,              # put + slowest actor load + barrier
             "time/sync_load": sync_load,
         })
-
-    def _metrics(self, images: torch.Tensor, prompts: list[str], reward_stats: dict) -> dict[str, torch.Tensor]:
-        metrics = run_metric_hooks(self.hooks, images, prompts)
-        clash = sorted(set(metrics) & set(reward_stats))
-        if clash:
-            raise ValueError(f"run.metrics: {clash} are also statistics of the reward; rename them in the hook")
-        return metrics
 
     def export(self) -> None:
         pass  # lora/ (or unet/) is all stage 2 writes

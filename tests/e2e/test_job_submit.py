@@ -122,7 +122,7 @@ def ray_head(tmp_path):
     gcs, dashboard, client, agent_http, agent_grpc, runtime_env_agent, metrics = free_ports(7)
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # the job must get its address from Ray, not from us
-    env.pop("PYTHONPATH", None)  # e.g. left by test_end_to_end's fixture: the plugin must come from the job only
+    env.pop("PYTHONPATH", None)  # the plugin must come from the job's runtime_env only
     env.update(
         RAY_AUTH_MODE="disabled",  # Ray 2.60 token auth is on by default; a local test cluster goes without
         RAY_USAGE_STATS_ENABLED="0",

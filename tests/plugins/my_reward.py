@@ -22,3 +22,15 @@ class MyReward(Reward):
 def not_a_reward():
     """A factory that returns something that is not a reward."""
     return 42
+
+
+def tiny_model(seed: int = 0):
+    """A model loader by import path (model.pretrained: tests.plugins.my_reward:tiny_model)."""
+    from longalign_rl.models import build_random
+
+    return build_random("tiny", seed)
+
+
+def not_a_model(seed: int = 0):
+    """A model loader that returns something that is not the model's parts."""
+    return "unet"

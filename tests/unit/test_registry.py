@@ -115,3 +115,59 @@ def test_two_entry_points_with_one_name_are_an_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="'tiny_clip' is declared twice") as info:
         list_rewards()
     assert "fake-plugin" in str(info.value) and "longalign-rl" in str(info.value)
+
+
+# ---------------------------------------------------------------- the one resolver
+
+
+def test_resolver_reads_names_import_paths_paths_and_hub_ids_by_fixed_rules(tmp_path):
+    from longalign_rl.registry import Registry, resolve_source
+
+    names = Registry("thing", None, builtins=lambda: {"demo": len})
+    assert resolve_source("demo", key="k", names=names).target is len
+    imported = resolve_source("tests.plugins.my_reward:MyReward", key="k", names=names)
+    assert imported.kind == "import" and imported.target is MyReward
+    folder = tmp_path / "model"
+    folder.mkdir()
+    assert resolve_source(str(folder), key="k", path_kind="folder") == registry.Source("path", str(folder), folder)
+    assert resolve_source("org/name", key="k", path_kind="folder", hub_ids=True).kind == "hub"
+    # A colon alone does not make an import path, and an existing path is not guessed at.
+    with pytest.raises(ValueError, match=r"k: 'C:\\\\data' does not exist; expected .*an existing folder"):
+        resolve_source("C:\\data", key="k", path_kind="folder")
+
+
+def test_resolver_errors_name_the_key_and_what_the_value_may_be(tmp_path):
+    from longalign_rl.registry import Registry, resolve_source
+
+    names = Registry("thing", None, builtins=lambda: {"demo": len})
+    with pytest.raises(ValueError, match=r"prompts.source: 'dmeo' does not exist; expected a known name \(demo\), "
+                                         r"an import path 'package.module:function' or an existing prompt file"):
+        resolve_source("dmeo", key="prompts.source", names=names, path_kind="prompt file")
+    # The shape of an import path commits to it: a module that does not import is an error,
+    # not a file name to look for.
+    with pytest.raises(ValueError, match="data.source 'no_such_pkg.mod:fn': cannot import module 'no_such_pkg.mod'"):
+        resolve_source("no_such_pkg.mod:fn", key="data.source", path_kind="manifest")
+    # Where a key takes no paths, an existing file is no answer.
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(ValueError, match="expected an import path"):
+        resolve_source(str(tmp_path / "f.txt"), key="run.metrics[0]")
+
+
+def test_models_resolve_builtins_entry_points_and_import_path_loaders(tmp_path):
+    from longalign_rl.models import MODELS, Components, load_components
+
+    assert {"tiny", "sd15-random"} <= set(MODELS.names())
+    assert {"shapesworld", "shapesworld-stage1"} <= set(MODELS.names())  # a plugin's entry points
+    parts = load_components("tests.plugins.my_reward:tiny_model", seed=3)
+    assert isinstance(parts, Components) and not any(p.requires_grad for p in parts.unet.parameters())
+    with pytest.raises(TypeError, match="model.pretrained: the loader of 'tests.plugins.my_reward:not_a_model' "
+                                        "returned str, not longalign_rl.models.Components"):
+        load_components("tests.plugins.my_reward:not_a_model")
+    with pytest.raises(TypeError, match="the loader of 'tests.plugins.my_reward:MyReward' must be callable as "
+                                        r"loader\(seed=...\)"):
+        load_components("tests.plugins.my_reward:MyReward")
+    with pytest.raises(ValueError, match=r"model.pretrained: '.*/missing/folder' does not exist; expected a known "
+                                         r"name \(.*tiny.*\).* or a hub id 'org/name'"):
+        load_components(str(tmp_path / "missing" / "folder"))
+    with pytest.raises(ValueError, match="'tiny' is built in"):
+        MODELS.register("tiny", lambda seed: None)
