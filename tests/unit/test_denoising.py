@@ -16,17 +16,12 @@ from longalign_rl.vae import encode as encode_images
 LORA = LoRAConfig(rank=4, alpha=4.0, dropout=0.0)  # no dropout: outputs comparable call to call
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_components("tiny")
+def scheduler_of(tiny_parts, **overrides):
+    return make_scheduler(dict(tiny_parts.scheduler_config, **overrides), timestep_spacing="leading")
 
 
-def scheduler_of(tiny, **overrides):
-    return make_scheduler(dict(tiny.scheduler_config, **overrides), timestep_spacing="leading")
-
-
-def lora_unet(tiny):
-    unet = copy.deepcopy(tiny.unet)
+def lora_unet(tiny_parts):
+    unet = copy.deepcopy(tiny_parts.unet)
     make_trainable(unet, LORA)
     return unet
 
@@ -66,8 +61,8 @@ def test_caption_dropout_rejects_a_probability_outside_0_1():
 
 # ---------------------------------------------------------------- loss
 
-def test_denoising_loss_is_finite_seeded_and_reaches_the_lora(tiny):
-    unet, scheduler = lora_unet(tiny), scheduler_of(tiny)
+def test_denoising_loss_is_finite_seeded_and_reaches_the_lora(tiny_parts):
+    unet, scheduler = lora_unet(tiny_parts), scheduler_of(tiny_parts)
     latents, cond = batch()
     loss, stats = denoising_loss(unet, scheduler, latents, cond, torch.Generator().manual_seed(0))
     again, _ = denoising_loss(unet, scheduler, latents, cond, torch.Generator().manual_seed(0))
@@ -85,7 +80,7 @@ def test_denoising_loss_is_finite_seeded_and_reaches_the_lora(tiny):
     assert all(p.grad is None for n, p in unet.named_parameters() if "lora" not in n)
 
 
-def test_timesteps_cover_the_whole_training_range(tiny):
+def test_timesteps_cover_the_whole_training_range(tiny_parts):
     class Zero(torch.nn.Module):  # a stand-in UNet: only the drawn timesteps matter here
         def __init__(self):
             super().__init__()
@@ -95,14 +90,14 @@ def test_timesteps_cover_the_whole_training_range(tiny):
             return type("Out", (), {"sample": x * self.w})()
 
     latents = torch.zeros(20000, 1, 1, 1)
-    _, stats = denoising_loss(Zero(), scheduler_of(tiny), latents, torch.zeros(20000, 1, 1),
+    _, stats = denoising_loss(Zero(), scheduler_of(tiny_parts), latents, torch.zeros(20000, 1, 1),
                               torch.Generator().manual_seed(0))
     t = stats["timestep"]
     assert t.min() < 5 and t.max() > 994 and abs(float(t.mean()) - 499.5) < 10
 
 
-def test_a_few_adamw_steps_of_the_lora_overfit_one_batch(tiny):
-    unet, scheduler = lora_unet(tiny), scheduler_of(tiny)
+def test_a_few_adamw_steps_of_the_lora_overfit_one_batch(tiny_parts):
+    unet, scheduler = lora_unet(tiny_parts), scheduler_of(tiny_parts)
     latents, cond = batch(n=4)
     g = torch.Generator().manual_seed(3)
     timesteps, noise = torch.tensor([50, 300, 600, 900]), torch.randn(latents.shape, generator=g)
@@ -123,18 +118,18 @@ def test_a_few_adamw_steps_of_the_lora_overfit_one_batch(tiny):
     assert last < 0.8 * first, (first, last)
 
 
-def test_v_prediction_targets_the_velocity(tiny):
-    scheduler = scheduler_of(tiny, prediction_type="v_prediction")
+def test_v_prediction_targets_the_velocity(tiny_parts):
+    scheduler = scheduler_of(tiny_parts, prediction_type="v_prediction")
     x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t = torch.tensor([0, 400, 999])
     abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     expected = abar.sqrt() * noise - (1 - abar).sqrt() * x0
     assert torch.allclose(denoising_target(scheduler, x0, noise, t), expected, atol=1e-6)
-    eps = scheduler_of(tiny)
+    eps = scheduler_of(tiny_parts)
     assert torch.equal(denoising_target(eps, x0, noise, t), noise)
 
     # and the loss compares the UNet's output with that velocity
-    unet = tiny.unet
+    unet = tiny_parts.unet
     cond = torch.randn(3, 240, 32)
     with torch.no_grad():
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
@@ -144,17 +139,17 @@ def test_v_prediction_targets_the_velocity(tiny):
     assert not torch.allclose(got, eps_loss)
 
 
-def test_an_unknown_prediction_type_is_an_error_naming_it(tiny):
-    scheduler = scheduler_of(tiny, prediction_type="sample")
+def test_an_unknown_prediction_type_is_an_error_naming_it(tiny_parts):
+    scheduler = scheduler_of(tiny_parts, prediction_type="sample")
     latents, cond = batch()
     with pytest.raises(ValueError, match="'sample'"):
-        denoising_loss(tiny.unet, scheduler, latents, cond, torch.Generator().manual_seed(0))
+        denoising_loss(tiny_parts.unet, scheduler, latents, cond, torch.Generator().manual_seed(0))
 
 
 # ---------------------------------------------------------------- images -> latents
 
-def test_encode_images_maps_0_1_to_sd_latents(tiny):
-    vae = tiny.vae
+def test_encode_images_maps_0_1_to_sd_latents(tiny_parts):
+    vae = tiny_parts.vae
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     a = encode_images(vae, images, torch.Generator().manual_seed(1))
     b = encode_images(vae, images, torch.Generator().manual_seed(1))
@@ -169,8 +164,8 @@ def test_encode_images_maps_0_1_to_sd_latents(tiny):
 
 # ---------------------------------------------------------------- merging the LoRA
 
-def perturbed_lora_unet(tiny):
-    unet = lora_unet(tiny)
+def perturbed_lora_unet(tiny_parts):
+    unet = lora_unet(tiny_parts)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for n, p in unet.named_parameters():
@@ -179,19 +174,19 @@ def perturbed_lora_unet(tiny):
     return unet.eval()
 
 
-def test_merge_lora_keeps_outputs_and_leaves_a_plain_unet(tiny):
-    unet = perturbed_lora_unet(tiny)
+def test_merge_lora_keeps_outputs_and_leaves_a_plain_unet(tiny_parts):
+    unet = perturbed_lora_unet(tiny_parts)
     latents, cond = batch()
     t = torch.tensor([10, 700])
     with torch.no_grad():
         adapted = unet(latents, t, encoder_hidden_states=cond).sample
-        base = tiny.unet(latents, t, encoder_hidden_states=cond).sample
+        base = tiny_parts.unet(latents, t, encoder_hidden_states=cond).sample
     assert not torch.allclose(adapted, base, atol=1e-3)  # the adapter matters
 
     merge_lora(unet)
     assert not [n for n, _ in unet.named_parameters() if "lora" in n]
     assert not [n for n, _ in unet.named_modules() if "lora" in n]
-    assert set(unet.state_dict()) == set(tiny.unet.state_dict())
+    assert set(unet.state_dict()) == set(tiny_parts.unet.state_dict())
     with torch.no_grad():
         merged = unet(latents, t, encoder_hidden_states=cond).sample
     assert torch.allclose(merged, adapted, atol=1e-5)
@@ -205,16 +200,16 @@ def test_merge_lora_keeps_outputs_and_leaves_a_plain_unet(tiny):
     assert make_trainable(unet, LORA)
 
 
-def test_merging_changes_the_base_weights(tiny):
-    unet = perturbed_lora_unet(tiny)
+def test_merging_changes_the_base_weights(tiny_parts):
+    unet = perturbed_lora_unet(tiny_parts)
     merge_lora(unet)
-    merged, original = unet.state_dict(), tiny.unet.state_dict()
+    merged, original = unet.state_dict(), tiny_parts.unet.state_dict()
     to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     assert not torch.allclose(merged[to_q], original[to_q])
     norm = "down_blocks.0.attentions.0.norm.weight"  # not a LoRA target: untouched
     assert torch.equal(merged[norm], original[norm])
 
 
-def test_merge_lora_without_an_adapter_is_an_error(tiny):
+def test_merge_lora_without_an_adapter_is_an_error(tiny_parts):
     with pytest.raises(ValueError, match="no LoRA"):
-        merge_lora(copy.deepcopy(tiny.unet))
+        merge_lora(copy.deepcopy(tiny_parts.unet))

@@ -9,25 +9,19 @@ import torch
 
 from longalign_rl.encoding import SegmentEncoder, encode_prompts, pad_vector, split_segments, split_sentences
 from longalign_rl.encoding.tokenizer import token_counter
-from longalign_rl.models import load_components
 from longalign_rl.encoding.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer, check_clip_tokenizer
 
 SOT, EOT = 49406, 49407
 
 
 @pytest.fixture(scope="module")
-def parts():
-    return load_components("tiny")
+def count(tiny_parts):
+    return token_counter(tiny_parts.tokenizer)
 
 
 @pytest.fixture(scope="module")
-def count(parts):
-    return token_counter(parts.tokenizer)
-
-
-@pytest.fixture(scope="module")
-def encoder(parts):
-    return SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=240)
+def encoder(tiny_parts):
+    return SegmentEncoder(tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=240)
 
 
 def nonspace(text: str) -> str:
@@ -157,12 +151,12 @@ def test_word_that_grows_under_unicode_normalisation_is_chunked_to_fit(count):
     assert max(count(s) for s in segments) <= 75, max(count(s) for s in segments)
 
 
-def test_no_text_is_silently_cut_by_the_encoder(parts, count):
+def test_no_text_is_silently_cut_by_the_encoder(tiny_parts, count):
     """BUG (currently fails), the consequence of the one above: 36 half-note symbols are
     216 word tokens, but only 150 word states (+2 <sot>) reach the merged sequence, with
     no warning, although max_tokens has room for all of them."""
     word = "\U0001d15e" * 36
-    enc = SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=400)
+    enc = SegmentEncoder(tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=400)
     segments = enc.segments(word)
     out = enc([word])[0]
     content = (~torch.isclose(out, enc.pad, atol=1e-6).all(dim=1)).sum().item()
@@ -207,8 +201,8 @@ def test_pack_segments_keeps_the_75_token_bound_for_long_sentences(count):
 # ------------------------------------------------------------------------- tokenizer
 
 
-def test_offline_tokenizer_is_the_real_clip_tokenizer(parts):
-    tok = parts.tokenizer
+def test_offline_tokenizer_is_the_real_clip_tokenizer(tiny_parts):
+    tok = tiny_parts.tokenizer
     assert len(tok) == CLIP_VOCAB_SIZE == 49408
     assert tok("a red cube").input_ids == [SOT, 320, 736, 11353, EOT]
     assert tok.bos_token_id == SOT and tok.eos_token_id == EOT and tok.pad_token_id == EOT
@@ -230,7 +224,7 @@ def test_check_clip_tokenizer_rejects_the_wrong_size():
         check_clip_tokenizer(ThreeTokens(), "a broken download")
 
 
-def test_token_counter_counts_word_tokens_only(parts, count):
+def test_token_counter_counts_word_tokens_only(tiny_parts, count):
     assert count("a red cube") == 3
     assert count("") == 0
     long = " ".join(["cube"] * 300)
@@ -240,19 +234,19 @@ def test_token_counter_counts_word_tokens_only(parts, count):
 # ------------------------------------------------------------------------- encoding
 
 
-def encode_segment(parts, segment):
+def encode_segment(tiny_parts, segment):
     """One segment, padded to 77 with <eot>, no attention mask, as SD v1.5's pipeline calls it."""
-    ids = parts.tokenizer(segment, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = tiny_parts.tokenizer(segment, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
-        return parts.text_encoder(ids)[0][0], ids[0]
+        return tiny_parts.text_encoder(ids)[0][0], ids[0]
 
 
-def expected_encoding(parts, segments, pad, max_tokens):
+def expected_encoding(tiny_parts, segments, pad, max_tokens):
     hidden = pad.shape[0]
     kept = []
     for segment in segments:
-        states, ids = encode_segment(parts, segment)
-        n = len(parts.tokenizer(segment, add_special_tokens=False).input_ids)
+        states, ids = encode_segment(tiny_parts, segment)
+        n = len(tiny_parts.tokenizer(segment, add_special_tokens=False).input_ids)
         assert ids[0] == SOT and ids[n + 1] == EOT and (ids[n + 1:] == EOT).all()
         kept.append(states[: 1 + n])
     kept = torch.cat(kept)[:max_tokens]
@@ -270,13 +264,13 @@ PROMPTS = [
 ]
 
 
-def test_pad_vector_is_the_mean_of_positions_17_to_76_of_the_empty_prompt(parts, encoder):
+def test_pad_vector_is_the_mean_of_positions_17_to_76_of_the_empty_prompt(tiny_parts, encoder):
     ids = torch.tensor([[SOT] + [EOT] * 76])
     with torch.no_grad():
-        states = parts.text_encoder(ids)[0][0]
+        states = tiny_parts.text_encoder(ids)[0][0]
     expected = states[17:77].mean(0)
     assert expected.shape == (32,)
-    torch.testing.assert_close(pad_vector(parts.tokenizer, parts.text_encoder), expected)
+    torch.testing.assert_close(pad_vector(tiny_parts.tokenizer, tiny_parts.text_encoder), expected)
     torch.testing.assert_close(encoder.pad, expected)
     # not CLIP's own padding state at any one position
     assert not torch.allclose(expected, states[17]) and not torch.allclose(expected, states[76])
@@ -289,14 +283,14 @@ def test_output_shape(encoder):
     assert torch.isfinite(out).all()
 
 
-def test_merge_keeps_sot_and_words_of_each_segment_in_order(parts, encoder):
+def test_merge_keeps_sot_and_words_of_each_segment_in_order(tiny_parts, encoder):
     out = encoder(PROMPTS)
-    sot_state = encode_segment(parts, "")[0][0]
+    sot_state = encode_segment(tiny_parts, "")[0][0]
     for b, prompt in enumerate(PROMPTS):
         segments = encoder.segments(prompt)
         assert len(segments) >= 1
-        expected, length = expected_encoding(parts, segments, encoder.pad, 240)
-        assert length == sum(1 + len(parts.tokenizer(s, add_special_tokens=False).input_ids) for s in segments)
+        expected, length = expected_encoding(tiny_parts, segments, encoder.pad, 240)
+        assert length == sum(1 + len(tiny_parts.tokenizer(s, add_special_tokens=False).input_ids) for s in segments)
         torch.testing.assert_close(out[b], expected, atol=1e-5, rtol=1e-5)
         # positions after the content are the pad vector
         torch.testing.assert_close(out[b, length:], encoder.pad.expand(240 - length, -1))
@@ -304,33 +298,33 @@ def test_merge_keeps_sot_and_words_of_each_segment_in_order(parts, encoder):
         starts, pos = [], 0
         for s in segments:
             starts.append(pos)
-            pos += 1 + len(parts.tokenizer(s, add_special_tokens=False).input_ids)
+            pos += 1 + len(tiny_parts.tokenizer(s, add_special_tokens=False).input_ids)
         for start in starts:
             torch.testing.assert_close(out[b, start], sot_state)
         is_sot = torch.isclose(out[b], sot_state, atol=1e-6).all(dim=1)
         assert is_sot.sum().item() == len(segments)
 
 
-def test_merge_drops_eot_and_padding_states(parts, encoder):
+def test_merge_drops_eot_and_padding_states(tiny_parts, encoder):
     prompt = "A red cube. A blue ball."
     out = encoder([prompt])[0]
     for segment in ["A red cube.", "A blue ball."]:
-        states, ids = encode_segment(parts, segment)
+        states, ids = encode_segment(tiny_parts, segment)
         eot_at = (ids == EOT).nonzero()[0].item()
         for eot_state in states[eot_at:]:
             assert not torch.isclose(out, eot_state, atol=1e-6).all(dim=1).any()
 
 
-def test_segment_encoding_differs_from_plain_77_token_encoding(parts, encoder):
+def test_segment_encoding_differs_from_plain_77_token_encoding(tiny_parts, encoder):
     """A one-sentence prompt's merged encoding equals its 77-token encoding up to <eot>; a
     two-sentence prompt's does not (the second sentence starts again with <sot>)."""
     one = "A red cube on a table."
-    states, ids = encode_segment(parts, one)
-    n = len(parts.tokenizer(one, add_special_tokens=False).input_ids)
+    states, ids = encode_segment(tiny_parts, one)
+    n = len(tiny_parts.tokenizer(one, add_special_tokens=False).input_ids)
     torch.testing.assert_close(encoder([one])[0, : n + 1], states[: n + 1])
     two = "A red cube. A blue ball."
-    states, _ = encode_segment(parts, two)
-    n2 = len(parts.tokenizer(two, add_special_tokens=False).input_ids)
+    states, _ = encode_segment(tiny_parts, two)
+    n2 = len(tiny_parts.tokenizer(two, add_special_tokens=False).input_ids)
     assert not torch.allclose(encoder([two])[0, : n2 + 1], states[: n2 + 1], atol=1e-4)
 
 
@@ -340,25 +334,25 @@ def test_batch_rows_are_independent(encoder):
         torch.testing.assert_close(together[b], encoder([prompt])[0], atol=1e-5, rtol=1e-5)
 
 
-def test_encode_prompts_without_a_cached_pad_equals_the_encoder(parts, encoder):
-    torch.testing.assert_close(encode_prompts(PROMPTS, parts.tokenizer, parts.text_encoder, max_tokens=240),
+def test_encode_prompts_without_a_cached_pad_equals_the_encoder(tiny_parts, encoder):
+    torch.testing.assert_close(encode_prompts(PROMPTS, tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=240),
                                encoder(PROMPTS), atol=1e-5, rtol=1e-5)
 
 
-def test_pack_segments_changes_the_encoding(parts):
-    packed = SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=64, pack_segments=True)
-    plain = SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=64)
+def test_pack_segments_changes_the_encoding(tiny_parts):
+    packed = SegmentEncoder(tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=64, pack_segments=True)
+    plain = SegmentEncoder(tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=64)
     prompt = "A cat. A dog. A bird."
     assert packed.segments(prompt) == ["A cat. A dog. A bird."]
-    expected, _ = expected_encoding(parts, ["A cat. A dog. A bird."], packed.pad, 64)
+    expected, _ = expected_encoding(tiny_parts, ["A cat. A dog. A bird."], packed.pad, 64)
     torch.testing.assert_close(packed([prompt])[0], expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(packed([prompt]), plain([prompt]), atol=1e-4)
 
 
-def test_unconditional_embedding_is_sot_then_pad(parts, encoder):
+def test_unconditional_embedding_is_sot_then_pad(tiny_parts, encoder):
     uncond = encoder.uncond(4)
     assert uncond.shape == (4, 240, 32)
-    sot_state = encode_segment(parts, "")[0][0]
+    sot_state = encode_segment(tiny_parts, "")[0][0]
     for row in uncond:
         torch.testing.assert_close(row[0], sot_state)
         torch.testing.assert_close(row[1:], encoder.pad.expand(239, -1))
@@ -366,9 +360,9 @@ def test_unconditional_embedding_is_sot_then_pad(parts, encoder):
     torch.testing.assert_close(encoder(["   ", "..."]), uncond[:2])  # blank prompts are unconditional
 
 
-def test_prompt_longer_than_max_tokens_is_truncated_with_a_warning(parts, count, caplog):
-    short = SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=30)
-    wide = SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=400)
+def test_prompt_longer_than_max_tokens_is_truncated_with_a_warning(tiny_parts, count, caplog):
+    short = SegmentEncoder(tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=30)
+    wide = SegmentEncoder(tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=400)
     prompt = PROMPTS[2]
     total = sum(1 + count(s) for s in short.segments(prompt))
     assert total > 30
@@ -395,9 +389,9 @@ def test_non_str_prompt_raises_type_error_naming_its_index(encoder, bad, name):
         encoder(["a cat", "a dog", bad])
 
 
-def test_max_tokens_must_be_positive(parts):
+def test_max_tokens_must_be_positive(tiny_parts):
     with pytest.raises(ValueError, match="max_tokens"):
-        encode_prompts(["a cat"], parts.tokenizer, parts.text_encoder, max_tokens=0)
+        encode_prompts(["a cat"], tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=0)
 
 
 class CallCounter:
@@ -412,28 +406,28 @@ class CallCounter:
         self.handle.remove()
 
 
-def test_all_segments_of_all_prompts_go_into_one_encoder_call(parts, encoder):
+def test_all_segments_of_all_prompts_go_into_one_encoder_call(tiny_parts, encoder):
     n_segments = sum(len(encoder.segments(p)) for p in PROMPTS)
     assert n_segments >= 7
-    with CallCounter(parts.text_encoder) as calls:
+    with CallCounter(tiny_parts.text_encoder) as calls:
         encoder(PROMPTS)
     assert calls.batch_sizes == [n_segments]
     # without a cached pad vector: the one batched call plus the pad vector's
-    with CallCounter(parts.text_encoder) as calls:
-        encode_prompts(PROMPTS, parts.tokenizer, parts.text_encoder, max_tokens=240)
+    with CallCounter(tiny_parts.text_encoder) as calls:
+        encode_prompts(PROMPTS, tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=240)
     assert sorted(calls.batch_sizes) == [1, n_segments]
 
 
-def test_pad_vector_is_computed_once_per_encoder(parts):
-    with CallCounter(parts.text_encoder) as calls:
-        enc = SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=16)
+def test_pad_vector_is_computed_once_per_encoder(tiny_parts):
+    with CallCounter(tiny_parts.text_encoder) as calls:
+        enc = SegmentEncoder(tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=16)
         enc.uncond(3)
         enc.uncond(5)
         enc(["a cat"])
     assert calls.batch_sizes == [1, 1, 1]  # pad vector, uncond (once), the prompt
 
 
-def test_ten_thousand_token_prompt(parts, count, caplog):
+def test_ten_thousand_token_prompt(tiny_parts, count, caplog):
     sentences = [
         "A fisherman in a yellow coat mends a net on the pier while gulls circle above the boats.",
         "Behind him, a row of narrow houses painted blue, green and pink climbs the hill, their windows glowing",
@@ -446,22 +440,22 @@ def test_ten_thousand_token_prompt(parts, count, caplog):
     total = sum(1 + count(s) for s in segments)
 
     # with room for everything, every state is kept, in one encoder call
-    full = SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=total + 5)
-    with CallCounter(parts.text_encoder) as calls:
+    full = SegmentEncoder(tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=total + 5)
+    with CallCounter(tiny_parts.text_encoder) as calls:
         out = full([prompt, "a short one"])
     assert calls.batch_sizes == [len(segments) + 1]
     assert out.shape == (2, total + 5, 32) and torch.isfinite(out).all()
     torch.testing.assert_close(out[0, total:], full.pad.expand(5, -1))
     assert not torch.isclose(out[0, :total], full.pad, atol=1e-6).all(dim=1).any()
     # the first and last segments sit at the two ends of the sequence
-    first, _ = expected_encoding(parts, segments[:1], full.pad, 1 + count(segments[0]))
-    last, _ = expected_encoding(parts, segments[-1:], full.pad, 1 + count(segments[-1]))
+    first, _ = expected_encoding(tiny_parts, segments[:1], full.pad, 1 + count(segments[0]))
+    last, _ = expected_encoding(tiny_parts, segments[-1:], full.pad, 1 + count(segments[-1]))
     torch.testing.assert_close(out[0, : first.shape[0]], first, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[0, total - last.shape[0] : total], last, atol=1e-5, rtol=1e-5)
 
     # at max_tokens=240 the same prompt is cut, with a warning giving the count
     with caplog.at_level(logging.WARNING, logger="longalign_rl.encoding.encode"):
-        cut = encode_prompts([prompt], parts.tokenizer, parts.text_encoder, max_tokens=240, pad=full.pad)
+        cut = encode_prompts([prompt], tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=240, pad=full.pad)
     assert cut.shape == (1, 240, 32)
     assert any(f"{total - 240} of its {total}" in r.getMessage() for r in caplog.records)
     torch.testing.assert_close(cut[0], out[0, :240], atol=1e-5, rtol=1e-5)
@@ -471,14 +465,14 @@ def test_ten_thousand_token_prompt(parts, count, caplog):
 
 
 @pytest.fixture(scope="module")
-def pipeline(parts):
+def pipeline(tiny_parts):
     from diffusers import StableDiffusionPipeline
 
     from longalign_rl.models import make_scheduler
 
     pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=make_scheduler(parts.scheduler_config, timestep_spacing="trailing"),
+        vae=tiny_parts.vae, text_encoder=tiny_parts.text_encoder, tokenizer=tiny_parts.tokenizer, unet=tiny_parts.unet,
+        scheduler=make_scheduler(tiny_parts.scheduler_config, timestep_spacing="trailing"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
