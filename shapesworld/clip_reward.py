@@ -17,23 +17,33 @@ from rewards.clip import HFClipBackend
 from rewards.decomposed import ClipTypeReward
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "shapes_clip"
-_MAKE = "python -m shapesworld.clip_train --out {folder}"
+PREF_WEIGHTS = Path(__file__).parent / "weights" / "shapes_pref"
+
+
+def _load(name: str, folder: Path, make: str, **kwargs) -> ClipTypeReward:
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    needed = ("config.json", "model.safetensors", "preprocessor_config.json")
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{name} weights folder {str(folder)!r} lacks {', '.join(missing)}; "
+                                f"train the model into it with `{make}`")
+    model = CLIPModel.from_pretrained(folder, dtype=torch.float32)
+    processor = CLIPImageProcessor.from_pretrained(folder)
+    backend = HFClipBackend(model, build_clip_tokenizer(), processor.image_mean, processor.image_std)
+    return ClipTypeReward(backend, **kwargs)
 
 
 def shapes_clip(weights: str | None = None, **kwargs) -> ClipTypeReward:
     """The shipped model (or the one in the folder `weights`), as float32; `kwargs` go to
     ClipTypeReward (text_irrelevant_weight, direction, ...)."""
-    from transformers import CLIPImageProcessor, CLIPModel
-
     folder = Path(weights) if weights is not None else DEFAULT_WEIGHTS
-    needed = ("config.json", "model.safetensors", "preprocessor_config.json")
-    missing = [name for name in needed if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"shapes_clip weights folder {str(folder)!r} lacks {', '.join(missing)}; "
-            f"train the model into it with `{_MAKE.format(folder=folder)}` (about 8 minutes on one CPU core)"
-        )
-    model = CLIPModel.from_pretrained(folder, dtype=torch.float32)
-    processor = CLIPImageProcessor.from_pretrained(folder)
-    backend = HFClipBackend(model, build_clip_tokenizer(), processor.image_mean, processor.image_std)
-    return ClipTypeReward(backend, **kwargs)
+    return _load("shapes_clip", folder, f"python -m shapesworld.clip_train --out {folder}"
+                 " (about 8 minutes on one CPU core)", **kwargs)
+
+
+def shapes_pref(weights: str | None = None, **kwargs) -> ClipTypeReward:
+    """`shapes_pref`: shapes_clip fine-tuned on simulated raters' pairwise preferences over
+    generated images (shapesworld/pref_train.py), as PickScore fine-tunes CLIP."""
+    folder = Path(weights) if weights is not None else PREF_WEIGHTS
+    return _load("shapes_pref", folder, f"python -m shapesworld.pref_train --out {folder}", **kwargs)

@@ -33,3 +33,18 @@ def test_quick_experiment_end_to_end(tmp_path):
         assert {"reward", "text_relevant", "text_irrelevant", "gt/colour"} <= set(job["result"]["history"][-1])
     for name in ("accuracy_by_position.png", "stage2_curves.png", "grids/stage2_w0.3.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_quick_preference_training_writes_a_loadable_reward_and_its_decomposition(tmp_path):
+    from longalign_rl.registry import get_reward
+    from shapesworld import pref_train
+
+    assert pref_train.main(["--out", str(tmp_path), "--quick", "--threads", "1"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["train"]["pairs"] > 0 and len(metrics["train"]["history"]) >= 1
+    for name in ("shapes_clip", "shapes_pref"):
+        d = metrics["decomposition"][name]
+        # the two parts add up to the score, as decomposed_score defines them
+        assert abs(d["text_relevant"]["mean"] + d["text_irrelevant"]["mean"] - d["score"]["mean"]) < 1e-5
+    reward = get_reward("shapes_pref", weights=str(tmp_path))
+    assert reward.differentiable
