@@ -6,8 +6,9 @@ third-party world or dataset uses, and nothing else (docs/architecture.md).
 | `prompts.source`                    | `shapesworld.plugin:captions` (4,096 captions)    |
 | `data.source` (stage 1)             | `shapesworld.plugin:pairs` (rendered image pairs) |
 | `run.metrics`                       | `shapesworld.plugin:ground_truth` (exact checker) |
-| `longalign_rl.models` entry points  | "shapesworld", "shapesworld-stage1" (shipped)     |
-| `longalign_rl.rewards` entry points | "shapes_clip", "shapes_checker"                   |
+| `longalign_rl.models` entry points  | "shapesworld", "shapesworld-stage1",              |
+|                                     | "shapesworld-partial" (shipped)                   |
+| `longalign_rl.rewards` entry points | "shapes_clip", "shapes_pref", "shapes_checker"    |
 
 The entry points are declared in setup.cfg, as a plugin package declares its own.
 """
@@ -73,3 +74,10 @@ def base_model(seed: int = 0):
 def stage1_model(seed: int = 0):
     """Model "shapesworld-stage1": the base after stage 1 on segment-encoded captions."""
     return _load_shipped("shapesworld-stage1")
+
+
+def partial_model(seed: int = 0):
+    """Model "shapesworld-partial": the base after the framework's own stage 1
+    (configs/shapesworld_stage1.yaml, a LoRA merged): cells 3-4 in the right colours but
+    their shapes only partly right, so stage 2 has headroom (weights/shapesworld-partial/report.json)."""
+    return _load_shipped("shapesworld-partial")

@@ -48,3 +48,24 @@ def test_quick_preference_training_writes_a_loadable_reward_and_its_decompositio
         assert abs(d["text_relevant"]["mean"] + d["text_irrelevant"]["mean"] - d["score"]["mean"]) < 1e-5
     reward = get_reward("shapes_pref", weights=str(tmp_path))
     assert reward.differentiable
+
+
+def test_ship_model_stores_a_run_unet_in_fp16_with_its_report(tmp_path):
+    """ship_model on a stage-1 run directory (here faked from the shipped partial UNet)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from shapesworld import ship_model
+    from shapesworld.plugin import WEIGHTS_DIR
+
+    run = tmp_path / "run"
+    shutil.copytree(WEIGHTS_DIR / "shapesworld-partial" / "unet", run / "model" / "unet")
+    (run / "config.yaml").write_text("stage: 1\nlora:\n  enabled: true\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.1}\n')
+    assert ship_model.main([str(run), "--name", "mine", "--eval", "2", "--out", str(tmp_path / "shipped")]) == 0
+    weights = load_file(tmp_path / "shipped" / "mine" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(w.dtype == torch.float16 for w in weights.values())
+    report = json.loads((tmp_path / "shipped" / "mine" / "report.json").read_text())
+    assert report["run_config"]["stage"] == 1 and len(report["eval"]["segment"]["colour"]) == 4

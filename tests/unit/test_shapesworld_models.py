@@ -50,7 +50,7 @@ def test_ground_truth_of_clean_renders_and_of_a_blank_image():
 
 
 def test_shipped_models_load_with_their_report():
-    assert {"shapesworld", "shapesworld-stage1"} <= set(MODELS.names())  # entry points, as a plugin's
+    assert {"shapesworld", "shapesworld-stage1", "shapesworld-partial"} <= set(MODELS.names())  # a plugin's entry points
     stage1 = load_components("shapesworld-stage1")
     base = load_components("shapesworld")
     assert vae_scale_factor(base.vae) == 4  # 32 px -> 8 x 8 latents
@@ -100,3 +100,18 @@ def test_ground_truth_metric_hook_through_the_framework():
     assert set(stats) == {f"gt/{a}/{i}" for a in ("colour", "shape") for i in range(1, 5)} | {"gt/background"}
     assert all(v.shape == (3,) for v in stats.values())
     assert all(float(v.min()) == 1.0 for v in stats.values())  # clean renders: every verdict right
+
+
+def test_the_partial_stage1_model_leaves_headroom_on_the_late_shapes():
+    """shapesworld-partial (the framework's own stage 1): by its report, cells 3-4 have the
+    right colours but shapes well short of the full stage-1 model's, and it loads by name."""
+    from shapesworld.plugin import WEIGHTS_DIR
+
+    report = json.loads((WEIGHTS_DIR / "shapesworld-partial" / "report.json").read_text())
+    segment = report["eval"]["segment"]
+    assert min(segment["colour"]) > 0.9 and max(segment["shape"][2:]) < 0.8
+    assert report["run_config"]["stage"] == 1 and report["run_config"]["lora"]["enabled"]
+    parts = load_components("shapesworld-partial")
+    base = load_components("shapesworld")
+    assert any(not torch.equal(a, b) for a, b in zip(parts.unet.state_dict().values(), base.unet.state_dict().values()))
+    torch.testing.assert_close(next(parts.vae.parameters()), next(base.vae.parameters()))
