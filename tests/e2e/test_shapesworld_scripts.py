@@ -69,3 +69,22 @@ def test_ship_model_stores_a_run_unet_in_fp16_with_its_report(tmp_path):
     assert all(w.dtype == torch.float16 for w in weights.values())
     report = json.loads((tmp_path / "shipped" / "mine" / "report.json").read_text())
     assert report["run_config"]["stage"] == 1 and len(report["eval"]["segment"]["colour"]) == 4
+
+
+def test_quick_sweep_runs_every_condition_through_the_product(tmp_path):
+    """Each stage-2 run of the sweep is `python -m longalign_rl.train` (its own config.yaml,
+    metrics.jsonl and checkpoints), and every checkpoint gets a held-out evaluation."""
+    from shapesworld import sweep
+
+    assert sweep.main(["--out", str(tmp_path), "--quick"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["reward"], r["w"]) for r in results["runs"]] == [("shapes_pref", 1.0), ("shapes_clip", 0.3)]
+    for run in results["runs"]:
+        run_dir = tmp_path / "runs" / sweep.run_name(run["reward"], run["w"], run["seed"])
+        assert f"name: {run['reward']}" in (run_dir / "config.yaml").read_text()
+        assert [m["step"] for m in run["metrics"]] == [1, 2]
+        assert {"reward", "text_relevant", "text_irrelevant", "gt/shape/3"} <= set(run["metrics"][0])
+        assert sorted(run["held_out"]) == ["1", "2"]
+        assert all(len(h["shape"]) == 4 and 0 <= h["ink"] <= 1 for h in run["held_out"].values())
+    report = (tmp_path / "report.md").read_text()
+    assert "| start | 0 |" in report and "shapes_pref, w = 1 | 2 |" in report

@@ -1,0 +1,177 @@
+"""The text-irrelevant-weight sweep of issue 9, run through the product: every stage-2 run is
+`python -m longalign_rl.train` (sampler actors, DeepSpeed workers, the config, metrics and
+checkpoints a user gets), and every checkpoint is evaluated on held-out captions by the
+exact checker.
+
+    python -m shapesworld.sweep --out /tmp/sweep               # 4 conditions x 3 seeds, ~30 min on 2 cores
+    python -m shapesworld.sweep --out /tmp/sweep --quick       # 2 runs of 2 steps (tests)
+
+Conditions: `shapes_pref` at w = 1.0, 0.3, 0.0 and `shapes_clip` at w = 0.3 (the control:
+a reward without a text-irrelevant taste), each from `shapesworld-partial` (late shapes
+with headroom). For each run, its checkpoints and the starting model are evaluated on the
+same held-out captions: colour and shape per cell, the background, and ink (the raters'
+prompt-independent taste, shapesworld/pref_train.py). Writes `results.json` (everything)
+and `report.md` (means ± std over seeds at each checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+START = "shapesworld-partial"
+EVAL_SEED = 54_321  # held-out captions: no training pool or rater pool draws from this seed
+
+
+@dataclass(frozen=True)
+class Sweep:
+    conditions: tuple[tuple[str, float], ...] = (("shapes_pref", 1.0), ("shapes_pref", 0.3), ("shapes_pref", 0.0),
+                                                 ("shapes_clip", 0.3))
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 48
+    checkpoint_every: int = 12
+    lr: float = 3e-3
+    eval_captions: int = 128
+    eval_steps: int = 10  # DDIM steps of the evaluation (the runs sample with the same 10)
+    guidance: float = 5.0
+
+    @classmethod
+    def quick(cls) -> "Sweep":
+        return cls(conditions=(("shapes_pref", 1.0), ("shapes_clip", 0.3)), seeds=(0,), steps=2, checkpoint_every=1,
+                   eval_captions=4, eval_steps=3)
+
+
+def run_name(reward: str, w: float, seed: int) -> str:
+    return f"{reward}_w{w:g}_s{seed}"
+
+
+def train_run(s: Sweep, reward: str, w: float, seed: int, runs: Path) -> Path:
+    """One stage-2 run of the product, in its own process, as a user starts it."""
+    args = [sys.executable, "-m", "longalign_rl.train", f"model.pretrained={START}", f"reward.name={reward}",
+            f"reward.kwargs.text_irrelevant_weight={w}", f"train.seed={seed}", f"train.lr={s.lr}",
+            f"train.steps={s.steps}", f"run.checkpoint_every={s.checkpoint_every}", "run.keep_checkpoints=0",
+            f"run.image_every={s.steps}", f"run.output_dir={runs}", f"run.name={run_name(reward, w, seed)}"]
+    log = runs / f"{run_name(reward, w, seed)}.log"
+    with log.open("w") as f:
+        done = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"run {run_name(reward, w, seed)} failed (exit {done.returncode}); see {log}")
+    return runs / run_name(reward, w, seed)
+
+
+def checkpoints(run_dir: Path) -> dict[int, Path]:
+    """step -> checkpoint folder (from each checkpoint's state.json)."""
+    out = {}
+    for folder in run_dir.glob("checkpoint_*"):
+        state = folder / "state.json"
+        if state.is_file():
+            out[json.loads(state.read_text())["step"]] = folder
+    return dict(sorted(out.items()))
+
+
+@torch.no_grad()
+def evaluate_weights(weights: Path | None, lora: dict, s: Sweep, prompts: list[str]) -> dict:
+    """Held-out ground truth of the start model with `weights` (a checkpoint's trainable
+    weights; None = the start model itself)."""
+    from safetensors.torch import load_file
+
+    from longalign_rl.config import LoRAConfig
+    from longalign_rl.lora import load_trainable_state_dict, make_trainable
+    from longalign_rl.models import load_components
+    from shapesworld.evaluate import evaluate
+    from shapesworld.pref_train import ink
+
+    parts = load_components(START)
+    if weights is not None:
+        cfg = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()})
+        make_trainable(parts.unet, cfg)
+        load_trainable_state_dict(parts.unet, load_file(weights), cfg)
+    images, summary = evaluate(parts, "segment", prompts, seed=EVAL_SEED, num_steps=s.eval_steps,
+                               guidance_scale=s.guidance)
+    return {**summary, "ink": float(ink(images).mean())}
+
+
+def run_sweep(s: Sweep, out: Path, log=print) -> dict:
+    import yaml
+
+    from shapesworld.evaluate import draw_captions
+    from shapesworld.world import WorldConfig
+
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    prompts = draw_captions(WorldConfig(), s.eval_captions, seed=EVAL_SEED)
+    start = time.perf_counter()
+    results = {"settings": asdict(s), "start": evaluate_weights(None, {}, s, prompts), "runs": []}
+    for reward, w in s.conditions:
+        for seed in s.seeds:
+            t = time.perf_counter()
+            run_dir = train_run(s, reward, w, seed, runs)
+            lora = yaml.safe_load((run_dir / "config.yaml").read_text())["lora"]
+            metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            held_out = {step: evaluate_weights(folder / "weights.safetensors", lora, s, prompts)
+                        for step, folder in checkpoints(run_dir).items()}
+            results["runs"].append({"reward": reward, "w": w, "seed": seed, "metrics": metrics,
+                                    "held_out": {str(k): v for k, v in held_out.items()},
+                                    "seconds": round(time.perf_counter() - t, 1)})
+            log(f"{run_name(reward, w, seed)}: {time.perf_counter() - t:.0f} s; held-out shapes at the last checkpoint "
+                f"{[round(x, 2) for x in held_out[max(held_out)]['shape']]}")
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "report.md").write_text(report(results))
+    return results
+
+
+def _ms(values) -> str:
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values.mean():.2f}"
+
+
+def report(results: dict) -> str:
+    s = results["settings"]
+    start = results["start"]
+    lines = ["# The text-irrelevant-weight sweep, through the product", "",
+             f"{len(s['seeds'])} seed(s) x {len(s['conditions'])} conditions from `{START}`; lr {s['lr']}, "
+             f"{s['steps']} steps; held-out ground truth on {s['eval_captions']} captions (seed {EVAL_SEED}), "
+             f"mean ± std over seeds. Wall clock {results['seconds'] / 60:.1f} min.", "",
+             "| condition | step | " + " | ".join(f"shape {i}" for i in range(1, 5)) + " | colour 3 | colour 4 | "
+             "background | ink | reward (train window) | text-irrelevant (train window) |",
+             "|---" * 12 + "|",
+             "| start | 0 | " + " | ".join(f"{x:.2f}" for x in start["shape"]) +
+             f" | {start['colour'][2]:.2f} | {start['colour'][3]:.2f} | {start['background']:.3f} | {start['ink']:.3f} | | |"]
+    for reward, w in s["conditions"]:
+        runs = [r for r in results["runs"] if r["reward"] == reward and r["w"] == w]
+        for step in runs[0]["held_out"]:
+            h = [r["held_out"][step] for r in runs]
+            window = [[m for m in r["metrics"] if int(step) - s["checkpoint_every"] < m["step"] <= int(step)] for r in runs]
+            reward_w = [np.mean([m["reward"] for m in ms]) for ms in window]
+            irr = [np.mean([m["text_irrelevant"] for m in ms]) for ms in window]
+            lines.append(f"| {reward}, w = {w:g} | {step} | " + " | ".join(_ms([x["shape"][i] for x in h]) for i in range(4))
+                         + f" | {_ms([x['colour'][2] for x in h])} | {_ms([x['colour'][3] for x in h])} | "
+                         f"{_ms([x['background'] for x in h])} | {_ms([x['ink'] for x in h])} | {_ms(reward_w)} | "
+                         f"{_ms(irr)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shapesworld.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--quick", action="store_true", help="2 runs of 2 steps, for tests")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    results = run_sweep(Sweep.quick() if args.quick else Sweep(), args.out)
+    print((args.out / "report.md").read_text())
+    print(f"done in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
