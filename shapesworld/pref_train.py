@@ -44,14 +44,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from longalign_rl.encoding import split_segments, token_counter
+from longalign_rl.encoding import split_segments
 from longalign_rl.encoding.tokenizer import build_clip_tokenizer
+from rewards.clip import HFClipBackend
 from shapesworld.checker import check
 from shapesworld.clip_reward import DEFAULT_WEIGHTS as CLIP_WEIGHTS
 from shapesworld.evaluate import SEGMENT_MAX_TOKENS, background_clean, draw_captions, generate, make_encoder
 from shapesworld.world import WorldConfig
 
 WORLD = WorldConfig()
+CLIP_PIXELS = (0.5, 0.5, 0.5)  # mean and std of shapes_clip's processor (weights/shapes_clip/preprocessor_config.json)
 POOL_SEED, EVAL_SEED = 31_000, 32_000  # caption streams of the training and held-out pools
 
 
@@ -155,24 +157,19 @@ def load_clip(folder: str | Path):
 
 
 class Scorer:
-    """f·t of a transformers CLIPModel as ClipTypeReward computes it, with gradient."""
+    """f and t of a transformers CLIPModel, with gradient, through the same backend, segment
+    split and mean pooling as ClipTypeReward (which freezes its model, so it cannot train)."""
 
     def __init__(self, model):
-        self.model = model
-        self.tokenizer = build_clip_tokenizer()
-        self.count = token_counter(self.tokenizer)
+        self.backend = HFClipBackend(model, build_clip_tokenizer(), CLIP_PIXELS, CLIP_PIXELS)
 
     def texts(self, captions: list[str]) -> torch.Tensor:
-        segments = [split_segments(c, self.count) or [""] for c in captions]
-        flat = [s for segs in segments for s in segs]
-        tokens = self.tokenizer(flat, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        emb = F.normalize(self.model.get_text_features(input_ids=tokens.input_ids,
-                                                       attention_mask=tokens.attention_mask).pooler_output, dim=-1)
+        segments = [split_segments(c, self.backend.count_tokens) or [""] for c in captions]
+        emb = self.backend.encode_texts([s for segs in segments for s in segs])
         return torch.stack([chunk.mean(0) for chunk in emb.split([len(s) for s in segments])])
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = (images - 0.5) / 0.5  # the shipped processor's statistics (mean 0.5, std 0.5); 32 px as is
-        return F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        return self.backend.encode_images(self.backend.preprocess(images))
 
 
 def train(pc: PrefConfig, pool: dict, pairs: torch.Tensor, log=print) -> tuple[object, list[dict]]:
