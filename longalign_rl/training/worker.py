@@ -55,8 +55,7 @@ class WorkerContext:
     rank: int
     world: int
     device: torch.device
-    engine: Any    # DeepSpeed engine; engine.module is the UNet with what trains
-    schedule: Any  # the lr schedule (warm-up, then constant)
+    engine: Any  # DeepSpeed engine; engine.module is the UNet with what trains
 
     def trainable_weights(self) -> dict[str, torch.Tensor]:
         """The trainable weights (LoRA or whole UNet) as CPU copies: what samplers and exports need."""
@@ -152,7 +151,7 @@ def run_worker(loop_config: dict, make_body: type) -> None:
     require_run_dir(run_dir, rank)
     parts: Components
     parts, engine, schedule = build_trainable(cfg, device)
-    ctx = WorkerContext(cfg, run_dir, rank, world, device, engine, schedule)
+    ctx = WorkerContext(cfg, run_dir, rank, world, device, engine)
     body: Body = make_body(ctx, parts, loop_config)
     log.info("rank %d: models and DeepSpeed engine ready", rank)
 
