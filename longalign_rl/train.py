@@ -20,6 +20,7 @@ from longalign_rl.config import Config, ConfigError, load_config, to_yaml
 from longalign_rl.data import Pair, check_source
 from longalign_rl.hooks import load_metric_hooks
 from longalign_rl.prompts import load_prompts
+from longalign_rl.summary import read_summary
 
 log = logging.getLogger("longalign_rl")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     result = run(cfg, run_dir, pairs)
     print(f"done in {time.perf_counter() - start:.1f} s; last checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    summary = read_summary(run_dir)
+    if summary:
+        print(summary)
     return 0
 
 

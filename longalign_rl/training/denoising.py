@@ -122,6 +122,7 @@ def save_merged_model(cfg: Config, weights: dict[str, torch.Tensor], directory: 
 
 class Denoising:
     log_keys = ("epoch", "loss")
+    summary_keys = ("loss",)  # what the end-of-run summary compares
 
     def __init__(self, ctx: WorkerContext, parts: Components, loop_config: dict):
         from diffusers import DDPMScheduler

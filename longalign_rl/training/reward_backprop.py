@@ -52,6 +52,9 @@ def update(engine, vae, reward, rollout: Rollout, guidance_scale: float) -> dict
 
 class RewardBackprop:
     log_keys = ("reward", "loss")
+    # What the end-of-run summary compares (first vs last window); the hooks' names join
+    # at their first call.
+    summary_keys = ["reward", "text_relevant", "text_irrelevant"]
 
     def __init__(self, ctx: WorkerContext, parts: Components, loop_config: dict):
         cfg = self.cfg = ctx.cfg
@@ -60,6 +63,7 @@ class RewardBackprop:
         self.vae = parts.vae.to(ctx.device, DTYPES[cfg.train.precision])
         self.reward = build_reward(cfg, ctx.device)
         self.hooks = load_metric_hooks(cfg.run.metrics)
+        self.summary_keys = list(type(self).summary_keys)
         self.samplers: SamplerGroup = loop_config["samplers"]
         self.client = self.samplers.client(ctx.rank)
         self.order = PromptOrder(load_prompts(cfg.prompts.source), seed=cfg.train.seed, shuffle=cfg.prompts.shuffle)
@@ -108,7 +112,9 @@ class RewardBackprop:
             if self.hooks or grid_due:
                 with torch.no_grad():
                     images = decode(self.vae, rollout.final_latents.to(ctx.device))
-                step_stats.update(run_metric_hooks(self.hooks, images, rollout.prompts, reserved=step_stats))
+                hooked = run_metric_hooks(self.hooks, images, rollout.prompts, reserved=step_stats)
+                self.summary_keys += [k for k in hooked if k not in self.summary_keys]
+                step_stats.update(hooked)
                 if grid_due:
                     save_image_grid(images, rollout.prompts, ctx.run_dir / "images" / f"step_{step + 1:06d}.png")
             for k, v in step_stats.items():

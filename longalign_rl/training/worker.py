@@ -12,10 +12,11 @@ that is the algorithm's own.
       LOG    all-worker means of the body's statistics, plus the common fields (grad norm,
              lr, weights spread, samples/s, step time); rank 0 appends them to metrics.jsonl
       CKPT   every run.checkpoint_every steps and at the end, every worker reports to Ray Train
-    EXPORT   rank 0 writes lora/ (or unet/), then whatever the body adds (stage 1: model/)
+    EXPORT   rank 0 writes lora/ (or unet/), then whatever the body adds (stage 1: model/),
+             and summary.json: the body's summary_keys, first vs last window (summary.py)
 
 A body is a class `Body(ctx, parts, loop_config)` with `start(state)`, `step(step, state)
--> StepOutput | None` (None: its data ended), `export()` and `log_keys`. Adding an
+-> StepOutput | None` (None: its data ended), `export()`, `log_keys` and `summary_keys`. Adding an
 algorithm means writing its body (training/<name>.py) and its pure loss
 (algorithms/<name>.py), nothing else (docs/architecture.md).
 """
@@ -40,6 +41,7 @@ from longalign_rl.config import Config, from_dict
 from longalign_rl.lora import export_for_diffusers, trainable_state_dict
 from longalign_rl.models import Components
 from longalign_rl.outputs import MetricsLog
+from longalign_rl.summary import write_summary
 from longalign_rl.training import checkpoint
 from longalign_rl.training.engine import build_trainable, grad_norm
 
@@ -74,6 +76,7 @@ class StepOutput:
 
 class Body(Protocol):
     log_keys: tuple[str, ...]  # record fields shown in the per-step log line
+    summary_keys: tuple[str, ...] | list[str]  # compared first vs last window at the end (summary.py)
 
     def start(self, state: checkpoint.TrainerState) -> None: ...
     def step(self, step: int, state: checkpoint.TrainerState) -> StepOutput | None: ...
@@ -200,3 +203,4 @@ def run_worker(loop_config: dict, make_body: type) -> None:
     if rank == 0:
         export_for_diffusers(engine.module, cfg.lora, run_dir / ("lora" if cfg.lora.enabled else "unet"))
         body.export()
+        write_summary(run_dir, body.summary_keys, cfg.global_batch)

@@ -80,6 +80,19 @@ def test_resume_continues_the_step_count(tiny_run):
     assert metrics[-1]["lr"] == pytest.approx(1e-3)
 
 
+def test_the_run_ends_with_a_first_vs_last_window_summary(tiny_run):
+    """summary.json covers the whole resumed run: steps 1 vs 6 (a quarter of 6 steps is one)."""
+    run_dir, _ = tiny_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = read_metrics(run_dir)
+    assert summary["first_steps"] == [1, 1] and summary["last_steps"] == [6, 6]
+    rows = {r["key"]: r for r in summary["rows"]}
+    # the reward's parts and every metric hook's names (the ground truth) are compared
+    assert {"reward", "text_relevant", "text_irrelevant", "gt/shape/4", "gt/background"} <= set(rows)
+    assert rows["reward"]["first"] == pytest.approx(metrics[0]["reward"])
+    assert rows["gt/shape/4"]["last"] == pytest.approx(metrics[-1]["gt/shape/4"])
+
+
 def test_exported_lora_loads_into_a_diffusers_pipeline(tiny_run):
     """Every trained LoRA layer loads into StableDiffusionPipeline and changes its output."""
     from diffusers import StableDiffusionPipeline
