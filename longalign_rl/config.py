@@ -11,6 +11,7 @@ The resolved config is saved with every run (`to_yaml`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -366,9 +367,23 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _floats(obj, prefix: str = ""):
+    """(key, value) of every float in the config, nested sections and tuples included."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, key + ".")
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, tuple):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+
+
 def validate(cfg: Config) -> None:
     """Checks that span a value's range or several keys."""
     s, t, d = cfg.sampler, cfg.train, cfg.data
+    for key, value in _floats(cfg):  # inf or nan anywhere turns into NaN weights later
+        _require(math.isfinite(value), key, f"must be a finite number, got {value}")
     _require(cfg.stage in (1, 2), "stage",
              f"must be 1 (supervised fine-tuning) or 2 (reward fine-tuning), got {cfg.stage}")
     if cfg.stage == 1:
@@ -400,6 +415,22 @@ def validate(cfg: Config) -> None:
     _require(s.guidance_scale >= 1.0, "sampler.guidance_scale", f"must be >= 1, got {s.guidance_scale}")
     _require(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    for i, beta in enumerate(t.betas):
+        _require(0.0 <= beta < 1.0, f"train.betas[{i}]", f"must be in [0, 1), got {beta}")
+    _require(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
+    _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = no clipping), got {t.grad_clip}")
+    _require(cfg.lora.alpha > 0, "lora.alpha", f"must be > 0, got {cfg.lora.alpha}")
+    _require(bool(cfg.lora.target_modules), "lora.target_modules", "must name at least one module")
+    _require(s.resolution >= 8, "sampler.resolution", f"must be >= 8, got {s.resolution}")
+    _require(cfg.stage == 1 or s.num_actors <= t.num_workers, "sampler.num_actors",
+             f"{s.num_actors} actors for {t.num_workers} trainer workers: worker i draws from actor "
+             f"i % num_actors, so {s.num_actors - t.num_workers} would never be used")
+    for key, value in [("sampler.num_cpus", s.num_cpus), ("sampler.num_gpus", s.num_gpus),
+                       ("train.cpus_per_worker", t.cpus_per_worker)]:
+        _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(cfg.run.max_failures >= -1, "run.max_failures", f"must be >= 0 (or -1: retry forever), got "
+             f"{cfg.run.max_failures}")
     _require(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", f"must be >= 0, got {cfg.run.keep_checkpoints}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     for i, hook in enumerate(cfg.run.metrics):

@@ -226,6 +226,22 @@ def test_bool_for_a_number_fails_in_yaml(tmp_path):
         (["prompts.max_tokens=0"], "prompts.max_tokens"),
         (["train.warmup_steps=-5"], "train.warmup_steps"),
         (["run.keep_checkpoints=-1"], "run.keep_checkpoints"),
+        # issue 10: values that were accepted and then trained NaN weights or crashed in a worker
+        (["train.lr=inf"], "train.lr"),
+        (["train.lr=.nan"], "train.lr"),
+        (["sampler.guidance_scale=.inf"], "sampler.guidance_scale"),
+        (["train.betas=[1.5, 2]"], r"train.betas\[0\]"),
+        (["train.betas=[0.9, 1.0]"], r"train.betas\[1\]"),
+        (["train.eps=0"], "train.eps"),
+        (["train.weight_decay=-0.1"], "train.weight_decay"),
+        (["train.grad_clip=-1"], "train.grad_clip"),
+        (["lora.alpha=-4"], "lora.alpha"),
+        (["lora.target_modules=[]"], "lora.target_modules"),
+        (["sampler.resolution=0"], "sampler.resolution"),
+        (["sampler.num_cpus=-1"], "sampler.num_cpus"),
+        (["train.cpus_per_worker=-0.5"], "train.cpus_per_worker"),
+        (["run.max_failures=-2"], "run.max_failures"),
+        (["sampler.num_actors=3", "train.num_workers=2"], "sampler.num_actors"),
     ],
 )
 def test_cross_field_and_range_errors_name_the_key(overrides, key):
@@ -238,6 +254,10 @@ def test_valid_edge_values_pass():
                              "train.max_policy_lag=2", "train.zero_stage=0", "train.precision=fp16",
                              "sampler.precision=fp32", "sampler.guidance_scale=1", "lora.dropout=0"])
     assert cfg.sampler.num_grad_steps == 5 and cfg.train.sync_every == 3 and cfg.train.zero_stage == 0
+    cfg = load_config(None, ["train.grad_clip=0", "train.weight_decay=0", "train.betas=[0, 0.999]",
+                             "run.max_failures=-1", "sampler.num_gpus=0", "stage=1", "data.source=pairs.jsonl",
+                             "sampler.num_actors=8", "train.num_workers=2"])  # stage 1 starts no actors
+    assert cfg.train.grad_clip == 0 and cfg.run.max_failures == -1
 
 
 def test_from_dict_validates_too():
