@@ -135,9 +135,9 @@ def read_pairs(source: str, *, image_column: str = "image", caption_column: str 
     path = Path(source)
     if path.is_dir():
         pairs = _folder_pairs(path)
-    elif path.is_file() and path.suffix == ".jsonl":
+    elif path.is_file() and path.suffix.lower() == ".jsonl":
         pairs = _jsonl_pairs(path, image_column, caption_column)
-    elif path.is_file() and path.suffix == ".csv":
+    elif path.is_file() and path.suffix.lower() == ".csv":
         pairs = _csv_pairs(path, image_column, caption_column)
     elif path.is_file():
         raise DataSourceError(f"data source {source!r}: a manifest must be a .jsonl or .csv file")

@@ -100,6 +100,60 @@ def load_pretrained(path_or_id: str, revision: str | None = None, unet_from: str
     return Components(unet, vae, text_encoder, tokenizer, scheduler_config)
 
 
+PARTS = ("unet", "vae", "text_encoder")  # each a subfolder with config.json and its weights
+
+
+def check_safetensors(path: Path) -> None:
+    """ValueError unless `path` is a complete safetensors file: a parseable header whose
+    tensors end exactly where the file does (a truncated or padded file fails)."""
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} does not fit in {size} bytes")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{path}: {size} bytes, but its header describes {8 + n + end} (truncated or corrupt)")
+
+
+def check_model_folder(folder: Path, key: str = "model.pretrained") -> None:
+    """ValueError naming `key` and the file, unless `folder` holds a loadable diffusers model:
+    unet/, vae/, text_encoder/ each with config.json and complete weights, scheduler/'s config."""
+    problems = []
+    for part in PARTS:
+        sub = folder / part
+        weights = sorted(sub.glob("*.safetensors")) + sorted(sub.glob("*.bin"))
+        if not (sub / "config.json").is_file():
+            problems.append(f"{part}/config.json is missing")
+        elif not weights:
+            problems.append(f"{part}/ has no weights (*.safetensors or *.bin)")
+        for file in weights:
+            if file.suffix == ".safetensors":
+                try:
+                    check_safetensors(file)
+                except ValueError as e:
+                    problems.append(str(e))
+    if not (folder / "scheduler" / "scheduler_config.json").is_file():
+        problems.append("scheduler/scheduler_config.json is missing")
+    if problems:
+        raise ValueError(f"{key}: {folder} is not a loadable diffusers model folder: {'; '.join(problems)}")
+
+
+def check_finite(parts: "Components", model: str) -> None:
+    """ValueError naming the part whose loaded weights hold NaN or infinite values (a file
+    overwritten in place keeps a valid header)."""
+    for name in PARTS:
+        for pname, p in getattr(parts, name).named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"model.pretrained: {model!r}: {name}.{pname} holds NaN or infinite weights")
+
+
 MODELS = Registry("model", "longalign_rl.models",
                   builtins=lambda: {name: partial(build_random, name) for name in builtin_models()})
 
@@ -118,7 +172,10 @@ def load_components(model: str, *, seed: int = 0, revision: str | None = None) -
             raise TypeError(f"model.pretrained: the loader of {model!r} returned {type(parts).__name__}, "
                             "not longalign_rl.models.Components")
     else:
+        if source.kind == "path":
+            check_model_folder(Path(model))
         parts = load_pretrained(model, revision)
+    check_finite(parts, model)
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.requires_grad_(False).eval()
     return parts

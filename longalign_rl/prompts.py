@@ -75,7 +75,7 @@ def load_prompts(source: str) -> list[str]:
 def _read_file(path: Path) -> list[str]:
     if not path.is_file():
         raise PromptFileError(f"prompt file {str(path)!r} does not exist as a file (it is a folder)")
-    jsonl = path.suffix == ".jsonl"
+    jsonl = path.suffix.lower() == ".jsonl"
     prompts, errors = [], []
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         try:

@@ -143,7 +143,8 @@ def resolve_source(value: str, *, key: str, names: Registry | None = None, path_
     2. an import path "pkg.module:attr" (only that exact shape): it must import;
     3. an existing local path, where the key takes one: `path_kind` names what it is for
        the error message (e.g. "diffusers folder"); "" = the key takes no paths;
-    4. a hub id "org/name", if `hub_ids`.
+    4. a hub id "org/name", if `hub_ids`, unless a local folder "org" exists (then the
+       value was meant as a path, and the error says it is not found).
     Anything else is a ValueError that names the key and lists what the value may be.
     """
     if names is not None and value in names:
@@ -153,6 +154,10 @@ def resolve_source(value: str, *, key: str, names: Registry | None = None, path_
     if path_kind and Path(value).exists():
         return Source("path", value, Path(value))
     if hub_ids and HUB_ID.match(value) and not value.startswith("."):
+        owner = value.split("/")[0]
+        if path_kind and Path(owner).is_dir():  # "runs/model" with runs/ here: a path, not a hub id
+            raise ValueError(f"{key}: local {path_kind} {value!r} not found ({owner}/ exists here, so the value "
+                             "is read as a path, not as a hub id)")
         return Source("hub", value)
     forms = [f"a known name ({', '.join(names.names()) or 'none'})"] if names is not None else []
     forms.append("an import path 'package.module:function'")
@@ -226,3 +231,40 @@ def get_reward(name: str, **kwargs) -> Reward:
             "(a reward is callable as reward(images, prompts) and has a bool attribute `differentiable`)"
         )
     return reward
+
+
+def check_reward_output(out: Any, batch: int, name: str) -> None:
+    """TypeError naming the reward unless `out` is a RewardOutput whose total and components
+    are tensors of shape [batch] (called on every reward call of a run)."""
+    if not isinstance(getattr(out, "components", None), dict):
+        raise TypeError(f"reward {name!r} returned {type(out).__name__}, not a RewardOutput (total, components)")
+    for key, value in [("total", out.total), *((f"components[{k!r}]", v) for k, v in out.components.items())]:
+        if not isinstance(value, torch.Tensor) or value.shape != (batch,):
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"reward {name!r}: {key} must be a tensor of shape [{batch}] (one value per image), "
+                            f"got {got}")
+
+
+def probe_reward(reward: Reward, name: str, prompts: list[str], resolution: int) -> None:
+    """One call on two random images, as a run would make it: ValueError naming the reward
+    unless it returns finite values of the right shapes and, when it says it is
+    differentiable, a finite gradient to the images."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, resolution, resolution, generator=generator)
+    images.requires_grad_(reward.differentiable)
+    prompts = (list(prompts) * 2)[:2]
+    try:
+        out = reward(images, prompts)
+    except Exception as e:
+        raise ValueError(f"reward {name!r} failed on two test images: {type(e).__name__}: {e}") from e
+    check_reward_output(out, 2, name)
+    if not bool(torch.isfinite(out.total).all()):
+        raise ValueError(f"reward {name!r} returned non-finite values on two test images: {out.total.tolist()}")
+    if reward.differentiable:
+        if not out.total.requires_grad:
+            raise ValueError(f"reward {name!r} says it is differentiable, but its total carries no gradient to the "
+                             "images (computed under no_grad, or detached?)")
+        out.total.sum().backward()
+        if images.grad is None or not bool(torch.isfinite(images.grad).all()):
+            raise ValueError(f"reward {name!r} says it is differentiable, but its gradient to the images is "
+                             f"{'missing' if images.grad is None else 'not finite'}")

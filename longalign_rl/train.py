@@ -54,26 +54,54 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
     return cfg, run_dir
 
 
-def check_reward(cfg: Config) -> None:
-    """Fail on the driver, before any worker starts, for a reward that cannot be used."""
-    from longalign_rl.registry import find_reward
+def check_reward(cfg: Config, prompts: list[str]) -> None:
+    """Fail on the driver, before any worker starts, for a reward that cannot be used: it is
+    built with reward.kwargs and called once on two random images with the run's first
+    prompts (registry.probe_reward: shapes, finite values, a gradient when it claims one)."""
+    from transformers.utils import logging as transformers_logging
 
-    factory = find_reward(cfg.reward.name)  # unknown name / bad import path -> clear error here
-    if getattr(factory, "differentiable", True) is False:
+    from longalign_rl.registry import get_reward, probe_reward
+
+    transformers_logging.disable_progress_bar()  # the driver's console says what matters only
+    try:
+        reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
+    except Exception as e:  # a plugin's factory may raise anything: name the key and the plugin
+        message = str(e) if str(e).startswith("reward ") else f"reward {cfg.reward.name!r}: {type(e).__name__}: {e}"
+        raise ConfigError(f"reward: {message}") from e
+    if not reward.differentiable:
         raise ConfigError(f"reward.name: reward {cfg.reward.name!r} is not differentiable; "
                           "reward backpropagation needs gradients from the reward to the image")
+    try:
+        probe_reward(reward, cfg.reward.name, prompts, cfg.sampler.resolution)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"reward: {e}") from e
+
+
+def check_model(cfg: Config) -> None:
+    """model.pretrained names something that exists; a local folder holds complete files."""
+    from longalign_rl.models import MODELS, check_model_folder
+    from longalign_rl.registry import resolve_source
+
+    source = resolve_source(cfg.model.pretrained, key="model.pretrained", names=MODELS,
+                            path_kind="diffusers folder", hub_ids=True)
+    if source.kind == "path":
+        check_model_folder(Path(cfg.model.pretrained))
+    elif source.kind == "hub":
+        log.info("model.pretrained %r is a hub id: every process loads it from the hub cache or the network",
+                 cfg.model.pretrained)
 
 
 def check_inputs(cfg: Config) -> list[Pair] | None:
     """Fail on the driver, before a run directory or a worker exists, for inputs that cannot
-    be used. Stage 1: the data source (returns the pairs of a folder or manifest). Stage 2:
+    be used. Both stages: the model. Stage 1: the data source (returns the pairs of a folder or manifest). Stage 2:
     the reward, the prompt source (bad lines are reported with their numbers) and the
     metric hooks."""
+    check_model(cfg)
     if cfg.stage == 1:
         return check_source(cfg.data)
-    check_reward(cfg)
-    load_prompts(cfg.prompts.source)
+    prompts = load_prompts(cfg.prompts.source)
     load_metric_hooks(cfg.run.metrics)
+    check_reward(cfg, prompts)
     return None
 
 

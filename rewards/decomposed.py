@@ -155,8 +155,9 @@ class ClipTypeReward(Reward):
         super().__init__()
         if isinstance(text_irrelevant_weight, bool) or not isinstance(text_irrelevant_weight, (int, float)):
             raise TypeError(f"text_irrelevant_weight must be a number, got {text_irrelevant_weight!r}")
-        if not math.isfinite(text_irrelevant_weight):
-            raise ValueError(f"text_irrelevant_weight must be finite, got {text_irrelevant_weight!r}")
+        if not (math.isfinite(text_irrelevant_weight) and 0.0 <= text_irrelevant_weight <= 1.0):
+            raise ValueError(f"text_irrelevant_weight must be in [0, 1] (0.3 is the paper's), got "
+                             f"{text_irrelevant_weight!r}")
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         if segment_pooling not in SEGMENT_POOLINGS:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from longalign_rl.registry import check_reward_output
 from longalign_rl.sampling.ddim import guided_eps
 from longalign_rl.types import RewardOutput, Rollout
 from longalign_rl.vae import decode
@@ -35,12 +36,14 @@ def replay_final_latents(unet, rollout: Rollout, guidance_scale: float) -> torch
 
 
 def score(reward, images: torch.Tensor, prompts: list[str]) -> tuple[RewardOutput, torch.Tensor]:
-    """The reward of `images`, and which samples got a finite one.
+    """The reward of `images`, and which samples got a finite one; a reward that returns
+    the wrong shapes is an error naming its class.
 
     A sample whose reward is NaN or infinite sends no gradient back at all (its image
     gradient is zeroed: masking the loss alone would still let 0 * NaN through).
     """
     out = reward(images, prompts)
+    check_reward_output(out, len(prompts), f"{type(reward).__module__}.{type(reward).__qualname__}")
     finite = torch.isfinite(out.total).detach()
     if images.requires_grad and not bool(finite.all()):
         mask = finite.view(-1, *([1] * (images.dim() - 1)))

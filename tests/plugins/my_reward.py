@@ -34,3 +34,37 @@ def tiny_model(seed: int = 0):
 def not_a_model(seed: int = 0):
     """A model loader that returns something that is not the model's parts."""
     return "unet"
+
+
+# Rewards that break the contract in the ways a plugin can (issue 10): each must be stopped
+# on the driver with a message that names it.
+
+class _Broken(Reward):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, images, prompts):
+        b = images.shape[0]
+        mean = images.mean(dim=(1, 2, 3))
+        if self.how == "raises":
+            raise RuntimeError("model weights missing")
+        if self.how == "nan":
+            return RewardOutput(total=mean * float("nan"), components={})
+        if self.how == "wide":
+            return RewardOutput(total=images.mean(dim=(2, 3)), components={})  # [B, 3]
+        if self.how == "detached":
+            return RewardOutput(total=mean.detach(), components={})
+        if self.how == "bad_component":
+            return RewardOutput(total=mean, components={"part": mean[:1]})
+        if self.how == "not_an_output":
+            return mean
+        return RewardOutput(total=mean, components={"part": torch.zeros(b)})
+
+
+def broken(how: str = "ok"):
+    return _Broken(how)
+
+
+def failing_factory():
+    raise RuntimeError("cannot reach the reward server")

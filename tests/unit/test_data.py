@@ -55,10 +55,11 @@ def test_folder_errors_name_the_image_without_caption_and_the_empty_caption(tmp_
 # ---------------------------------------------------------------- manifests
 
 
-def test_jsonl_manifest_paths_are_relative_to_the_manifest(tmp_path):
+@pytest.mark.parametrize("name", ["pairs.jsonl", "PAIRS.JSONL"])  # suffixes are case-insensitive
+def test_jsonl_manifest_paths_are_relative_to_the_manifest(tmp_path, name):
     write_image(tmp_path / "images" / "x.png")
     absolute = write_image(tmp_path / "elsewhere" / "y.png")
-    manifest = tmp_path / "pairs.jsonl"
+    manifest = tmp_path / name
     manifest.write_text(json.dumps({"image": "images/x.png", "caption": " A red square. "}) + "\n\n"
                         + json.dumps({"image": str(absolute), "caption": "Another."}) + "\n")
     pairs = read_pairs(str(manifest))

@@ -113,6 +113,6 @@ def test_global_batch_matches_deepspeed_with_num_workers_as_world_size(monkeypat
     cfg = load_config()  # reference: 6 workers x 8 = 48
     ds = parse(deepspeed_config(cfg), cfg.train.num_workers, monkeypatch)
     assert ds.train_batch_size == cfg.global_batch == 48
-    cfg = load_config(None, ["train.num_workers=2", "train.batch_size=3", "train.grad_accum=5"])
+    cfg = load_config(None, ["train.num_workers=2", "sampler.num_actors=2", "train.batch_size=3", "train.grad_accum=5"])
     ds = parse(deepspeed_config(cfg), 2, monkeypatch)
     assert ds.train_batch_size == cfg.global_batch == 30

@@ -2,7 +2,7 @@
 inside functions) of longalign_rl/, rewards/ and shapesworld/:
 
     foundations   config, types, registry, encoding, models, vae, lora, prompts, data,
-                  outputs, hooks, direction
+                  outputs, summary, hooks, direction
     maths         sampling.ddim, sampling.sampler, algorithms
     distributed   sampling.group, training            (the only ones that import ray/deepspeed)
     entry         train
@@ -21,7 +21,7 @@ from tests import REPO
 
 LAYERS = {
     "foundations": ["config", "types", "registry", "encoding", "models", "vae", "lora", "prompts", "data",
-                    "outputs", "hooks", "direction"],
+                    "outputs", "summary", "hooks", "direction"],
     "maths": ["sampling.ddim", "sampling.sampler", "algorithms"],
     "distributed": ["sampling.group", "training"],
     "entry": ["train"],

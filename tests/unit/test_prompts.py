@@ -36,8 +36,10 @@ def test_txt_file_without_final_newline_and_with_utf8(tmp_path):
     assert load_prompts(str(path)) == ["un café au lait", "猫が寝ている 😀"]
 
 
-def test_jsonl_file(tmp_path):
-    path = tmp_path / "p.jsonl"
+@pytest.mark.parametrize("name", ["p.jsonl", "P.JSONL", "p.JsonL"])
+def test_jsonl_file(tmp_path, name):
+    """The suffix is read case-insensitively: a P.JSONL file's raw lines are not prompts (issue 10)."""
+    path = tmp_path / name
     lines = [json.dumps({"prompt": "a red cube", "id": 1}), "", json.dumps({"prompt": "  a blue ball \n", "x": [1]}),
              "   ", json.dumps({"prompt": "un café"}, ensure_ascii=False)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

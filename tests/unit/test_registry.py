@@ -171,3 +171,26 @@ def test_models_resolve_builtins_entry_points_and_import_path_loaders(tmp_path):
         load_components(str(tmp_path / "missing" / "folder"))
     with pytest.raises(ValueError, match="'tiny' is built in"):
         MODELS.register("tiny", lambda seed: None)
+
+
+# ---------------------------------------------------------------- the driver's probe (issue 10)
+
+
+@pytest.mark.parametrize("how, error", [
+    ("raises", "failed on two test images: RuntimeError: model weights missing"),
+    ("nan", "non-finite values"),
+    (r"wide", r"total must be a tensor of shape \[2\].*got \[2, 3\]"),
+    ("detached", "carries no gradient"),
+    ("bad_component", r"components\['part'\] must be a tensor of shape \[2\]"),
+    ("not_an_output", "returned Tensor, not a RewardOutput"),
+])
+def test_the_probe_names_a_reward_that_breaks_the_contract(how, error):
+    reward = get_reward("tests.plugins.my_reward:broken", how=how)
+    with pytest.raises((TypeError, ValueError), match=rf"reward 'broken-{how}'.*{error}|{error}") as e:
+        registry.probe_reward(reward, f"broken-{how}", ["a prompt"], 16)
+    assert f"broken-{how}" in str(e.value)
+
+
+def test_the_probe_passes_working_rewards():
+    registry.probe_reward(get_reward("tests.plugins.my_reward:broken"), "ok", ["a", "b", "c"], 16)
+    registry.probe_reward(get_reward("tiny_clip"), "tiny_clip", ["a red cube. a blue ball."], 32)

@@ -158,7 +158,9 @@ def test_same_seed_same_model_and_global_rng_untouched(factory):
     "kwargs, error",
     [
         ({"text_irrelevant_weight": "0.3"}, "text_irrelevant_weight must be a number"),
-        ({"text_irrelevant_weight": float("nan")}, "text_irrelevant_weight must be finite"),
+        ({"text_irrelevant_weight": float("nan")}, r"text_irrelevant_weight must be in \[0, 1\]"),
+        ({"text_irrelevant_weight": 1.5}, r"text_irrelevant_weight must be in \[0, 1\]"),
+        ({"text_irrelevant_weight": -0.5}, r"text_irrelevant_weight must be in \[0, 1\]"),
         ({"direction": "sideways"}, "direction must be one of"),
         ({"direction": "corpus"}, "direction_path is required"),
         ({"direction_path": "v.safetensors"}, "direction_path is only used with direction='corpus'"),
