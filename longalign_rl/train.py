@@ -13,10 +13,13 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from longalign_rl.config import Config, ConfigError, load_config, to_yaml
+import yaml
+
+from longalign_rl.config import Config, ConfigError, load_config, to_dict, to_yaml
 from longalign_rl.data import Pair, check_source
 from longalign_rl.hooks import load_metric_hooks
 from longalign_rl.prompts import load_prompts
@@ -44,6 +47,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
             raise ConfigError(f"--resume {args.resume}: no config.yaml there, not a run directory")
         # The run's location is where it is now, whatever the saved config says.
         cfg = load_config(run_dir / "config.yaml", args.overrides + [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
+        check_resume(yaml.safe_load((run_dir / "config.yaml").read_text()), cfg)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
@@ -138,6 +142,75 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
     )
 
 
+# Keys that change what the checkpoint's weights mean: a resume may not change them.
+ARCHITECTURE_KEYS = ("stage", "model.pretrained", "model.revision", "model.random_seed", "lora.enabled", "lora.rank",
+                     "lora.alpha", "lora.target_modules")
+
+
+def _get(data: dict, dotted: str):
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def check_resume(saved: dict, cfg: Config) -> None:
+    """A resume keeps the architecture of the run it continues."""
+    new = to_dict(cfg)
+    changed = [f"{k} ({_get(saved, k)!r} -> {_get(new, k)!r})" for k in ARCHITECTURE_KEYS if _get(saved, k) != _get(new, k)]
+    if changed:
+        raise ConfigError(f"--resume: the checkpoint was trained with other values of {', '.join(changed)}; "
+                          "start a new run to change them")
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """The run directory's parent can be created and written (the run directory itself is
+    made only once every check has passed)."""
+    target = run_dir if run_dir.is_dir() else run_dir.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".write_probe"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"run.output_dir: cannot write runs to {target}: {e.strerror or e}") from None
+
+
+def required_resources(cfg: Config) -> dict[str, float]:
+    """What the trainer workers (and stage 2's sampler actors) reserve, all together."""
+    t, s = cfg.train, cfg.sampler
+    need = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": float(t.num_workers if t.use_gpu else 0)}
+    if cfg.stage == 2:
+        need["CPU"] += s.num_actors * s.num_cpus
+        need["GPU"] += s.num_actors * s.num_gpus
+    return need
+
+
+def resource_shortfall(cfg: Config, total: dict[str, float]) -> str | None:
+    """A message naming the keys, if the cluster's `total` resources cannot hold the run."""
+    need = required_resources(cfg)
+    short = [f"{need[r]:g} {r}s (has {total.get(r, 0.0):g})" for r in ("CPU", "GPU") if need[r] > total.get(r, 0.0) + 1e-9]
+    if not short:
+        return None
+    return (f"the run needs {' and '.join(short)}: train.num_workers x train.cpus_per_worker (use_gpu: 1 GPU each)"
+            + (" + sampler.num_actors x sampler.num_cpus / num_gpus" if cfg.stage == 2 else ""))
+
+
+def connect(cfg: Config) -> None:
+    """Start or join Ray, and check that the run fits: on a local instance a run that can never
+    be placed is an error (Ray Train would retry forever); on a cluster the autoscaler may
+    still add nodes, so it is a warning."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level=logging.WARNING)
+    log.info("Ray: %s", f"joined the cluster at {address}" if address else "started a local instance")
+    shortfall = resource_shortfall(cfg, ray.cluster_resources())
+    if shortfall and not address:
+        raise ConfigError(f"resources: {shortfall}; this local Ray instance can never place it")
+    if shortfall:
+        log.warning("resources: %s; waiting for the autoscaler to add nodes", shortfall)
+
+
 def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None):
     """Start (or join) Ray and the trainer workers (stage 2: and the sampler actors); block
     until done. `pairs`: check_inputs' result, so a stage-1 manifest is not read twice."""
@@ -145,12 +218,8 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from longalign_rl.config import to_dict
-
-    address = os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING)
-    log.info("Ray: %s", f"joined the cluster at {address}" if address else "started a local instance")
+        connect(cfg)
 
     common = dict(
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -198,11 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, run_dir = resolve(args)
         pairs = check_inputs(cfg)  # a bad prompt file or data source fails here, naming its lines
+        check_output_dir(run_dir)
+        connect(cfg)
     except (ConfigError, ValueError, TypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if not args.resume:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded (worker.py)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     print(describe(cfg, run_dir, pairs), flush=True)
     start = time.perf_counter()
     result = run(cfg, run_dir, pairs)

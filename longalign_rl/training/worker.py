@@ -6,7 +6,7 @@ that is the algorithm's own.
     SET UP   context (rank, device, run directory); the UNet with what trains in a DeepSpeed
              engine (training/engine.py); the body builds the rest (VAE, reward, encoder ...)
     RESUME   weights, optimiser, RNG and counters from Ray Train's last checkpoint;
-             metrics.jsonl cut back to it
+             metrics.jsonl cut back to it; config.yaml (re)written once that has loaded
     LOOP     body.step(): the algorithm's own step (stage 2: SAMPLE, UPDATE, SYNC;
              stage 1: LOAD, UPDATE), then here:
       LOG    all-worker means of the body's statistics, plus the common fields (grad norm,
@@ -37,7 +37,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from longalign_rl.config import Config, from_dict
+from longalign_rl.config import Config, from_dict, to_yaml
 from longalign_rl.lora import export_for_diffusers, trainable_state_dict
 from longalign_rl.models import Components
 from longalign_rl.outputs import MetricsLog
@@ -163,6 +163,9 @@ def run_worker(loop_config: dict, make_body: type) -> None:
     metrics_log = MetricsLog(run_dir)
     if rank == 0:
         metrics_log.truncate_after(state.step)
+        # Only now that the checkpoint has loaded: a resume whose load fails leaves the run's
+        # config as it was, so the run stays resumable.
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     body.start(state)
 
     # ------------------------------------------------------------------ LOOP

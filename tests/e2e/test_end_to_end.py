@@ -150,6 +150,14 @@ def test_bad_config_fails_before_starting_anything(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == [bad]  # no run directory was made
 
 
+def test_a_run_the_local_instance_can_never_place_exits_2(ray_local, tmp_path, capsys):
+    """4 workers x 0.5 CPU + 2 actors x 0.5 on 2 CPUs: Ray Train would wait forever."""
+    assert train.main(["train.num_workers=4", f"run.output_dir={tmp_path}", "run.name=big"]) == 2
+    err = capsys.readouterr().err
+    assert "resources: the run needs 3 CPUs (has 2)" in err and "can never place it" in err, err
+    assert not (tmp_path / "big").exists()
+
+
 def test_a_stale_or_restarted_sampler_actor_is_resynced(ray_local):
     """A rollout that lags more than max_policy_lag is not used: its actor gets the
     trainer's weights and samples again. A killed actor restarts and the same happens."""
@@ -222,7 +230,7 @@ def test_the_run_joins_the_cluster_named_by_ray_address(monkeypatch, tmp_path):
     with pytest.raises(Joined):
         train.main([f"run.output_dir={tmp_path}", "run.name=joined"])
     assert seen["address"] == "127.0.0.1:6379"
-    assert (tmp_path / "joined" / "config.yaml").is_file()
+    assert not (tmp_path / "joined").exists()  # the run directory is made once Ray is there and the run fits
 
 
 @pytest.mark.slow

@@ -94,3 +94,41 @@ def test_weights_overwritten_in_place_are_refused_on_load(tmp_path):
     vae.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"vae\..* holds NaN or infinite weights"):
         load_components(str(folder))
+
+
+# ---------------------------------------------------------------- resources, output dir, resume
+
+
+def test_a_run_that_cannot_fit_names_the_keys():
+    from longalign_rl.config import load_config
+
+    cfg = load_config(train.DEFAULT_CONFIG, ["train.num_workers=4", "sampler.num_actors=2"])
+    assert train.required_resources(cfg) == {"CPU": 3.0, "GPU": 0.0}  # 4 x 0.5 + 2 x 0.5
+    message = train.resource_shortfall(cfg, {"CPU": 2.0})
+    assert "3 CPUs (has 2)" in message and "train.num_workers" in message and "sampler.num_actors" in message
+    assert train.resource_shortfall(cfg, {"CPU": 3.0}) is None
+    gpu = load_config(None, ["train.num_workers=2", "sampler.num_actors=2", "sampler.num_gpus=0.5"])
+    assert train.required_resources(gpu)["GPU"] == 3.0
+    assert "3 GPUs (has 2)" in train.resource_shortfall(gpu, {"CPU": 64.0, "GPU": 2.0})
+
+
+def test_an_unwritable_or_non_directory_output_dir_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert train.main([f"run.output_dir={blocker / 'runs'}", "run.name=r"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run.output_dir: cannot write runs to") and "a_file" in err, err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_resume_that_changes_the_architecture_is_refused_and_keeps_the_config(tmp_path, capsys):
+    from longalign_rl.config import load_config, to_yaml
+
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    saved = to_yaml(load_config(train.DEFAULT_CONFIG, ["lora.rank=4"]))
+    (run_dir / "config.yaml").write_text(saved)
+    code = train.main(["--resume", str(run_dir), "lora.rank=8", "model.pretrained=tiny"])
+    err = capsys.readouterr().err
+    assert code == 2 and "lora.rank (4 -> 8)" in err and "model.pretrained ('shapesworld' -> 'tiny')" in err, err
+    assert (run_dir / "config.yaml").read_text() == saved
