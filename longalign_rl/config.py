@@ -179,6 +179,10 @@ class RunConfig:
     image_every: int = 250
     # Worker restarts Ray Train allows (each resumes from the last checkpoint).
     max_failures: int = 3
+    # A step whose loss, gradient norm, reward (every sample's) or weights are NaN or
+    # infinite is tolerated this many times in a row; one more stops the run, keeping the
+    # last finite checkpoint and exporting nothing (run_dir/stopped.json says why; exit 1).
+    max_nonfinite_steps: int = 3
     # Checkpoints kept on disk (the newest ones); 0 keeps all.
     keep_checkpoints: int = 3
     # Metric hooks of stage 2, as import paths "pkg.module:function": each is called as
@@ -429,6 +433,8 @@ def validate(cfg: Config) -> None:
     for key, value in [("sampler.num_cpus", s.num_cpus), ("sampler.num_gpus", s.num_gpus),
                        ("train.cpus_per_worker", t.cpus_per_worker)]:
         _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(cfg.run.max_nonfinite_steps >= 0, "run.max_nonfinite_steps",
+             f"must be >= 0, got {cfg.run.max_nonfinite_steps}")
     _require(cfg.run.max_failures >= -1, "run.max_failures", f"must be >= 0 (or -1: retry forever), got "
              f"{cfg.run.max_failures}")
     _require(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", f"must be >= 0, got {cfg.run.keep_checkpoints}")

@@ -1,4 +1,5 @@
-"""What a run writes besides checkpoints: metrics.jsonl and image grids with their prompts."""
+"""What a run writes besides checkpoints: metrics.jsonl, image grids with their prompts, and
+stopped.json when the run was stopped."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+# Written into the run directory when the non-finite guard stops a run (training/worker.py):
+# {"step", "cause", "last_checkpoint", "message"}; the driver prints it and exits 1.
+STOPPED = "stopped.json"
 
 
 class MetricsLog:

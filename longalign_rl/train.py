@@ -10,6 +10,7 @@ supervised long-text fine-tuning on `data` instead of the reward fine-tuning.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -22,6 +23,7 @@ import yaml
 from longalign_rl.config import Config, ConfigError, load_config, to_dict, to_yaml
 from longalign_rl.data import Pair, check_source
 from longalign_rl.hooks import load_metric_hooks
+from longalign_rl.outputs import STOPPED
 from longalign_rl.prompts import load_prompts
 from longalign_rl.summary import read_summary
 
@@ -278,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(cfg, run_dir, pairs), flush=True)
     start = time.perf_counter()
     result = run(cfg, run_dir, pairs)
+    stopped = run_dir / STOPPED
+    if stopped.is_file():
+        print(f"error: run stopped: {json.loads(stopped.read_text())['message']} ({run_dir})", file=sys.stderr)
+        return 1
     print(f"done in {time.perf_counter() - start:.1f} s; last checkpoint {result.checkpoint.path if result.checkpoint else None}")
     summary = read_summary(run_dir)
     if summary:

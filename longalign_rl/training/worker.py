@@ -11,6 +11,9 @@ that is the algorithm's own.
              stage 1: LOAD, UPDATE), then here:
       LOG    all-worker means of the body's statistics, plus the common fields (grad norm,
              lr, weights spread, samples/s, step time); rank 0 appends them to metrics.jsonl
+      GUARD  a non-finite loss, grad norm, reward or weights for more than
+             run.max_nonfinite_steps steps in a row stops the run: no checkpoint, no
+             export, stopped.json says why (the driver exits 1)
       CKPT   every run.checkpoint_every steps and at the end, every worker reports to Ray Train
     EXPORT   rank 0 writes lora/ (or unet/), then whatever the body adds (stage 1: model/),
              and summary.json: the body's summary_keys, first vs last window (summary.py)
@@ -23,6 +26,7 @@ algorithm means writing its body (training/<name>.py) and its pure loss
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -40,7 +44,7 @@ import torch.distributed as dist
 from longalign_rl.config import Config, from_dict, to_yaml
 from longalign_rl.lora import export_for_diffusers, trainable_state_dict
 from longalign_rl.models import Components
-from longalign_rl.outputs import MetricsLog
+from longalign_rl.outputs import STOPPED, MetricsLog
 from longalign_rl.summary import write_summary
 from longalign_rl.training import checkpoint
 from longalign_rl.training.engine import build_trainable, grad_norm
@@ -120,6 +124,31 @@ def weights_spread(module) -> float:
     return float(both[0] + both[1])
 
 
+GUARDED = ("loss", "grad_norm", "reward")  # record fields that must stay finite
+
+
+def weights_finite(module) -> bool:
+    """Whether every trainable weight is finite (one reduction: a NaN or inf anywhere spoils the sum)."""
+    total = torch.stack([p.detach().float().sum() for p in module.parameters() if p.requires_grad]).sum()
+    return bool(torch.isfinite(total))
+
+
+def nonfinite_cause(record: dict, weights_ok: bool, keys: tuple[str, ...] = GUARDED) -> str | None:
+    """What is not finite in a step's record, or None. `reward` is the mean over the samples
+    with a finite reward, so it is NaN only when every sample's is."""
+    bad = [k for k in keys if k in record and not math.isfinite(record[k])]
+    if not weights_ok:
+        bad.append("weights")
+    return ", ".join(bad) or None
+
+
+def _stopped(step: int, cause: str, checkpointed: int, why: str) -> dict:
+    kept = (f"the last checkpoint (step {checkpointed}) holds finite weights" if checkpointed
+            else "no checkpoint was written")
+    return {"step": step, "cause": cause, "last_checkpoint": checkpointed,
+            "message": f"{why}; nothing was checkpointed or exported after it; {kept}"}
+
+
 def _resume(ctx: WorkerContext) -> checkpoint.TrainerState:
     state = checkpoint.TrainerState()
     ckpt = ray.train.get_checkpoint()
@@ -169,7 +198,9 @@ def run_worker(loop_config: dict, make_body: type) -> None:
     body.start(state)
 
     # ------------------------------------------------------------------ LOOP
-    checkpointed, record = state.step, None
+    checkpointed, record, nonfinite, stopped, cause = state.step, None, 0, None, None
+    if rank == 0:
+        (run_dir / STOPPED).unlink(missing_ok=True)
     for step in range(state.step, cfg.train.steps):
         t0 = time.perf_counter()
         out = body.step(step, state)
@@ -195,10 +226,32 @@ def run_worker(loop_config: dict, make_body: type) -> None:
             metrics_log.write(record)
             log.info(_format(record, body.log_keys))
 
-        # CKPT
-        if state.step % cfg.run.checkpoint_every == 0:
+        # GUARD: every worker sees the same all-reduced record, so all stop together
+        # fp16's loss scaling skips overflowing steps by design, and an engine that did not
+        # measure the norm (no clipping) reports none: the grad norm is guarded otherwise only.
+        skip_norm = cfg.train.precision == "fp16" or engine.get_global_grad_norm() is None
+        cause = nonfinite_cause(record, weights_finite(engine.module),
+                                tuple(k for k in GUARDED if not (skip_norm and k == "grad_norm")))
+        nonfinite = nonfinite + 1 if cause else 0
+        if cause and rank == 0:
+            log.warning("step %d: %s not finite (%d in a row, run.max_nonfinite_steps=%d)", step + 1, cause,
+                        nonfinite, cfg.run.max_nonfinite_steps)
+        if nonfinite > cfg.run.max_nonfinite_steps:
+            stopped = _stopped(step + 1, cause, checkpointed,
+                               f"{cause} not finite for {nonfinite} steps in a row (run.max_nonfinite_steps="
+                               f"{cfg.run.max_nonfinite_steps}): stopped at step {step + 1}")
+            break
+
+        # CKPT (never of non-finite weights)
+        if state.step % cfg.run.checkpoint_every == 0 and not cause:
             _report(ctx, state, record)
             checkpointed = state.step
+    if cause and not stopped:  # the last step was tolerated, but its weights are not to be kept
+        stopped = _stopped(state.step, cause, checkpointed, f"the last step's {cause} was not finite")
+    if stopped:
+        if rank == 0:
+            (run_dir / STOPPED).write_text(json.dumps(stopped, indent=1) + "\n")
+        return
     if state.step > checkpointed:  # the run ended between checkpoints: one more, at the end
         _report(ctx, state, record)
 

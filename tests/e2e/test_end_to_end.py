@@ -150,6 +150,24 @@ def test_bad_config_fails_before_starting_anything(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == [bad]  # no run directory was made
 
 
+def test_a_reward_that_turns_nan_stops_the_run_keeping_the_last_finite_checkpoint(ray_local, tmp_path, capsys):
+    """Step 1 is finite and checkpointed; steps 2 and 3 have NaN rewards everywhere: with
+    run.max_nonfinite_steps=1 the run stops at step 3, exports nothing and exits 1."""
+    code = train.main(["train.steps=6", "run.checkpoint_every=1", "run.max_nonfinite_steps=1",
+                       "reward.name=tests.plugins.my_reward:broken", "reward.kwargs={how: nan_after, after: 1}",
+                       f"run.output_dir={tmp_path}", "run.name=nan"])
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "nan"
+    assert code == 1 and "error: run stopped: reward not finite for 2 steps in a row" in err, err
+    stopped = json.loads((run_dir / "stopped.json").read_text())
+    assert stopped["step"] == 3 and stopped["last_checkpoint"] == 1
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
+    assert read_metrics(run_dir)[1]["reward_nonfinite"] == 1.0
+    states = [json.loads((p / "state.json").read_text())["step"] for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    assert states == [1]
+    assert not (run_dir / "lora").exists() and not (run_dir / "summary.json").exists()
+
+
 def test_a_run_the_local_instance_can_never_place_exits_2(ray_local, tmp_path, capsys):
     """4 workers x 0.5 CPU + 2 actors x 0.5 on 2 CPUs: Ray Train would wait forever."""
     assert train.main(["train.num_workers=4", f"run.output_dir={tmp_path}", "run.name=big"]) == 2

@@ -40,13 +40,16 @@ def not_a_model(seed: int = 0):
 # on the driver with a message that names it.
 
 class _Broken(Reward):
-    def __init__(self, how: str):
+    def __init__(self, how: str, after: int = 0):
         super().__init__()
-        self.how = how
+        self.how, self.after, self.calls = how, after, 0
 
     def forward(self, images, prompts):
         b = images.shape[0]
         mean = images.mean(dim=(1, 2, 3))
+        self.calls += 1
+        if self.how == "nan_after":  # fine for `after` calls (the driver's probe passes), then NaN
+            return RewardOutput(total=mean * (float("nan") if self.calls > self.after else 1.0), components={})
         if self.how == "raises":
             raise RuntimeError("model weights missing")
         if self.how == "nan":
@@ -62,8 +65,8 @@ class _Broken(Reward):
         return RewardOutput(total=mean, components={"part": torch.zeros(b)})
 
 
-def broken(how: str = "ok"):
-    return _Broken(how)
+def broken(how: str = "ok", after: int = 0):
+    return _Broken(how, after)
 
 
 def failing_factory():
