@@ -50,6 +50,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
         # The run's location is where it is now, whatever the saved config says.
         cfg = load_config(run_dir / "config.yaml", args.overrides + [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
         check_resume(yaml.safe_load((run_dir / "config.yaml").read_text()), cfg)
+        remove_unregistered_checkpoints(run_dir)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
@@ -162,6 +163,22 @@ def check_resume(saved: dict, cfg: Config) -> None:
     if changed:
         raise ConfigError(f"--resume: the checkpoint was trained with other values of {', '.join(changed)}; "
                           "start a new run to change them")
+
+
+def remove_unregistered_checkpoints(run_dir: Path) -> None:
+    """Checkpoint folders a killed run began but Ray Train never registered are deleted (only
+    when Ray's record of the registered ones exists, so nothing is guessed)."""
+    import shutil
+
+    from longalign_rl.training.checkpoint import registered
+
+    if not (run_dir / "checkpoint_manager_snapshot.json").is_file():
+        return
+    kept = {p.name for p in registered(run_dir)}
+    for folder in sorted(run_dir.glob("checkpoint_*")):
+        if folder.is_dir() and folder.name not in kept:
+            log.warning("removing %s: a checkpoint that was never completed", folder.name)
+            shutil.rmtree(folder)
 
 
 def check_output_dir(run_dir: Path) -> None:

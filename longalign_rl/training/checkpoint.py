@@ -1,12 +1,21 @@
 """Checkpoint contents, written by every worker into one folder that Ray Train merges.
 
-    weights.safetensors   trainable weights (LoRA or UNet), rank 0
-    state.json            the counters of TrainerState (step; stage 2's prompt position;
-                          stage 1's epoch and pairs used in it), rank 0
-    rng/rank{r}.pt        torch, numpy and Python RNG states of worker r
-    deepspeed/state/...   DeepSpeed's optimiser and LR-scheduler state (each rank its
-                          ZeRO partition; DeepSpeed also keeps its own copy of the
-                          trainable weights there, which `load` restores with it)
+    weights.safetensors     trainable weights (LoRA or UNet), rank 0
+    state.json              the counters of TrainerState (step; stage 2's prompt position;
+                            stage 1's epoch and pairs used in it), rank 0
+    rng/rank{r}.safetensors torch (and CUDA) RNG states of worker r, and
+    rng/rank{r}.json        its numpy and Python RNG states: no pickle anywhere
+    deepspeed/state/...     DeepSpeed's optimiser and LR-scheduler state (each rank its
+                            ZeRO partition; DeepSpeed also keeps its own copy of the
+                            trainable weights there, which `load` restores with it)
+    manifest/rank{r}.json   size and SHA-256 of every file worker r wrote
+
+Trust boundary: DeepSpeed stores its states with torch.save (pickle). They are loaded with
+`torch.load(weights_only=True)` and an allow-list of the three DeepSpeed classes they hold
+(SAFE_GLOBALS), so a crafted file cannot run code; a file that needs anything else is
+refused, not unpickled. The manifests catch truncated or altered files before any load
+(`verify`); they guard against corruption, not against someone who can rewrite the
+manifests as well (whoever can write the run directory can change the code it runs).
 
 A checkpoint becomes visible only after Ray Train has persisted every worker's files, so
 a run killed while writing leaves the previous checkpoint as the latest.
@@ -14,6 +23,7 @@ a run killed while writing leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -21,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 WEIGHTS = "weights.safetensors"
 STATE = "state.json"
+MANIFESTS = "manifest"
 DEEPSPEED_TAG = "state"  # not "latest": DeepSpeed writes a file of that name beside the tag
 
 
@@ -36,38 +47,159 @@ class TrainerState:
     samples_in_epoch: int = 0  # stage 1: pairs of that epoch used, all workers together
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+# ---------------------------------------------------------------- RNG, without pickle
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    (directory / "rng").mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "rng" / f"rank{rank}.safetensors"))
+    (directory / "rng" / f"rank{rank}.json").write_text(json.dumps({
+        "numpy": [name, int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss_next]}))
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_rng(directory: Path, rank: int) -> bool:
+    """Restore worker `rank`'s RNG states; False when the checkpoint has none for it (the
+    world size changed, or an older checkpoint stored them as pickles, which are not read)."""
+    tensors_path, scalars_path = directory / "rng" / f"rank{rank}.safetensors", directory / "rng" / f"rank{rank}.json"
+    if not (tensors_path.is_file() and scalars_path.is_file()):
+        return False
+    tensors, scalars = load_file(str(tensors_path)), json.loads(scalars_path.read_text())
+    torch.set_rng_state(tensors["torch"])
+    name, pos, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((name, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = scalars["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = [tensors[f"cuda{i}"] for i in range(len([k for k in tensors if k.startswith("cuda")]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return True
+
+
+# ---------------------------------------------------------------- DeepSpeed, without code execution
+
+
+def safe_globals() -> list:
+    """The only classes DeepSpeed's ZeRO states may hold (found by loading them with nothing allowed)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def make_loads_safe(engine) -> None:
+    """Make every DeepSpeed checkpoint read of `engine` a `weights_only` load."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    allowed = safe_globals()
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:  # torch names the refused global in its message
+                raise CheckpointError(f"{path}: refused to load (it needs more than tensors and DeepSpeed's "
+                                      f"allowed classes, or is damaged): {str(e).splitlines()[-1][:300]}") from e
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:
+        raise CheckpointError(f"DeepSpeed uses {type(current).__name__} for checkpoints; only the torch engine "
+                              "can be loaded safely here")
+    safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
+    safe.__dict__.update(current.__dict__)
+    engine.checkpoint_engine = safe
+
+
+# ---------------------------------------------------------------- manifests
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, altered or unsafe to load."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, rank: int) -> None:
+    """Size and hash of every file this rank wrote into `directory` (its own temporary folder)."""
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / MANIFESTS).mkdir(exist_ok=True)
+    (directory / MANIFESTS / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "files": files}, indent=0))
+
+
+def verify(directory: Path) -> None:
+    """CheckpointError naming the first problem: no manifest, a listed file missing, of
+    another size or hash. Every worker runs the same check, so they agree on the verdict."""
+    manifests = sorted((directory / MANIFESTS).glob("rank*.json"))
+    if not manifests:
+        raise CheckpointError(f"{directory}: no manifest (written by an older version, or incomplete)")
+    for manifest in manifests:
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{manifest}: unreadable ({e})") from None
+        for name, expected in files.items():
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointError(f"{directory}: {name} is missing")
+            if path.stat().st_size != expected["bytes"]:
+                raise CheckpointError(f"{directory}: {name} has {path.stat().st_size} bytes, {expected['bytes']} "
+                                      "were written (truncated?)")
+            if _sha256(path) != expected["sha256"]:
+                raise CheckpointError(f"{directory}: {name} differs from what was written")
+
+
+# ---------------------------------------------------------------- save and load
 
 
 def save(directory: Path, engine, weights: dict, state: TrainerState, rank: int) -> None:
-    """Every rank calls this (DeepSpeed's save is collective)."""
+    """Every rank calls this (DeepSpeed's save is collective), each into its own folder."""
     engine.save_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
-    (directory / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), directory / "rng" / f"rank{rank}.pt")
+    save_rng(directory, rank)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / WEIGHTS))
         (directory / STATE).write_text(json.dumps(asdict(state)))
+    write_manifest(directory, rank)
 
 
 def load(directory: Path, engine, rank: int) -> TrainerState:
-    """Restore weights, optimiser, scheduler and this rank's RNG; return the counters."""
+    """Verify, then restore weights, optimiser, scheduler and this rank's RNG; return the counters."""
+    verify(directory)
+    make_loads_safe(engine)
     path, _ = engine.load_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG, load_module_strict=False)
     if path is None:
-        raise FileNotFoundError(f"no DeepSpeed state in checkpoint {directory}")
-    rng = directory / "rng" / f"rank{rank}.pt"
-    if rng.exists():  # absent when the world size changed; the counters still resume
-        _set_rng_state(torch.load(rng, weights_only=False))
+        raise CheckpointError(f"no DeepSpeed state in checkpoint {directory}")
+    load_rng(directory, rank)  # absent when the world size changed; the counters still resume
     # A counter missing from an older checkpoint keeps its default.
     return TrainerState(**json.loads((directory / STATE).read_text()))
+
+
+def step_of(directory: Path) -> int | None:
+    try:
+        return int(json.loads((directory / STATE).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def registered(run_dir: Path) -> list[Path]:
+    """The checkpoint folders Ray Train registered for this run, newest step first."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return []
+    names = [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])]
+    folders = [run_dir / n for n in names if (run_dir / n).is_dir()]
+    return sorted(folders, key=lambda p: step_of(p) or -1, reverse=True)

@@ -150,13 +150,29 @@ def _stopped(step: int, cause: str, checkpointed: int, why: str) -> dict:
 
 
 def _resume(ctx: WorkerContext) -> checkpoint.TrainerState:
-    state = checkpoint.TrainerState()
+    """The newest checkpoint that verifies: Ray Train's latest, else (with a warning) the
+    newest older one this run registered. Every worker reaches the same verdict."""
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = checkpoint.load(Path(d), ctx.engine, ctx.rank)
-        log.info("rank %d: resumed at step %d", ctx.rank, state.step)
-    return state
+    if ckpt is None:
+        return checkpoint.TrainerState()
+    with ckpt.as_directory() as d:
+        latest = Path(d)
+        newest = checkpoint.step_of(latest)
+        older = [p for p in checkpoint.registered(ctx.run_dir)
+                 if p.resolve() != latest.resolve() and newest is not None and (checkpoint.step_of(p) or 0) < newest]
+        problems = []
+        for folder in [latest, *older]:
+            try:
+                checkpoint.verify(folder)
+            except checkpoint.CheckpointError as e:
+                problems.append(str(e))
+                if ctx.rank == 0:
+                    log.warning("checkpoint %s does not verify (%s); trying the previous one", folder.name, e)
+                continue
+            state = checkpoint.load(folder, ctx.engine, ctx.rank)
+            log.info("rank %d: resumed at step %d from %s", ctx.rank, state.step, folder.name)
+            return state
+    raise checkpoint.CheckpointError("no checkpoint of this run verifies: " + "; ".join(problems))
 
 
 def _report(ctx: WorkerContext, state: checkpoint.TrainerState, record: dict) -> None:

@@ -61,7 +61,7 @@ def test_run_writes_metrics_images_config_and_checkpoints(tiny_run):
     newest = checkpoints[-1]
     assert json.loads((newest / "state.json").read_text())["step"] == 6
     assert (newest / "weights.safetensors").is_file()
-    assert {p.name for p in (newest / "rng").iterdir()} == {"rank0.pt", "rank1.pt"}
+    assert {p.name for p in (newest / "rng").iterdir()} == {"rank0.safetensors", "rank0.json", "rank1.safetensors", "rank1.json"}
     optim = list((newest / "deepspeed").rglob("*optim_states.pt"))
     assert len(optim) == 2, optim  # one ZeRO-2 partition per worker
 
@@ -166,6 +166,36 @@ def test_a_reward_that_turns_nan_stops_the_run_keeping_the_last_finite_checkpoin
     states = [json.loads((p / "state.json").read_text())["step"] for p in run_dir.glob("checkpoint_*") if p.is_dir()]
     assert states == [1]
     assert not (run_dir / "lora").exists() and not (run_dir / "summary.json").exists()
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_and_partial_ones_are_removed(ray_local, tmp_path):
+    """Checkpoints at steps 2 and 4; the newest one's optimiser state is truncated and a
+    never-registered folder holds a crafted pickle. --resume to 6 steps: it resumes from step
+    2 (steps 3-4 redone, no metric row lost or doubled), removes the partial folder and never
+    runs its code."""
+    import pickle
+
+    run_main(tmp_path, "train.steps=4", "run.checkpoint_every=2", "run.name=fb")
+    run_dir = tmp_path / "fb"
+    by_step = {json.loads((p / "state.json").read_text())["step"]: p for p in run_dir.glob("checkpoint_*") if p.is_dir()}
+    optim = next((by_step[4] / "deepspeed").rglob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[:1000])
+    partial = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
+    (partial / "rng").mkdir(parents=True)
+    marker = tmp_path / "marker"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (partial / "rng" / "rank0.pt").write_bytes(pickle.dumps(Exploit()))
+    run_main(tmp_path, "--resume", str(run_dir), "train.steps=6")
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert not partial.exists() and not marker.exists()
+    newest = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()),
+                 key=lambda p: json.loads((p / "state.json").read_text())["step"])
+    assert json.loads((newest / "state.json").read_text())["step"] == 6
+    assert (newest / "manifest" / "rank0.json").is_file() and (newest / "manifest" / "rank1.json").is_file()
 
 
 def test_a_run_the_local_instance_can_never_place_exits_2(ray_local, tmp_path, capsys):
