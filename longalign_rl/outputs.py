@@ -14,6 +14,8 @@ import torch
 # Written into the run directory when the non-finite guard stops a run (training/worker.py):
 # {"step", "cause", "last_checkpoint", "message"}; the driver prints it and exits 1.
 STOPPED = "stopped.json"
+# Created by the driver on SIGINT/SIGTERM: the workers finish the step, checkpoint and stop.
+STOP_REQUEST = "stop_requested"
 
 
 class MetricsLog:

@@ -10,11 +10,14 @@ supervised long-text fine-tuning on `data` instead of the reward fine-tuning.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import yaml
 from longalign_rl.config import Config, ConfigError, load_config, to_dict, to_yaml
 from longalign_rl.data import Pair, check_source
 from longalign_rl.hooks import load_metric_hooks
-from longalign_rl.outputs import STOPPED
+from longalign_rl.outputs import STOP_REQUEST, STOPPED
 from longalign_rl.prompts import load_prompts
 from longalign_rl.summary import read_summary
 
@@ -230,6 +233,26 @@ def connect(cfg: Config) -> None:
         log.warning("resources: %s; waiting for the autoscaler to add nodes", shortfall)
 
 
+def fit(trainer):
+    """trainer.fit() in a helper thread, so that the main thread keeps our signal handlers
+    (stop_on_signal) instead of Ray Train's, which abort the run without a checkpoint."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="trainer-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # short waits: signals are handled between them
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None):
     """Start (or join) Ray and the trainer workers (stage 2: and the sampler actors); block
     until done. `pairs`: check_inputs' result, so a stage-1 manifest is not read twice."""
@@ -263,7 +286,7 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None):
             dataset_config=IngestConfig(datasets_to_split=["train"]),  # an equal shard per worker
             **common,
         )
-        return trainer.fit()
+        return fit(trainer)
 
     from longalign_rl.sampling.group import SamplerGroup
     from longalign_rl.training import reward_backprop
@@ -275,9 +298,38 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None):
         **common,
     )
     try:
-        return trainer.fit()
+        return fit(trainer)
     finally:
         samplers.shutdown()
+
+
+@contextlib.contextmanager
+def stop_on_signal(run_dir: Path):
+    """The first SIGINT/SIGTERM asks the workers to checkpoint after the current step and stop
+    (they look for run_dir/stop_requested); a second one stops at once."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers live in the main thread only
+        return
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum, frame):
+        request = run_dir / STOP_REQUEST
+        if request.exists():
+            print("second interrupt: stopping now, without a checkpoint of the current step", flush=True)
+            raise KeyboardInterrupt
+        request.touch()
+        print(f"{signal.Signals(signum).name}: finishing the current step, checkpointing it and stopping "
+              "(interrupt again to stop at once)", flush=True)
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s in signals:
+            signal.signal(s, previous[s])
+        (run_dir / STOP_REQUEST).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,10 +348,16 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     print(describe(cfg, run_dir, pairs), flush=True)
     start = time.perf_counter()
-    result = run(cfg, run_dir, pairs)
+    (run_dir / STOP_REQUEST).unlink(missing_ok=True)  # an earlier interrupt does not stop this run
+    with stop_on_signal(run_dir):
+        result = run(cfg, run_dir, pairs)
     stopped = run_dir / STOPPED
     if stopped.is_file():
-        print(f"error: run stopped: {json.loads(stopped.read_text())['message']} ({run_dir})", file=sys.stderr)
+        info = json.loads(stopped.read_text())
+        if info["cause"] == "interrupt":
+            print(f"{info['message']}; continue with: python -m longalign_rl.train --resume {run_dir}")
+            return 130
+        print(f"error: run stopped: {info['message']} ({run_dir})", file=sys.stderr)
         return 1
     print(f"done in {time.perf_counter() - start:.1f} s; last checkpoint {result.checkpoint.path if result.checkpoint else None}")
     summary = read_summary(run_dir)

@@ -15,6 +15,7 @@ that is the algorithm's own.
              run.max_nonfinite_steps steps in a row stops the run: no checkpoint, no
              export, stopped.json says why (the driver exits 1)
       CKPT   every run.checkpoint_every steps and at the end, every worker reports to Ray Train
+      STOP   when the driver was interrupted: checkpoint this step and stop (resumable)
     EXPORT   rank 0 writes lora/ (or unet/), then whatever the body adds (stage 1: model/),
              and summary.json: the body's summary_keys, first vs last window (summary.py)
 
@@ -44,7 +45,7 @@ import torch.distributed as dist
 from longalign_rl.config import Config, from_dict, to_yaml
 from longalign_rl.lora import export_for_diffusers, trainable_state_dict
 from longalign_rl.models import Components
-from longalign_rl.outputs import STOPPED, MetricsLog
+from longalign_rl.outputs import STOP_REQUEST, STOPPED, MetricsLog
 from longalign_rl.summary import write_summary
 from longalign_rl.training import checkpoint
 from longalign_rl.training.engine import build_trainable, grad_norm
@@ -140,6 +141,13 @@ def nonfinite_cause(record: dict, weights_ok: bool, keys: tuple[str, ...] = GUAR
     if not weights_ok:
         bad.append("weights")
     return ", ".join(bad) or None
+
+
+def stop_requested(run_dir: Path, rank: int, device) -> bool:
+    """Whether the driver asked the run to stop (rank 0 looks; every worker learns the answer)."""
+    flag = torch.tensor([1.0 if rank == 0 and (run_dir / STOP_REQUEST).exists() else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _stopped(step: int, cause: str, checkpointed: int, why: str) -> dict:
@@ -262,6 +270,15 @@ def run_worker(loop_config: dict, make_body: type) -> None:
         if state.step % cfg.run.checkpoint_every == 0 and not cause:
             _report(ctx, state, record)
             checkpointed = state.step
+
+        # STOP: the driver got SIGINT/SIGTERM; end here, resumable
+        if stop_requested(run_dir, rank, device):
+            if state.step > checkpointed and not cause:
+                _report(ctx, state, record)
+                checkpointed = state.step
+            stopped = {"step": state.step, "cause": "interrupt", "last_checkpoint": checkpointed,
+                       "message": f"interrupted after step {state.step}; the last checkpoint is of step {checkpointed}"}
+            break
     if cause and not stopped:  # the last step was tolerated, but its weights are not to be kept
         stopped = _stopped(state.step, cause, checkpointed, f"the last step's {cause} was not finite")
     if stopped:
