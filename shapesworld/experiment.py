@@ -1,7 +1,7 @@
 """The ShapesWorld encoding experiment: what do truncation, segment encoding and stage 1
 do to each sentence of a long caption, where the truth is known?
 
-    python -m shapesworld.experiment                        # about 2 minutes on 2 CPU cores
+    python -m shapesworld.experiment                        # about 1 minute on 2 CPU cores
     python -m shapesworld.experiment --quick --out /tmp/x   # seconds (tests)
 
 For each seed it measures the exact checker's accuracy per cell-sentence position (colour

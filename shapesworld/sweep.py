@@ -11,7 +11,7 @@ a reward without a text-irrelevant taste), each from `shapesworld-partial` (late
 with headroom). For each run, its checkpoints and the starting model are evaluated on the
 same held-out captions: colour and shape per cell, the background, and ink (the raters'
 prompt-independent taste, shapesworld/pref_train.py). Writes `results.json` (everything)
-and `report.md` (means ± std over seeds at each checkpoint).
+`report.md` (means ± std over seeds at each checkpoint), `curves.png` and `grids/`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -79,15 +80,16 @@ def checkpoints(run_dir: Path) -> dict[int, Path]:
 
 
 @torch.no_grad()
-def evaluate_weights(weights: Path | None, lora: dict, s: Sweep, prompts: list[str]) -> dict:
+def evaluate_weights(weights: Path | None, lora: dict, s: Sweep, prompts: list[str], grid: Path | None = None) -> dict:
     """Held-out ground truth of the start model with `weights` (a checkpoint's trainable
-    weights; None = the start model itself)."""
+    weights; None = the start model itself); `grid`: also save the images there."""
     from safetensors.torch import load_file
 
     from longalign_rl.config import LoRAConfig
     from longalign_rl.lora import load_trainable_state_dict, make_trainable
     from longalign_rl.models import load_components
     from shapesworld.evaluate import evaluate
+    from longalign_rl.outputs import save_image_grid
     from shapesworld.pref_train import ink
 
     parts = load_components(START)
@@ -97,6 +99,8 @@ def evaluate_weights(weights: Path | None, lora: dict, s: Sweep, prompts: list[s
         load_trainable_state_dict(parts.unet, load_file(weights), cfg)
     images, summary = evaluate(parts, "segment", prompts, seed=EVAL_SEED, num_steps=s.eval_steps,
                                guidance_scale=s.guidance)
+    if grid is not None:
+        save_image_grid(images, prompts, grid)
     return {**summary, "ink": float(ink(images).mean())}
 
 
@@ -114,7 +118,11 @@ def run_sweep(s: Sweep, out: Path, log=print) -> dict:
     for reward, w in s.conditions:
         for seed in s.seeds:
             t = time.perf_counter()
-            run_dir = train_run(s, reward, w, seed, runs)
+            run_dir = runs / run_name(reward, w, seed)
+            if max(checkpoints(run_dir), default=0) != s.steps:  # finished runs are kept: a rerun resumes the sweep
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)
+                run_dir = train_run(s, reward, w, seed, runs)
             lora = yaml.safe_load((run_dir / "config.yaml").read_text())["lora"]
             metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             held_out = {step: evaluate_weights(folder / "weights.safetensors", lora, s, prompts)
@@ -124,9 +132,11 @@ def run_sweep(s: Sweep, out: Path, log=print) -> dict:
                                     "seconds": round(time.perf_counter() - t, 1)})
             log(f"{run_name(reward, w, seed)}: {time.perf_counter() - t:.0f} s; held-out shapes at the last checkpoint "
                 f"{[round(x, 2) for x in held_out[max(held_out)]['shape']]}")
+            (out / "results.partial.json").write_text(json.dumps(results, indent=1) + "\n")
     results["seconds"] = round(time.perf_counter() - start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "report.md").write_text(report(results))
+    figures(results, out)
     return results
 
 
@@ -161,12 +171,94 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+CURVES = (("text_relevant", "text-relevant part (training batches)"),
+          ("text_irrelevant", "text-irrelevant part (training batches)"),
+          ("ink", "ink (held-out)"), ("background", "background (held-out)"),
+          ("shape 1-2", "shape, cells 1-2 (held-out)"), ("shape 3", "shape, cell 3 (held-out)"),
+          ("shape 4", "shape, cell 4 (held-out)"), ("colour 3-4", "colour, cells 3-4 (held-out)"))
+
+
+def curve(results: dict, run: dict, key: str) -> tuple[list[int], list[float]]:
+    """One run's curve of `key` at step 0 (the start) and at each checkpoint: held-out
+    values, or the reward parts as means over the training steps since the last checkpoint."""
+    every = results["settings"]["checkpoint_every"]
+    held = {0: results["start"], **{int(k): v for k, v in run["held_out"].items()}}
+    steps = sorted(held)
+    if key in ("text_relevant", "text_irrelevant"):
+        steps = steps[1:]
+        return steps, [float(np.mean([m[key] for m in run["metrics"] if t - every < m["step"] <= t])) for t in steps]
+    pick = {"ink": lambda h: h["ink"], "background": lambda h: h["background"],
+            "shape 1-2": lambda h: np.mean(h["shape"][:2]), "shape 3": lambda h: h["shape"][2],
+            "shape 4": lambda h: h["shape"][3], "colour 3-4": lambda h: np.mean(h["colour"][2:4])}[key]
+    return steps, [float(pick(held[t])) for t in steps]
+
+
+def figures(results: dict, out: Path) -> None:
+    """curves.png: each curve of CURVES, mean ± std over seeds per condition; grids/ and
+    grids.png: the held-out images of the start and of each condition's last checkpoint
+    (first seed, first 16 captions)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import yaml
+
+    from shapesworld.evaluate import draw_captions
+    from shapesworld.world import WorldConfig
+
+    s = Sweep(**{k: tuple(tuple(c) for c in v) if k == "conditions" else tuple(v) if isinstance(v, list) else v
+                 for k, v in results["settings"].items()})
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
+    for a, (key, title) in zip(axes.flat, CURVES):
+        for reward, w in s.conditions:
+            runs = [r for r in results["runs"] if r["reward"] == reward and r["w"] == w]
+            steps = curve(results, runs[0], key)[0]
+            values = np.array([curve(results, r, key)[1] for r in runs])
+            mean, std = values.mean(0), values.std(0)
+            a.plot(steps, mean, marker="o", ms=3, label=f"{reward}, w = {w:g}")
+            a.fill_between(steps, mean - std, mean + std, alpha=0.15)
+        a.set_title(title, fontsize=10)
+        a.set_xlabel("step")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"stage 2 from {START}: mean ± std over {len(s.seeds)} seed(s)")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+    plt.close(fig)
+
+    prompts = draw_captions(WorldConfig(), s.eval_captions, seed=EVAL_SEED)[:16]
+    grids = [out / "grids" / "start.png"]
+    evaluate_weights(None, {}, s, prompts, grid=grids[0])
+    for reward, w in s.conditions:
+        run_dir = out / "runs" / run_name(reward, w, s.seeds[0])
+        lora = yaml.safe_load((run_dir / "config.yaml").read_text())["lora"]
+        step, folder = max(checkpoints(run_dir).items())
+        grids.append(out / "grids" / f"{reward}_w{w:g}_step{step}.png")
+        evaluate_weights(folder / "weights.safetensors", lora, s, prompts, grid=grids[-1])
+    side_by_side(grids, out / "grids.png")
+
+
+def side_by_side(paths: list[Path], target: Path, gap: int = 8, zoom: int = 3) -> None:
+    """The grids in one row (same captions and noise), enlarged: start, then each condition."""
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    w, h = images[0].size
+    row = Image.new("RGB", (len(images) * (w + gap) - gap, h), (128, 128, 128))
+    for i, image in enumerate(images):
+        row.paste(image, (i * (w + gap), 0))
+    row.resize((row.width * zoom, row.height * zoom), Image.NEAREST).save(target)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shapesworld.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--quick", action="store_true", help="2 runs of 2 steps, for tests")
+    parser.add_argument("--figures", action="store_true", help="only redraw curves.png and grids/ from OUT")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    if args.figures:
+        figures(json.loads((args.out / "results.json").read_text()), args.out)
+        return 0
     results = run_sweep(Sweep.quick() if args.quick else Sweep(), args.out)
     print((args.out / "report.md").read_text())
     print(f"done in {results['seconds']:.0f} s")

@@ -55,7 +55,7 @@ def test_run_writes_metrics_images_config_and_checkpoints(tiny_run):
     assert first[0]["policy_lag"] == 0 and first[0]["replay_error"] < 1e-4  # on-policy at the start
     assert (run_dir / "images" / "step_000001.png").is_file()
     assert (run_dir / "images" / "step_000002.txt").read_text().startswith("0: ")
-    assert "pretrained: shapesworld" in (run_dir / "config.yaml").read_text()
+    assert "pretrained: shapesworld-partial" in (run_dir / "config.yaml").read_text()
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 3  # steps 2, 4, 6
     newest = checkpoints[-1]
@@ -77,7 +77,7 @@ def test_resume_continues_the_step_count(tiny_run):
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert metrics[:4] == first  # nothing before the checkpoint was redone or lost
-    assert metrics[-1]["lr"] == pytest.approx(1e-3)
+    assert metrics[-1]["lr"] == pytest.approx(3e-3)
 
 
 def test_the_run_ends_with_a_first_vs_last_window_summary(tiny_run):
@@ -105,7 +105,7 @@ def test_exported_lora_loads_into_a_diffusers_pipeline(tiny_run):
     trained = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
 
     def generate(lora: bool):
-        parts = load_components("shapesworld")
+        parts = load_components("shapesworld-partial")
         pipe = StableDiffusionPipeline(
             vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
             scheduler=make_scheduler(parts.scheduler_config, timestep_spacing="trailing"),

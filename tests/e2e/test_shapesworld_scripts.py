@@ -89,7 +89,7 @@ def test_quick_sweep_runs_every_condition_through_the_product(tmp_path):
         assert all(len(h["shape"]) == 4 and 0 <= h["ink"] <= 1 for h in run["held_out"].values())
     report = (tmp_path / "report.md").read_text()
     assert "| start | 0 |" in report and "shapes_pref, w = 1 | 2 |" in report
-    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert (tmp_path / "curves.png").stat().st_size > 10_000 and (tmp_path / "grids.png").is_file()
     assert {p.name for p in (tmp_path / "grids").glob("*.png")} == {
         "start.png", "shapes_pref_w1_step2.png", "shapes_clip_w0.3_step2.png"}
     # a rerun keeps the finished runs (the sweep resumes) and evaluates them again
