@@ -249,6 +249,7 @@ def test_kuberay_manifests_have_the_right_kinds():
     (pvc,) = _kuberay_docs("shared-storage.yaml")
     assert (pvc["apiVersion"], pvc["kind"]) == ("v1", "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # head and every worker mount it
+    assert [d["kind"] for d in _kuberay_docs("networkpolicy.yaml")] == ["NetworkPolicy"]
 
 
 @pytest.mark.parametrize("which", ["raycluster.yaml", "rayjob.yaml rayClusterSpec"])
@@ -276,6 +277,33 @@ def test_kuberay_dashboard_is_not_exposed(which):
     assert head.get("enableIngress", False) is False
     kinds = {d["kind"] for f in KUBERAY.glob("*.yaml") for d in _kuberay_docs(f.name)}
     assert not kinds & {"Ingress", "Service", "Gateway", "HTTPRoute"}
+
+
+@pytest.mark.parametrize("which", ["raycluster.yaml", "rayjob.yaml rayClusterSpec"])
+def test_kuberay_requires_rays_token_from_a_secret(which):
+    """Issue 10: no request reaches the dashboard, job server or GCS without the token."""
+    spec = _kuberay_specs()[which]
+    assert spec["authOptions"] == {"mode": "token", "secretName": "longalign-ray-token"}
+    major, minor = map(int, spec["rayVersion"].split(".")[:2])
+    assert (major, minor) >= (2, 52)  # token authentication's first Ray release
+
+
+def test_network_policy_admits_the_job_port_only_from_the_operator_and_the_submitter():
+    (policy,) = _kuberay_docs("networkpolicy.yaml")
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    label = policy["spec"]["podSelector"]["matchLabels"]
+    assert label == {"app.kubernetes.io/part-of": "longalign-rl"} and policy["spec"]["policyTypes"] == ["Ingress"]
+    # every Ray pod of both manifests carries the label the policy selects
+    for which, spec in _kuberay_specs().items():
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            assert group["template"]["metadata"]["labels"].items() >= label.items(), which
+    intra, job_port = policy["spec"]["ingress"]
+    assert intra == {"from": [{"podSelector": {"matchLabels": label}}]}  # Ray's own ports: Ray pods only
+    assert job_port["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    peers = [p["podSelector"]["matchLabels"] for p in job_port["from"]]
+    (job,) = _kuberay_docs("rayjob.yaml")
+    assert peers == [{"app.kubernetes.io/name": "kuberay-operator"},
+                     {"batch.kubernetes.io/job-name": job["metadata"]["name"]}]
 
 
 def test_kuberay_specs_use_only_known_fields():
