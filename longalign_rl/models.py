@@ -122,9 +122,22 @@ def check_safetensors(path: Path) -> None:
         raise ValueError(f"{path}: {size} bytes, but its header describes {8 + n + end} (truncated or corrupt)")
 
 
+def check_finite_file(path: Path) -> None:
+    """ValueError naming the first tensor of a safetensors file with a NaN or infinite value:
+    a file overwritten in place keeps a valid header and size. Reads one tensor at a time."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            tensor = f.get_tensor(name)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values")
+
+
 def check_model_folder(folder: Path, key: str = "model.pretrained") -> None:
     """ValueError naming `key` and the file, unless `folder` holds a loadable diffusers model:
-    unet/, vae/, text_encoder/ each with config.json and complete weights, scheduler/'s config."""
+    unet/, vae/, text_encoder/ each with config.json and complete, finite weights, and
+    scheduler/'s config."""
     problems = []
     for part in PARTS:
         sub = folder / part
@@ -137,6 +150,7 @@ def check_model_folder(folder: Path, key: str = "model.pretrained") -> None:
             if file.suffix == ".safetensors":
                 try:
                     check_safetensors(file)
+                    check_finite_file(file)
                 except ValueError as e:
                     problems.append(str(e))
     if not (folder / "scheduler" / "scheduler_config.json").is_file():

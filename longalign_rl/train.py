@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -97,8 +98,23 @@ def check_model(cfg: Config) -> None:
     if source.kind == "path":
         check_model_folder(Path(cfg.model.pretrained))
     elif source.kind == "hub":
-        log.info("model.pretrained %r is a hub id: every process loads it from the hub cache or the network",
-                 cfg.model.pretrained)
+        check_hub_model(cfg.model.pretrained, cfg.model.revision)
+
+
+def check_hub_model(repo_id: str, revision: str | None) -> None:
+    """A hub id must be in the local hub cache or reachable on the hub now: otherwise every
+    worker would fail later with a connection error."""
+    import huggingface_hub
+
+    if huggingface_hub.try_to_load_from_cache(repo_id, "model_index.json", revision=revision) is not None:
+        return
+    try:
+        huggingface_hub.model_info(repo_id, revision=revision, timeout=10)
+    except Exception as e:
+        raise ConfigError(f"model.pretrained: {repo_id!r} is not a local folder, not in the hub cache, and the hub "
+                          f"cannot serve it ({type(e).__name__}: {str(e).splitlines()[0][:200]}); give a local "
+                          "diffusers folder or download the model first") from None
+    log.info("model.pretrained %r is a hub id: every process downloads it or reads the hub cache", repo_id)
 
 
 def check_inputs(cfg: Config) -> list[Pair] | None:
@@ -303,6 +319,26 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None):
         samplers.shutdown()
 
 
+_ERROR_LINE = re.compile(r"^\s*((?:\w+\.)*\w*(?:Error|Exception|Interrupt)\w*): (.+)$")
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost 'SomeError: message' in an exception's text and causes (Ray wraps a
+    worker's exception in its own, with the worker's traceback as text)."""
+    found = None
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for line in str(error).splitlines():
+            match = _ERROR_LINE.match(line)
+            if match:
+                found = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2).strip()}"
+        if found is None:
+            found = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        error = error.__cause__ or error.__context__
+    return found
+
+
 @contextlib.contextmanager
 def stop_on_signal(run_dir: Path):
     """The first SIGINT/SIGTERM asks the workers to checkpoint after the current step and stop
@@ -349,8 +385,18 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(cfg, run_dir, pairs), flush=True)
     start = time.perf_counter()
     (run_dir / STOP_REQUEST).unlink(missing_ok=True)  # an earlier interrupt does not stop this run
-    with stop_on_signal(run_dir):
-        result = run(cfg, run_dir, pairs)
+    try:
+        with stop_on_signal(run_dir):
+            result = run(cfg, run_dir, pairs)
+    except KeyboardInterrupt:
+        print(f"stopped at once; continue from the last checkpoint with: python -m longalign_rl.train --resume {run_dir}",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # Ray has printed the workers' tracebacks above; this is the one line that matters
+        print(f"error: the run failed after Ray Train's retries (run.max_failures={cfg.run.max_failures}): "
+              f"{root_cause(e)}\n{run_dir} keeps every checkpoint written before; after fixing the cause continue with "
+              f"--resume {run_dir}", file=sys.stderr)
+        return 1
     stopped = run_dir / STOPPED
     if stopped.is_file():
         info = json.loads(stopped.read_text())

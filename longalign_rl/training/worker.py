@@ -16,7 +16,8 @@ that is the algorithm's own.
              export, stopped.json says why (the driver exits 1)
       CKPT   every run.checkpoint_every steps and at the end, every worker reports to Ray Train
       STOP   when the driver was interrupted: checkpoint this step and stop (resumable)
-    EXPORT   rank 0 writes lora/ (or unet/), then whatever the body adds (stage 1: model/),
+    EXPORT   rank 0 writes lora/ (or unet/), from the fp32 master weights of a bf16/fp16
+             run, then whatever the body adds (stage 1: model/),
              and summary.json: the body's summary_keys, first vs last window (summary.py)
 
 A body is a class `Body(ctx, parts, loop_config)` with `start(state)`, `step(step, state)
@@ -27,6 +28,7 @@ algorithm means writing its body (training/<name>.py) and its pure loss
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -63,6 +65,29 @@ class WorkerContext:
     world: int
     device: torch.device
     engine: Any  # DeepSpeed engine; engine.module is the UNet with what trains
+
+    @contextlib.contextmanager
+    def master_precision(self):
+        """Inside it the trainable weights hold DeepSpeed's fp32 master values (a bf16/fp16
+        run's exports and checkpoints must not be rounded to 16 bits); outside, their own.
+        For ZeRO 1/2 the master weights are partitioned, so every worker must enter it."""
+        if self.cfg.train.precision == "fp32":
+            yield
+            return
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        saved = []
+        for p in self.engine.module.parameters():
+            if p.requires_grad:
+                master = safe_get_full_fp32_param(p)  # a collective: all ranks, same order
+                if master is not None:
+                    saved.append((p, p.data))
+                    p.data = master.detach().reshape(p.shape)
+        try:
+            yield
+        finally:
+            for p, data in saved:
+                p.data = data
 
     def trainable_weights(self) -> dict[str, torch.Tensor]:
         """The trainable weights (LoRA or whole UNet) as CPU copies: what samplers and exports need."""
@@ -186,7 +211,8 @@ def _resume(ctx: WorkerContext) -> checkpoint.TrainerState:
 def _report(ctx: WorkerContext, state: checkpoint.TrainerState, record: dict) -> None:
     """Every worker saves its part of the checkpoint and reports it to Ray Train."""
     with tempfile.TemporaryDirectory() as d:
-        weights = ctx.trainable_weights() if ctx.rank == 0 else {}
+        with ctx.master_precision():
+            weights = ctx.trainable_weights() if ctx.rank == 0 else {}
         checkpoint.save(Path(d), ctx.engine, weights, state, ctx.rank)
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -289,7 +315,9 @@ def run_worker(loop_config: dict, make_body: type) -> None:
         _report(ctx, state, record)
 
     # ------------------------------------------------------------------ EXPORT
+    with ctx.master_precision():  # a bf16/fp16 run exports its fp32 master weights
+        if rank == 0:
+            export_for_diffusers(engine.module, cfg.lora, run_dir / ("lora" if cfg.lora.enabled else "unet"))
+            body.export()
     if rank == 0:
-        export_for_diffusers(engine.module, cfg.lora, run_dir / ("lora" if cfg.lora.enabled else "unet"))
-        body.export()
         write_summary(run_dir, body.summary_keys, cfg.global_batch)

@@ -198,6 +198,82 @@ def test_a_corrupt_newest_checkpoint_falls_back_and_partial_ones_are_removed(ray
     assert (newest / "manifest" / "rank0.json").is_file() and (newest / "manifest" / "rank1.json").is_file()
 
 
+def test_a_reward_that_fails_mid_run_ends_with_one_clear_line(ray_local, tmp_path, capsys):
+    """The probe passes, the reward raises at its second call in the workers: exit 1 with the
+    worker's error and how to continue, and the step-1 checkpoint kept."""
+    code = train.main(["train.steps=4", "run.checkpoint_every=1", "run.max_failures=0",
+                       "reward.name=tests.plugins.my_reward:broken", "reward.kwargs={how: raise_after, after: 1}",
+                       f"run.output_dir={tmp_path}", "run.name=raises"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "error: the run failed after Ray Train's retries (run.max_failures=0): RuntimeError: the reward server " \
+           "went away" in err, err[-2000:]
+    assert f"--resume {tmp_path / 'raises'}" in err
+    states = [json.loads((p / "state.json").read_text())["step"] for p in (tmp_path / "raises").glob("checkpoint_*")
+              if p.is_dir()]
+    assert states == [1]
+
+
+def test_a_killed_trainer_worker_is_recovered_from_the_last_checkpoint(ray_local, tmp_path):
+    """SIGKILL one Ray Train worker after the step-2 checkpoint: Ray Train restarts the group
+    (run.max_failures=1), the run resumes from its checkpoint and ends with every step logged
+    exactly once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from pathlib import Path
+
+    run_dir = tmp_path / "killed"
+    killed = {}
+
+    def train_worker_pids() -> list[int]:
+        """Ray titles each actor's process "ray::<class>...": the trainer workers' are RayTrainWorker."""
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and b"ray::RayTrainWorker" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        return sorted(pids)
+
+    def kill_a_worker():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            done = len(read_metrics(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+            if done >= 3:
+                workers = train_worker_pids()
+                if workers:
+                    os.kill(workers[-1], signal.SIGKILL)
+                    killed["after_step"] = done
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    run_main(tmp_path, "train.steps=8", "run.checkpoint_every=2", "run.max_failures=1", "run.name=killed")
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 9))  # none lost, none doubled
+    assert (run_dir / "lora").is_dir() and (run_dir / "summary.json").is_file()
+
+
+def test_a_bf16_run_exports_and_checkpoints_its_fp32_master_weights(ray_local, tmp_path):
+    """The module trains in bf16; what is exported and checkpointed is DeepSpeed's fp32 master
+    copy, which bf16 cannot represent exactly after a few AdamW steps."""
+    from safetensors.torch import load_file
+
+    run_main(tmp_path, "train.steps=2", "run.checkpoint_every=2", "train.precision=bf16", "run.name=bf16")
+    exported = load_file(tmp_path / "bf16" / "lora" / "pytorch_lora_weights.safetensors")
+    (ckpt,) = [p for p in (tmp_path / "bf16").glob("checkpoint_*") if p.is_dir()]
+    saved = load_file(ckpt / "weights.safetensors")
+    for weights in (exported, saved):
+        assert {w.dtype for w in weights.values()} == {torch.float32}
+        assert any((w - w.to(torch.bfloat16).float()).abs().max() > 0 for w in weights.values())
+
+
 def test_a_run_the_local_instance_can_never_place_exits_2(ray_local, tmp_path, capsys):
     """4 workers x 0.5 CPU + 2 actors x 0.5 on 2 CPUs: Ray Train would wait forever."""
     assert train.main(["train.num_workers=4", f"run.output_dir={tmp_path}", "run.name=big"]) == 2

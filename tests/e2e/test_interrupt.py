@@ -49,3 +49,28 @@ def test_sigint_checkpoints_the_current_step_and_the_run_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert [m["step"] for m in rows(run_dir)] == list(range(1, done + 2))
     assert not (run_dir / "stopped.json").exists() and (run_dir / "lora").is_dir()
+
+
+def test_a_killed_driver_resumes_with_nothing_lost_or_doubled(tmp_path):
+    """SIGKILL the driver and its local Ray (its process group) after the step-2 checkpoint,
+    mid-step: --resume continues from that checkpoint; metrics rows after it are redone,
+    not doubled."""
+    run_dir = tmp_path / "k"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "longalign_rl.train", "train.steps=60", "run.checkpoint_every=2",
+                             f"run.output_dir={tmp_path}", "run.name=k"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while len(rows(run_dir)) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert len(rows(run_dir)) >= 3, "the run did not reach step 3"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    logged = len(rows(run_dir))
+    resumed = subprocess.run([sys.executable, "-m", "longalign_rl.train", "--resume", str(run_dir),
+                              f"train.steps={logged + 2}"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert [m["step"] for m in rows(run_dir)] == list(range(1, logged + 3))

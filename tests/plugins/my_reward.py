@@ -48,6 +48,8 @@ class _Broken(Reward):
         b = images.shape[0]
         mean = images.mean(dim=(1, 2, 3))
         self.calls += 1
+        if self.how == "raise_after" and self.calls > self.after:
+            raise RuntimeError("the reward server went away")
         if self.how == "nan_after":  # fine for `after` calls (the driver's probe passes), then NaN
             return RewardOutput(total=mean * (float("nan") if self.calls > self.after else 1.0), components={})
         if self.how == "raises":

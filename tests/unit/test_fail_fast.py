@@ -2,6 +2,7 @@
 item 1): exit code 2 and one line that names the key, the plugin or the line."""
 
 import pytest
+import torch
 
 from longalign_rl import train
 
@@ -50,6 +51,12 @@ def test_a_missing_local_model_folder_is_not_read_as_a_hub_id(tmp_path, capsys, 
     assert code == 2 and "local diffusers folder 'models/sd15' not found" in err, err
 
 
+def test_a_hub_id_that_is_neither_cached_nor_reachable_exits_2(tmp_path, capsys):
+    """No network here, as on many clusters' heads: the error says so before anything starts."""
+    code, err = main(tmp_path, capsys, "model.pretrained=nosuchorg/nosuchmodel")
+    assert code == 2 and "'nosuchorg/nosuchmodel' is not a local folder, not in the hub cache" in err, err
+
+
 @pytest.mark.parametrize("damage, message", [
     ("empty", "unet/config.json is missing"),
     ("truncate", "truncated or corrupt"),
@@ -74,8 +81,9 @@ def test_a_damaged_model_folder_names_the_file(tmp_path, capsys, damage, message
     assert code == 2 and "model.pretrained:" in err and message in err, err
 
 
-def test_weights_overwritten_in_place_are_refused_on_load(tmp_path):
-    """Same size, valid header, NaN values: found when the weights load (every process)."""
+def test_weights_overwritten_in_place_are_refused_on_the_driver_and_on_load(tmp_path, capsys):
+    """Same size, valid header, NaN values: found by the driver's check and again wherever
+    the weights load."""
     import json
     import struct
 
@@ -92,8 +100,24 @@ def test_weights_overwritten_in_place_are_refused_on_load(tmp_path):
     start, end = (8 + n + o for o in info["data_offsets"])
     data[start:end] = np.full((end - start) // 2, np.nan, dtype=np.float16).tobytes()
     vae.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"vae\..* holds NaN or infinite weights"):
+    code, err = main(tmp_path, capsys, f"model.pretrained={folder}")
+    assert code == 2 and f"tensor {name!r} holds NaN or infinite values" in err, err
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):  # every process checks the folder
         load_components(str(folder))
+
+
+def test_a_loader_that_returns_non_finite_weights_is_refused(tiny_parts):
+    """Models from a registered loader skip the folder check; their loaded weights are checked."""
+    import copy
+
+    from longalign_rl.models import check_finite
+
+    parts = copy.deepcopy(tiny_parts)
+    check_finite(parts, "tiny")
+    with torch.no_grad():
+        next(parts.unet.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(ValueError, match=r"'tiny': unet\..* holds NaN or infinite weights"):
+        check_finite(parts, "tiny")
 
 
 # ---------------------------------------------------------------- resources, output dir, resume
@@ -130,5 +154,5 @@ def test_a_resume_that_changes_the_architecture_is_refused_and_keeps_the_config(
     (run_dir / "config.yaml").write_text(saved)
     code = train.main(["--resume", str(run_dir), "lora.rank=8", "model.pretrained=tiny"])
     err = capsys.readouterr().err
-    assert code == 2 and "lora.rank (4 -> 8)" in err and "model.pretrained ('shapesworld' -> 'tiny')" in err, err
+    assert code == 2 and "lora.rank (4 -> 8)" in err and "model.pretrained ('shapesworld-partial' -> 'tiny')" in err, err
     assert (run_dir / "config.yaml").read_text() == saved
