@@ -3,7 +3,7 @@ inside functions) of longalign_rl/, rewards/ and shapesworld/:
 
     foundations   config, types, registry, encoding, models, vae, lora, prompts, data,
                   outputs, summary, hooks, direction
-    maths         sampling.ddim, sampling.sampler, algorithms
+    maths         sampling.ddim, sampling.stochastic, sampling.sampler, algorithms
     distributed   sampling.group, training            (the only ones that import ray/deepspeed)
     entry         train
 
@@ -22,7 +22,7 @@ from tests import REPO
 LAYERS = {
     "foundations": ["config", "types", "registry", "encoding", "models", "vae", "lora", "prompts", "data",
                     "outputs", "summary", "hooks", "direction"],
-    "maths": ["sampling.ddim", "sampling.sampler", "algorithms"],
+    "maths": ["sampling.ddim", "sampling.stochastic", "sampling.sampler", "algorithms"],
     "distributed": ["sampling.group", "training"],
     "entry": ["train"],
 }

@@ -1,0 +1,68 @@
+"""Stochastic DDIM (eta > 0) with the log-probability of every step: the sampling side of
+policy-gradient training (DDPO, GRPO; issue 11).
+
+With eta > 0 a DDIM step is Gaussian:
+
+    x_{i+1} ~ N(mean_i, sigma_i^2 I),   mean_i = a_i x_i + b_i eps_i
+
+where eps_i is the guided noise prediction at x_i. The coefficients a_i, b_i and sigma_i
+are read off the diffusers scheduler itself by probe calls of `scheduler.step` (as
+ddim.step_coefficients does for eta = 0), so they follow whatever schedule it implements.
+A trainer that recomputes eps_i with the sampling weights gets the same mean, hence the same
+log-probability: the first PPO ratio is exactly 1.
+
+The log-probability of a step is the Gaussian log-density averaged over the latent's
+elements (as ddpo-pytorch does), so its scale does not grow with the resolution.
+
+Pure torch: no ray, no deepspeed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+@torch.no_grad()
+def stochastic_coefficients(scheduler, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, sigma), each [num_steps] float64: step i is x_{i+1} = a_i x_i + b_i eps_i + sigma_i z."""
+    if eta <= 0:
+        raise ValueError(f"sampler.eta must be > 0 for policy-gradient sampling, got {eta}")
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    a, b, sigma = [], [], []
+    for t in scheduler.timesteps:
+        a.append(scheduler.step(zero, t, one, eta=eta, variance_noise=zero).prev_sample.item())
+        b.append(scheduler.step(one, t, zero, eta=eta, variance_noise=zero).prev_sample.item())
+        sigma.append(scheduler.step(zero, t, zero, eta=eta, variance_noise=one).prev_sample.item())
+    return (torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+            torch.tensor(sigma, dtype=torch.float64))
+
+
+def step_mean(x: torch.Tensor, eps: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """The mean of step i's Gaussian (differentiable in eps, hence in the UNet)."""
+    return a * x + b * eps
+
+
+def step_log_prob(x_next: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Tensor:
+    """log N(x_next; mean, sigma^2 I), averaged over each sample's elements: [B]."""
+    if sigma <= 0:
+        raise ValueError(f"a step with sigma {sigma} has no density (eta must be > 0 and the step not the last "
+                         "of a schedule whose final alpha is 1)")
+    log_density = -((x_next.detach() - mean) ** 2) / (2 * sigma**2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+    return log_density.flatten(1).mean(1)
+
+
+def sample_step(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, sigma: float,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stochastic step: (x_next, its log-probability [B])."""
+    mean = step_mean(x, eps, a, b)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+    x_next = mean + sigma * noise
+    return x_next, step_log_prob(x_next, mean, sigma)
+
+
+def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, sigma: float) -> torch.Tensor:
+    """KL(N(mean, s^2) || N(reference_mean, s^2)) per element, averaged per sample: [B]. Zero
+    when the policy equals the reference (the KL penalty at the start of a run)."""
+    return ((mean - reference_mean) ** 2 / (2 * sigma**2)).flatten(1).mean(1)
