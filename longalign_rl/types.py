@@ -1,5 +1,6 @@
-"""Records that cross module and process boundaries: a sampler actor's `Rollout` goes to a
-trainer worker; a reward's `RewardOutput` goes to the loss and the metrics."""
+"""Records that cross module and process boundaries: a sampler actor's `Rollout` (reward
+backpropagation) or `Trajectory` (policy gradients) goes to a trainer worker; a reward's
+`RewardOutput` goes to the loss and the metrics."""
 
 from __future__ import annotations
 
@@ -28,6 +29,32 @@ class Rollout:
     policy_version: int          # optimiser steps behind the weights that sampled this
     seed: int                    # seed of the initial noise and of the gradient-step offset
     seconds: float               # wall time the actor spent sampling
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class Trajectory:
+    """One batch of stochastic DDIM trajectories (eta > 0) for policy-gradient training:
+    every step's input and output latents and its log-probability under the sampling
+    weights (sampling/stochastic.py). Shapes: B samples, T steps, latents C x h x w; float32
+    on the CPU. Step i is x_{i+1} ~ N(a_i x_i + b_i eps_i, sigma_i^2)."""
+
+    prompts: list[str]
+    cond: torch.Tensor           # [B, L, H] segment-encoded prompts
+    uncond: torch.Tensor         # [1, L, H]
+    timesteps: torch.Tensor      # [T]
+    latents: torch.Tensor        # [B, T, C, h, w] x_i, the UNet's input at step i
+    next_latents: torch.Tensor   # [B, T, C, h, w] x_{i+1}, what step i drew
+    log_probs: torch.Tensor      # [B, T] log-probability of each step under the sampling weights
+    a: torch.Tensor              # [T] float64
+    b: torch.Tensor              # [T] float64
+    sigma: torch.Tensor          # [T] float64; 0 = a deterministic step (no density, not trainable)
+    final_latents: torch.Tensor  # [B, C, h, w]
+    policy_version: int
+    seed: int
+    seconds: float
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -1,4 +1,6 @@
-"""The sampler: segment-encode prompts, run the no-gradient DDIM chain, record a Rollout.
+"""The sampler: segment-encode prompts, run the no-gradient DDIM chain, record a Rollout
+(deterministic DDIM, for reward backpropagation) or a Trajectory (`sample_trajectory`:
+stochastic DDIM with every step's log-probability, for policy gradients).
 
 Plain torch, so the same code runs inside a Ray actor (`sampling/group.py`), in a benchmark
 on a GPU machine without Ray, in a world's evaluation harness, and in tests.
@@ -15,7 +17,8 @@ from longalign_rl.config import PromptConfig, SamplerConfig
 from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.models import DTYPES, Components, make_scheduler, vae_scale_factor
 from longalign_rl.sampling.ddim import grad_step_indices, guided_eps, replay_coefficients, step_coefficients
-from longalign_rl.types import Rollout
+from longalign_rl.sampling.stochastic import step_log_prob, step_mean, stochastic_coefficients
+from longalign_rl.types import Rollout, Trajectory
 
 
 class Sampler:
@@ -85,6 +88,38 @@ class Sampler:
             seed=seed,
             seconds=time.perf_counter() - start,
         )
+
+
+@torch.no_grad()
+def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: float,
+                      policy_version: int = 0) -> Trajectory:
+    """Stochastic DDIM (eta > 0) over `sampler`'s UNet, encoder and scheduler, recording every
+    step for policy-gradient training. The initial noise and every step's noise come from
+    `seed`, so a trajectory is a pure function of (weights, prompts, seed)."""
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    a, b, sigma = stochastic_coefficients(sampler.scheduler, eta)
+    cond = sampler.encoder(prompts).float()
+    uncond = sampler.encoder.uncond(1).float()
+    shape = (len(prompts), sampler.unet.config.in_channels, sampler.latent_size, sampler.latent_size)
+    x = (torch.randn(shape, generator=generator) * sampler.scheduler.init_noise_sigma).to(sampler.device)
+    cond_d, uncond_d = cond.to(sampler.device), uncond.to(sampler.device)
+    inputs, outputs, log_probs = [], [], []
+    for i, t in enumerate(sampler.scheduler.timesteps):
+        eps = guided_eps(sampler.unet, x, t, cond_d, uncond_d, sampler.guidance_scale).float()
+        mean = step_mean(x.float(), eps, float(a[i]), float(b[i]))
+        noise = torch.randn(shape, generator=generator).to(sampler.device)
+        x_next = mean + float(sigma[i]) * noise
+        log_probs.append(step_log_prob(x_next, mean, float(sigma[i])).cpu() if sigma[i] > 0
+                         else torch.zeros(len(prompts)))
+        inputs.append(x.float().cpu())
+        outputs.append(x_next.cpu())
+        x = x_next.to(x.dtype)
+    return Trajectory(prompts=list(prompts), cond=cond.cpu(), uncond=uncond.cpu(),
+                      timesteps=sampler.scheduler.timesteps.clone(), latents=torch.stack(inputs, 1),
+                      next_latents=torch.stack(outputs, 1), log_probs=torch.stack(log_probs, 1), a=a, b=b,
+                      sigma=sigma, final_latents=x.float().cpu(), policy_version=policy_version, seed=seed,
+                      seconds=time.perf_counter() - start)
 
 
 def build_sampler(cfg: SamplerConfig, parts: Components, *, prompts: PromptConfig | None = None,

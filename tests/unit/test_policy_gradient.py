@@ -105,3 +105,27 @@ def test_kl_to_the_reference_is_zero_at_the_start_and_grows_with_the_distance():
     assert torch.equal(gaussian_kl(mean, mean.clone(), 0.3), torch.zeros(2))
     moved = gaussian_kl(mean + 0.1, mean, 0.3)
     torch.testing.assert_close(moved, torch.full((2,), 0.01 / (2 * 0.09)))
+
+
+def test_a_recorded_trajectory_gives_ratio_one_when_replayed_with_the_sampling_weights(tiny_parts):
+    """Through the sampler: every recorded step's log-probability is what a trainer recomputes
+    from (x_i, x_{i+1}) with the same weights; the chain ends where the records say."""
+    from longalign_rl.config import SamplerConfig
+    from longalign_rl.sampling.sampler import build_sampler, sample_trajectory
+
+    cfg = SamplerConfig(num_steps=4, num_grad_steps=1, guidance_scale=5.0, resolution=64, precision="fp32")
+    sampler = build_sampler(cfg, tiny_parts)
+    prompts = ["a red cube. a blue ball on the left.", "a green cone."]
+    traj = sample_trajectory(sampler, prompts, seed=3, eta=1.0)
+    assert traj.latents.shape[:2] == traj.next_latents.shape[:2] == (2, 4) and traj.log_probs.shape == (2, 4)
+    torch.testing.assert_close(traj.next_latents[:, -1], traj.final_latents)
+    torch.testing.assert_close(traj.latents[:, 1:], traj.next_latents[:, :-1])  # a chain
+    with torch.no_grad():
+        for i, t in enumerate(traj.timesteps):
+            eps = guided_eps(sampler.unet, traj.latents[:, i], t, traj.cond, traj.uncond, 5.0)
+            mean = step_mean(traj.latents[:, i], eps, float(traj.a[i]), float(traj.b[i]))
+            recomputed = step_log_prob(traj.next_latents[:, i], mean, float(traj.sigma[i]))
+            torch.testing.assert_close(recomputed, traj.log_probs[:, i], rtol=1e-5, atol=1e-5)
+    again = sample_trajectory(sampler, prompts, seed=3, eta=1.0)
+    assert torch.equal(again.final_latents, traj.final_latents)  # a pure function of (weights, prompts, seed)
+    assert not torch.equal(sample_trajectory(sampler, prompts, seed=4, eta=1.0).final_latents, traj.final_latents)
