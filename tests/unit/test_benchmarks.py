@@ -7,7 +7,6 @@ trainer steps, FLOP counting)."""
 import json
 import runpy
 import sys
-from pathlib import Path
 
 from tests import REPO
 

@@ -2,7 +2,6 @@
 overrides, errors that name the key, and a lossless YAML round trip."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import yaml

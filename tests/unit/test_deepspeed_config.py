@@ -10,7 +10,6 @@ torch.distributed is never initialised.
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
