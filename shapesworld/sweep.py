@@ -3,7 +3,7 @@
 checkpoints a user gets), and every checkpoint is evaluated on held-out captions by the
 exact checker.
 
-    python -m shapesworld.sweep --out /tmp/sweep               # 4 conditions x 3 seeds, ~30 min on 2 cores
+    python -m shapesworld.sweep --out /tmp/sweep               # 4 conditions x 3 seeds, ~36 min on 2 idle cores
     python -m shapesworld.sweep --out /tmp/sweep --quick       # 2 runs of 2 steps (tests)
 
 Conditions: `shapes_pref` at w = 1.0, 0.3, 0.0 and `shapes_clip` at w = 0.3 (the control:
