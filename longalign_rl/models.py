@@ -187,9 +187,10 @@ def load_components(model: str, *, seed: int = 0, revision: str | None = None) -
                             "not longalign_rl.models.Components")
     else:
         if source.kind == "path":
-            check_model_folder(Path(model))
+            check_model_folder(Path(model))  # headers, sizes and finite values, before loading
         parts = load_pretrained(model, revision)
-    check_finite(parts, model)
+    if source.kind != "path":  # a folder's values were checked in its files already
+        check_finite(parts, model)
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.requires_grad_(False).eval()
     return parts

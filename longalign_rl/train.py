@@ -54,7 +54,6 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
         # The run's location is where it is now, whatever the saved config says.
         cfg = load_config(run_dir / "config.yaml", args.overrides + [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
         check_resume(yaml.safe_load((run_dir / "config.yaml").read_text()), cfg)
-        remove_unregistered_checkpoints(run_dir)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
@@ -342,7 +341,9 @@ def root_cause(error: BaseException) -> str:
 @contextlib.contextmanager
 def stop_on_signal(run_dir: Path):
     """The first SIGINT/SIGTERM asks the workers to checkpoint after the current step and stop
-    (they look for run_dir/stop_requested); a second one stops at once."""
+    (they look for run_dir/stop_requested); a second one stops at once. A request left by an
+    earlier interrupted run is cleared first."""
+    (run_dir / STOP_REQUEST).unlink(missing_ok=True)
     signals = [signal.SIGINT, signal.SIGTERM]
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers live in the main thread only
@@ -380,11 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not args.resume:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded (worker.py)
+    if args.resume:  # every check passed: the junk of a killed run can go (its config.yaml is rewritten by worker.py)
+        remove_unregistered_checkpoints(run_dir)
+    else:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     print(describe(cfg, run_dir, pairs), flush=True)
     start = time.perf_counter()
-    (run_dir / STOP_REQUEST).unlink(missing_ok=True)  # an earlier interrupt does not stop this run
     try:
         with stop_on_signal(run_dir):
             result = run(cfg, run_dir, pairs)

@@ -76,7 +76,7 @@ def load_rng(directory: Path, rank: int) -> bool:
     np.random.set_state((name, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss_next = scalars["python"]
     random.setstate((version, tuple(internal), gauss_next))
-    cuda = [tensors[f"cuda{i}"] for i in range(len([k for k in tensors if k.startswith("cuda")]))]
+    cuda = [tensors[f"cuda{i}"] for i in range(sum(k.startswith("cuda") for k in tensors))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     return True

@@ -142,10 +142,15 @@ def all_means(stats: dict[str, list[torch.Tensor]], device) -> dict[str, float]:
     return {k: s / c if c > 0 else math.nan for k, (s, c) in zip(names, sums.tolist())}
 
 
-def weights_spread(module) -> float:
-    """Max - min over workers of a checksum of the trainable weights: 0 when they agree."""
-    checksum = torch.stack([p.detach().double().sum() for p in module.parameters() if p.requires_grad]).sum()
-    both = torch.stack([checksum, -checksum]).to(next(module.parameters()).device)
+def trainable_checksum(module) -> torch.Tensor:
+    """The sum of every trainable weight (float64): compared across workers, and not finite
+    as soon as one weight is not."""
+    return torch.stack([p.detach().double().sum() for p in module.parameters() if p.requires_grad]).sum()
+
+
+def weights_spread(checksum: torch.Tensor) -> float:
+    """Max - min over workers of their trainable_checksum: 0 when they agree."""
+    both = torch.stack([checksum, -checksum])
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     return float(both[0] + both[1])
 
@@ -154,9 +159,8 @@ GUARDED = ("loss", "grad_norm", "reward")  # record fields that must stay finite
 
 
 def weights_finite(module) -> bool:
-    """Whether every trainable weight is finite (one reduction: a NaN or inf anywhere spoils the sum)."""
-    total = torch.stack([p.detach().float().sum() for p in module.parameters() if p.requires_grad]).sum()
-    return bool(torch.isfinite(total))
+    """Whether every trainable weight is finite."""
+    return bool(torch.isfinite(trainable_checksum(module)))
 
 
 def nonfinite_cause(record: dict, weights_ok: bool, keys: tuple[str, ...] = GUARDED) -> str | None:
@@ -260,7 +264,8 @@ def run_worker(loop_config: dict, make_body: type) -> None:
 
         # LOG
         means = all_means(out.stats, device)
-        spread = weights_spread(engine.module)
+        checksum = trainable_checksum(engine.module)  # one pass serves the spread and the guard
+        spread = weights_spread(checksum)
         elapsed = time.perf_counter() - t0
         record = {
             "step": step + 1,
@@ -280,7 +285,7 @@ def run_worker(loop_config: dict, make_body: type) -> None:
         # fp16's loss scaling skips overflowing steps by design, and an engine that did not
         # measure the norm (no clipping) reports none: the grad norm is guarded otherwise only.
         skip_norm = cfg.train.precision == "fp16" or engine.get_global_grad_norm() is None
-        cause = nonfinite_cause(record, weights_finite(engine.module),
+        cause = nonfinite_cause(record, bool(torch.isfinite(checksum)),
                                 tuple(k for k in GUARDED if not (skip_norm and k == "grad_norm")))
         nonfinite = nonfinite + 1 if cause else 0
         if cause and rank == 0:
