@@ -82,7 +82,8 @@ def _worker(config: dict) -> None:
 
     from longalign_rl.config import from_dict
     from longalign_rl.training.engine import build_trainable
-    from longalign_rl.training.reward_backprop import build_reward, update
+    from longalign_rl.training.reward_backprop import update
+    from longalign_rl.training.stage2 import build_reward
 
     torch.set_num_threads(1)
     cfg, rollout = from_dict(config["config"]), config["rollout"]

@@ -104,6 +104,10 @@ class SamplerConfig:
     num_grad_steps: int = 5
     # Sampler precision: fp32 | bf16 | fp16.
     precision: str = "bf16"
+    # DDIM's eta for policy-gradient algorithms (algorithm.name grpo | ddpo): each step adds
+    # eta-scaled noise, which makes it a Gaussian with a log-probability (ddpo-pytorch: 1.0).
+    # Reward backpropagation samples deterministically (eta 0) and ignores it.
+    eta: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,43 @@ class RewardConfig:
     # Keyword arguments for the reward, e.g. text_irrelevant_weight, direction. An override
     # that names another reward starts from empty kwargs (they belong to the reward).
     kwargs: dict = field(default_factory=dict)
+
+
+ALGORITHMS = ("reward_backprop", "grpo", "ddpo")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """How stage 2 turns the samplers' images into updates (docs/algorithms.md).
+
+    reward_backprop: LongAlign's reference (METHOD.md section 5): the reward's gradient
+    flows back through the decoder and the gradient steps; the reward must be differentiable.
+    grpo | ddpo: policy gradients (PPO-clip on the log-probabilities of stochastic DDIM
+    steps); any reward, differentiable or not (a checker, a detector, OCR). The defaults
+    below are ddpo-pytorch's unless a comment says otherwise."""
+
+    name: str = "reward_backprop"
+    # grpo: samples drawn per prompt; advantages are the rewards normalised within each
+    # group. A group is sampled by one actor and trained by one worker, so
+    # train.batch_size must be a multiple of it (Flow-GRPO: 12-24; here 4).
+    group_size: int = 4
+    # Fraction of the DDIM steps trained, drawn per batch from its seed (ddpo-pytorch:
+    # 1.0; Flow-GRPO trains about 0.6 of them). Only those steps are recorded.
+    timestep_fraction: float = 1.0
+    # PPO's clip range for the ratio of new to sampling probability of a step.
+    clip_range: float = 1e-4
+    # Advantages are clipped to [-advantage_clip, advantage_clip].
+    advantage_clip: float = 5.0
+    # Weight of the KL penalty to the starting model (the LoRA adapter disabled, or a frozen
+    # copy of the UNet when fine-tuning it whole); 0 = no penalty and no reference pass.
+    kl_weight: float = 0.0
+    # Optimiser updates over each step's samples (ddpo-pytorch: num_inner_epochs). The
+    # warm-up (train.warmup_steps) still counts steps, i.e. batches of samples.
+    inner_epochs: int = 1
+    # ddpo: each prompt's rewards are normalised by the mean and std of its last
+    # buffer_size rewards once it has min_count of them, by the whole batch's before.
+    buffer_size: int = 16
+    min_count: int = 16
 
 
 @dataclass(frozen=True)
@@ -203,6 +244,7 @@ class Config:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -211,6 +253,22 @@ class Config:
     def global_batch(self) -> int:
         """Samples per optimiser step over all workers."""
         return self.train.num_workers * self.train.batch_size * self.train.grad_accum
+
+    @property
+    def policy_gradient(self) -> bool:
+        """Whether stage 2 trains with policy gradients (grpo, ddpo) instead of reward backpropagation."""
+        return self.stage == 2 and self.algorithm.name != "reward_backprop"
+
+    @property
+    def trained_steps(self) -> int:
+        """Policy gradients: DDIM steps recorded and trained per sample."""
+        return max(1, round(self.sampler.num_steps * self.algorithm.timestep_fraction))
+
+    @property
+    def prompts_per_batch(self) -> int:
+        """Distinct prompts in one worker's batch (grpo draws each group_size times)."""
+        t, a = self.train, self.algorithm
+        return t.batch_size // a.group_size if self.policy_gradient and a.name == "grpo" else t.batch_size
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -439,6 +497,33 @@ def validate(cfg: Config) -> None:
              f"{cfg.run.max_failures}")
     _require(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", f"must be >= 0, got {cfg.run.keep_checkpoints}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _validate_algorithm(cfg)
     for i, hook in enumerate(cfg.run.metrics):
         _require(bool(IMPORT_PATH.match(hook)), f"run.metrics[{i}]",
                  f"must be an import path 'package.module:function', got {hook!r}")
+
+
+def _validate_algorithm(cfg: Config) -> None:
+    a, s = cfg.algorithm, cfg.sampler
+    _require(a.name in ALGORITHMS, "algorithm.name", f"must be one of {', '.join(ALGORITHMS)}, got {a.name!r}")
+    _require(s.eta >= 0, "sampler.eta", f"must be >= 0, got {s.eta}")
+    _require(a.group_size >= 2, "algorithm.group_size",
+             f"must be >= 2 (a lone sample has no group to be compared with), got {a.group_size}")
+    _require(0.0 < a.timestep_fraction <= 1.0, "algorithm.timestep_fraction",
+             f"must be in (0, 1], got {a.timestep_fraction}")
+    for key, value in [("algorithm.clip_range", a.clip_range), ("algorithm.advantage_clip", a.advantage_clip)]:
+        _require(value > 0, key, f"must be > 0, got {value}")
+    _require(a.kl_weight >= 0, "algorithm.kl_weight", f"must be >= 0, got {a.kl_weight}")
+    for key, value in [("algorithm.inner_epochs", a.inner_epochs), ("algorithm.buffer_size", a.buffer_size),
+                       ("algorithm.min_count", a.min_count)]:
+        _require(value >= 1, key, f"must be >= 1, got {value}")
+    _require(a.min_count <= a.buffer_size, "algorithm.min_count",
+             f"{a.min_count} rewards never fit a buffer of algorithm.buffer_size={a.buffer_size}")
+    if not cfg.policy_gradient:
+        return
+    _require(0.0 < s.eta <= 1.0, "sampler.eta",
+             f"{a.name} needs stochastic steps with a log-probability: eta in (0, 1], got {s.eta}")
+    if a.name == "grpo":
+        _require(cfg.train.batch_size % a.group_size == 0, "train.batch_size",
+                 f"grpo keeps each prompt's group on one worker: {cfg.train.batch_size} is not a multiple of "
+                 f"algorithm.group_size={a.group_size}")

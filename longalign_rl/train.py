@@ -78,9 +78,10 @@ def check_reward(cfg: Config, prompts: list[str]) -> None:
     except Exception as e:  # a plugin's factory may raise anything: name the key and the plugin
         message = str(e) if str(e).startswith("reward ") else f"reward {cfg.reward.name!r}: {type(e).__name__}: {e}"
         raise ConfigError(f"reward: {message}") from e
-    if not reward.differentiable:
+    if not reward.differentiable and not cfg.policy_gradient:
         raise ConfigError(f"reward.name: reward {cfg.reward.name!r} is not differentiable; "
-                          "reward backpropagation needs gradients from the reward to the image")
+                          "reward backpropagation needs gradients from the reward to the image "
+                          "(algorithm.name: grpo or ddpo optimises any reward)")
     try:
         probe_reward(reward, cfg.reward.name, prompts, cfg.sampler.resolution)
     except (TypeError, ValueError) as e:
@@ -154,13 +155,25 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
     return (
         f"run directory      {run_dir}\n"
         f"model              {cfg.model.pretrained}   reward {cfg.reward.name} {cfg.reward.kwargs}\n"
-        f"samplers           {s.num_actors} actors, {s.num_steps} DDIM steps ({s.num_grad_steps} with gradient), "
-        f"guidance {s.guidance_scale}, {s.resolution} px\n"
+        f"algorithm          {algorithm_line(cfg)}\n"
+        f"samplers           {s.num_actors} actors, {s.num_steps} DDIM steps ("
+        + (f"eta {s.eta}, {cfg.trained_steps} trained" if cfg.policy_gradient else f"{s.num_grad_steps} with gradient")
+        + f"), guidance {s.guidance_scale}, {s.resolution} px\n"
         f"trainers           {t.num_workers} workers x {t.batch_size} prompts x {t.grad_accum} accumulation "
         f"= {cfg.global_batch} samples per step, ZeRO-{t.zero_stage}, {t.precision}\n"
         f"steps              {t.steps} -> {t.steps * cfg.global_batch} samples; weights to samplers every "
         f"{t.sync_every} step(s), policy lag <= {t.max_policy_lag}"
     )
+
+
+def algorithm_line(cfg: Config) -> str:
+    a = cfg.algorithm
+    if not cfg.policy_gradient:
+        return "reward backpropagation through the decoder and the gradient steps"
+    advantages = (f"{a.group_size} samples per prompt, normalised per group" if a.name == "grpo"
+                  else f"per-prompt statistics of the last {a.buffer_size} rewards")
+    return (f"{a.name}: {advantages}; PPO clip {a.clip_range}, {a.inner_epochs} update(s) per batch"
+            + (f", KL weight {a.kl_weight}" if a.kl_weight else ""))
 
 
 # Keys that change what the checkpoint's weights mean: a resume may not change them.
@@ -304,11 +317,11 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None):
         return fit(trainer)
 
     from longalign_rl.sampling.group import SamplerGroup
-    from longalign_rl.training import reward_backprop
+    from longalign_rl.training import policy_gradient, reward_backprop
 
     samplers = SamplerGroup(cfg)
     trainer = TorchTrainer(
-        reward_backprop.train_func,
+        (policy_gradient if cfg.policy_gradient else reward_backprop).train_func,
         train_loop_config={"config": to_dict(cfg), "samplers": samplers, "run_dir": str(run_dir)},
         **common,
     )

@@ -37,20 +37,22 @@ class Rollout:
 @dataclass
 class Trajectory:
     """One batch of stochastic DDIM trajectories (eta > 0) for policy-gradient training:
-    every step's input and output latents and its log-probability under the sampling
-    weights (sampling/stochastic.py). Shapes: B samples, T steps, latents C x h x w; float32
-    on the CPU. Step i is x_{i+1} ~ N(a_i x_i + b_i eps_i, sigma_i^2)."""
+    for the K recorded (to be trained) steps, each step's input and output latents and its
+    log-probability under the sampling weights (sampling/stochastic.py). Shapes: B samples,
+    latents C x h x w; float32 on the CPU. Recorded step k is DDIM step indices[k]:
+    x_{i+1} ~ N(a_k x_i + b_k eps_i, sigma_k^2)."""
 
     prompts: list[str]
     cond: torch.Tensor           # [B, L, H] segment-encoded prompts
     uncond: torch.Tensor         # [1, L, H]
-    timesteps: torch.Tensor      # [T]
-    latents: torch.Tensor        # [B, T, C, h, w] x_i, the UNet's input at step i
-    next_latents: torch.Tensor   # [B, T, C, h, w] x_{i+1}, what step i drew
-    log_probs: torch.Tensor      # [B, T] log-probability of each step under the sampling weights
-    a: torch.Tensor              # [T] float64
-    b: torch.Tensor              # [T] float64
-    sigma: torch.Tensor          # [T] float64; 0 = a deterministic step (no density, not trainable)
+    indices: list[int]           # [K] which DDIM steps were recorded, ascending
+    timesteps: torch.Tensor      # [K] their timesteps
+    latents: torch.Tensor        # [B, K, C, h, w] x_i, the UNet's input at step i
+    next_latents: torch.Tensor   # [B, K, C, h, w] x_{i+1}, what step i drew
+    log_probs: torch.Tensor      # [B, K] log-probability of each step under the sampling weights
+    a: torch.Tensor              # [K] float64
+    b: torch.Tensor              # [K] float64
+    sigma: torch.Tensor          # [K] float64, all > 0
     final_latents: torch.Tensor  # [B, C, h, w]
     policy_version: int
     seed: int

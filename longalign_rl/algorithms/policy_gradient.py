@@ -10,21 +10,34 @@ loss, as ddpo-pytorch and Flow-GRPO compute them. Pure torch: no ray, no deepspe
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
+from typing import Callable
 
 import numpy as np
 import torch
 
+from longalign_rl.sampling.ddim import guided_eps
+from longalign_rl.sampling.stochastic import gaussian_kl, step_log_prob, step_mean
+from longalign_rl.types import Trajectory
+
 
 def grpo_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """(r - mean of its group) / (std of its group + eps), per sample. `groups`: [N] ints, one
-    id per prompt; every group needs at least 2 samples (a lone sample has no baseline)."""
+    id per prompt; every group needs at least 2 samples (a lone sample has no baseline).
+
+    A sample whose reward is not finite gets advantage 0 and is left out of its group's
+    statistics; a group with fewer than 2 finite rewards teaches nothing (all 0)."""
     rewards = rewards.double()
-    out = torch.empty_like(rewards)
+    finite = torch.isfinite(rewards)
+    out = torch.zeros_like(rewards)
     for g in groups.unique():
         members = groups == g
         if int(members.sum()) < 2:
             raise ValueError(f"group {int(g)} has {int(members.sum())} sample; GRPO needs algorithm.group_size >= 2")
+        members &= finite
+        if int(members.sum()) < 2:
+            continue
         r = rewards[members]
         out[members] = (r - r.mean()) / (r.std(unbiased=False) + eps)
     return out.float()
@@ -40,13 +53,18 @@ class PerPromptStatTracker:
         self.buffers: dict[str, deque] = {}
 
     def update(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """The advantages of `rewards` (of `prompts`), after adding them to the buffers. A
+        reward that is not finite gets advantage 0 and stays out of every statistic."""
         values = rewards.double().cpu().numpy()
-        out = np.empty_like(values)
-        for prompt in dict.fromkeys(prompts):  # each prompt once, in order
-            index = [i for i, p in enumerate(prompts) if p == prompt]
+        finite = np.isfinite(values)
+        out = np.zeros_like(values)
+        if not finite.any():
+            return torch.as_tensor(out, dtype=torch.float32)
+        for prompt in dict.fromkeys(p for p, ok in zip(prompts, finite) if ok):  # each prompt once, in order
+            index = [i for i, p in enumerate(prompts) if p == prompt and finite[i]]
             buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
             buffer.extend(values[index].tolist())
-            basis = np.asarray(buffer) if len(buffer) >= self.min_count else values
+            basis = np.asarray(buffer) if len(buffer) >= self.min_count else values[finite]
             out[index] = (values[index] - basis.mean()) / (basis.std() + self.eps)
         return torch.as_tensor(out, dtype=torch.float32)
 
@@ -74,4 +92,31 @@ def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
         "clip_fraction": ((ratio.detach() - 1.0).abs() > clip_range).float(),
         "approx_kl": (0.5 * (log_prob.detach() - old_log_prob.detach()) ** 2).float(),
     }
+    return loss, stats
+
+
+def policy_step_loss(unet, traj: Trajectory, k: int, advantages: torch.Tensor, guidance_scale: float,
+                     clip_range: float, advantage_clip: float, kl_weight: float = 0.0,
+                     reference: Callable[[], contextlib.AbstractContextManager] | None = None):
+    """PPO-clip loss (with graph) of recorded step k of `traj` under `unet`'s current weights,
+    and its per-sample statistics. `reference()`: a context that yields the starting model,
+    the KL penalty's reference, evaluated without gradient (`unet` with its LoRA adapter
+    disabled, or a frozen copy). Needed when kl_weight > 0."""
+    device = next(unet.parameters()).device
+    x, x_next = traj.latents[:, k].to(device), traj.next_latents[:, k].to(device)
+    t = traj.timesteps[k]
+    cond, uncond = traj.cond.to(device), traj.uncond.to(device)
+    a, b, sigma = float(traj.a[k]), float(traj.b[k]), float(traj.sigma[k])
+    mean = step_mean(x, guided_eps(unet, x, t, cond, uncond, guidance_scale).float(), a, b)
+    log_prob = step_log_prob(x_next, mean, sigma)
+    loss, stats = ppo_clip_loss(log_prob, traj.log_probs[:, k].to(device), advantages.to(device), clip_range,
+                                advantage_clip)
+    if kl_weight > 0:
+        if reference is None:
+            raise ValueError("kl_weight > 0 needs the reference model")
+        with torch.no_grad(), reference() as reference_unet:
+            reference_mean = step_mean(x, guided_eps(reference_unet, x, t, cond, uncond, guidance_scale).float(), a, b)
+        kl = gaussian_kl(mean, reference_mean, sigma)
+        loss = loss + kl_weight * kl.mean()
+        stats["kl"] = kl.detach().float()
     return loss, stats

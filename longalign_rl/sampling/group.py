@@ -1,5 +1,5 @@
 """The sampler actors of a run, as one object: create, publish weights with a version,
-hand out rollouts with failover and resync, shut down. The Ray shell around `Sampler`.
+hand out rollouts (or policy-gradient trajectories) with failover and resync, shut down. The Ray shell around `Sampler`.
 
     driver          group = SamplerGroup(cfg)          start cfg.sampler.num_actors actors
                     ... TorchTrainer(train_loop_config={"samplers": group, ...}).fit()
@@ -25,8 +25,8 @@ import torch
 from longalign_rl.config import Config, from_dict, to_dict
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
 from longalign_rl.models import load_components
-from longalign_rl.sampling.sampler import build_sampler
-from longalign_rl.types import Rollout
+from longalign_rl.sampling.sampler import build_sampler, sample_trajectory
+from longalign_rl.types import Rollout, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,13 @@ class SamplerActor:
         self.sampler.unet.eval().requires_grad_(False)
         self.version = 0  # optimiser steps behind the weights held now
 
-    def sample(self, prompts: list[str], seed: int) -> Rollout:
-        return self.sampler.sample(prompts, seed, policy_version=self.version)
+    def sample(self, prompts: list[str], seed: int) -> Rollout | Trajectory:
+        """Reward backpropagation: deterministic DDIM reduced to a Rollout. Policy gradients:
+        stochastic DDIM (sampler.eta) with the trained steps' log-probabilities."""
+        if not self.cfg.policy_gradient:
+            return self.sampler.sample(prompts, seed, policy_version=self.version)
+        return sample_trajectory(self.sampler, prompts, seed, self.cfg.sampler.eta, self.cfg.trained_steps,
+                                 policy_version=self.version)
 
     def set_weights(self, state: dict, version: int) -> float:
         """Load the trainer's trainable weights (an object-store ref, resolved by Ray).

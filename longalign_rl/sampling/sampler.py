@@ -91,14 +91,21 @@ class Sampler:
 
 
 @torch.no_grad()
-def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: float,
+def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: float, num_recorded: int | None = None,
                       policy_version: int = 0) -> Trajectory:
-    """Stochastic DDIM (eta > 0) over `sampler`'s UNet, encoder and scheduler, recording every
-    step for policy-gradient training. The initial noise and every step's noise come from
-    `seed`, so a trajectory is a pure function of (weights, prompts, seed)."""
+    """Stochastic DDIM (eta > 0) over `sampler`'s UNet, encoder and scheduler, recording
+    `num_recorded` steps (all by default) for policy-gradient training: which ones, the
+    initial noise and every step's noise come from `seed`, so a trajectory is a pure
+    function of (weights, prompts, seed)."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     a, b, sigma = stochastic_coefficients(sampler.scheduler, eta)
+    trainable = [i for i in range(len(sigma)) if sigma[i] > 0]  # a step without noise has no density
+    num_recorded = len(trainable) if num_recorded is None else num_recorded
+    if not 1 <= num_recorded <= len(trainable):
+        raise ValueError(f"cannot record {num_recorded} steps: {len(trainable)} of {len(sigma)} steps are stochastic")
+    chosen = torch.randperm(len(trainable), generator=generator)[:num_recorded].sort().values
+    indices = [trainable[int(i)] for i in chosen]
     cond = sampler.encoder(prompts).float()
     uncond = sampler.encoder.uncond(1).float()
     shape = (len(prompts), sampler.unet.config.in_channels, sampler.latent_size, sampler.latent_size)
@@ -110,16 +117,16 @@ def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: floa
         mean = step_mean(x.float(), eps, float(a[i]), float(b[i]))
         noise = torch.randn(shape, generator=generator).to(sampler.device)
         x_next = mean + float(sigma[i]) * noise
-        log_probs.append(step_log_prob(x_next, mean, float(sigma[i])).cpu() if sigma[i] > 0
-                         else torch.zeros(len(prompts)))
-        inputs.append(x.float().cpu())
-        outputs.append(x_next.cpu())
+        if i in indices:
+            log_probs.append(step_log_prob(x_next, mean, float(sigma[i])).cpu())
+            inputs.append(x.float().cpu())
+            outputs.append(x_next.cpu())
         x = x_next.to(x.dtype)
-    return Trajectory(prompts=list(prompts), cond=cond.cpu(), uncond=uncond.cpu(),
-                      timesteps=sampler.scheduler.timesteps.clone(), latents=torch.stack(inputs, 1),
-                      next_latents=torch.stack(outputs, 1), log_probs=torch.stack(log_probs, 1), a=a, b=b,
-                      sigma=sigma, final_latents=x.float().cpu(), policy_version=policy_version, seed=seed,
-                      seconds=time.perf_counter() - start)
+    return Trajectory(prompts=list(prompts), cond=cond.cpu(), uncond=uncond.cpu(), indices=indices,
+                      timesteps=sampler.scheduler.timesteps[indices].clone(), latents=torch.stack(inputs, 1),
+                      next_latents=torch.stack(outputs, 1), log_probs=torch.stack(log_probs, 1), a=a[indices],
+                      b=b[indices], sigma=sigma[indices], final_latents=x.float().cpu(), policy_version=policy_version,
+                      seed=seed, seconds=time.perf_counter() - start)
 
 
 def build_sampler(cfg: SamplerConfig, parts: Components, *, prompts: PromptConfig | None = None,

@@ -1,8 +1,9 @@
 """Checkpoint contents, written by every worker into one folder that Ray Train merges.
 
     weights.safetensors     trainable weights (LoRA or UNet), rank 0
-    state.json              the counters of TrainerState (step; stage 2's prompt position;
-                            stage 1's epoch and pairs used in it), rank 0
+    state.json              the counters of TrainerState (step; stage 2's prompt position and
+                            ddpo's per-prompt statistics; stage 1's epoch and pairs used in
+                            it), rank 0
     rng/rank{r}.safetensors torch (and CUDA) RNG states of worker r, and
     rng/rank{r}.json        its numpy and Python RNG states: no pickle anywhere
     deepspeed/state/...     DeepSpeed's optimiser and LR-scheduler state (each rank its
@@ -26,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ class TrainerState:
     prompt_position: int = 0   # stage 2: prompts handed out (PromptOrder position)
     epoch: int = 0             # stage 1: the epoch in progress (0-based)
     samples_in_epoch: int = 0  # stage 1: pairs of that epoch used, all workers together
+    algorithm: dict = field(default_factory=dict)  # an algorithm's own state (ddpo: per-prompt statistics)
 
 
 # ---------------------------------------------------------------- RNG, without pickle

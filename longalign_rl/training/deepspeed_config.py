@@ -5,6 +5,18 @@ from __future__ import annotations
 from longalign_rl.config import Config
 
 
+def backward_passes_per_update(cfg: Config) -> int:
+    """engine.backward calls per optimiser update: one per micro-step, and with policy
+    gradients one per trained DDIM step of each (as ddpo-pytorch accumulates them), so each
+    step's activations are freed before the next. DeepSpeed divides every loss by it."""
+    return cfg.train.grad_accum * (cfg.trained_steps if cfg.policy_gradient else 1)
+
+
+def updates_per_step(cfg: Config) -> int:
+    """Optimiser updates per run step (policy gradients: algorithm.inner_epochs over each batch)."""
+    return cfg.algorithm.inner_epochs if cfg.policy_gradient else 1
+
+
 def deepspeed_config(cfg: Config) -> dict:
     """ZeRO stage, precision, gradient clipping and accumulation, from `cfg.train`.
 
@@ -14,7 +26,7 @@ def deepspeed_config(cfg: Config) -> dict:
     t = cfg.train
     config = {
         "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_accumulation_steps": backward_passes_per_update(cfg),
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},

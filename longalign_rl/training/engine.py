@@ -12,7 +12,7 @@ import torch
 from longalign_rl.config import Config
 from longalign_rl.lora import make_trainable
 from longalign_rl.models import Components, load_components
-from longalign_rl.training.deepspeed_config import deepspeed_config
+from longalign_rl.training.deepspeed_config import deepspeed_config, updates_per_step
 
 
 def prepare_unet(cfg: Config, unet, device: torch.device) -> list[torch.nn.Parameter]:
@@ -35,7 +35,8 @@ def make_engine(cfg: Config, unet, params: list[torch.nn.Parameter]):
     (ZeRO stage, precision, clipping and accumulation from training/deepspeed_config.py)."""
     t = cfg.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, eps=t.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(t.warmup_steps))
+    # The scheduler advances once per optimiser update; the warm-up is counted in run steps.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(t.warmup_steps * updates_per_step(cfg)))
     engine, _, _, schedule = deepspeed.initialize(
         model=unet, optimizer=optimizer, lr_scheduler=schedule,
         config=deepspeed_config(cfg), dist_init_required=False,

@@ -73,3 +73,19 @@ def broken(how: str = "ok", after: int = 0):
 
 def failing_factory():
     raise RuntimeError("cannot reach the reward server")
+
+
+class BrightPixels(Reward):
+    """A rule, not a model: the fraction of pixels brighter than `threshold`. A step function
+    of the pixels, so it has no useful gradient: only policy gradients can optimise it."""
+
+    differentiable = False
+
+    def __init__(self, threshold: float = 0.5):
+        super().__init__()
+        self.threshold = threshold
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        bright = (images.mean(dim=1) > self.threshold).float().mean(dim=(1, 2))
+        return RewardOutput(total=bright, components={"bright_fraction": bright.clone()})

@@ -322,7 +322,7 @@ def test_to_yaml_and_back_gives_an_equal_config(source, overrides, tmp_path):
     # to_dict is plain YAML data: lists, not tuples
     data = to_dict(cfg)
     assert isinstance(data["train"]["betas"], list) and isinstance(data["lora"]["target_modules"], list)
-    assert list(data) == ["stage", "model", "data", "prompts", "sampler", "reward", "lora", "train", "run"]
+    assert list(data) == ["stage", "model", "data", "prompts", "sampler", "reward", "algorithm", "lora", "train", "run"]
 
 
 def test_default_run_is_the_shapesworld_demo():
@@ -436,3 +436,37 @@ def test_shipped_sd15_stage1_config_is_the_reference():
     assert d.epochs == 2 and d.caption_dropout == 0.1 and d.resolution == 512
     assert cfg.lora.enabled and cfg.prompts.max_tokens == 240
     assert t.steps * cfg.global_batch > 2 * 2_000_000  # the epochs, not the step cap, end the run
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["algorithm.name=ppo"], "algorithm.name"),
+        (["algorithm.name=grpo", "sampler.eta=0"], "sampler.eta"),  # no density without noise
+        (["algorithm.name=ddpo", "sampler.eta=1.5"], "sampler.eta"),
+        (["sampler.eta=-1"], "sampler.eta"),
+        (["algorithm.name=grpo", "train.batch_size=6", "algorithm.group_size=4"], "train.batch_size"),
+        (["algorithm.group_size=1"], "algorithm.group_size"),
+        (["algorithm.timestep_fraction=0"], "algorithm.timestep_fraction"),
+        (["algorithm.timestep_fraction=1.5"], "algorithm.timestep_fraction"),
+        (["algorithm.clip_range=0"], "algorithm.clip_range"),
+        (["algorithm.advantage_clip=-1"], "algorithm.advantage_clip"),
+        (["algorithm.kl_weight=-0.1"], "algorithm.kl_weight"),
+        (["algorithm.inner_epochs=0"], "algorithm.inner_epochs"),
+        (["algorithm.buffer_size=8", "algorithm.min_count=9"], "algorithm.min_count"),
+    ],
+)
+def test_algorithm_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load_config(None, overrides)
+
+
+def test_policy_gradient_batches_hold_whole_groups():
+    rb = load_config(None, ["train.batch_size=8"])
+    assert not rb.policy_gradient and rb.prompts_per_batch == 8
+    grpo = load_config(None, ["algorithm.name=grpo", "train.batch_size=8", "algorithm.group_size=4",
+                              "sampler.num_steps=10", "algorithm.timestep_fraction=0.45"])
+    assert grpo.policy_gradient and grpo.prompts_per_batch == 2 and grpo.trained_steps == 4
+    ddpo = load_config(None, ["algorithm.name=ddpo", "train.batch_size=6", "algorithm.group_size=4"])
+    assert ddpo.prompts_per_batch == 6 and ddpo.trained_steps == 50  # group_size is grpo's only
+    assert not load_config(None, ["stage=1", "data.source=x:y", "algorithm.name=grpo"]).policy_gradient

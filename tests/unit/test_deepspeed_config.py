@@ -49,6 +49,19 @@ def test_mapping(overrides, expected):
         assert d["zero_optimization"] == {"stage": 0}
 
 
+def test_policy_gradients_accumulate_one_backward_per_trained_step():
+    """GRPO / DDPO call backward once per (micro-step, trained DDIM step): DeepSpeed updates once
+    after all of them, and the warm-up counts run steps (inner_epochs updates each)."""
+    from longalign_rl.training.deepspeed_config import backward_passes_per_update, updates_per_step
+
+    cfg = load_config(None, ["algorithm.name=grpo", "train.grad_accum=2", "sampler.num_steps=10",
+                             "algorithm.timestep_fraction=0.5", "algorithm.inner_epochs=3"])
+    assert backward_passes_per_update(cfg) == deepspeed_config(cfg)["gradient_accumulation_steps"] == 10
+    assert updates_per_step(cfg) == 3
+    rb = load_config(None, ["train.grad_accum=2", "algorithm.inner_epochs=3"])
+    assert deepspeed_config(rb)["gradient_accumulation_steps"] == 2 and updates_per_step(rb) == 1
+
+
 def test_the_dict_is_fresh_each_call():
     cfg = load_config()
     a = deepspeed_config(cfg)

@@ -129,3 +129,120 @@ def test_a_recorded_trajectory_gives_ratio_one_when_replayed_with_the_sampling_w
     again = sample_trajectory(sampler, prompts, seed=3, eta=1.0)
     assert torch.equal(again.final_latents, traj.final_latents)  # a pure function of (weights, prompts, seed)
     assert not torch.equal(sample_trajectory(sampler, prompts, seed=4, eta=1.0).final_latents, traj.final_latents)
+
+
+def test_recording_a_subset_of_steps_draws_the_same_chain(tiny_parts):
+    """Which steps are recorded comes from the seed and does not change the noise: recording 2
+    of 4 steps gives the same images and, at those steps, the same records as recording all."""
+    from longalign_rl.config import SamplerConfig
+    from longalign_rl.sampling.sampler import build_sampler, sample_trajectory
+
+    cfg = SamplerConfig(num_steps=4, num_grad_steps=1, guidance_scale=5.0, resolution=64, precision="fp32")
+    sampler = build_sampler(cfg, tiny_parts)
+    prompts = ["a red cube.", "a green cone."]
+    full = sample_trajectory(sampler, prompts, seed=7, eta=1.0)
+    part = sample_trajectory(sampler, prompts, seed=7, eta=1.0, num_recorded=2)
+    assert full.indices == [0, 1, 2, 3] and len(part.indices) == 2 and part.indices == sorted(part.indices)
+    assert part.latents.shape[1] == part.log_probs.shape[1] == part.timesteps.shape[0] == part.sigma.shape[0] == 2
+    torch.testing.assert_close(part.final_latents, full.final_latents)
+    torch.testing.assert_close(part.log_probs, full.log_probs[:, part.indices])
+    torch.testing.assert_close(part.next_latents, full.next_latents[:, part.indices])
+    assert torch.equal(part.timesteps, full.timesteps[part.indices])
+    others = {tuple(sample_trajectory(sampler, prompts, seed=s, eta=1.0, num_recorded=2).indices) for s in range(8)}
+    assert len(others) > 1  # the subset varies with the seed
+    with pytest.raises(ValueError, match="cannot record 5 steps"):
+        sample_trajectory(sampler, prompts, seed=7, eta=1.0, num_recorded=5)
+
+
+@pytest.fixture()
+def lora_sampler(tiny_parts):
+    """A sampler over a copy of the tiny UNet with a LoRA adapter (fp32, dropout 0.1)."""
+    import copy
+
+    from longalign_rl.config import LoRAConfig, SamplerConfig
+    from longalign_rl.lora import make_trainable
+    from longalign_rl.sampling.sampler import build_sampler
+
+    parts = copy.deepcopy(tiny_parts)
+    make_trainable(parts.unet, LoRAConfig(rank=4, alpha=4.0, dropout=0.1))
+    cfg = SamplerConfig(num_steps=4, num_grad_steps=1, guidance_scale=5.0, resolution=64, precision="fp32")
+    return build_sampler(cfg, parts)
+
+
+def adapter_off(unet):
+    import contextlib
+
+    @contextlib.contextmanager
+    def context():
+        unet.disable_adapters()
+        try:
+            yield unet
+        finally:
+            unet.enable_adapters()
+    return context
+
+
+def test_the_trainers_first_ratio_is_one_and_its_kl_to_the_start_is_zero(lora_sampler):
+    """policy_step_loss under the sampling weights: ratio 1 at every recorded step, nothing
+    clipped, and (the LoRA's up-projection starts at zero) no KL to the adapter-free model."""
+    from longalign_rl.algorithms.policy_gradient import policy_step_loss
+    from longalign_rl.sampling.sampler import sample_trajectory
+
+    unet = lora_sampler.unet.eval()
+    traj = sample_trajectory(lora_sampler, ["a red cube.", "a blue ball.", "a red cube.", "a blue ball."], seed=1,
+                             eta=1.0)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    for k in range(len(traj.indices)):
+        loss, stats = policy_step_loss(unet, traj, k, advantages, 5.0, clip_range=1e-4, advantage_clip=5.0,
+                                       kl_weight=0.1, reference=adapter_off(unet))
+        torch.testing.assert_close(stats["ratio"], torch.ones(4), rtol=0, atol=2e-5)
+        assert stats["clip_fraction"].sum() == 0 and stats["kl"].abs().max() < 1e-10
+        loss.backward()
+    grads = [p.grad for p in unet.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)  # the loss reaches the LoRA
+    with torch.no_grad():  # away from the start the KL is positive
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    _, stats = policy_step_loss(unet, traj, 0, advantages, 5.0, 1e-4, 5.0, kl_weight=0.1, reference=adapter_off(unet))
+    assert (stats["kl"] > 0).all()
+    with pytest.raises(ValueError, match="reference"):
+        policy_step_loss(unet, traj, 0, advantages, 5.0, 1e-4, 5.0, kl_weight=0.1)
+
+
+def test_a_policy_gradient_step_makes_positive_advantage_samples_likelier(lora_sampler):
+    """The sign of the update: one small SGD step on the PPO loss raises the log-probability of
+    the sample with a positive advantage and lowers that of the negative one."""
+    from longalign_rl.algorithms.policy_gradient import policy_step_loss
+    from longalign_rl.sampling.sampler import sample_trajectory
+
+    unet = lora_sampler.unet.eval()
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)  # away from zero, so that lora_A gets a gradient too
+    traj = sample_trajectory(lora_sampler, ["a red cube.", "a red cube."], seed=2, eta=1.0)
+    advantages = torch.tensor([1.0, -1.0])
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-2)
+    loss = sum(policy_step_loss(unet, traj, k, advantages, 5.0, 10.0, 5.0)[0] for k in range(len(traj.indices)))
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = torch.stack([policy_step_loss(unet, traj, k, advantages, 5.0, 10.0, 5.0)[1]["ratio"]
+                             for k in range(len(traj.indices))]).log().sum(0)
+    assert after[0] > 0 > after[1], after
+
+
+def test_non_finite_rewards_get_no_advantage_and_stay_out_of_the_statistics():
+    rewards = torch.tensor([1.0, float("nan"), 0.0, 2.0, float("inf"), 5.0, 5.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    adv = grpo_advantages(rewards, groups)
+    assert adv[1] == 0 and adv[4] == 0
+    assert adv[0] > 0 > adv[2] and adv[0] == pytest.approx(-adv[2])  # group 0 from its two finite rewards
+    assert adv[3] == 0  # group 1 has one finite reward: nothing to compare it with
+    assert (adv[5:] == 0).all()  # equal rewards: no signal
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=1)
+    out = tracker.update(["a", "a", "b"], torch.tensor([1.0, float("nan"), 3.0]))
+    assert out[1] == 0 and tracker.buffers["a"] == type(tracker.buffers["a"])([1.0], maxlen=4)
+    assert torch.equal(tracker.update(["a"], torch.tensor([float("nan")])), torch.zeros(1))

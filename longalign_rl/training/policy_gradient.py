@@ -1,0 +1,172 @@
+"""Stage 2 with policy gradients, GRPO or DDPO (docs/algorithms.md): the body of the worker
+skeleton (training/worker.py) that the sampler actors feed with stochastic trajectories.
+One step reads:
+
+    SAMPLE     this worker's train.grad_accum batches of trajectories: stochastic DDIM
+               (sampler.eta > 0), the trained steps recorded with their log-probabilities
+               (sampling/sampler.py::sample_trajectory), requested ahead as in reward
+               backpropagation
+    SCORE      decode, reward (differentiable or not; no gradient flows through it), the
+               run's metric hooks
+    ADVANTAGE  grpo: within each prompt's group (a batch holds whole groups, so a group never
+               spans actors or workers); ddpo: against each prompt's running statistics,
+               updated with every worker's rewards so that all workers hold the same
+    UPDATE     algorithm.inner_epochs times: for every batch and every recorded step, the
+               PPO-clip loss of the ratio of its probability under the current weights to
+               the sampling weights' (+ kl_weight x KL to the starting model), one backward
+               each (algorithms/policy_gradient.py); DeepSpeed updates once per epoch
+    SYNC       every sync_every steps rank 0 publishes its trainable weights to the actors
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+
+import torch
+import torch.distributed as dist
+
+from longalign_rl.algorithms.policy_gradient import PerPromptStatTracker, grpo_advantages, policy_step_loss
+from longalign_rl.algorithms.reward_backprop import score
+from longalign_rl.models import Components, make_scheduler
+from longalign_rl.sampling.stochastic import stochastic_coefficients
+from longalign_rl.training.checkpoint import TrainerState
+from longalign_rl.training.stage2 import SamplerFed
+from longalign_rl.training.worker import StepOutput, WorkerContext, run_worker
+from longalign_rl.types import Trajectory
+from longalign_rl.vae import decode
+
+
+def check_trained_steps(cfg, scheduler_config) -> None:
+    """The sampler can record cfg.trained_steps stochastic steps of this model's schedule (a
+    scheduler with set_alpha_to_one makes the last DDIM step deterministic: no density)."""
+    scheduler = make_scheduler(scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing)
+    scheduler.set_timesteps(cfg.sampler.num_steps)
+    stochastic = int((stochastic_coefficients(scheduler, cfg.sampler.eta)[2] > 0).sum())
+    if stochastic < cfg.trained_steps:
+        raise ValueError(f"algorithm.timestep_fraction: {cfg.trained_steps} trained steps asked for, but only "
+                         f"{stochastic} of the {cfg.sampler.num_steps} DDIM steps are stochastic with this "
+                         "scheduler; lower the fraction")
+
+
+class PolicyGradient(SamplerFed):
+    log_keys = ("reward", "loss", "advantage_zero", "clip_fraction", "approx_kl")
+
+    def __init__(self, ctx: WorkerContext, parts: Components, loop_config: dict):
+        super().__init__(ctx, parts, loop_config)
+        a = self.cfg.algorithm
+        check_trained_steps(self.cfg, parts.scheduler_config)
+        self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count) if a.name == "ddpo" else None
+        # Built before the checkpoint loads: the reference is the model the run started from.
+        self.reference = self._make_reference() if a.kl_weight > 0 else None
+        # As sampled: LoRA dropout in the trainer would make the recomputed log-probability
+        # differ from the sampler's, and the first ratio differ from 1.
+        ctx.engine.module.eval()
+
+    def _make_reference(self):
+        """A context that yields the starting model: the UNet with its LoRA adapter disabled, or
+        (fine-tuning the whole UNet) a frozen copy of it."""
+        unet = self.ctx.engine.module
+        if self.cfg.lora.enabled:
+            @contextlib.contextmanager
+            def adapter_off():
+                unet.disable_adapters()
+                try:
+                    yield unet
+                finally:
+                    unet.enable_adapters()
+            return adapter_off
+        frozen = copy.deepcopy(unet).requires_grad_(False).eval()
+        return lambda: contextlib.nullcontext(frozen)
+
+    def start(self, state: TrainerState) -> None:
+        super().start(state)
+        if self.tracker is not None and "ddpo" in state.algorithm:
+            self.tracker.load_state_dict(state.algorithm["ddpo"])
+
+    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        if self.tracker is None:  # grpo: a batch is prompts_per_batch groups of `repeats` samples
+            return grpo_advantages(rewards, torch.arange(len(prompts)) // self.repeats)
+        # ddpo: every worker adds every worker's rewards, in rank order, so all trackers agree
+        gathered: list = [None] * self.ctx.world
+        dist.all_gather_object(gathered, (prompts, rewards.tolist()))
+        all_prompts = [p for g in gathered for p in g[0]]
+        all_rewards = torch.tensor([r for g in gathered for r in g[1]])
+        start = self.ctx.rank * len(prompts)
+        return self.tracker.update(all_prompts, all_rewards)[start:start + len(prompts)]
+
+    def score(self, step: int, j: int, traj: Trajectory) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The batch's advantages and its per-sample statistics (reward, components, hooks)."""
+        with torch.no_grad():
+            images = decode(self.vae, traj.final_latents.to(self.ctx.device))
+            out, finite = score(self.reward, images, traj.prompts)
+        rewards = out.total.detach().float().cpu()
+        finite = finite.cpu()
+        stats = {"reward": rewards[finite], "reward_nonfinite": (~finite).float()}
+        stats.update({k: v.detach().float().cpu() for k, v in out.components.items()})
+        self.summary_keys += [k for k in out.components if k not in self.summary_keys]
+        self.observe(step, j, traj.final_latents, traj.prompts, stats, images=images)
+        advantages = self.advantages(traj.prompts, rewards)
+        stats.update(advantage=advantages, advantage_abs=advantages.abs(), advantage_zero=(advantages == 0).float())
+        return advantages, stats
+
+    def step(self, step: int, state: TrainerState) -> StepOutput:
+        cfg, ctx, a, accum = self.cfg, self.ctx, self.cfg.algorithm, self.cfg.train.grad_accum
+        stats: dict[str, list[torch.Tensor]] = {}
+        times = dict.fromkeys(("time/sample_wait", "time/sample_actor", "time/score", "time/train"), 0.0)
+        batches, lags = [], []
+        for j in range(accum):
+            # SAMPLE
+            t = time.perf_counter()
+            traj: Trajectory = self.fetch(step, step * accum + j)
+            times["time/sample_wait"] += time.perf_counter() - t  # trainer blocked on trajectories
+            times["time/sample_actor"] += traj.seconds            # actor time spent sampling them
+            lags.append(step - traj.policy_version)
+
+            # SCORE, ADVANTAGE
+            t = time.perf_counter()
+            advantages, batch_stats = self.score(step, j, traj)
+            times["time/score"] += time.perf_counter() - t
+            batches.append((traj, advantages))
+            for k, v in batch_stats.items():
+                stats.setdefault(k, []).append(v)
+
+        # UPDATE: backward per (batch, recorded step); the engine updates after the last of each epoch
+        t = time.perf_counter()
+        ratios, on_policy = [], []
+        for epoch in range(a.inner_epochs):
+            for traj, advantages in batches:
+                for k in range(len(traj.indices)):
+                    loss, step_stats = policy_step_loss(
+                        ctx.engine, traj, k, advantages, cfg.sampler.guidance_scale, a.clip_range,
+                        a.advantage_clip, a.kl_weight, self.reference)
+                    ctx.engine.backward(loss)
+                    ctx.engine.step()
+                    step_stats["loss"] = loss.detach().reshape(1).float()
+                    ratios.append(step_stats["ratio"])
+                    if epoch == 0 and traj.policy_version == step:  # sampled by these very weights
+                        on_policy.append((step_stats["ratio"] - 1).abs())
+                    for name, v in step_stats.items():
+                        stats.setdefault(name, []).append(v.cpu())
+        times["time/train"] = time.perf_counter() - t
+
+        # SYNC
+        times.update(self.sync(step))
+        state.prompt_position = self.prompt_position((step + 1) * accum)
+        if self.tracker is not None:
+            state.algorithm = {"ddpo": self.tracker.state_dict()}  # saved with the checkpoint
+        ratios = torch.cat(ratios)
+        return StepOutput(stats, {
+            # max |ratio - 1| where it must be 0 (trainer and sampler disagree on the same weights
+            # otherwise: precision, dropout, another schedule); NaN when every batch lagged
+            "ratio_error": float(torch.cat(on_policy).max()) if on_policy else float("nan"),
+            "ratio_min": float(ratios.min()),  # this worker's extremes over every trained step
+            "ratio_max": float(ratios.max()),
+            "policy_lag": max(lags),
+            **times,
+        })
+
+
+def train_func(loop_config: dict) -> None:
+    run_worker(loop_config, PolicyGradient)

@@ -1,0 +1,116 @@
+"""What every stage-2 body (reward backpropagation, GRPO, DDPO) shares: the sampler actors
+that feed it, the prompts it asks them for, the reward, the metric hooks and image grids,
+and the weight sync. A body subclasses `SamplerFed` and writes its own `step`.
+
+A micro-step's prompts and noise seed are pure functions of (micro-step, rank) and of
+where the run (re)started, so a resumed run asks for exactly what the killed run would
+have asked for, even with another worker count.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from longalign_rl.config import Config
+from longalign_rl.hooks import load_metric_hooks, run_metric_hooks
+from longalign_rl.models import DTYPES, Components
+from longalign_rl.outputs import save_image_grid
+from longalign_rl.prompts import PromptOrder, load_prompts
+from longalign_rl.registry import get_reward
+from longalign_rl.sampling.group import SamplerGroup
+from longalign_rl.training.checkpoint import TrainerState
+from longalign_rl.training.worker import WorkerContext, micro_seed
+from longalign_rl.vae import decode
+
+
+def build_reward(cfg: Config, device: torch.device):
+    """The run's reward on `device`; reward backpropagation refuses one without gradients."""
+    reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
+    if not reward.differentiable and not cfg.policy_gradient:
+        raise ValueError(f"reward {cfg.reward.name!r} is not differentiable; reward backpropagation "
+                         "needs gradients from the reward to the image (algorithm.name: grpo or ddpo does not)")
+    return reward.to(device) if hasattr(reward, "to") else reward
+
+
+class SamplerFed:
+    """The shared half of a stage-2 body (training/worker.py's Body protocol)."""
+
+    # What the end-of-run summary compares (first vs last window); the reward's components
+    # and the hooks' names join at their first call.
+    summary_keys = ["reward"]
+
+    def __init__(self, ctx: WorkerContext, parts: Components, loop_config: dict):
+        cfg = self.cfg = ctx.cfg
+        self.ctx = ctx
+        del parts.text_encoder  # prompts arrive encoded in the samples
+        self.vae = parts.vae.to(ctx.device, DTYPES[cfg.train.precision])
+        self.reward = build_reward(cfg, ctx.device)
+        self.hooks = load_metric_hooks(cfg.run.metrics)
+        self.summary_keys = list(type(self).summary_keys)
+        self.samplers: SamplerGroup = loop_config["samplers"]
+        self.client = self.samplers.client(ctx.rank)
+        self.order = PromptOrder(load_prompts(cfg.prompts.source), seed=cfg.train.seed, shuffle=cfg.prompts.shuffle)
+        self.prefetch = cfg.train.max_policy_lag >= cfg.train.sync_every  # overlap sampling with training
+        # grpo draws each prompt group_size times, side by side in one batch of one worker
+        self.repeats = cfg.train.batch_size // cfg.prompts_per_batch
+
+    def start(self, state: TrainerState) -> None:
+        self.start_micro = state.step * self.cfg.train.grad_accum
+        self.start_position = state.prompt_position
+        # The actors start from the base weights: bring them to this run's version first.
+        if self.ctx.rank == 0:
+            self.samplers.publish(self.ctx.trainable_weights(), state.step)
+        dist.barrier()
+
+    def prompt_position(self, micro: int) -> int:
+        """Prompts handed out to all workers before micro-step `micro`."""
+        return self.start_position + (micro - self.start_micro) * self.ctx.world * self.cfg.prompts_per_batch
+
+    def request(self, micro: int) -> None:
+        n = self.cfg.prompts_per_batch
+        prompts = self.order.batch(self.prompt_position(micro) + self.ctx.rank * n, n)
+        prompts = [p for p in prompts for _ in range(self.repeats)]
+        self.client.request(micro, prompts, micro_seed(self.cfg, micro, self.ctx.rank))
+
+    def fetch(self, step: int, micro: int):
+        """Micro-step `micro`'s samples (a Rollout or a Trajectory); the same micro-step of the
+        next step is asked for at once when the lag bound allows (sampling overlaps training)."""
+        self.request(micro)
+        sample = self.client.get(micro, step, self.ctx.trainable_weights)
+        if self.prefetch and step + 1 < self.cfg.train.steps:
+            self.request(micro + self.cfg.train.grad_accum)
+        return sample
+
+    def observe(self, step: int, j: int, final_latents: torch.Tensor, prompts: list[str],
+                stats: dict[str, torch.Tensor], images: torch.Tensor | None = None) -> None:
+        """The run's metric hooks on the decoded samples (added to `stats`), and the image grid
+        of the first micro-step at step 1 and every run.image_every steps (rank 0)."""
+        ctx = self.ctx
+        grid_due = ctx.rank == 0 and j == 0 and (step == 0 or (step + 1) % self.cfg.run.image_every == 0)
+        if not (self.hooks or grid_due):
+            return
+        if images is None:
+            with torch.no_grad():
+                images = decode(self.vae, final_latents.to(ctx.device))
+        hooked = run_metric_hooks(self.hooks, images, prompts, reserved=stats)
+        stats.update(hooked)
+        self.summary_keys += [k for k in hooked if k not in self.summary_keys]
+        if grid_due:
+            save_image_grid(images, prompts, ctx.run_dir / "images" / f"step_{step + 1:06d}.png")
+
+    def sync(self, step: int) -> dict[str, float]:
+        """Every train.sync_every steps rank 0 publishes the weights; every worker waits for it."""
+        t = time.perf_counter()
+        sync_load = 0.0
+        if (step + 1) % self.cfg.train.sync_every == 0:
+            if self.ctx.rank == 0:
+                sync_load = self.samplers.publish(self.ctx.trainable_weights(), step + 1)
+            dist.barrier()  # no worker requests new samples before the actors hold step + 1
+        return {"time/sync": time.perf_counter() - t,  # put + slowest actor load + barrier
+                "time/sync_load": sync_load}
+
+    def export(self) -> None:
+        pass  # lora/ (or unet/) is all stage 2 writes
