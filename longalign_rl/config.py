@@ -137,6 +137,10 @@ class AlgorithmConfig:
     # group. A group is sampled by one actor and trained by one worker, so
     # train.batch_size must be a multiple of it (Flow-GRPO: 12-24; here 4).
     group_size: int = 4
+    # grpo: the samples of a group start from the same noise (DanceGRPO's shared
+    # initialisation), so their rewards differ only through the steps' noise, which is what
+    # the policy gradient credits; false = independent starts (ddpo-pytorch, Flow-GRPO).
+    shared_start: bool = False
     # Fraction of the DDIM steps trained, drawn per batch from its seed (ddpo-pytorch:
     # 1.0; Flow-GRPO trains about 0.6 of them). Only those steps are recorded.
     timestep_fraction: float = 1.0
@@ -263,6 +267,12 @@ class Config:
     def trained_steps(self) -> int:
         """Policy gradients: DDIM steps recorded and trained per sample."""
         return max(1, round(self.sampler.num_steps * self.algorithm.timestep_fraction))
+
+    @property
+    def shared_start(self) -> int:
+        """Consecutive samples that share their starting noise (1: none)."""
+        a = self.algorithm
+        return a.group_size if self.policy_gradient and a.name == "grpo" and a.shared_start else 1
 
     @property
     def prompts_per_batch(self) -> int:

@@ -92,11 +92,13 @@ class Sampler:
 
 @torch.no_grad()
 def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: float, num_recorded: int | None = None,
-                      policy_version: int = 0) -> Trajectory:
+                      shared_start: int = 1, policy_version: int = 0) -> Trajectory:
     """Stochastic DDIM (eta > 0) over `sampler`'s UNet, encoder and scheduler, recording
     `num_recorded` steps (all by default) for policy-gradient training: which ones, the
     initial noise and every step's noise come from `seed`, so a trajectory is a pure
-    function of (weights, prompts, seed)."""
+    function of (weights, prompts, seed). `shared_start`: runs of that many consecutive
+    samples (a GRPO group) start from the same noise, so that within a group only the
+    steps' noise, which the policy gradient credits, tells the samples apart."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     a, b, sigma = stochastic_coefficients(sampler.scheduler, eta)
@@ -109,7 +111,10 @@ def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: floa
     cond = sampler.encoder(prompts).float()
     uncond = sampler.encoder.uncond(1).float()
     shape = (len(prompts), sampler.unet.config.in_channels, sampler.latent_size, sampler.latent_size)
-    x = (torch.randn(shape, generator=generator) * sampler.scheduler.init_noise_sigma).to(sampler.device)
+    if len(prompts) % shared_start:
+        raise ValueError(f"{len(prompts)} samples do not split into runs of {shared_start} with a shared start")
+    start_noise = torch.randn((len(prompts) // shared_start, *shape[1:]), generator=generator)
+    x = (start_noise.repeat_interleave(shared_start, 0) * sampler.scheduler.init_noise_sigma).to(sampler.device)
     cond_d, uncond_d = cond.to(sampler.device), uncond.to(sampler.device)
     inputs, outputs, log_probs = [], [], []
     for i, t in enumerate(sampler.scheduler.timesteps):

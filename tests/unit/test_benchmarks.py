@@ -8,6 +8,8 @@ import json
 import runpy
 import sys
 
+import pytest
+
 from tests import REPO
 
 BENCHMARKS = REPO / "benchmarks"
@@ -56,3 +58,20 @@ def test_flop_estimate_counts_sd15_sized_models_on_the_meta_device():
     # SD v1.5's UNet is ~0.8 TFLOP per 512 px image and step: one guided step is two images.
     assert 1.4e12 < flops["unet_guided_step"] < 1.9e12
     assert flops["vae_decode"] > flops["reward_image"] > 0
+
+
+def test_algorithm_throughput_times_both_algorithms_side_by_side(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "throughput.json"
+    monkeypatch.setattr(sys, "argv", [
+        "algorithm_throughput.py", "--model", "tiny", "--prompts", "demo", "--reward", "tiny_clip", "--batch", "4",
+        "--resolution", "64", "--steps", "4", "--grad-steps", "2", "--fractions", "0.5", "1.0", "--rounds", "1",
+        "--max-tokens", "240", "--out", str(out)])
+    runpy.run_path(str(BENCHMARKS / "algorithm_throughput.py"), run_name="__main__")
+    setups = json.loads(out.read_text())["setups"]
+    assert set(setups) == {"reward_backprop", "grpo (fraction 0.5)", "grpo (fraction 1)"}
+    assert setups["reward_backprop"]["step_ratio"] == 1.0
+    for name, s in setups.items():
+        assert s["sample"] > 0 and s["update"] > 0 and s["samples_per_s"] > 0, name
+        assert s["step"] == pytest.approx(s["sample"] + s["score"] + s["update"], rel=0.5)
+    assert setups["grpo (fraction 1)"]["score"] > 0  # grpo scores separately, without gradient
+    assert "step / rb" in capsys.readouterr().out

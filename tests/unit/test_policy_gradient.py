@@ -246,3 +246,20 @@ def test_non_finite_rewards_get_no_advantage_and_stay_out_of_the_statistics():
     out = tracker.update(["a", "a", "b"], torch.tensor([1.0, float("nan"), 3.0]))
     assert out[1] == 0 and tracker.buffers["a"] == type(tracker.buffers["a"])([1.0], maxlen=4)
     assert torch.equal(tracker.update(["a"], torch.tensor([float("nan")])), torch.zeros(1))
+
+
+def test_a_shared_start_gives_a_group_one_starting_noise_and_different_steps(tiny_parts):
+    from longalign_rl.config import SamplerConfig
+    from longalign_rl.sampling.sampler import build_sampler, sample_trajectory
+
+    cfg = SamplerConfig(num_steps=3, num_grad_steps=1, guidance_scale=5.0, resolution=64, precision="fp32")
+    sampler = build_sampler(cfg, tiny_parts)
+    prompts = ["a red cube."] * 2 + ["a green cone."] * 2
+    traj = sample_trajectory(sampler, prompts, seed=5, eta=1.0, shared_start=2)
+    assert torch.equal(traj.latents[0, 0], traj.latents[1, 0]) and torch.equal(traj.latents[2, 0], traj.latents[3, 0])
+    assert not torch.equal(traj.latents[0, 0], traj.latents[2, 0])
+    assert not torch.equal(traj.final_latents[0], traj.final_latents[1])  # the steps' noise differs
+    independent = sample_trajectory(sampler, prompts, seed=5, eta=1.0)
+    assert not torch.equal(independent.latents[0, 0], independent.latents[1, 0])
+    with pytest.raises(ValueError, match="runs of 3"):
+        sample_trajectory(sampler, prompts, seed=5, eta=1.0, shared_start=3)

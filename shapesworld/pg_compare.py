@@ -1,0 +1,223 @@
+"""Policy gradients against reward backpropagation in ShapesWorld (issue 11), through the
+product: every run is `python -m longalign_rl.train` from `shapesworld-partial` (late shapes
+only partly right), and every checkpoint is evaluated on the sweep's held-out captions by
+the exact checker (shapesworld/sweep.py).
+
+    python -m shapesworld.pg_compare --out /tmp/pg             # 2 methods x 3 seeds, ~50 min on 2 idle cores
+    python -m shapesworld.pg_compare --out /tmp/pg --quick     # 2 runs of 2 steps (tests)
+
+Methods:
+    reward_backprop   the default run: shapes_clip (a differentiable CLIP-type reward), w = 0.3
+    grpo              the exact checker itself as the reward (shapes_exact: the fraction of the
+                      caption's cells drawn right; not differentiable), 4 samples per prompt
+
+Both see 16 samples per step. Writes results.json, report.md (held-out accuracy against
+samples seen; samples each method needs to reach given levels of cells 3-4) and curves.png.
+Resumable: finished runs are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shapesworld.sweep import EVAL_SEED, START, Sweep, checkpoints, evaluate_weights
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    overrides: tuple[str, ...]
+    steps: int
+    checkpoint_every: int
+
+
+REWARD_BACKPROP = Method("reward_backprop", ("reward.name=shapes_clip", "reward.kwargs.text_irrelevant_weight=0.3",
+                                             "train.lr=3e-3"), steps=48, checkpoint_every=12)
+GRPO = Method("grpo", ("algorithm.name=grpo", "reward.name=shapes_exact", "reward.kwargs={}",
+                       "algorithm.group_size=4", "algorithm.timestep_fraction=0.5", "train.max_policy_lag=0",
+                       "train.lr=1e-3"), steps=96, checkpoint_every=24)
+
+
+@dataclass(frozen=True)
+class Compare:
+    methods: tuple[Method, ...] = (REWARD_BACKPROP, GRPO)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    samples_per_step: int = 16  # 2 workers x batch 8 (configs/default.yaml)
+    eval_captions: int = 128
+    eval_steps: int = 10
+    guidance: float = 5.0
+
+    @classmethod
+    def quick(cls) -> "Compare":
+        return cls(methods=tuple(Method(m.name, m.overrides, steps=2, checkpoint_every=1) for m in cls.methods),
+                   seeds=(0,), eval_captions=4, eval_steps=3)
+
+    def sweep(self) -> Sweep:
+        """The evaluation settings, shared with shapesworld/sweep.py."""
+        return Sweep(eval_captions=self.eval_captions, eval_steps=self.eval_steps, guidance=self.guidance)
+
+
+def train_run(method: Method, seed: int, runs: Path) -> Path:
+    name = f"{method.name}_s{seed}"
+    args = [sys.executable, "-m", "longalign_rl.train", f"model.pretrained={START}", *method.overrides,
+            f"train.seed={seed}", f"train.steps={method.steps}", f"run.checkpoint_every={method.checkpoint_every}",
+            "run.keep_checkpoints=0", f"run.image_every={method.steps}", f"run.output_dir={runs}", f"run.name={name}"]
+    log = runs / f"{name}.log"
+    with log.open("w") as f:
+        done = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"run {name} failed (exit {done.returncode}); see {log}")
+    return runs / name
+
+
+def late_cells(held: dict) -> float:
+    """Held-out shape accuracy of cells 3 and 4, the ones shapesworld-partial draws partly right."""
+    return float(np.mean(held["shape"][2:4]))
+
+
+def samples_to_reach(points: list[tuple[int, float]], level: float) -> float | None:
+    """Samples seen when a curve of (samples, value) first reaches `level`, interpolated
+    linearly between evaluations; None if it never does."""
+    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        if v1 >= level:
+            return float(s1) if v0 >= v1 else s0 + (s1 - s0) * (level - v0) / (v1 - v0) if v0 < level else float(s0)
+    return None
+
+
+def run_compare(c: Compare, out: Path, log=print) -> dict:
+    import yaml
+
+    from shapesworld.evaluate import draw_captions
+    from shapesworld.world import WorldConfig
+
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    prompts = draw_captions(WorldConfig(), c.eval_captions, seed=EVAL_SEED)
+    start = time.perf_counter()
+    results = {"settings": asdict(c), "start": evaluate_weights(None, {}, c.sweep(), prompts), "runs": []}
+    for method in c.methods:
+        for seed in c.seeds:
+            t = time.perf_counter()
+            run_dir = runs / f"{method.name}_s{seed}"
+            if max(checkpoints(run_dir), default=0) != method.steps:
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)
+                run_dir = train_run(method, seed, runs)
+            lora = yaml.safe_load((run_dir / "config.yaml").read_text())["lora"]
+            metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            held_out = {step: evaluate_weights(folder / "weights.safetensors", lora, c.sweep(), prompts)
+                        for step, folder in checkpoints(run_dir).items()}
+            train_seconds = sum(m["time/step"] for m in metrics)
+            results["runs"].append({"method": method.name, "seed": seed, "metrics": metrics,
+                                    "held_out": {str(k): v for k, v in held_out.items()},
+                                    "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t, 1)})
+            log(f"{method.name} seed {seed}: {time.perf_counter() - t:.0f} s; held-out shapes at the last checkpoint "
+                f"{[round(x, 2) for x in held_out[max(held_out)]['shape']]}")
+            (out / "results.partial.json").write_text(json.dumps(results, indent=1) + "\n")
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "report.md").write_text(report(results))
+    figure(results, out / "curves.png")
+    return results
+
+
+def curve(results: dict, run: dict) -> list[tuple[int, float]]:
+    """(samples seen, held-out shape accuracy of cells 3-4), from the start."""
+    per_step = results["settings"]["samples_per_step"]
+    held = {0: results["start"], **{int(k): v for k, v in run["held_out"].items()}}
+    return [(step * per_step, late_cells(held[step])) for step in sorted(held)]
+
+
+def _ms(values) -> str:
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.3f} ± {values.std():.3f}" if len(values) > 1 else f"{values.mean():.3f}"
+
+
+def report(results: dict) -> str:
+    c = results["settings"]
+    start = late_cells(results["start"])
+    names = [m["name"] for m in c["methods"]]
+    lines = ["# Policy gradients against reward backpropagation, through the product", "",
+             f"{len(c['seeds'])} seed(s) per method from `{START}`, {c['samples_per_step']} samples per step; "
+             f"held-out ground truth on {c['eval_captions']} captions (seed {EVAL_SEED}), mean ± std over seeds. "
+             f"Wall clock {results['seconds'] / 60:.1f} min.", "",
+             "| method | step | samples | shape 3 | shape 4 | cells 3-4 | shape 1-2 | colour 3-4 | background | "
+             "reward (train window) |", "|---" * 10 + "|",
+             f"| start | 0 | 0 | {results['start']['shape'][2]:.2f} | {results['start']['shape'][3]:.2f} | {start:.3f} | "
+             f"{np.mean(results['start']['shape'][:2]):.2f} | {np.mean(results['start']['colour'][2:4]):.2f} | "
+             f"{results['start']['background']:.2f} | |"]
+    for method in c["methods"]:
+        runs = [r for r in results["runs"] if r["method"] == method["name"]]
+        every = method["checkpoint_every"]
+        for step in runs[0]["held_out"]:
+            h = [r["held_out"][step] for r in runs]
+            window = [np.mean([m["reward"] for m in r["metrics"] if int(step) - every < m["step"] <= int(step)])
+                      for r in runs]
+            lines.append(f"| {method['name']} | {step} | {int(step) * c['samples_per_step']} | "
+                         f"{_ms([x['shape'][2] for x in h])} | {_ms([x['shape'][3] for x in h])} | "
+                         f"{_ms([late_cells(x) for x in h])} | {_ms([np.mean(x['shape'][:2]) for x in h])} | "
+                         f"{_ms([np.mean(x['colour'][2:4]) for x in h])} | {_ms([x['background'] for x in h])} | "
+                         f"{_ms(window)} |")
+    lines += ["", "Samples needed to reach a held-out accuracy of cells 3-4 (interpolated between evaluations; "
+              "per seed, then mean over the seeds that reach it):", "",
+              "| level | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for gain in (0.03, 0.06, 0.09):
+        level = start + gain
+        cells = []
+        for name in names:
+            reached = [samples_to_reach(curve(results, r), level) for r in results["runs"] if r["method"] == name]
+            ok = [x for x in reached if x is not None]
+            cells.append(f"{np.mean(ok):.0f} ({len(ok)}/{len(reached)} seeds)" if ok else f"not reached (0/{len(reached)})")
+        lines.append(f"| {level:.3f} (start + {gain:.2f}) | " + " | ".join(cells) + " |")
+    lines += ["", "Training time per run (sum of step times, 2 cores shared by 2 actors and 2 workers): " +
+              ", ".join(f"{n} {_ms([r['train_seconds'] for r in results['runs'] if r['method'] == n])} s" for n in names)]
+    return "\n".join(lines) + "\n"
+
+
+def figure(results: dict, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in results["settings"]["methods"]:
+        runs = [r for r in results["runs"] if r["method"] == method["name"]]
+        points = np.array([curve(results, r) for r in runs])  # [seeds, evaluations, 2]
+        x, y = points[0, :, 0], points[:, :, 1]
+        ax.plot(x, y.mean(0), marker="o", ms=3, label=method["name"])
+        ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("held-out shape accuracy, cells 3-4")
+    ax.legend(fontsize=8)
+    ax.set_title(f"from {START}: mean ± std over {len(results['settings']['seeds'])} seed(s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(target, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shapesworld.pg_compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--quick", action="store_true", help="one seed, 2 steps per method, for tests")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    results = run_compare(Compare.quick() if args.quick else Compare(), args.out)
+    print((args.out / "report.md").read_text())
+    print(f"done in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
