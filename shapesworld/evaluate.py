@@ -68,12 +68,13 @@ def draw_captions(cfg: WorldConfig, n: int, seed: int) -> list[str]:
 
 @torch.no_grad()
 def generate(parts, encoder, prompts: list[str], *, seed: int, num_steps: int = 20, guidance_scale: float = 5.0,
-             resolution: int = 32, batch: int = 64) -> torch.Tensor:
+             resolution: int = 32, batch: int = 64, eta: float = 0.0) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1] from DDIM with guidance, by the framework's sampler over
     `parts` (models.Components), prompts encoded by `encoder` (a SegmentEncoder or a
-    TruncatedEncoder), in float32 on the CPU."""
+    TruncatedEncoder), in float32 on the CPU. `eta` > 0: stochastic DDIM, the sampler
+    policy-gradient runs train (sample_trajectory)."""
     from longalign_rl.config import SamplerConfig
-    from longalign_rl.sampling.sampler import build_sampler
+    from longalign_rl.sampling.sampler import build_sampler, sample_trajectory
     from longalign_rl.vae import decode
 
     settings = SamplerConfig(num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
@@ -81,8 +82,12 @@ def generate(parts, encoder, prompts: list[str], *, seed: int, num_steps: int = 
     sampler = build_sampler(settings, parts, encoder=encoder)
     images = []
     for i in range(0, len(prompts), batch):
-        rollout = sampler.sample(prompts[i : i + batch], seed=seed * 100_003 + i)
-        images.append(decode(parts.vae, rollout.final_latents))
+        chunk, chunk_seed = prompts[i : i + batch], seed * 100_003 + i
+        if eta > 0:
+            final = sample_trajectory(sampler, chunk, chunk_seed, eta, num_recorded=1).final_latents
+        else:
+            final = sampler.sample(chunk, seed=chunk_seed).final_latents
+        images.append(decode(parts.vae, final))
     return torch.cat(images)
 
 

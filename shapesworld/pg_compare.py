@@ -3,15 +3,16 @@ product: every run is `python -m longalign_rl.train` from `shapesworld-partial` 
 only partly right), and every checkpoint is evaluated on the sweep's held-out captions by
 the exact checker (shapesworld/sweep.py).
 
-    python -m shapesworld.pg_compare --out /tmp/pg             # 2 methods x 3 seeds, ~50 min on 2 idle cores
+    python -m shapesworld.pg_compare --out /tmp/pg             # 2 methods x 3 seeds, ~45 min on 2 idle cores
     python -m shapesworld.pg_compare --out /tmp/pg --quick     # 2 runs of 2 steps (tests)
 
 Methods:
     reward_backprop   the default run: shapes_clip (a differentiable CLIP-type reward), w = 0.3
     grpo              the exact checker itself as the reward (shapes_exact: the fraction of the
-                      caption's cells drawn right; not differentiable), 4 samples per prompt
+                      caption's cells drawn right; not differentiable), 8 samples per prompt,
+                      64 samples per update (a policy gradient needs more), eta 1, on-policy
 
-Both see 16 samples per step. Writes results.json, report.md (held-out accuracy against
+Reward backpropagation sees 16 samples per step, GRPO 64. Writes results.json, report.md (held-out accuracy against
 samples seen; samples each method needs to reach given levels of cells 3-4) and curves.png.
 Resumable: finished runs are kept.
 """
@@ -40,27 +41,29 @@ class Method:
     overrides: tuple[str, ...]
     steps: int
     checkpoint_every: int
+    samples_per_step: int  # 2 workers x train.batch_size x train.grad_accum
+    eta: float = 0.0  # the sampler it trains: a policy-gradient run is also evaluated with it
 
 
 REWARD_BACKPROP = Method("reward_backprop", ("reward.name=shapes_clip", "reward.kwargs.text_irrelevant_weight=0.3",
-                                             "train.lr=3e-3"), steps=48, checkpoint_every=12)
-GRPO = Method("grpo", ("algorithm.name=grpo", "reward.name=shapes_exact", "reward.kwargs={}",
-                       "algorithm.group_size=4", "algorithm.timestep_fraction=0.5", "train.max_policy_lag=0",
-                       "train.lr=1e-3"), steps=96, checkpoint_every=24)
+                                             "train.lr=3e-3"), steps=48, checkpoint_every=12, samples_per_step=16)
+GRPO = Method("grpo", ("algorithm.name=grpo", "reward.name=shapes_exact", "reward.kwargs={}", "sampler.eta=1.0",
+                       "algorithm.group_size=8", "algorithm.timestep_fraction=0.5", "train.max_policy_lag=0",
+                       "train.grad_accum=4", "train.lr=5e-4"), steps=48, checkpoint_every=12, samples_per_step=64,
+              eta=1.0)
 
 
 @dataclass(frozen=True)
 class Compare:
     methods: tuple[Method, ...] = (REWARD_BACKPROP, GRPO)
     seeds: tuple[int, ...] = (0, 1, 2)
-    samples_per_step: int = 16  # 2 workers x batch 8 (configs/default.yaml)
     eval_captions: int = 128
     eval_steps: int = 10
     guidance: float = 5.0
 
     @classmethod
     def quick(cls) -> "Compare":
-        return cls(methods=tuple(Method(m.name, m.overrides, steps=2, checkpoint_every=1) for m in cls.methods),
+        return cls(methods=tuple(Method(m.name, m.overrides, 2, 1, m.samples_per_step, m.eta) for m in cls.methods),
                    seeds=(0,), eval_captions=4, eval_steps=3)
 
     def sweep(self) -> Sweep:
@@ -89,9 +92,11 @@ def late_cells(held: dict) -> float:
 def samples_to_reach(points: list[tuple[int, float]], level: float) -> float | None:
     """Samples seen when a curve of (samples, value) first reaches `level`, interpolated
     linearly between evaluations; None if it never does."""
+    if points and points[0][1] >= level:
+        return float(points[0][0])
     for (s0, v0), (s1, v1) in zip(points, points[1:]):
-        if v1 >= level:
-            return float(s1) if v0 >= v1 else s0 + (s1 - s0) * (level - v0) / (v1 - v0) if v0 < level else float(s0)
+        if v1 >= level:  # and v0 < level
+            return s0 + (s1 - s0) * (level - v0) / (v1 - v0)
     return None
 
 
@@ -105,7 +110,8 @@ def run_compare(c: Compare, out: Path, log=print) -> dict:
     runs.mkdir(parents=True, exist_ok=True)
     prompts = draw_captions(WorldConfig(), c.eval_captions, seed=EVAL_SEED)
     start = time.perf_counter()
-    results = {"settings": asdict(c), "start": evaluate_weights(None, {}, c.sweep(), prompts), "runs": []}
+    results = {"settings": asdict(c), "start": evaluate_weights(None, {}, c.sweep(), prompts), "runs": [],
+               "start_stochastic": {}}
     for method in c.methods:
         for seed in c.seeds:
             t = time.perf_counter()
@@ -118,9 +124,16 @@ def run_compare(c: Compare, out: Path, log=print) -> dict:
             metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             held_out = {step: evaluate_weights(folder / "weights.safetensors", lora, c.sweep(), prompts)
                         for step, folder in checkpoints(run_dir).items()}
+            own = {}
+            if method.eta > 0:  # also with the stochastic sampler it was trained on
+                own = {str(step): evaluate_weights(folder / "weights.safetensors", lora, c.sweep(), prompts, eta=method.eta)
+                       for step, folder in checkpoints(run_dir).items()}
+                if str(method.eta) not in results["start_stochastic"]:
+                    results["start_stochastic"][str(method.eta)] = evaluate_weights(None, {}, c.sweep(), prompts,
+                                                                                    eta=method.eta)
             train_seconds = sum(m["time/step"] for m in metrics)
             results["runs"].append({"method": method.name, "seed": seed, "metrics": metrics,
-                                    "held_out": {str(k): v for k, v in held_out.items()},
+                                    "held_out": {str(k): v for k, v in held_out.items()}, "held_out_stochastic": own,
                                     "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t, 1)})
             log(f"{method.name} seed {seed}: {time.perf_counter() - t:.0f} s; held-out shapes at the last checkpoint "
                 f"{[round(x, 2) for x in held_out[max(held_out)]['shape']]}")
@@ -132,9 +145,13 @@ def run_compare(c: Compare, out: Path, log=print) -> dict:
     return results
 
 
+def settings_of(results: dict, name: str) -> dict:
+    return next(m for m in results["settings"]["methods"] if m["name"] == name)
+
+
 def curve(results: dict, run: dict) -> list[tuple[int, float]]:
     """(samples seen, held-out shape accuracy of cells 3-4), from the start."""
-    per_step = results["settings"]["samples_per_step"]
+    per_step = settings_of(results, run["method"])["samples_per_step"]
     held = {0: results["start"], **{int(k): v for k, v in run["held_out"].items()}}
     return [(step * per_step, late_cells(held[step])) for step in sorted(held)]
 
@@ -149,7 +166,7 @@ def report(results: dict) -> str:
     start = late_cells(results["start"])
     names = [m["name"] for m in c["methods"]]
     lines = ["# Policy gradients against reward backpropagation, through the product", "",
-             f"{len(c['seeds'])} seed(s) per method from `{START}`, {c['samples_per_step']} samples per step; "
+             f"{len(c['seeds'])} seed(s) per method from `{START}`; "
              f"held-out ground truth on {c['eval_captions']} captions (seed {EVAL_SEED}), mean ± std over seeds. "
              f"Wall clock {results['seconds'] / 60:.1f} min.", "",
              "| method | step | samples | shape 3 | shape 4 | cells 3-4 | shape 1-2 | colour 3-4 | background | "
@@ -157,18 +174,33 @@ def report(results: dict) -> str:
              f"| start | 0 | 0 | {results['start']['shape'][2]:.2f} | {results['start']['shape'][3]:.2f} | {start:.3f} | "
              f"{np.mean(results['start']['shape'][:2]):.2f} | {np.mean(results['start']['colour'][2:4]):.2f} | "
              f"{results['start']['background']:.2f} | |"]
-    for method in c["methods"]:
-        runs = [r for r in results["runs"] if r["method"] == method["name"]]
-        every = method["checkpoint_every"]
+    for m in c["methods"]:
+        runs = [r for r in results["runs"] if r["method"] == m["name"]]
+        every = m["checkpoint_every"]
         for step in runs[0]["held_out"]:
             h = [r["held_out"][step] for r in runs]
             window = [np.mean([m["reward"] for m in r["metrics"] if int(step) - every < m["step"] <= int(step)])
                       for r in runs]
-            lines.append(f"| {method['name']} | {step} | {int(step) * c['samples_per_step']} | "
+            lines.append(f"| {m['name']} | {step} | {int(step) * m['samples_per_step']} | "
                          f"{_ms([x['shape'][2] for x in h])} | {_ms([x['shape'][3] for x in h])} | "
                          f"{_ms([late_cells(x) for x in h])} | {_ms([np.mean(x['shape'][:2]) for x in h])} | "
                          f"{_ms([np.mean(x['colour'][2:4]) for x in h])} | {_ms([x['background'] for x in h])} | "
                          f"{_ms(window)} |")
+    for m in c["methods"]:
+        if not m.get("eta"):
+            continue
+        runs = [r for r in results["runs"] if r["method"] == m["name"]]
+        st = results["start_stochastic"][str(m["eta"])]
+        lines += ["", f"{m['name']} evaluated with the sampler it trains (stochastic DDIM, eta {m['eta']:g}), same "
+                  "captions and seeds:", "", "| step | samples | shape 1 | shape 2 | shape 3 | shape 4 | colour 1-2 | "
+                  "colour 3-4 |", "|---" * 8 + "|",
+                  "| 0 | 0 | " + " | ".join(f"{x:.2f}" for x in st["shape"]) +
+                  f" | {np.mean(st['colour'][:2]):.2f} | {np.mean(st['colour'][2:4]):.2f} |"]
+        for step in runs[0]["held_out_stochastic"]:
+            h = [r["held_out_stochastic"][step] for r in runs]
+            lines.append(f"| {step} | {int(step) * m['samples_per_step']} | "
+                         + " | ".join(_ms([x["shape"][i] for x in h]) for i in range(4))
+                         + f" | {_ms([np.mean(x['colour'][:2]) for x in h])} | {_ms([np.mean(x['colour'][2:4]) for x in h])} |")
     lines += ["", "Samples needed to reach a held-out accuracy of cells 3-4 (interpolated between evaluations; "
               "per seed, then mean over the seeds that reach it):", "",
               "| level | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -192,11 +224,11 @@ def figure(results: dict, target: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in results["settings"]["methods"]:
-        runs = [r for r in results["runs"] if r["method"] == method["name"]]
+    for m in results["settings"]["methods"]:
+        runs = [r for r in results["runs"] if r["method"] == m["name"]]
         points = np.array([curve(results, r) for r in runs])  # [seeds, evaluations, 2]
         x, y = points[0, :, 0], points[:, :, 1]
-        ax.plot(x, y.mean(0), marker="o", ms=3, label=method["name"])
+        ax.plot(x, y.mean(0), marker="o", ms=3, label=m["name"])
         ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
     ax.set_xlabel("samples seen")
     ax.set_ylabel("held-out shape accuracy, cells 3-4")

@@ -80,9 +80,11 @@ def checkpoints(run_dir: Path) -> dict[int, Path]:
 
 
 @torch.no_grad()
-def evaluate_weights(weights: Path | None, lora: dict, s: Sweep, prompts: list[str], grid: Path | None = None) -> dict:
+def evaluate_weights(weights: Path | None, lora: dict, s: Sweep, prompts: list[str], grid: Path | None = None,
+                     eta: float = 0.0) -> dict:
     """Held-out ground truth of the start model with `weights` (a checkpoint's trainable
-    weights; None = the start model itself); `grid`: also save the images there."""
+    weights; None = the start model itself); `grid`: also save the images there; `eta` > 0:
+    sampled by stochastic DDIM, as policy-gradient runs train."""
     from safetensors.torch import load_file
 
     from longalign_rl.config import LoRAConfig
@@ -98,7 +100,7 @@ def evaluate_weights(weights: Path | None, lora: dict, s: Sweep, prompts: list[s
         make_trainable(parts.unet, cfg)
         load_trainable_state_dict(parts.unet, load_file(weights), cfg)
     images, summary = evaluate(parts, "segment", prompts, seed=EVAL_SEED, num_steps=s.eval_steps,
-                               guidance_scale=s.guidance)
+                               guidance_scale=s.guidance, eta=eta)
     if grid is not None:
         save_image_grid(images, prompts, grid)
     return {**summary, "ink": float(ink(images).mean())}

@@ -97,3 +97,25 @@ def test_quick_sweep_runs_every_condition_through_the_product(tmp_path):
     assert sweep.main(["--out", str(tmp_path), "--quick"]) == 0
     assert (tmp_path / "runs" / "shapes_pref_w1_s0" / "metrics.jsonl").stat().st_mtime_ns == trained
     assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["held_out"] == results["runs"][0]["held_out"]
+
+
+def test_quick_policy_gradient_comparison_runs_both_methods_through_the_product(tmp_path):
+    """Reward backpropagation and GRPO (the exact checker as its reward), each
+    `python -m longalign_rl.train`, every checkpoint evaluated on held-out captions; GRPO
+    also with the stochastic sampler it trains."""
+    from shapesworld import pg_compare
+
+    assert pg_compare.main(["--out", str(tmp_path), "--quick"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in results["runs"]] == ["reward_backprop", "grpo"]
+    rb, grpo = results["runs"]
+    assert "name: shapes_clip" in (tmp_path / "runs" / "reward_backprop_s0" / "config.yaml").read_text()
+    config = (tmp_path / "runs" / "grpo_s0" / "config.yaml").read_text()
+    assert "name: shapes_exact" in config and "name: grpo" in config
+    for run in results["runs"]:
+        assert [m["step"] for m in run["metrics"]] == [1, 2] and sorted(run["held_out"]) == ["1", "2"]
+    assert "exact/shape" in grpo["metrics"][0] and "advantage_zero" in grpo["metrics"][0]
+    assert sorted(grpo["held_out_stochastic"]) == ["1", "2"] and rb["held_out_stochastic"] == {}
+    report = (tmp_path / "report.md").read_text()
+    assert "| start | 0 | 0 |" in report and "| grpo | 2 |" in report and "Samples needed" in report
+    assert (tmp_path / "curves.png").stat().st_size > 5_000

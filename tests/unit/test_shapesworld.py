@@ -259,3 +259,13 @@ def test_check_rejects_mismatched_inputs():
         check(np.zeros((48, 48, 3), np.uint8), text, GRID3)  # a 2 x 2 caption against a 3 x 3 config
     with pytest.raises(ValueError):
         accuracy_by_position([image], [], DEFAULT)
+
+
+def test_samples_to_reach_interpolates_between_evaluations():
+    from shapesworld.pg_compare import samples_to_reach
+
+    curve = [(0, 0.60), (100, 0.64), (200, 0.70), (300, 0.66)]
+    assert samples_to_reach(curve, 0.62) == pytest.approx(50)
+    assert samples_to_reach(curve, 0.67) == pytest.approx(150)
+    assert samples_to_reach(curve, 0.60) == 0
+    assert samples_to_reach(curve, 0.71) is None
