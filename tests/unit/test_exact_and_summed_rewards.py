@@ -68,3 +68,18 @@ def test_reward_backprop_refuses_a_non_differentiable_reward_on_the_driver(tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "reward 'shapes_exact' is not differentiable" in err, err
     assert not (tmp_path / "r").exists()
+    assert "algorithm.name: grpo or ddpo" in err  # and says what would take it
+
+
+def test_policy_gradients_accept_a_non_differentiable_reward_on_the_driver():
+    """check_reward builds and probes shapes_exact for grpo without asking for a gradient, and the
+    driver's description names the algorithm."""
+    from longalign_rl.config import load_config
+    from longalign_rl.prompts import load_prompts
+
+    cfg = load_config(train.DEFAULT_CONFIG, ["algorithm.name=grpo", "reward.name=shapes_exact", "reward.kwargs={}"])
+    train.check_reward(cfg, load_prompts(cfg.prompts.source)[:2])
+    text = train.describe(cfg, train.Path("/tmp/r"))
+    assert "grpo: 4 samples per prompt" in text and "eta 1.0, 10 trained" in text
+    rb = load_config(train.DEFAULT_CONFIG, [])
+    assert "reward backpropagation" in train.describe(rb, train.Path("/tmp/r"))
