@@ -6,6 +6,9 @@ backpropagation refuses it on the driver.
     total      = mean over the caption's cell sentences of (colour right and shape right)
     components = "exact/colour", "exact/shape" (the fraction right per image), "exact/background"
 
+`positions` (1-based sentence positions, e.g. [3, 4]) restricts which cell sentences count,
+the way a GenEval task checks only what its prompt is about; by default all of them.
+
 The prompts must be captions of the default world (prompts.source: shapesworld.plugin:captions).
 """
 
@@ -22,11 +25,16 @@ from shapesworld.world import WorldConfig
 class ExactChecker(Reward):
     differentiable = False
 
-    def __init__(self, background_weight: float = 0.0):
+    def __init__(self, background_weight: float = 0.0, positions: list[int] | None = None):
         super().__init__()
         if not 0.0 <= background_weight <= 1.0:
             raise ValueError(f"background_weight must be in [0, 1], got {background_weight!r}")
         self.cfg = WorldConfig()
+        cells = self.cfg.grid ** 2
+        if positions is not None and (not positions or not all(isinstance(p, int) and 1 <= p <= cells
+                                                                    for p in positions)):
+            raise ValueError(f"positions must be sentence positions in 1..{cells}, got {positions!r}")
+        self.positions = sorted(set(positions)) if positions is not None else None
         self.background_weight = float(background_weight)
 
     @torch.no_grad()
@@ -36,6 +44,8 @@ class ExactChecker(Reward):
         both, colour, shape, background = [], [], [], []
         for image, prompt in zip(images.detach().float().cpu(), prompts):
             results = check(image, prompt, self.cfg)
+            if self.positions is not None:
+                results = [results[p - 1] for p in self.positions]
             both.append(sum(r.colour_ok and r.shape_ok for r in results) / len(results))
             colour.append(sum(r.colour_ok for r in results) / len(results))
             shape.append(sum(r.shape_ok for r in results) / len(results))

@@ -119,3 +119,12 @@ def test_quick_policy_gradient_comparison_runs_both_methods_through_the_product(
     report = (tmp_path / "report.md").read_text()
     assert "| start | 0 | 0 |" in report and "| grpo | 2 |" in report and "Samples needed" in report
     assert (tmp_path / "curves.png").stat().st_size > 5_000
+
+
+def test_quick_gradient_check_compares_the_policy_gradient_with_the_pathwise_one():
+    from shapesworld import pg_gradient_check
+
+    result = pg_gradient_check.main(["--quick"])
+    cosines = [v for k, v in result.items() if k.startswith("cos(")]
+    assert len(cosines) == 5 and all(-1.0 <= c <= 1.0 for c in cosines)
+    assert result["samples_per_estimate"] == 4

@@ -83,3 +83,23 @@ def test_policy_gradients_accept_a_non_differentiable_reward_on_the_driver():
     assert "grpo: 4 samples per prompt" in text and "eta 1.0, 10 trained" in text
     rb = load_config(train.DEFAULT_CONFIG, [])
     assert "reward backpropagation" in train.describe(rb, train.Path("/tmp/r"))
+
+
+def test_the_exact_reward_can_count_only_some_sentence_positions():
+    from shapesworld.checker import check
+    from shapesworld.world import WorldConfig, render, sample_scene, caption
+    import numpy as np
+
+    cfg = WorldConfig()
+    scene = sample_scene(cfg, np.random.default_rng(3))
+    text = caption(scene, cfg)
+    image = torch.from_numpy(render(scene, cfg)).permute(2, 0, 1).float() / 255
+    wrong = image.clone()
+    size = cfg.image_size // cfg.grid
+    wrong[:, :size, :size] = 1.0 - wrong[:, :size, :size]  # spoil cell 1 only
+    assert [r.colour_ok and r.shape_ok for r in check(wrong, text, cfg)][0] is False
+    whole = get_reward("shapes_exact")(torch.stack([image, wrong]), [text] * 2).total
+    late = get_reward("shapes_exact", positions=[3, 4])(torch.stack([image, wrong]), [text] * 2).total
+    assert whole[0] == 1.0 and whole[1] < 1.0 and late.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="positions"):
+        get_reward("shapes_exact", positions=[0])
