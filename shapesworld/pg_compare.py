@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shapesworld.sweep import EVAL_SEED, START, Sweep, checkpoints, evaluate_weights
+from shapesworld.sweep import EVAL_SEED, START, Sweep, checkpoints, evaluate_weights, launch
 
 
 @dataclass(frozen=True)
@@ -72,16 +70,9 @@ class Compare:
 
 
 def train_run(method: Method, seed: int, runs: Path) -> Path:
-    name = f"{method.name}_s{seed}"
-    args = [sys.executable, "-m", "longalign_rl.train", f"model.pretrained={START}", *method.overrides,
-            f"train.seed={seed}", f"train.steps={method.steps}", f"run.checkpoint_every={method.checkpoint_every}",
-            "run.keep_checkpoints=0", f"run.image_every={method.steps}", f"run.output_dir={runs}", f"run.name={name}"]
-    log = runs / f"{name}.log"
-    with log.open("w") as f:
-        done = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if done.returncode != 0:
-        raise RuntimeError(f"run {name} failed (exit {done.returncode}); see {log}")
-    return runs / name
+    return launch([f"model.pretrained={START}", *method.overrides, f"train.seed={seed}", f"train.steps={method.steps}",
+                   f"run.checkpoint_every={method.checkpoint_every}", "run.keep_checkpoints=0",
+                   f"run.image_every={method.steps}"], f"{method.name}_s{seed}", runs)
 
 
 def late_cells(held: dict) -> float:

@@ -57,16 +57,21 @@ def run_name(reward: str, w: float, seed: int) -> str:
 
 def train_run(s: Sweep, reward: str, w: float, seed: int, runs: Path) -> Path:
     """One stage-2 run of the product, in its own process, as a user starts it."""
-    args = [sys.executable, "-m", "longalign_rl.train", f"model.pretrained={START}", f"reward.name={reward}",
-            f"reward.kwargs.text_irrelevant_weight={w}", f"train.seed={seed}", f"train.lr={s.lr}",
-            f"train.steps={s.steps}", f"run.checkpoint_every={s.checkpoint_every}", "run.keep_checkpoints=0",
-            f"run.image_every={s.steps}", f"run.output_dir={runs}", f"run.name={run_name(reward, w, seed)}"]
-    log = runs / f"{run_name(reward, w, seed)}.log"
+    return launch([f"model.pretrained={START}", f"reward.name={reward}", f"reward.kwargs.text_irrelevant_weight={w}",
+                   f"train.seed={seed}", f"train.lr={s.lr}", f"train.steps={s.steps}",
+                   f"run.checkpoint_every={s.checkpoint_every}", "run.keep_checkpoints=0", f"run.image_every={s.steps}"],
+                  run_name(reward, w, seed), runs)
+
+
+def launch(overrides: list[str], name: str, runs: Path) -> Path:
+    """`python -m longalign_rl.train overrides` as run `runs/name`, its output in `runs/name.log`."""
+    args = [sys.executable, "-m", "longalign_rl.train", *overrides, f"run.output_dir={runs}", f"run.name={name}"]
+    log = runs / f"{name}.log"
     with log.open("w") as f:
         done = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0:
-        raise RuntimeError(f"run {run_name(reward, w, seed)} failed (exit {done.returncode}); see {log}")
-    return runs / run_name(reward, w, seed)
+        raise RuntimeError(f"run {name} failed (exit {done.returncode}); see {log}")
+    return runs / name
 
 
 def checkpoints(run_dir: Path) -> dict[int, Path]:
