@@ -263,3 +263,34 @@ def test_a_shared_start_gives_a_group_one_starting_noise_and_different_steps(tin
     assert not torch.equal(independent.latents[0, 0], independent.latents[1, 0])
     with pytest.raises(ValueError, match="runs of 3"):
         sample_trajectory(sampler, prompts, seed=5, eta=1.0, shared_start=3)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_the_kl_reference_is_the_starting_model(tiny_parts, lora):
+    """With a LoRA the reference is the UNet with its adapter disabled (and enabled again after);
+    fine-tuning the whole UNet, a frozen copy taken before training moves the weights."""
+    import copy
+    from types import SimpleNamespace
+
+    from longalign_rl.config import LoRAConfig
+    from longalign_rl.lora import make_trainable
+    from longalign_rl.training.policy_gradient import PolicyGradient
+
+    unet = copy.deepcopy(tiny_parts.unet)
+    make_trainable(unet, LoRAConfig(enabled=lora, rank=4, alpha=4.0, dropout=0.0))
+    body = SimpleNamespace(ctx=SimpleNamespace(engine=SimpleNamespace(module=unet)),
+                           cfg=SimpleNamespace(lora=SimpleNamespace(enabled=lora)))
+    reference = PolicyGradient._make_reference(body)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor(500)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim)
+    before = unet(x, t, encoder_hidden_states=context).sample.detach()
+    with torch.no_grad():  # training moves the weights
+        for name, p in unet.named_parameters():
+            if p.requires_grad and (not lora or "lora_B" in name):
+                p.add_(0.05 * torch.randn_like(p))
+    moved = unet(x, t, encoder_hidden_states=context).sample.detach()
+    assert not torch.allclose(moved, before)
+    with reference() as start:
+        torch.testing.assert_close(start(x, t, encoder_hidden_states=context).sample, before)
+        assert not any(p.requires_grad for p in start.parameters()) or lora
+    torch.testing.assert_close(unet(x, t, encoder_hidden_states=context).sample, moved)  # adapter back on
