@@ -47,7 +47,7 @@ def test_stage1_writes_finite_metrics_and_checkpoints(stage1_run):
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 3  # steps 4, 6, 8 (keep_checkpoints = 3)
     state = json.loads((checkpoints[-1] / "state.json").read_text())
-    assert state == {"step": 8, "prompt_position": 0, "epoch": 1, "samples_in_epoch": 32}
+    assert state == {"step": 8, "prompt_position": 0, "epoch": 1, "samples_in_epoch": 32, "algorithm": {}}
     assert {p.name for p in (checkpoints[-1] / "rng").iterdir()} == {"rank0.safetensors", "rank0.json", "rank1.safetensors", "rank1.json"}
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
