@@ -269,8 +269,9 @@ class Config:
         return max(1, round(self.sampler.num_steps * self.algorithm.timestep_fraction))
 
     @property
-    def shared_start(self) -> int:
-        """Consecutive samples that share their starting noise (1: none)."""
+    def samples_per_start(self) -> int:
+        """Consecutive samples that share their starting noise (algorithm.shared_start: a
+        grpo group; 1 otherwise)."""
         a = self.algorithm
         return a.group_size if self.policy_gradient and a.name == "grpo" and a.shared_start else 1
 

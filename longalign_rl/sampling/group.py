@@ -54,7 +54,7 @@ class SamplerActor:
         if not self.cfg.policy_gradient:
             return self.sampler.sample(prompts, seed, policy_version=self.version)
         return sample_trajectory(self.sampler, prompts, seed, self.cfg.sampler.eta, self.cfg.trained_steps,
-                                 shared_start=self.cfg.shared_start, policy_version=self.version)
+                                 shared_start=self.cfg.samples_per_start, policy_version=self.version)
 
     def set_weights(self, state: dict, version: int) -> float:
         """Load the trainer's trainable weights (an object-store ref, resolved by Ray).
