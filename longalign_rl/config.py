@@ -117,6 +117,16 @@ class RewardConfig:
     # Keyword arguments for the reward, e.g. text_irrelevant_weight, direction. An override
     # that names another reward starts from empty kwargs (they belong to the reward).
     kwargs: dict = field(default_factory=dict)
+    # Reward actors (algorithm.name grpo | ddpo): with num_actors > 0 a pool of Ray actors
+    # builds the reward and scores the samplers' finished images while the samplers go on
+    # sampling; the driver and the trainer workers then never build nor import it. Each
+    # actor reserves num_cpus / num_gpus of its own (a large reward model on its own GPU)
+    # and runs in runtime_env, Ray's runtime environment (pip, py_modules, env_vars, ...),
+    # so the reward may need packages the trainers do not have. 0: the trainers score.
+    num_actors: int = 0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    runtime_env: dict = field(default_factory=dict)
 
 
 ALGORITHMS = ("reward_backprop", "grpo", "ddpo")
@@ -500,7 +510,8 @@ def validate(cfg: Config) -> None:
              f"{s.num_actors} actors for {t.num_workers} trainer workers: worker i draws from actor "
              f"i % num_actors, so {s.num_actors - t.num_workers} would never be used")
     for key, value in [("sampler.num_cpus", s.num_cpus), ("sampler.num_gpus", s.num_gpus),
-                       ("train.cpus_per_worker", t.cpus_per_worker)]:
+                       ("train.cpus_per_worker", t.cpus_per_worker), ("reward.num_actors", cfg.reward.num_actors),
+                       ("reward.num_cpus", cfg.reward.num_cpus), ("reward.num_gpus", cfg.reward.num_gpus)]:
         _require(value >= 0, key, f"must be >= 0, got {value}")
     _require(cfg.run.max_nonfinite_steps >= 0, "run.max_nonfinite_steps",
              f"must be >= 0, got {cfg.run.max_nonfinite_steps}")
@@ -530,6 +541,9 @@ def _validate_algorithm(cfg: Config) -> None:
         _require(value >= 1, key, f"must be >= 1, got {value}")
     _require(a.min_count <= a.buffer_size, "algorithm.min_count",
              f"{a.min_count} rewards never fit a buffer of algorithm.buffer_size={a.buffer_size}")
+    _require(cfg.policy_gradient or cfg.reward.num_actors == 0 or cfg.stage == 1, "reward.num_actors",
+             "reward actors score without a gradient, for algorithm.name grpo or ddpo; reward backpropagation "
+             f"needs the reward's gradient in the trainer workers (got {cfg.reward.num_actors} actors)")
     if not cfg.policy_gradient:
         return
     _require(0.0 < s.eta <= 1.0, "sampler.eta",

@@ -73,6 +73,8 @@ def check_reward(cfg: Config, prompts: list[str]) -> None:
     from longalign_rl.registry import get_reward, probe_reward
 
     transformers_logging.disable_progress_bar()  # the driver's console says what matters only
+    if cfg.reward.num_actors:
+        return  # built and probed in the reward actors (start_reward_actors), never here
     try:
         reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
     except Exception as e:  # a plugin's factory may raise anything: name the key and the plugin
@@ -154,7 +156,9 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
         )
     return (
         f"run directory      {run_dir}\n"
-        f"model              {cfg.model.pretrained}   reward {cfg.reward.name} {cfg.reward.kwargs}\n"
+        f"model              {cfg.model.pretrained}   reward {cfg.reward.name} {cfg.reward.kwargs}"
+        + (f", scored by {cfg.reward.num_actors} reward actors ({cfg.reward.num_cpus:g} CPU, "
+           f"{cfg.reward.num_gpus:g} GPU each)" if cfg.reward.num_actors else "") + "\n"
         f"algorithm          {algorithm_line(cfg)}\n"
         f"samplers           {s.num_actors} actors, {s.num_steps} DDIM steps ("
         + (f"eta {s.eta}, {cfg.trained_steps} trained" if cfg.policy_gradient else f"{s.num_grad_steps} with gradient")
@@ -229,8 +233,9 @@ def required_resources(cfg: Config) -> dict[str, float]:
     t, s = cfg.train, cfg.sampler
     need = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": float(t.num_workers if t.use_gpu else 0)}
     if cfg.stage == 2:
-        need["CPU"] += s.num_actors * s.num_cpus
-        need["GPU"] += s.num_actors * s.num_gpus
+        r = cfg.reward
+        need["CPU"] += s.num_actors * s.num_cpus + r.num_actors * r.num_cpus
+        need["GPU"] += s.num_actors * s.num_gpus + r.num_actors * r.num_gpus
     return need
 
 
@@ -241,7 +246,8 @@ def resource_shortfall(cfg: Config, total: dict[str, float]) -> str | None:
     if not short:
         return None
     return (f"the run needs {' and '.join(short)}: train.num_workers x train.cpus_per_worker (use_gpu: 1 GPU each)"
-            + (" + sampler.num_actors x sampler.num_cpus / num_gpus" if cfg.stage == 2 else ""))
+            + (" + sampler.num_actors x sampler.num_cpus / num_gpus" if cfg.stage == 2 else "")
+            + (" + reward.num_actors x reward.num_cpus / num_gpus" if cfg.stage == 2 and cfg.reward.num_actors else ""))
 
 
 def connect(cfg: Config) -> None:
@@ -259,6 +265,23 @@ def connect(cfg: Config) -> None:
         raise ConfigError(f"resources: {shortfall}; this local Ray instance can never place it")
     if shortfall:
         log.warning("resources: %s; waiting for the autoscaler to add nodes", shortfall)
+
+
+def start_reward_actors(cfg: Config):
+    """The run's reward actors (reward.num_actors > 0), with the reward built and probed in
+    each (ConfigError if it cannot be); None without them."""
+    if cfg.stage != 2 or not cfg.reward.num_actors:
+        return None
+    from longalign_rl.reward_actors import RewardPool
+
+    pool = RewardPool(cfg)
+    try:
+        pool.check(load_prompts(cfg.prompts.source)[:2])
+    except BaseException:
+        pool.shutdown()
+        raise
+    log.info("reward %r: %d reward actors ready", cfg.reward.name, cfg.reward.num_actors)
+    return pool
 
 
 def fit(trainer):
@@ -281,9 +304,10 @@ def fit(trainer):
     return box["result"]
 
 
-def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None):
-    """Start (or join) Ray and the trainer workers (stage 2: and the sampler actors); block
-    until done. `pairs`: check_inputs' result, so a stage-1 manifest is not read twice."""
+def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=None):
+    """Start (or join) Ray and the trainer workers (stage 2: and the sampler actors, and the
+    reward actors unless `rewards` holds them already); block until done. `pairs`:
+    check_inputs' result, so a stage-1 manifest is not read twice."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -319,16 +343,20 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None):
     from longalign_rl.sampling.group import SamplerGroup
     from longalign_rl.training import policy_gradient, reward_backprop
 
+    if rewards is None:
+        rewards = start_reward_actors(cfg)
     samplers = SamplerGroup(cfg)
     trainer = TorchTrainer(
         (policy_gradient if cfg.policy_gradient else reward_backprop).train_func,
-        train_loop_config={"config": to_dict(cfg), "samplers": samplers, "run_dir": str(run_dir)},
+        train_loop_config={"config": to_dict(cfg), "samplers": samplers, "rewards": rewards, "run_dir": str(run_dir)},
         **common,
     )
     try:
         return fit(trainer)
     finally:
         samplers.shutdown()
+        if rewards is not None:
+            rewards.shutdown()
 
 
 _ERROR_LINE = re.compile(r"^\s*((?:\w+\.)*\w*(?:Error|Exception|Interrupt)\w*): (.+)$")
@@ -390,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = check_inputs(cfg)  # a bad prompt file or data source fails here, naming its lines
         check_output_dir(run_dir)
         connect(cfg)
+        rewards = start_reward_actors(cfg)  # a reward that lives in actors is probed there
     except (ConfigError, ValueError, TypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -402,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         with stop_on_signal(run_dir):
-            result = run(cfg, run_dir, pairs)
+            result = run(cfg, run_dir, pairs, rewards)
     except KeyboardInterrupt:
         print(f"stopped at once; continue from the last checkpoint with: python -m longalign_rl.train --resume {run_dir}",
               file=sys.stderr)

@@ -16,17 +16,24 @@ version 0, which the worker that gets its next rollout sees and repairs (resync)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+
+from typing import TYPE_CHECKING
 
 import ray
 import torch
 
 from longalign_rl.config import Config, from_dict, to_dict
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
-from longalign_rl.models import load_components
+from longalign_rl.models import DTYPES, load_components
 from longalign_rl.sampling.sampler import build_sampler, sample_trajectory
 from longalign_rl.types import Rollout, Trajectory
+from longalign_rl.vae import decode
+
+if TYPE_CHECKING:
+    from longalign_rl.reward_actors import RewardClient, Scored
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,8 @@ class SamplerActor:
         make_trainable(parts.unet, self.cfg.lora)
         self.sampler = build_sampler(self.cfg.sampler, parts, prompts=self.cfg.prompts, device=device)
         self.sampler.unet.eval().requires_grad_(False)
+        # With reward actors the images leave from here (sample_images), decoded in the sampler's precision.
+        self.vae = parts.vae.to(device, DTYPES[self.cfg.sampler.precision]) if self.cfg.reward.num_actors else None
         self.version = 0  # optimiser steps behind the weights held now
 
     def sample(self, prompts: list[str], seed: int) -> Rollout | Trajectory:
@@ -55,6 +64,16 @@ class SamplerActor:
             return self.sampler.sample(prompts, seed, policy_version=self.version)
         return sample_trajectory(self.sampler, prompts, seed, self.cfg.sampler.eta, self.cfg.trained_steps,
                                  shared_start=self.cfg.samples_per_start, policy_version=self.version)
+
+    @ray.method(num_returns=2)
+    def sample_images(self, prompts: list[str], seed: int) -> tuple[Trajectory, torch.Tensor]:
+        """`sample`, and its final latents decoded: two objects, so that the images' ref can
+        go to a reward actor (reward_actors.py) before the worker fetches either."""
+        trajectory = self.sample(prompts, seed)
+        start = time.perf_counter()
+        with torch.no_grad():
+            images = decode(self.vae, trajectory.final_latents.to(self.sampler.device)).cpu()
+        return dataclasses.replace(trajectory, seconds=trajectory.seconds + time.perf_counter() - start), images
 
     def set_weights(self, state: dict, version: int) -> float:
         """Load the trainer's trainable weights (an object-store ref, resolved by Ray).
@@ -98,8 +117,8 @@ class SamplerGroup:
                 log.warning("weight sync to a sampler actor failed (%s)", type(e).__name__)
         return max(seconds)
 
-    def client(self, rank: int) -> "RolloutClient":
-        return RolloutClient(self.actors, self.cfg.train.max_policy_lag, rank)
+    def client(self, rank: int, rewards: "RewardClient | None" = None) -> "RolloutClient":
+        return RolloutClient(self.actors, self.cfg.train.max_policy_lag, rank, rewards)
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -113,13 +132,17 @@ class RolloutClient:
     died; Ray restarts it where resources allow), the worker moves on to the next actor and
     asks it the same, so the run goes on with fewer samplers. What to ask (prompts, seed)
     is the caller's: a pure function of the micro-step, so a resumed run asks the same.
+
+    With `rewards` (reward actors), every request also sends the sampler's images to the
+    reward pool as soon as they exist; `scores(micro)` returns them scored.
     """
 
-    def __init__(self, actors: list, max_policy_lag: int, rank: int):
-        self.actors, self.max_policy_lag, self.rank = actors, max_policy_lag, rank
+    def __init__(self, actors: list, max_policy_lag: int, rank: int, rewards: "RewardClient | None" = None):
+        self.actors, self.max_policy_lag, self.rank, self.rewards = actors, max_policy_lag, rank, rewards
         self.choice = rank % len(actors)
         self.asked: dict[int, tuple[list[str], int]] = {}  # micro -> (prompts, seed)
         self.pending: dict[int, ray.ObjectRef] = {}
+        self.scoring: dict[int, tuple[ray.ObjectRef, ray.ObjectRef]] = {}  # micro -> (images, their score)
 
     @property
     def actor(self):
@@ -129,7 +152,19 @@ class RolloutClient:
         """Ask for micro-step `micro`'s rollout now (a no-op if it is already asked for)."""
         if micro not in self.pending:
             self.asked[micro] = (prompts, seed)
-            self.pending[micro] = self.actor.sample.remote(prompts, seed)
+            if self.rewards is None:
+                self.pending[micro] = self.actor.sample.remote(prompts, seed)
+            else:
+                if micro in self.scoring:  # resampled: the earlier images' score is not wanted
+                    self.rewards.forget(self.scoring.pop(micro)[1])
+                self.pending[micro], images = self.actor.sample_images.remote(prompts, seed)
+                self.scoring[micro] = (images, self.rewards.submit(images, prompts))
+
+    def scores(self, micro: int) -> tuple["Scored", ray.ObjectRef]:
+        """The reward actors' score of `micro`'s samples (after `get(micro)`), and the ref of
+        the images they scored (for the metric hooks and image grids)."""
+        images, ref = self.scoring.pop(micro)
+        return self.rewards.get(ref), images
 
     def get(self, micro: int, version: int, weights_fn) -> Rollout:
         """The rollout of `micro` (requested before), resampled with the trainer's weights

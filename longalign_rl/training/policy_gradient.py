@@ -24,6 +24,7 @@ import contextlib
 import copy
 import time
 
+import ray
 import torch
 import torch.distributed as dist
 
@@ -98,11 +99,16 @@ class PolicyGradient(SamplerFed):
 
     def score(self, step: int, j: int, traj: Trajectory) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The batch's advantages and its per-sample statistics (reward, components, hooks)."""
-        with torch.no_grad():
-            images = decode(self.vae, traj.final_latents.to(self.ctx.device))
-            out, finite = score(self.reward, images, traj.prompts)
+        if self.reward is None:  # reward actors scored the sampler's images while it sampled on
+            scored, images_ref = self.client.scores(step * self.cfg.train.grad_accum + j)
+            out, images = scored.output, lambda: ray.get(images_ref)
+            self.reward_actor_seconds += scored.seconds
+        else:
+            with torch.no_grad():
+                images = decode(self.vae, traj.final_latents.to(self.ctx.device))
+                out, _ = score(self.reward, images, traj.prompts)
         rewards = out.total.detach().float().cpu()
-        finite = finite.cpu()
+        finite = torch.isfinite(rewards)
         stats = {"reward": rewards[finite], "reward_nonfinite": (~finite).float()}
         stats.update({k: v.detach().float().cpu() for k, v in out.components.items()})
         self.summary_keys += [k for k in out.components if k not in self.summary_keys]
@@ -116,6 +122,7 @@ class PolicyGradient(SamplerFed):
         stats: dict[str, list[torch.Tensor]] = {}
         times = dict.fromkeys(("time/sample_wait", "time/sample_actor", "time/score", "time/train"), 0.0)
         batches, lags = [], []
+        self.reward_actor_seconds = 0.0
         for j in range(accum):
             # SAMPLE
             t = time.perf_counter()
@@ -165,6 +172,7 @@ class PolicyGradient(SamplerFed):
             "ratio_max": float(ratios.max()),
             "policy_lag": max(lags),
             **times,
+            **({"time/reward_actor": self.reward_actor_seconds} if self.reward is None else {}),
         })
 
 

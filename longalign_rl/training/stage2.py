@@ -47,11 +47,13 @@ class SamplerFed:
         self.ctx = ctx
         del parts.text_encoder  # prompts arrive encoded in the samples
         self.vae = parts.vae.to(ctx.device, DTYPES[cfg.train.precision])
-        self.reward = build_reward(cfg, ctx.device)
+        # With reward actors (reward.num_actors) the reward lives there; this worker never builds it.
+        self.reward = None if cfg.reward.num_actors else build_reward(cfg, ctx.device)
         self.hooks = load_metric_hooks(cfg.run.metrics)
         self.summary_keys = list(type(self).summary_keys)
         self.samplers: SamplerGroup = loop_config["samplers"]
-        self.client = self.samplers.client(ctx.rank)
+        pool = loop_config.get("rewards")
+        self.client = self.samplers.client(ctx.rank, pool.client(ctx.rank) if pool is not None else None)
         self.order = PromptOrder(load_prompts(cfg.prompts.source), seed=cfg.train.seed, shuffle=cfg.prompts.shuffle)
         self.prefetch = cfg.train.max_policy_lag >= cfg.train.sync_every  # overlap sampling with training
         # grpo draws each prompt group_size times, side by side in one batch of one worker
@@ -85,13 +87,16 @@ class SamplerFed:
         return sample
 
     def observe(self, step: int, j: int, final_latents: torch.Tensor, prompts: list[str],
-                stats: dict[str, torch.Tensor], images: torch.Tensor | None = None) -> None:
+                stats: dict[str, torch.Tensor], images=None) -> None:
         """The run's metric hooks on the decoded samples (added to `stats`), and the image grid
-        of the first micro-step at step 1 and every run.image_every steps (rank 0)."""
+        of the first micro-step at step 1 and every run.image_every steps (rank 0). `images`:
+        the decoded samples, a function that fetches them, or None (decoded here when needed)."""
         ctx = self.ctx
         grid_due = ctx.rank == 0 and j == 0 and (step == 0 or (step + 1) % self.cfg.run.image_every == 0)
         if not (self.hooks or grid_due):
             return
+        if callable(images):
+            images = images().to(ctx.device)
         if images is None:
             with torch.no_grad():
                 images = decode(self.vae, final_latents.to(ctx.device))

@@ -82,3 +82,26 @@ def test_ddpo_resume_continues_its_per_prompt_statistics(ray_local, tmp_path):
                 return sum(len(b) for b in state["algorithm"]["ddpo"]["buffers"].values())
 
     assert rewards_tracked(2) == 32 and rewards_tracked(4) == 64
+
+
+def test_grpo_with_reward_actors_in_their_own_runtime_env(grpo_run, tmp_path):
+    """reward.num_actors=2: the reward is built only in two reward actors, from a package that
+    only their runtime_env has (py_modules); the samplers send them the images. Same prompts
+    and seeds as grpo_run, so the first step's samples and rewards are the same."""
+    package = tmp_path / "modules" / "actor_only_rewards"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("from tests.plugins.my_reward import BrightPixels as Bright\n")
+    code = train.main(["algorithm.name=grpo", "reward.name=actor_only_rewards:Bright", "reward.kwargs={threshold: 0.5}",
+                       "reward.num_actors=2", "reward.num_cpus=0",
+                       f"reward.runtime_env={{py_modules: ['local://{package.parent}']}}", "train.steps=2",
+                       "algorithm.timestep_fraction=0.3", "run.checkpoint_every=2", f"run.output_dir={tmp_path}",
+                       "run.name=actors"])
+    assert code == 0
+    metrics, reference = read_metrics(tmp_path / "actors"), read_metrics(grpo_run)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["time/reward_actor"] > 0 and m["advantage"] == pytest.approx(0.0, abs=1e-5)
+        assert "gt/shape/4" in m  # the metric hooks see the sampler's images too
+    assert metrics[0]["reward"] == pytest.approx(reference[0]["reward"], abs=1e-6)
+    assert metrics[0]["bright_fraction"] == pytest.approx(reference[0]["bright_fraction"], abs=1e-6)
+    assert (tmp_path / "actors" / "images" / "step_000001.png").is_file()

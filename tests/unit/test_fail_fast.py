@@ -134,6 +134,10 @@ def test_a_run_that_cannot_fit_names_the_keys():
     gpu = load_config(None, ["train.num_workers=2", "sampler.num_actors=2", "sampler.num_gpus=0.5"])
     assert train.required_resources(gpu)["GPU"] == 3.0
     assert "3 GPUs (has 2)" in train.resource_shortfall(gpu, {"CPU": 64.0, "GPU": 2.0})
+    actors = load_config(None, ["algorithm.name=grpo", "train.num_workers=2", "sampler.num_actors=2",
+                                "sampler.num_gpus=0.5", "reward.num_actors=2", "reward.num_gpus=0.5"])
+    assert train.required_resources(actors) == {"CPU": 6.0, "GPU": 4.0}  # 2 x 1 + 2 x 1 + 2 x 1 CPUs
+    assert "reward.num_actors" in train.resource_shortfall(actors, {"CPU": 64.0, "GPU": 3.0})
 
 
 def test_an_unwritable_or_non_directory_output_dir_exits_2(tmp_path, capsys):

@@ -1,0 +1,145 @@
+"""Reward actors (reward.num_actors > 0, grpo / ddpo): the reward lives in a pool of Ray
+actors of its own instead of in every trainer worker.
+
+    driver          pool = RewardPool(cfg)             start the actors (reward.num_cpus / num_gpus /
+                    pool.check(prompts)                runtime_env), build and probe the reward in them
+                    ... TorchTrainer(train_loop_config={"rewards": pool, ...}).fit()
+                    pool.shutdown()
+    every worker    client = pool.client(rank)
+                    ref = client.submit(images, prompts)   images may be an ObjectRef: a sampler
+                    scored = client.get(ref)              actor's output, scored as soon as it exists
+
+A sampler actor decodes its trajectory's final latents and returns the images as a second
+object (SamplerActor.sample_images); the worker passes that object's ref straight to
+`submit`, so scoring starts when sampling ends, without a round trip through the worker,
+and overlaps with the next batch's sampling. Neither the driver nor the workers build or
+import the reward: it may need a GPU of its own, or packages only its runtime_env has.
+
+A reward actor that dies is restarted by Ray; meanwhile the worker sends the same images
+to the next actor of the pool. An exception raised by the reward itself fails the step,
+as it would in the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from longalign_rl.algorithms.reward_backprop import score
+from longalign_rl.config import Config, ConfigError, from_dict, to_dict
+from longalign_rl.registry import get_reward, probe_reward
+from longalign_rl.types import RewardOutput
+
+log = logging.getLogger(__name__)
+
+# How long a worker keeps sending a batch to reward actors that die before the step fails.
+ACTOR_WAIT_S = 600
+
+
+@dataclass
+class Scored:
+    """A reward actor's answer: the reward (on the CPU, no graph) and the seconds it took."""
+
+    output: RewardOutput
+    seconds: float
+
+
+@ray.remote
+class RewardActor:
+    def __init__(self, config: dict):
+        self.cfg = from_dict(config)
+        r = self.cfg.reward
+        torch.set_num_threads(max(1, int(r.num_cpus)))
+        self.device = torch.device("cuda" if r.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        reward = get_reward(r.name, **r.kwargs)
+        self.reward = reward.to(self.device) if hasattr(reward, "to") else reward
+
+    def check(self, prompts: list[str], resolution: int) -> None:
+        """The driver's probe (registry.probe_reward), run where the reward lives."""
+        probe_reward(self.reward, self.cfg.reward.name, prompts, resolution)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> Scored:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out, _ = score(self.reward, images.to(self.device), prompts)
+        cpu = RewardOutput(total=out.total.detach().float().cpu(),
+                           components={k: v.detach().float().cpu() for k, v in out.components.items()})
+        return Scored(cpu, time.perf_counter() - start)
+
+
+class RewardPool:
+    """cfg.reward.num_actors reward actors; made on the driver, pickled (the actor handles)
+    into every trainer worker."""
+
+    def __init__(self, cfg: Config):
+        r = cfg.reward
+        self.cfg = cfg
+        options = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=-1, max_task_retries=0)
+        if r.runtime_env:
+            options["runtime_env"] = r.runtime_env
+        config = to_dict(cfg)
+        self.actors = [RewardActor.options(**options).remote(config) for _ in range(r.num_actors)]
+
+    def check(self, prompts: list[str]) -> None:
+        """Every actor builds the reward and passes the probe, or ConfigError naming the reward
+        (and the runtime_env it was built in)."""
+        r = self.cfg.reward
+        try:
+            ray.get([a.check.remote(prompts, self.cfg.sampler.resolution) for a in self.actors])
+        except (ray.exceptions.RayError, TypeError, ValueError) as e:
+            where = f"in a reward actor (runtime_env {r.runtime_env})" if r.runtime_env else "in a reward actor"
+            raise ConfigError(f"reward: {r.name!r} {where}: {_cause(e)}") from None
+
+    def client(self, rank: int) -> "RewardClient":
+        return RewardClient(self.actors, rank)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def _cause(error: BaseException) -> str:
+    """The last 'Error: message' line of a Ray error's text (it carries the actor's traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    found = [line for line in lines if ("Error: " in line or "Exception: " in line) and not line.startswith("File ")]
+    return found[-1] if found else (lines[-1] if lines else type(error).__name__)
+
+
+class RewardClient:
+    """One worker's view of the pool: batches go round-robin from actor rank % num_actors,
+    so several workers share the actors evenly; a batch whose actor died goes to the next."""
+
+    def __init__(self, actors: list, rank: int):
+        self.actors, self.rank = actors, rank
+        self.next = rank % len(actors)
+        self.sent: dict[ray.ObjectRef, tuple] = {}  # score ref -> (images, prompts): to resend
+
+    def submit(self, images, prompts: list[str]) -> ray.ObjectRef:
+        """Score `images` (a tensor or the ObjectRef of one) of `prompts`; returns at once."""
+        ref = self.actors[self.next].score.remote(images, prompts)
+        self.next = (self.next + 1) % len(self.actors)
+        self.sent[ref] = (images, prompts)
+        return ref
+
+    def forget(self, ref: ray.ObjectRef) -> None:
+        """A score that will not be asked for (its samples were drawn again)."""
+        self.sent.pop(ref, None)
+
+    def get(self, ref: ray.ObjectRef) -> Scored:
+        deadline, failures = time.monotonic() + ACTOR_WAIT_S, 0
+        while True:
+            images, prompts = self.sent.pop(ref)
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rank {self.rank}: no reward actor answered for {ACTOR_WAIT_S} s") from e
+                failures += 1
+                log.warning("rank %d: reward actor failed (%s); sending the batch to the next one", self.rank,
+                            type(e).__name__)
+                time.sleep(min(2.0 ** failures, 10.0))  # a restart rebuilds the reward
+                ref = self.submit(images, prompts)

@@ -1,0 +1,147 @@
+"""Reward actors (reward.num_actors, issue 11): the reward scored in a pool of Ray actors with
+their own resources and runtime environment, fed straight from the sampler actors."""
+
+import importlib
+import textwrap
+
+import pytest
+import ray
+import torch
+
+from longalign_rl.config import ConfigError, load_config
+from longalign_rl.reward_actors import RewardPool
+from longalign_rl.sampling.group import SamplerGroup
+from longalign_rl.vae import decode
+from tests.plugins.my_reward import BrightPixels
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+BRIGHT = ["algorithm.name=grpo", "reward.name=tests.plugins.my_reward:BrightPixels", "reward.kwargs={threshold: 0.4}",
+          "reward.num_cpus=0"]
+
+# A reward package that exists only where runtime_env's py_modules puts it: in the reward actors.
+ACTOR_ONLY = '''
+import torch
+from longalign_rl.registry import Reward, RewardOutput
+
+
+class MeanGreen(Reward):
+    differentiable = False
+
+    def forward(self, images, prompts):
+        green = images[:, 1].mean(dim=(1, 2))
+        return RewardOutput(total=green, components={"green": green.clone()})
+'''
+
+
+def config(*overrides):
+    return load_config("configs/default.yaml", [*BRIGHT, *overrides])
+
+
+def test_config_refuses_reward_actors_for_reward_backpropagation():
+    with pytest.raises(ConfigError, match="reward.num_actors: reward actors score without a gradient"):
+        load_config("configs/default.yaml", ["reward.num_actors=1"])
+    for key in ("reward.num_actors=-1", "reward.num_cpus=-1", "reward.num_gpus=-0.5"):
+        with pytest.raises(ConfigError, match=key.split("=")[0]):
+            config(key)
+
+
+def test_pool_scores_as_the_reward_does_in_process(ray_local):
+    cfg = config("reward.num_actors=2")
+    pool = RewardPool(cfg)
+    try:
+        pool.check(["a prompt"])
+        client = pool.client(rank=1)
+        images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        prompts = ["p"] * 4
+        refs = [client.submit(images[i:i + 2], prompts[:2]) for i in (0, 2)]  # round robin over both actors
+        scored = [client.get(ref) for ref in refs]
+        expected = BrightPixels(threshold=0.4)(images, prompts)
+        assert torch.equal(torch.cat([s.output.total for s in scored]), expected.total)
+        assert torch.equal(torch.cat([s.output.components["bright_fraction"] for s in scored]),
+                           expected.components["bright_fraction"])
+        assert all(s.seconds >= 0 for s in scored)
+        assert not client.sent  # nothing left to resend
+    finally:
+        pool.shutdown()
+
+
+def test_a_dead_reward_actor_hands_its_batch_to_the_next(ray_local):
+    pool = RewardPool(config("reward.num_actors=2"))
+    try:
+        pool.check(["a prompt"])
+        client = pool.client(rank=0)
+        images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        ray.kill(pool.actors[0], no_restart=True)  # the actor rank 0 would send its first batch to
+        scored = client.get(client.submit(images, ["p", "q"]))
+        assert torch.equal(scored.output.total, BrightPixels(threshold=0.4)(images, ["p", "q"]).total)
+    finally:
+        pool.shutdown()
+
+
+def test_the_reward_may_live_only_in_the_actors_runtime_env(ray_local, tmp_path):
+    package = tmp_path / "actor_only_rewards"
+    package.mkdir()
+    (package / "__init__.py").write_text(textwrap.dedent(ACTOR_ONLY))
+    with pytest.raises(ImportError):
+        importlib.import_module("actor_only_rewards")  # not here, nor in the trainer workers
+    cfg = load_config("configs/default.yaml", [
+        "algorithm.name=grpo", "reward.name=actor_only_rewards:MeanGreen", "reward.num_actors=1", "reward.num_cpus=0",
+        # local://: a folder that exists on every node, put on the actors' path as it is
+        f"reward.runtime_env={{py_modules: ['local://{tmp_path}']}}"])
+    pool = RewardPool(cfg)
+    try:
+        pool.check(["a prompt"])
+        images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+        client = pool.client(rank=0)
+        scored = client.get(client.submit(images, ["p", "q"]))
+        assert torch.allclose(scored.output.total, images[:, 1].mean(dim=(1, 2)))
+    finally:
+        pool.shutdown()
+
+
+def test_a_reward_that_cannot_be_built_in_the_actors_is_a_config_error(ray_local):
+    cfg = load_config("configs/default.yaml", ["algorithm.name=grpo", "reward.name=no_such_package.rewards:Nothing",
+                                               "reward.num_actors=1", "reward.num_cpus=0"])
+    pool = RewardPool(cfg)
+    try:
+        with pytest.raises(ConfigError, match=r"reward: 'no_such_package.rewards:Nothing' in a reward actor: .*no_such_package"):
+            pool.check(["a prompt"])
+    finally:
+        pool.shutdown()
+
+
+def test_samplers_send_their_images_to_the_reward_actors(ray_local):
+    """A worker's request: the sampler actor returns the trajectory and, as a second object,
+    its final latents decoded, which go to a reward actor before the worker asks for either."""
+    cfg = config("reward.num_actors=1", "sampler.num_actors=1", "sampler.num_steps=4",
+                 "algorithm.group_size=2", "algorithm.timestep_fraction=0.5")
+    pool, samplers = RewardPool(cfg), SamplerGroup(cfg)
+    try:
+        client = samplers.client(rank=0, rewards=pool.client(rank=0))
+        prompts = ["A picture with a grid of four cells. The first cell holds a red circle."] * 2
+        client.request(0, prompts, seed=7)
+        trajectory = client.get(0, version=0, weights_fn=None)
+        scored, images_ref = client.scores(0)
+        images = ray.get(images_ref)
+        assert images.shape == (2, 3, 32, 32) and trajectory.prompts == prompts
+        assert torch.equal(scored.output.total, BrightPixels(threshold=0.4)(images, prompts).total)
+        from longalign_rl.models import load_components
+
+        vae = load_components(cfg.model.pretrained).vae
+        assert torch.allclose(images, decode(vae, trajectory.final_latents), atol=1e-5)
+    finally:
+        samplers.shutdown()
+        pool.shutdown()
+
+
+def test_train_exits_2_naming_a_reward_its_actors_cannot_build(ray_local, tmp_path, capsys):
+    """The driver never imports the reward (it may exist only in the actors' runtime_env): the
+    probe runs in the actors, before any run directory or trainer worker exists."""
+    from longalign_rl import train
+
+    code = train.main(["algorithm.name=grpo", "reward.name=no_such_package.rewards:Nothing", "reward.num_actors=1",
+                       "reward.num_cpus=0", f"run.output_dir={tmp_path}", "run.name=bad"])
+    assert code == 2
+    assert "reward: 'no_such_package.rewards:Nothing' in a reward actor" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
