@@ -151,9 +151,14 @@ class AlgorithmConfig:
     # initialisation), so their rewards differ only through the steps' noise, which is what
     # the policy gradient credits; false = independent starts (ddpo-pytorch, Flow-GRPO).
     shared_start: bool = False
-    # Fraction of the DDIM steps trained, drawn per batch from its seed (ddpo-pytorch:
-    # 1.0; Flow-GRPO trains about 0.6 of them). Only those steps are recorded.
+    # Fraction of the stochastic steps (sde_window) trained, drawn per batch from its seed
+    # (ddpo-pytorch: 1.0; Flow-GRPO trains about 0.6 of them). Only those are recorded.
     timestep_fraction: float = 1.0
+    # The part of the chain sampled stochastically, [start, end) as fractions of the DDIM
+    # steps from the noisy end; the other steps are deterministic DDIM (eta 0) and never
+    # trained, as Flow-GRPO-Fast and MixGRPO do: noise enters only where the policy
+    # gradient credits it. [0.0, 0.5] = the first half, where layout and shapes are decided.
+    sde_window: tuple[float, float] = (0.0, 1.0)
     # PPO's clip range for the ratio of new to sampling probability of a step.
     clip_range: float = 1e-4
     # Advantages are clipped to [-advantage_clip, advantage_clip].
@@ -276,7 +281,14 @@ class Config:
     @property
     def trained_steps(self) -> int:
         """Policy gradients: DDIM steps recorded and trained per sample."""
-        return max(1, round(self.sampler.num_steps * self.algorithm.timestep_fraction))
+        start, end = self.sde_steps
+        return max(1, round((end - start) * self.algorithm.timestep_fraction))
+
+    @property
+    def sde_steps(self) -> tuple[int, int]:
+        """Policy gradients: the DDIM steps start <= i < end that are stochastic (algorithm.sde_window)."""
+        start, end = self.algorithm.sde_window
+        return round(start * self.sampler.num_steps), round(end * self.sampler.num_steps)
 
     @property
     def samples_per_start(self) -> int:
@@ -533,6 +545,11 @@ def _validate_algorithm(cfg: Config) -> None:
              f"must be >= 2 (a lone sample has no group to be compared with), got {a.group_size}")
     _require(0.0 < a.timestep_fraction <= 1.0, "algorithm.timestep_fraction",
              f"must be in (0, 1], got {a.timestep_fraction}")
+    start, end = a.sde_window
+    _require(len(a.sde_window) == 2 and 0.0 <= start < end <= 1.0, "algorithm.sde_window",
+             f"must be [start, end] with 0 <= start < end <= 1 (fractions of the DDIM steps), got {list(a.sde_window)}")
+    _require(cfg.sde_steps[1] > cfg.sde_steps[0], "algorithm.sde_window",
+             f"{list(a.sde_window)} holds none of the {s.num_steps} DDIM steps (sampler.num_steps); widen it")
     for key, value in [("algorithm.clip_range", a.clip_range), ("algorithm.advantage_clip", a.advantage_clip)]:
         _require(value > 0, key, f"must be > 0, got {value}")
     _require(a.kl_weight >= 0, "algorithm.kl_weight", f"must be >= 0, got {a.kl_weight}")

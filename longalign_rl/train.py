@@ -161,7 +161,9 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
            f"{cfg.reward.num_gpus:g} GPU each)" if cfg.reward.num_actors else "") + "\n"
         f"algorithm          {algorithm_line(cfg)}\n"
         f"samplers           {s.num_actors} actors, {s.num_steps} DDIM steps ("
-        + (f"eta {s.eta}, {cfg.trained_steps} trained" if cfg.policy_gradient else f"{s.num_grad_steps} with gradient")
+        + (f"eta {s.eta}" + ("" if cfg.sde_steps == (0, s.num_steps) else
+                              f" on steps {cfg.sde_steps[0]}-{cfg.sde_steps[1] - 1}, deterministic elsewhere")
+           + f", {cfg.trained_steps} trained" if cfg.policy_gradient else f"{s.num_grad_steps} with gradient")
         + f"), guidance {s.guidance_scale}, {s.resolution} px\n"
         f"trainers           {t.num_workers} workers x {t.batch_size} prompts x {t.grad_accum} accumulation "
         f"= {cfg.global_batch} samples per step, ZeRO-{t.zero_stage}, {t.precision}\n"

@@ -63,7 +63,8 @@ class SamplerActor:
         if not self.cfg.policy_gradient:
             return self.sampler.sample(prompts, seed, policy_version=self.version)
         return sample_trajectory(self.sampler, prompts, seed, self.cfg.sampler.eta, self.cfg.trained_steps,
-                                 shared_start=self.cfg.samples_per_start, policy_version=self.version)
+                                 shared_start=self.cfg.samples_per_start, policy_version=self.version,
+                                 window=self.cfg.sde_steps)
 
     @ray.method(num_returns=2)
     def sample_images(self, prompts: list[str], seed: int) -> tuple[Trajectory, torch.Tensor]:

@@ -92,16 +92,18 @@ class Sampler:
 
 @torch.no_grad()
 def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: float, num_recorded: int | None = None,
-                      shared_start: int = 1, policy_version: int = 0) -> Trajectory:
+                      shared_start: int = 1, policy_version: int = 0, window: tuple[int, int] | None = None
+                      ) -> Trajectory:
     """Stochastic DDIM (eta > 0) over `sampler`'s UNet, encoder and scheduler, recording
     `num_recorded` steps (all by default) for policy-gradient training: which ones, the
     initial noise and every step's noise come from `seed`, so a trajectory is a pure
     function of (weights, prompts, seed). `shared_start`: runs of that many consecutive
     samples (a GRPO group) start from the same noise, so that within a group only the
-    steps' noise, which the policy gradient credits, tells the samples apart."""
+    steps' noise, which the policy gradient credits, tells the samples apart. `window`
+    (start, end): only those steps are stochastic, and recorded; the others deterministic."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    a, b, sigma = stochastic_coefficients(sampler.scheduler, eta)
+    a, b, sigma = stochastic_coefficients(sampler.scheduler, eta, window)
     trainable = [i for i in range(len(sigma)) if sigma[i] > 0]  # a step without noise has no density
     num_recorded = len(trainable) if num_recorded is None else num_recorded
     if not 1 <= num_recorded <= len(trainable):

@@ -25,16 +25,23 @@ import torch
 
 
 @torch.no_grad()
-def stochastic_coefficients(scheduler, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a, b, sigma), each [num_steps] float64: step i is x_{i+1} = a_i x_i + b_i eps_i + sigma_i z."""
+def stochastic_coefficients(scheduler, eta: float, window: tuple[int, int] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, sigma), each [num_steps] float64: step i is x_{i+1} = a_i x_i + b_i eps_i + sigma_i z.
+
+    `window` (start, end): only steps start <= i < end are stochastic; the others are
+    deterministic DDIM (eta 0, sigma 0), as Flow-GRPO-Fast and MixGRPO sample outside the
+    steps they train. None: every step."""
     if eta <= 0:
         raise ValueError(f"sampler.eta must be > 0 for policy-gradient sampling, got {eta}")
     one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    start, end = window if window is not None else (0, len(scheduler.timesteps))
     a, b, sigma = [], [], []
-    for t in scheduler.timesteps:
-        a.append(scheduler.step(zero, t, one, eta=eta, variance_noise=zero).prev_sample.item())
-        b.append(scheduler.step(one, t, zero, eta=eta, variance_noise=zero).prev_sample.item())
-        sigma.append(scheduler.step(zero, t, zero, eta=eta, variance_noise=one).prev_sample.item())
+    for i, t in enumerate(scheduler.timesteps):
+        e = eta if start <= i < end else 0.0
+        a.append(scheduler.step(zero, t, one, eta=e, variance_noise=zero).prev_sample.item())
+        b.append(scheduler.step(one, t, zero, eta=e, variance_noise=zero).prev_sample.item())
+        sigma.append(scheduler.step(zero, t, zero, eta=e, variance_noise=one).prev_sample.item())
     return (torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
             torch.tensor(sigma, dtype=torch.float64))
 

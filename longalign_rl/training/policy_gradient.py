@@ -44,11 +44,11 @@ def check_trained_steps(cfg, scheduler_config) -> None:
     scheduler with set_alpha_to_one makes the last DDIM step deterministic: no density)."""
     scheduler = make_scheduler(scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing)
     scheduler.set_timesteps(cfg.sampler.num_steps)
-    stochastic = int((stochastic_coefficients(scheduler, cfg.sampler.eta)[2] > 0).sum())
+    stochastic = int((stochastic_coefficients(scheduler, cfg.sampler.eta, cfg.sde_steps)[2] > 0).sum())
     if stochastic < cfg.trained_steps:
         raise ValueError(f"algorithm.timestep_fraction: {cfg.trained_steps} trained steps asked for, but only "
                          f"{stochastic} of the {cfg.sampler.num_steps} DDIM steps are stochastic with this "
-                         "scheduler; lower the fraction")
+                         "scheduler and algorithm.sde_window; lower the fraction")
 
 
 class PolicyGradient(SamplerFed):

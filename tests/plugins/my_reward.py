@@ -1,5 +1,7 @@
 """A third-party style reward plugin: it only needs longalign_rl.registry."""
 
+import time
+
 import torch
 
 from longalign_rl.registry import Reward, RewardOutput
@@ -89,3 +91,17 @@ class BrightPixels(Reward):
     def forward(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
         bright = (images.mean(dim=1) > self.threshold).float().mean(dim=(1, 2))
         return RewardOutput(total=bright, components={"bright_fraction": bright.clone()})
+
+
+class SlowBrightPixels(BrightPixels):
+    """BrightPixels that takes `seconds` per batch without using a core: stands for a reward
+    model that runs on a device of its own (benchmarks/reward_actors.py)."""
+
+    def __init__(self, threshold: float = 0.5, seconds: float = 1.0):
+        super().__init__(threshold)
+        self.seconds = seconds
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        time.sleep(self.seconds)
+        return super().forward(images, prompts)

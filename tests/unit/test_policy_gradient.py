@@ -154,6 +154,41 @@ def test_recording_a_subset_of_steps_draws_the_same_chain(tiny_parts):
         sample_trajectory(sampler, prompts, seed=7, eta=1.0, num_recorded=5)
 
 
+def test_outside_the_sde_window_the_chain_is_deterministic_ddim(tiny_parts):
+    """algorithm.sde_window: steps outside it add no noise and are never recorded: replaying
+    plain DDIM (eta 0) from the last recorded step's output lands on the final latents."""
+    from longalign_rl.config import SamplerConfig
+    from longalign_rl.sampling.sampler import build_sampler, sample_trajectory
+
+    cfg = SamplerConfig(num_steps=6, num_grad_steps=1, guidance_scale=5.0, resolution=64, precision="fp32")
+    sampler = build_sampler(cfg, tiny_parts)
+    prompts = ["a red cube.", "a green cone."]
+    a, b, sigma = stochastic_coefficients(sampler.scheduler, 1.0, window=(1, 3))
+    full_a, full_b, full_sigma = stochastic_coefficients(sampler.scheduler, 1.0)
+    a0, b0 = step_coefficients(sampler.scheduler)
+    assert (sigma[1:3] > 0).all() and (sigma[[0, 3, 4, 5]] == 0).all()
+    torch.testing.assert_close(a[1:3], full_a[1:3])
+    torch.testing.assert_close(b[[0, 3, 4, 5]], b0[[0, 3, 4, 5]])
+    traj = sample_trajectory(sampler, prompts, seed=5, eta=1.0, window=(1, 3))
+    assert traj.indices == [1, 2]
+    x = traj.next_latents[:, -1]
+    with torch.no_grad():
+        for t in sampler.scheduler.timesteps[3:]:
+            eps = guided_eps(sampler.unet, x, t, traj.cond, traj.uncond, 5.0)
+            x = sampler.scheduler.step(eps, t, x, eta=0.0).prev_sample
+    torch.testing.assert_close(x, traj.final_latents, rtol=1e-4, atol=1e-5)
+
+
+def test_trained_steps_count_the_window():
+    from longalign_rl.config import ConfigError, load_config
+
+    cfg = load_config(None, ["algorithm.name=grpo", "sampler.num_steps=10", "algorithm.sde_window=[0, 0.5]",
+                             "algorithm.timestep_fraction=0.4"])
+    assert cfg.sde_steps == (0, 5) and cfg.trained_steps == 2
+    with pytest.raises(ConfigError, match="algorithm.sde_window"):
+        load_config(None, ["algorithm.name=grpo", "algorithm.sde_window=[0.6, 0.2]"])
+
+
 @pytest.fixture()
 def lora_sampler(tiny_parts):
     """A sampler over a copy of the tiny UNet with a LoRA adapter (fp32, dropout 0.1)."""
