@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-
 from typing import TYPE_CHECKING
 
 import ray

@@ -31,3 +31,10 @@ def test_trainer_overhead_times_the_distributed_step_against_a_plain_one():
     ratio = float(re.search(r"overhead ratio \(distributed / plain alone\): ([\d.]+)x", out).group(1))
     assert ratio > 0
     assert re.search(r"Ray Train \+ DeepSpeed ZeRO-2, 2 workers: median +[\d.]+ ms/step", out)
+
+
+def test_reward_actors_times_a_slow_reward_in_the_workers_and_in_reward_actors():
+    out = run_script("reward_actors.py", "--rounds", "1", "--steps", "2", "--actors", "2", "--seconds", "0.2")
+    rows = dict(re.findall(r"^(reward in [\w ]+?)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M))
+    assert set(rows) == {"reward in the trainer workers", "reward in 2 reward actors"}
+    assert all(float(v) > 0 for v in rows.values())
