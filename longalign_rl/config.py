@@ -11,7 +11,9 @@ The resolved config is saved with every run (`to_yaml`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -307,6 +309,23 @@ class Config:
 # ---------------------------------------------------------------- building from dicts
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true / false. (YAML 1.1, PyYAML's default, also
+    reads yes, no, on, off, y, n as booleans: `train.use_gpu=yes` would pass unnoticed.)"""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as configs are read: YAML 1.2's booleans (true / false only)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 class _Raw(str):
     """A command-line value not parsed yet: a str field takes it as written ("2024" stays
     a string), any other field parses it as YAML ("1e-5" -> 1e-05, "[a, b]" -> a list)."""
@@ -314,7 +333,7 @@ class _Raw(str):
 
 def _parse_raw(value: Any) -> Any:
     if isinstance(value, _Raw):
-        return yaml.safe_load(value) if value.strip() else ""
+        return load_yaml(value) if value.strip() else ""
     if isinstance(value, dict):
         return {k: _parse_raw(v) for k, v in value.items()}
     return value
@@ -353,6 +372,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is bool and type(value) is not bool:
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
     return value
@@ -366,7 +387,9 @@ def _build(cls: type, data: dict, prefix: str):
     unknown = sorted(set(data) - names)
     if unknown:
         path = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(names))})")
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+        hint = f"; did you mean {(f'{prefix}.{close[0]}' if prefix else close[0])!r}?" if close else ""
+        raise ConfigError(f"unknown config key {path!r}{hint} (known: {', '.join(sorted(names))})")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -424,7 +447,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

@@ -32,7 +32,8 @@ import torch
 
 from longalign_rl.types import RewardOutput
 
-__all__ = ["Registry", "Reward", "RewardOutput", "Source", "REWARDS", "find_reward", "get_reward", "import_path",
+__all__ = ["Registry", "Reward", "RewardOutput", "Source", "REWARDS", "check_reward_kwargs", "find_reward", "get_reward",
+           "import_path",
            "list_rewards", "register_reward", "resolve_source"]
 
 # "pkg.module:attr": dotted identifiers, one colon, an identifier. Nothing else is read as
@@ -215,11 +216,55 @@ def find_reward(name: str) -> Factory:
     return REWARDS.find(name)
 
 
+def _keywords(fn: Any) -> tuple[list[str], bool] | None:
+    """The names `fn` takes by keyword, and whether it also takes **kwargs; None if unknown."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_reward_kwargs(name: str, kwargs: dict, factory: Any = None) -> None:
+    """TypeError naming `reward.kwargs.<key>` (and the closest name the reward takes) for a
+    keyword the factory of reward `name` does not take: read off its signature, without
+    building it. A factory with **kwargs forwards them to the class it is annotated to
+    return (`def shapes_clip(weights=None, **kwargs) -> ClipTypeReward`), whose signature
+    then counts too; with no such class nothing is checked."""
+    import difflib
+    import typing
+
+    factory = find_reward(name) if factory is None else factory
+    found = _keywords(factory)
+    if found is None:
+        return
+    accepted, forwards = found
+    if forwards:
+        try:
+            target = typing.get_type_hints(factory).get("return")
+        except Exception:  # an annotation that does not resolve: nothing to follow
+            return
+        inner = _keywords(target) if isinstance(target, type) else None
+        if inner is None or inner[1]:
+            return
+        accepted = accepted + [n for n in inner[0] if n not in accepted]
+    for key in kwargs:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"reward.kwargs.{key}: reward {name!r} takes no argument {key!r}{hint} "
+                            f"(it takes: {', '.join(accepted) or 'none'})")
+
+
 def get_reward(name: str, **kwargs) -> Reward:
     """Build the reward `name` (a registered name or "pkg.mod:Attr") with `kwargs`."""
     factory = find_reward(name)
     if not callable(factory):
         raise TypeError(f"reward {name!r}: {factory!r} is not callable, so it cannot build a reward")
+    check_reward_kwargs(name, kwargs, factory)
     try:
         reward = factory(**kwargs)
     except (TypeError, ValueError) as e:

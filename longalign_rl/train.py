@@ -70,9 +70,19 @@ def check_reward(cfg: Config, prompts: list[str]) -> None:
     prompts (registry.probe_reward: shapes, finite values, a gradient when it claims one)."""
     from transformers.utils import logging as transformers_logging
 
-    from longalign_rl.registry import get_reward, probe_reward
+    from longalign_rl.registry import check_reward_kwargs, find_reward, get_reward, probe_reward
 
     transformers_logging.disable_progress_bar()  # the driver's console says what matters only
+    try:
+        factory = find_reward(cfg.reward.name)
+    except Exception as e:
+        if cfg.reward.num_actors:
+            return  # it may exist only in the reward actors' runtime_env: probed there (start_reward_actors)
+        raise ConfigError(f"reward: {e}") from e
+    try:  # a misspelt keyword, named before anything is built
+        check_reward_kwargs(cfg.reward.name, cfg.reward.kwargs, factory)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
     if cfg.reward.num_actors:
         return  # built and probed in the reward actors (start_reward_actors), never here
     try:

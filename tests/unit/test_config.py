@@ -470,3 +470,26 @@ def test_policy_gradient_batches_hold_whole_groups():
     ddpo = load_config(None, ["algorithm.name=ddpo", "train.batch_size=6", "algorithm.group_size=4"])
     assert ddpo.prompts_per_batch == 6 and ddpo.trained_steps == 50  # group_size is grpo's only
     assert not load_config(None, ["stage=1", "data.source=x:y", "algorithm.name=grpo"]).policy_gradient
+
+
+def test_unknown_keys_get_the_closest_known_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stesp'; did you mean 'train.steps'\?"):
+        load_config(None, ["train.stesp=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'; did you mean 'train'\?"):
+        load_config(None, ["trian.steps=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'sampler.qwerty' \(known:"):
+        load_config(None, ["sampler.qwerty=3"])  # nothing close: no guess
+
+
+@pytest.mark.parametrize("raw", ["yes", "no", "on", "off", "1", "y"])
+def test_booleans_are_true_or_false_only(raw, tmp_path):
+    """YAML 1.1 reads yes/no/on/off as booleans; a config takes only true / false, from the
+    command line and from a file."""
+    with pytest.raises(ConfigError, match="train.use_gpu: expected true or false, got"):
+        load_config(None, [f"train.use_gpu={raw}"])
+    f = tmp_path / "c.yaml"
+    f.write_text(f"train:\n  use_gpu: {raw}\n")
+    with pytest.raises(ConfigError, match="train.use_gpu: expected true or false"):
+        load_config(f)
+    assert load_config(None, ["train.use_gpu=True"]).train.use_gpu is True
+    assert load_config(None, ["algorithm.shared_start=false"]).algorithm.shared_start is False

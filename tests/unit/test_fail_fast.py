@@ -19,6 +19,11 @@ def main(tmp_path, capsys, *overrides):
     (["reward.kwargs.text_irrelevant_weight=1.5"], r"reward: reward 'shapes_clip': text_irrelevant_weight must be in \[0, 1\]"),
     (["reward.kwargs.text_irrelevant_weight=-0.5"], r"text_irrelevant_weight must be in \[0, 1\]"),
     (["reward.kwargs.no_such_keyword=1"], "reward 'shapes_clip'.*no_such_keyword"),
+    # read off the signatures (the factory's **kwargs go to the class it returns), with a suggestion
+    (["reward.kwargs.text_irelevant_weight=0.3"], "^error: reward.kwargs.text_irelevant_weight: reward 'shapes_clip' "
+     "takes no argument 'text_irelevant_weight'; did you mean 'text_irrelevant_weight'"),
+    (["reward.name=tests.plugins.my_reward:BrightPixels", "algorithm.name=grpo", "reward.kwargs={treshold: 0.5}"],
+     "did you mean 'threshold'"),
     (["reward.name=tests.plugins.my_reward:failing_factory"],
      "reward 'tests.plugins.my_reward:failing_factory': RuntimeError: cannot reach the reward server"),
     (["reward.name=tests.plugins.my_reward:broken", "reward.kwargs.how=raises"], "failed on two test images"),
