@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help=f"YAML file of overrides (default: {DEFAULT_CONFIG.name}, the demo on CPU)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue a run from its last checkpoint, with its saved config (overrides still apply)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every config key (type, default, this config's value, meaning) and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. train.steps=10")
     return parser.parse_args(argv)
 
@@ -210,6 +212,30 @@ def check_resume(saved: dict, cfg: Config) -> None:
     if changed:
         raise ConfigError(f"--resume: the checkpoint was trained with other values of {', '.join(changed)}; "
                           "start a new run to change them")
+
+
+def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every leaf that differs between two resolved configs."""
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and not key.endswith("kwargs"):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def keep_original_config(run_dir: Path, cfg: Config) -> list[str]:
+    """Before a resume with other values rewrites config.yaml, the config the run started
+    with is kept as config.original.yaml (once: later resumes keep the first). Returns the
+    changes."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    changes = config_changes(saved, to_dict(cfg))
+    original = run_dir / "config.original.yaml"
+    if changes and not original.exists():
+        original.write_text((run_dir / "config.yaml").read_text())
+    return changes
 
 
 def remove_unregistered_checkpoints(run_dir: Path) -> None:
@@ -425,6 +451,15 @@ def stop_on_signal(run_dir: Path):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.print_config:
+        from longalign_rl.config import describe_keys
+
+        try:
+            print(describe_keys(load_config(args.config or DEFAULT_CONFIG, args.overrides)), end="")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         cfg, run_dir = resolve(args)
         pairs = check_inputs(cfg)  # a bad prompt file or data source fails here, naming its lines
@@ -437,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.resume:  # every check passed: the junk of a killed run can go (its config.yaml is rewritten by worker.py)
         remove_unregistered_checkpoints(run_dir)
+        changes = keep_original_config(run_dir, cfg)
+        if changes:
+            print(f"resuming with changes ({run_dir / 'config.original.yaml'} keeps the first config): "
+                  + "; ".join(changes), flush=True)
     else:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     print(describe(cfg, run_dir, pairs), flush=True)

@@ -78,6 +78,9 @@ def test_resume_continues_the_step_count(tiny_run):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert metrics[:4] == first  # nothing before the checkpoint was redone or lost
     assert metrics[-1]["lr"] == pytest.approx(3e-3)
+    # the resume's new value is the run's config now; the one it started with is kept beside it
+    assert "steps: 6" in (run_dir / "config.yaml").read_text()
+    assert "steps: 4" in (run_dir / "config.original.yaml").read_text()
 
 
 def test_the_run_ends_with_a_first_vs_last_window_summary(tiny_run):

@@ -2,6 +2,7 @@
 overrides, errors that name the key, and a lossless YAML round trip."""
 
 import dataclasses
+import typing
 
 import pytest
 import yaml
@@ -493,3 +494,25 @@ def test_booleans_are_true_or_false_only(raw, tmp_path):
         load_config(f)
     assert load_config(None, ["train.use_gpu=True"]).train.use_gpu is True
     assert load_config(None, ["algorithm.shared_start=false"]).algorithm.shared_start is False
+
+
+def test_print_config_lists_every_key_with_its_type_default_and_meaning(capsys):
+    from longalign_rl import train
+
+    assert train.main(["--print-config", "train.lr=1e-4", "algorithm.name=grpo"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def leaves(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            yield from leaves(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [f"{prefix}{f.name}"]
+
+    keys = list(leaves(Config, ""))
+    assert len(keys) > 60
+    for key in keys:
+        (i,) = [i for i, line in enumerate(lines) if line.startswith(f"{key}: ")]
+        assert lines[i + 1].startswith("    ") and len(lines[i + 1].strip()) > 10, f"{key} has no meaning"
+    assert "train.lr: float = 3.0e-05    (this config: 0.0001)" in lines
+    assert "algorithm.name: str = reward_backprop    (this config: grpo)" in lines
+    assert "[reward]" in lines and any(line.startswith("[data]  Stage 1") for line in lines)
+    assert train.main(["--print-config", "train.stesp=1"]) == 2

@@ -165,3 +165,19 @@ def test_a_resume_that_changes_the_architecture_is_refused_and_keeps_the_config(
     err = capsys.readouterr().err
     assert code == 2 and "lora.rank (4 -> 8)" in err and "model.pretrained ('shapesworld-partial' -> 'tiny')" in err, err
     assert (run_dir / "config.yaml").read_text() == saved
+
+
+def test_a_resume_with_other_values_keeps_the_original_config(tmp_path):
+    from longalign_rl.config import load_config, to_yaml
+
+    cfg = load_config(train.DEFAULT_CONFIG, ["train.steps=4"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert train.keep_original_config(tmp_path, cfg) == []
+    assert not (tmp_path / "config.original.yaml").exists()  # nothing changed: nothing to keep
+    longer = load_config(train.DEFAULT_CONFIG, ["train.steps=8", "reward.kwargs.text_irrelevant_weight=0.5"])
+    changes = train.keep_original_config(tmp_path, longer)
+    assert "train.steps: 4 -> 8" in changes and any(c.startswith("reward.kwargs: ") for c in changes)
+    assert load_config(tmp_path / "config.original.yaml").train.steps == 4
+    (tmp_path / "config.yaml").write_text(to_yaml(longer))  # what the workers write next
+    train.keep_original_config(tmp_path, load_config(train.DEFAULT_CONFIG, ["train.steps=12"]))
+    assert load_config(tmp_path / "config.original.yaml").train.steps == 4  # the first one stays
