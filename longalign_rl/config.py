@@ -253,6 +253,16 @@ class RunConfig:
     # logged per step as all-worker means (a world's exact checker, say). Every call must
     # return the same names.
     metrics: tuple[str, ...] = ()
+    # The console shows the run's own output only (header, progress, warnings, outputs,
+    # summary); true brings back the libraries' and the workers' logs (Ray Train, DeepSpeed,
+    # model loading), as they are forwarded to the driver.
+    verbose: bool = False
+    # Experiment trackers the driver logs the metrics, image grids and config to:
+    # tensorboard (run_dir/tensorboard, offline), wandb, mlflow (longalign_rl/trackers.py).
+    report_to: tuple[str, ...] = ("tensorboard",)
+
+
+REPORT_TO = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -632,6 +642,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", f"must be >= 0, got {cfg.run.keep_checkpoints}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _validate_algorithm(cfg)
+    for i, name in enumerate(cfg.run.report_to):
+        _require(name in REPORT_TO, f"run.report_to[{i}]", f"must be one of {', '.join(REPORT_TO)}, got {name!r}")
     for i, hook in enumerate(cfg.run.metrics):
         _require(bool(IMPORT_PATH.match(hook)), f"run.metrics[{i}]",
                  f"must be an import path 'package.module:function', got {hook!r}")

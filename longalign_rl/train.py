@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from longalign_rl.config import Config, ConfigError, load_config, to_dict, to_yaml
+from longalign_rl.console import Progress, outputs, quiet_libraries
 from longalign_rl.data import Pair, check_source
 from longalign_rl.hooks import load_metric_hooks
 from longalign_rl.outputs import STOP_REQUEST, STOPPED
@@ -143,6 +144,14 @@ def check_inputs(cfg: Config) -> list[Pair] | None:
     load_metric_hooks(cfg.run.metrics)
     check_reward(cfg, prompts)
     return None
+
+
+def check_trackers(cfg: Config) -> None:
+    from longalign_rl.trackers import missing_packages
+
+    missing = missing_packages(cfg.run.report_to)
+    if missing:
+        raise ConfigError("; ".join(missing))
 
 
 def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str:
@@ -288,21 +297,28 @@ def resource_shortfall(cfg: Config, total: dict[str, float]) -> str | None:
             + (" + reward.num_actors x reward.num_cpus / num_gpus" if cfg.stage == 2 and cfg.reward.num_actors else ""))
 
 
-def connect(cfg: Config) -> None:
+def connect(cfg: Config) -> str:
     """Start or join Ray, and check that the run fits: on a local instance a run that can never
     be placed is an error (Ray Train would retry forever); on a cluster the autoscaler may
-    still add nodes, so it is a warning."""
+    still add nodes, so it is a warning. Returns a line for the header: where Ray runs and
+    its dashboard. The workers' output reaches this console only with run.verbose."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
+    dashboard = None
     if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING)
-    log.info("Ray: %s", f"joined the cluster at {address}" if address else "started a local instance")
+        # the dashboard's Train view (Ray Train's run and worker states) needs this switch
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+        context = ray.init(address=address, log_to_driver=cfg.run.verbose,
+                           logging_level=logging.INFO if cfg.run.verbose else logging.ERROR)
+        dashboard = getattr(context, "dashboard_url", None)
     shortfall = resource_shortfall(cfg, ray.cluster_resources())
     if shortfall and not address:
         raise ConfigError(f"resources: {shortfall}; this local Ray instance can never place it")
     if shortfall:
         log.warning("resources: %s; waiting for the autoscaler to add nodes", shortfall)
+    where = f"joined the cluster at {address}" if address else "a local instance"
+    return where + (f", dashboard http://{dashboard}" if dashboard else "")
 
 
 def start_reward_actors(cfg: Config):
@@ -342,17 +358,21 @@ def fit(trainer):
     return box["result"]
 
 
-def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=None):
+def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=None, trackers: list | None = None):
     """Start (or join) Ray and the trainer workers (stage 2: and the sampler actors, and the
     reward actors unless `rewards` holds them already); block until done. `pairs`:
     check_inputs' result, so a stage-1 manifest is not read twice."""
     import ray
+    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from longalign_rl.training import checkpoint
 
     if not ray.is_initialized():
         connect(cfg)
 
+    start_step = max((checkpoint.step_of(p) or 0 for p in checkpoint.registered(run_dir)), default=0)
     common = dict(
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,
@@ -369,6 +389,8 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
 
         from longalign_rl.training import denoising
 
+        if not cfg.run.verbose:
+            ray.data.DataContext.get_current().enable_progress_bars = False
         trainer = TorchTrainer(
             denoising.train_func,
             train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir)},
@@ -376,7 +398,8 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
             dataset_config=IngestConfig(datasets_to_split=["train"]),  # an equal shard per worker
             **common,
         )
-        return fit(trainer)
+        with Progress(run_dir, cfg, start_step, trackers=trackers):
+            return fit(trainer)
 
     from longalign_rl.sampling.group import SamplerGroup
     from longalign_rl.training import policy_gradient, reward_backprop
@@ -390,7 +413,8 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
         **common,
     )
     try:
-        return fit(trainer)
+        with Progress(run_dir, cfg, start_step, trackers=trackers):
+            return fit(trainer)
     finally:
         samplers.shutdown()
         if rewards is not None:
@@ -449,7 +473,6 @@ def stop_on_signal(run_dir: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     if args.print_config:
         from longalign_rl.config import describe_keys
@@ -462,9 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg, run_dir = resolve(args)
+        setup_logging(cfg.run.verbose)
         pairs = check_inputs(cfg)  # a bad prompt file or data source fails here, naming its lines
+        check_trackers(cfg)
         check_output_dir(run_dir)
-        connect(cfg)
+        ray_line = connect(cfg)
         rewards = start_reward_actors(cfg)  # a reward that lives in actors is probed there
     except (ConfigError, ValueError, TypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -478,11 +503,18 @@ def main(argv: list[str] | None = None) -> int:
                   + "; ".join(changes), flush=True)
     else:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    print(describe(cfg, run_dir, pairs), flush=True)
+    print(describe(cfg, run_dir, pairs) + f"\nray                {ray_line}", flush=True)
+    from longalign_rl.trackers import open_trackers
+
+    trackers = open_trackers(cfg.run.report_to, run_dir, to_dict(cfg))
+    if trackers:
+        print(f"trackers           {', '.join(cfg.run.report_to)}"
+              + (f" (tensorboard --logdir {run_dir / 'tensorboard'})" if "tensorboard" in cfg.run.report_to else ""),
+              flush=True)
     start = time.perf_counter()
     try:
-        with stop_on_signal(run_dir):
-            result = run(cfg, run_dir, pairs, rewards)
+        with stop_on_signal(run_dir), closing_all(trackers):
+            result = run(cfg, run_dir, pairs, rewards, trackers)
     except KeyboardInterrupt:
         print(f"stopped at once; continue from the last checkpoint with: python -m longalign_rl.train --resume {run_dir}",
               file=sys.stderr)
@@ -500,11 +532,31 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         print(f"error: run stopped: {info['message']} ({run_dir})", file=sys.stderr)
         return 1
-    print(f"done in {time.perf_counter() - start:.1f} s; last checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    print("\n".join(outputs(run_dir, cfg, result.checkpoint.path if result.checkpoint else None)))
     summary = read_summary(run_dir)
     if summary:
         print(summary)
     return 0
+
+
+@contextlib.contextmanager
+def closing_all(trackers: list):
+    try:
+        yield
+    finally:
+        for tracker in trackers:
+            with contextlib.suppress(Exception):
+                tracker.close()
+
+
+def setup_logging(verbose: bool) -> None:
+    """The driver's logging: its own warnings, plainly; everything with timestamps when verbose."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    quiet_libraries(verbose)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import deepspeed
 import torch
 
 from longalign_rl.config import Config
@@ -33,6 +32,8 @@ def warmup(steps: int):
 def make_engine(cfg: Config, unet, params: list[torch.nn.Parameter]):
     """AdamW and the warm-up schedule on `params`, in a DeepSpeed engine around `unet`
     (ZeRO stage, precision, clipping and accumulation from training/deepspeed_config.py)."""
+    import deepspeed  # here, not at the top: the driver imports the worker modules, and never trains
+
     t = cfg.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, eps=t.eps)
     # The scheduler advances once per optimiser update; the warm-up is counted in run steps.

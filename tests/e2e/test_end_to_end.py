@@ -72,6 +72,20 @@ def test_workers_hold_identical_weights_every_step(tiny_run):
     assert len(spreads) == 6 and all(s == 0.0 for s in spreads)
 
 
+def test_tensorboard_gets_every_step_and_the_image_grids_across_the_resume(tiny_run):
+    """run.report_to's default: the driver logs metrics.jsonl and images/ to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = tiny_run
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    rewards = {e.step: e.value for e in events.Scalars("reward")}
+    assert sorted(rewards) == [1, 2, 3, 4, 5, 6]
+    assert rewards[6] == pytest.approx(read_metrics(run_dir)[-1]["reward"])
+    assert {"gt/shape/4", "grad_norm", "time/train"} <= set(events.Tags()["scalars"])
+    assert sorted({e.step for e in events.Images("samples")}) == [1, 2, 4, 6]
+
+
 def test_resume_continues_the_step_count(tiny_run):
     run_dir, first = tiny_run
     metrics = read_metrics(run_dir)

@@ -219,7 +219,7 @@ def test_ray_job_submit_runs_a_plugin_reward_on_a_started_cluster(ray_head, plug
 
     # The job's driver joined this cluster through the RAY_ADDRESS that Ray's job supervisor
     # sets (the head's GCS address, host:port), and did not start a Ray of its own.
-    joined = re.search(r"Ray: joined the cluster at (\S+)", output)
+    joined = re.search(r"^ray +joined the cluster at ([^\s,]+)", output, re.M)
     assert joined and joined.group(1).endswith(f":{ray_head.gcs_port}"), diagnosis()
     assert "started a local instance" not in output, diagnosis()
 

@@ -1,0 +1,213 @@
+"""The driver's console: what a run prints, and nothing else unless `run.verbose` asks.
+
+    quiet_libraries(verbose)   transformers / diffusers / DeepSpeed / Ray chatter off on the driver
+    Progress(run_dir, cfg)     a thread that follows metrics.jsonl (rank 0 appends a record per
+                               step) and warnings.log (every worker's warnings): a progress bar
+                               on a terminal, plain lines otherwise (under `ray job submit`)
+    outputs(run_dir, cfg)      where the run's results are, for the last lines
+
+The workers' own output (model loading, DeepSpeed, Ray Train's reports) is not forwarded to
+the driver (ray.init(log_to_driver=False), train.py) unless run.verbose; it stays in Ray's
+logs, and the workers' warnings reach the console through warnings.log. Plain Python and
+tqdm: no ray, no deepspeed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+import sys
+import threading
+from pathlib import Path
+
+from longalign_rl.config import Config
+from longalign_rl.trackers import numbers
+
+WARNINGS_LOG = "warnings.log"
+
+# Shown on the progress line, when a record has them (the reward's mean and the loss; a
+# policy-gradient run's health; stage 1's epoch).
+BASE_KEYS = {1: ("epoch", "loss"), 2: ("reward", "loss")}
+PG_KEYS = ("reward", "advantage_zero", "clip_fraction", "approx_kl")
+# Families of per-position metrics ("gt/shape/1".."gt/shape/4") are shown as their mean
+# ("gt/shape"), except these (per-sentence diagnostics, not the run's question).
+NOT_SHOWN = ("segment_score", "time", "ratio", "advantage")
+FAMILY = re.compile(r"^(?P<family>.+)/\d+$")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Library logging on the driver: warnings and errors only (progress bars off), unless verbose."""
+    if verbose:
+        return
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        import diffusers.utils.logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    for name in ("ray", "ray.train", "ray.data", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def shown_keys(cfg: Config, record: dict) -> list[tuple[str, list[str]]]:
+    """(label, record keys averaged into it) for the progress line."""
+    base = PG_KEYS if cfg.policy_gradient else BASE_KEYS[cfg.stage]
+    shown = [(k, [k]) for k in base if k in record]
+    families: dict[str, list[str]] = {}
+    for key in record:
+        match = FAMILY.match(key)
+        if match and not match.group("family").startswith(NOT_SHOWN):
+            families.setdefault(match.group("family"), []).append(key)
+    return shown + sorted(families.items())
+
+
+def format_values(cfg: Config, record: dict) -> str:
+    parts = []
+    for label, keys in shown_keys(cfg, record):
+        values = [record[k] for k in keys if isinstance(record.get(k), (int, float))]
+        if values:
+            value = sum(values) / len(values)
+            parts.append(f"{label} {value}" if isinstance(value, int) else f"{label} {value:.3g}")
+    return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Progress:
+    """Follows a run's metrics.jsonl and warnings.log from the driver while it trains.
+
+    On a terminal: one tqdm bar (step k/N, rate, ETA, the run's numbers), warnings printed
+    above it. Elsewhere: a plain line every `every` steps (at most about 50 lines) and at
+    the last step, each with its ETA."""
+
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int = 0, stream=None, tty: bool | None = None,
+                 interval: float = 0.5, trackers: list | None = None):
+        self.run_dir, self.cfg, self.total = Path(run_dir), cfg, cfg.train.steps
+        self.stream = stream if stream is not None else sys.stdout
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.interval = interval
+        self.every = max(1, self.total // 50)
+        self.step = start_step
+        self.start_step = start_step
+        self.seconds: list[float] = []
+        self.offsets = {"metrics.jsonl": 0, WARNINGS_LOG: 0}
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+        self.bar = None
+        self.trackers = list(trackers or [])  # trackers.py: given every record and image grid
+        self.images_seen: set[str] = set()
+
+    def __enter__(self) -> "Progress":
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.start_step, unit="step", file=self.stream,
+                            dynamic_ncols=True, desc="training")
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join()
+        self.poll()  # what the last interval left
+        if self.bar is not None:
+            self.bar.close()
+
+    def _loop(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self.poll()
+
+    def _new_lines(self, name: str) -> list[str]:
+        """Complete lines appended to run_dir/name since the last call (from the start again
+        when the file shrank: a resume cuts metrics.jsonl back to its checkpoint)."""
+        path = self.run_dir / name
+        if not path.is_file():
+            return []
+        size = path.stat().st_size
+        if size < self.offsets[name]:
+            self.offsets[name] = 0
+        with path.open("rb") as f:
+            f.seek(self.offsets[name])
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line being written waits for the next poll
+        self.offsets[name] += end
+        return data[:end].decode("utf-8", "replace").splitlines()
+
+    def poll(self) -> None:
+        for line in self._new_lines(WARNINGS_LOG):
+            self._write(f"warning: {line}")
+        for line in self._new_lines("metrics.jsonl"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= self.step:
+                continue  # seen before a resume cut the file back
+            self._track("scalars", record["step"], numbers(record))
+            self._show(record)
+        images = self.run_dir / "images"
+        for path in sorted(images.glob("step_*.png")) if self.trackers and images.is_dir() else []:
+            step = int(path.stem.split("_")[1])
+            if path.name not in self.images_seen and step > self.start_step:  # a resume's earlier grids are logged
+                self.images_seen.add(path.name)
+                self._track("image", step, "samples", path)
+
+    def _track(self, method: str, *args) -> None:
+        """A tracker that fails (a network down, a full disk) is reported and dropped; the
+        training goes on, with metrics.jsonl complete."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as e:
+                self.trackers.remove(tracker)
+                self._write(f"warning: tracker {type(tracker).__name__} failed and is off for the rest of the "
+                            f"run ({type(e).__name__}: {e}); metrics.jsonl has every step")
+
+    def _show(self, record: dict) -> None:
+        advanced, self.step = record["step"] - self.step, record["step"]
+        if isinstance(record.get("time/step"), (int, float)):
+            self.seconds.append(float(record["time/step"]))
+        values = format_values(self.cfg, record)
+        if self.bar is not None:
+            self.bar.set_postfix_str(values, refresh=False)
+            self.bar.update(advanced)
+            return
+        if self.step % self.every and self.step != self.total:
+            return
+        recent = self.seconds[-20:]
+        eta = f"  ETA {_duration(statistics.median(recent) * (self.total - self.step))}" if recent else ""
+        width = len(str(self.total))
+        self._write(f"step {self.step:>{width}}/{self.total}  {values}{eta if self.step < self.total else ''}")
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+
+def outputs(run_dir: Path, cfg: Config, last_checkpoint: str | None) -> list[str]:
+    """Where the run's results are: the exported weights, the last checkpoint, the logs."""
+    run_dir = Path(run_dir)
+    rows = []
+    for name, what in (("lora", "LoRA for diffusers (pipe.load_lora_weights)"), ("unet", "fine-tuned UNet"),
+                       ("model", "the whole pipeline (from_pretrained)")):
+        if (run_dir / name).is_dir():
+            rows.append(f"{what:<44} {run_dir / name}")
+    if last_checkpoint:
+        rows.append(f"{'last checkpoint (continue with --resume RUN)':<44} {last_checkpoint}")
+    rows.append(f"{'metrics (one JSON record per step)':<44} {run_dir / 'metrics.jsonl'}")
+    if (run_dir / "images").is_dir():
+        rows.append(f"{'image grids':<44} {run_dir / 'images'}")
+    return rows
