@@ -3,16 +3,19 @@ product: every run is `python -m longalign_rl.train` from `shapesworld-partial` 
 only partly right), and every checkpoint is evaluated on the sweep's held-out captions by
 the exact checker (shapesworld/sweep.py).
 
-    python -m shapesworld.pg_compare --out /tmp/pg             # 2 methods x 3 seeds, ~45 min on 2 idle cores
+    python -m shapesworld.pg_compare --out /tmp/pg             # 2 methods x 3 seeds, ~75 min on 2 idle cores
     python -m shapesworld.pg_compare --out /tmp/pg --quick     # 2 runs of 2 steps (tests)
 
 Methods:
     reward_backprop   the default run: shapes_clip (a differentiable CLIP-type reward), w = 0.3
-    grpo              the exact checker itself as the reward (shapes_exact: the fraction of the
-                      caption's cells drawn right; not differentiable), 8 samples per prompt,
-                      64 samples per update (a policy gradient needs more), eta 1, on-policy
+    grpo              the exact checker itself as the reward (shapes_exact restricted to
+                      sentence positions 3 and 4, the cells the question is about, as a GenEval
+                      task checks its subject; not differentiable), 8 samples per prompt, 256
+                      samples per update, stochastic (eta 1) only in the first half of the
+                      chain where shapes are decided and deterministic DDIM after it
+                      (algorithm.sde_window), on-policy
 
-Reward backpropagation sees 16 samples per step, GRPO 64. Writes results.json, report.md (held-out accuracy against
+Reward backpropagation sees 16 samples per step, GRPO 256. Writes results.json, report.md (held-out accuracy against
 samples seen; samples each method needs to reach given levels of cells 3-4) and curves.png.
 Resumable: finished runs are kept.
 """
@@ -45,10 +48,10 @@ class Method:
 
 REWARD_BACKPROP = Method("reward_backprop", ("reward.name=shapes_clip", "reward.kwargs.text_irrelevant_weight=0.3",
                                              "train.lr=3e-3"), steps=48, checkpoint_every=12, samples_per_step=16)
-GRPO = Method("grpo", ("algorithm.name=grpo", "reward.name=shapes_exact", "reward.kwargs={}", "sampler.eta=1.0",
-                       "algorithm.group_size=8", "algorithm.timestep_fraction=0.5", "train.max_policy_lag=0",
-                       "train.grad_accum=4", "train.lr=5e-4"), steps=48, checkpoint_every=12, samples_per_step=64,
-              eta=1.0)
+GRPO = Method("grpo", ("algorithm.name=grpo", "reward.name=shapes_exact", "reward.kwargs={positions: [3, 4]}",
+                       "sampler.eta=1.0", "algorithm.sde_window=[0, 0.5]", "algorithm.timestep_fraction=1.0",
+                       "algorithm.group_size=8", "train.max_policy_lag=0", "train.batch_size=16", "train.grad_accum=8",
+                       "train.lr=5e-4"), steps=32, checkpoint_every=8, samples_per_step=256)
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,11 @@ class Compare:
 
     @classmethod
     def quick(cls) -> "Compare":
-        return cls(methods=tuple(Method(m.name, m.overrides, 2, 1, m.samples_per_step, m.eta) for m in cls.methods),
+        def small(m: Method) -> Method:  # one micro-step per worker and step
+            accum = int(dict(o.split("=", 1) for o in m.overrides).get("train.grad_accum", 1))
+            return Method(m.name, (*m.overrides, "train.grad_accum=1"), 2, 1, m.samples_per_step // accum, m.eta)
+
+        return cls(methods=tuple(small(m) for m in cls.methods),
                    seeds=(0,), eval_captions=4, eval_steps=3)
 
     def sweep(self) -> Sweep:

@@ -129,8 +129,14 @@ def require_run_dir(run_dir: Path, rank: int) -> None:
             f"{run_dir}: on a multi-node cluster run.output_dir must be shared storage (see cluster/README.md)")
 
 
+# Statistics that may have no value at all in a step (no prompt had a 7th sentence): left
+# out of that step's record rather than logged as NaN.
+OPTIONAL_STATS = ("segment_score/",)
+
+
 def all_means(stats: dict[str, list[torch.Tensor]], device) -> dict[str, float]:
-    """Mean of each statistic over every sample of every worker (NaN where there is none).
+    """Mean of each statistic over every sample of every worker (NaN where there is none,
+    except OPTIONAL_STATS, which are left out then).
 
     Sums and counts are all-reduced, so workers with different numbers of values (say,
     of 7th sentences) are weighted by what they saw; every worker must pass the same keys.
@@ -140,7 +146,8 @@ def all_means(stats: dict[str, list[torch.Tensor]], device) -> dict[str, float]:
     sums = torch.stack([torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64)]) for v in values])
     sums = sums.to(device)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    return {k: s / c if c > 0 else math.nan for k, (s, c) in zip(names, sums.tolist())}
+    return {k: s / c if c > 0 else math.nan for k, (s, c) in zip(names, sums.tolist())
+            if c > 0 or not k.startswith(OPTIONAL_STATS)}
 
 
 def trainable_checksum(module) -> torch.Tensor:
@@ -219,7 +226,9 @@ def _report(ctx: WorkerContext, state: checkpoint.TrainerState, record: dict) ->
         with ctx.master_precision():
             weights = ctx.trainable_weights() if ctx.rank == 0 else {}
         checkpoint.save(Path(d), ctx.engine, weights, state, ctx.rank)
-        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d))
+        # named by step (checkpoint_000024), not by Ray Train's timestamp
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"checkpoint_{state.step:06d}")
 
 
 def log_warnings_to(path: Path, rank: int) -> None:
