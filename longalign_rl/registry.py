@@ -216,16 +216,40 @@ def find_reward(name: str) -> Factory:
     return REWARDS.find(name)
 
 
-def _keywords(fn: Any) -> tuple[list[str], bool] | None:
-    """The names `fn` takes by keyword, and whether it also takes **kwargs; None if unknown."""
+def _keywords(fn: Any, optional_only: bool = False) -> tuple[list[str], bool] | None:
+    """The names `fn` takes by keyword (with a default only, if `optional_only`), and whether
+    it also takes **kwargs; None if unknown."""
     import inspect
 
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return None
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+             and not (optional_only and p.default is p.empty)]
     return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def reward_keywords(factory: Any) -> list[str] | None:
+    """The keyword arguments a reward factory takes, its **kwargs followed to the class it is
+    annotated to return; None when that cannot be told (anything may be accepted)."""
+    import typing
+
+    found = _keywords(factory)
+    if found is None:
+        return None
+    accepted, forwards = found
+    if not forwards:
+        return accepted
+    try:
+        target = typing.get_type_hints(factory).get("return")
+    except Exception:  # an annotation that does not resolve: nothing to follow
+        return None
+    # what the class needs without a default, the factory itself supplies (a CLIP backend, say)
+    inner = _keywords(target, optional_only=True) if isinstance(target, type) else None
+    if inner is None or inner[1]:
+        return None
+    return accepted + [n for n in inner[0] if n not in accepted]
 
 
 def check_reward_kwargs(name: str, kwargs: dict, factory: Any = None) -> None:
@@ -235,22 +259,10 @@ def check_reward_kwargs(name: str, kwargs: dict, factory: Any = None) -> None:
     return (`def shapes_clip(weights=None, **kwargs) -> ClipTypeReward`), whose signature
     then counts too; with no such class nothing is checked."""
     import difflib
-    import typing
 
-    factory = find_reward(name) if factory is None else factory
-    found = _keywords(factory)
-    if found is None:
+    accepted = reward_keywords(find_reward(name) if factory is None else factory)
+    if accepted is None:
         return
-    accepted, forwards = found
-    if forwards:
-        try:
-            target = typing.get_type_hints(factory).get("return")
-        except Exception:  # an annotation that does not resolve: nothing to follow
-            return
-        inner = _keywords(target) if isinstance(target, type) else None
-        if inner is None or inner[1]:
-            return
-        accepted = accepted + [n for n in inner[0] if n not in accepted]
     for key in kwargs:
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1)

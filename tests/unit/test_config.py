@@ -516,3 +516,15 @@ def test_print_config_lists_every_key_with_its_type_default_and_meaning(capsys):
     assert "algorithm.name: str = reward_backprop    (this config: grpo)" in lines
     assert "[reward]" in lines and any(line.startswith("[data]  Stage 1") for line in lines)
     assert train.main(["--print-config", "train.stesp=1"]) == 2
+
+
+def test_the_longalign_rl_command(capsys):
+    from longalign_rl import cli
+
+    assert cli.main(["rewards"]) == 0
+    out = capsys.readouterr().out
+    assert "shapes_exact     background_weight, positions" in out
+    assert "shapes_clip      weights, text_irrelevant_weight, direction" in out  # **kwargs followed to ClipTypeReward
+    assert cli.main(["config", "train.lr=0.5"]) == 0 and "(this config: 0.5)" in capsys.readouterr().out
+    assert cli.main(["no-such-command"]) == 2 and "longalign-rl train" in capsys.readouterr().err
+    assert cli.main(["train", "train.stesp=1"]) == 2 and "did you mean 'train.steps'" in capsys.readouterr().err
