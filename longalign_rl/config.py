@@ -380,6 +380,7 @@ def _show(value) -> str:
 
 
 def _plain(v):
+    """Tuples as lists, recursively: what YAML and JSON write."""
     if isinstance(v, tuple):
         return [_plain(x) for x in v]
     if isinstance(v, dict):
@@ -553,14 +554,7 @@ def from_dict(data: dict) -> Config:
 
 
 def to_dict(cfg: Config) -> dict:
-    def plain(v):
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+    return _plain(dataclasses.asdict(cfg))
 
 
 def to_yaml(cfg: Config) -> str:
