@@ -216,17 +216,15 @@ def find_reward(name: str) -> Factory:
     return REWARDS.find(name)
 
 
-def _keywords(fn: Any, optional_only: bool = False) -> tuple[list[str], bool] | None:
-    """The names `fn` takes by keyword (with a default only, if `optional_only`), and whether
-    it also takes **kwargs; None if unknown."""
+def _keywords(fn: Any) -> tuple[list[str], bool] | None:
+    """The names `fn` takes by keyword, and whether it also takes **kwargs; None if unknown."""
     import inspect
 
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return None
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-             and not (optional_only and p.default is p.empty)]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     return names, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
@@ -245,8 +243,7 @@ def reward_keywords(factory: Any) -> list[str] | None:
         target = typing.get_type_hints(factory).get("return")
     except Exception:  # an annotation that does not resolve: nothing to follow
         return None
-    # what the class needs without a default, the factory itself supplies (a CLIP backend, say)
-    inner = _keywords(target, optional_only=True) if isinstance(target, type) else None
+    inner = _keywords(target) if isinstance(target, type) else None
     if inner is None or inner[1]:
         return None
     return accepted + [n for n in inner[0] if n not in accepted]

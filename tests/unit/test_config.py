@@ -524,7 +524,8 @@ def test_the_longalign_rl_command(capsys):
     assert cli.main(["rewards"]) == 0
     out = capsys.readouterr().out
     assert "shapes_exact     background_weight, positions" in out
-    assert "shapes_clip      weights, text_irrelevant_weight, direction" in out  # **kwargs followed to ClipTypeReward
+    assert "shapes_clip      weights, backend, text_irrelevant_weight, direction" in out  # **kwargs: ClipTypeReward's
+    assert "weighted_sum     rewards" in out
     assert cli.main(["config", "train.lr=0.5"]) == 0 and "(this config: 0.5)" in capsys.readouterr().out
     assert cli.main(["no-such-command"]) == 2 and "longalign-rl train" in capsys.readouterr().err
     assert cli.main(["train", "train.stesp=1"]) == 2 and "did you mean 'train.steps'" in capsys.readouterr().err

@@ -2,10 +2,10 @@
 inside functions) of longalign_rl/, rewards/ and shapesworld/:
 
     foundations   config, types, registry, encoding, models, vae, lora, prompts, data,
-                  outputs, summary, hooks, direction
+                  outputs, summary, hooks, direction, console, trackers
     maths         sampling.ddim, sampling.stochastic, sampling.sampler, algorithms
-    distributed   sampling.group, training            (the only ones that import ray/deepspeed)
-    entry         train
+    distributed   sampling.group, reward_actors, training   (the only ones that import ray/deepspeed)
+    entry         train, cli
 
 A module imports only from its own layer or those below; the framework and its rewards
 never import a world (shapesworld) nor name it in code; a world imports nothing from the
@@ -21,10 +21,10 @@ from tests import REPO
 
 LAYERS = {
     "foundations": ["config", "types", "registry", "encoding", "models", "vae", "lora", "prompts", "data",
-                    "outputs", "summary", "hooks", "direction"],
+                    "outputs", "summary", "hooks", "direction", "console", "trackers"],
     "maths": ["sampling.ddim", "sampling.stochastic", "sampling.sampler", "algorithms"],
-    "distributed": ["sampling.group", "training"],
-    "entry": ["train"],
+    "distributed": ["sampling.group", "reward_actors", "training"],
+    "entry": ["train", "cli"],
 }
 ORDER = list(LAYERS)
 
