@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests import REPO
 
 
@@ -33,6 +35,7 @@ def test_trainer_overhead_times_the_distributed_step_against_a_plain_one():
     assert re.search(r"Ray Train \+ DeepSpeed ZeRO-2, 2 workers: median +[\d.]+ ms/step", out)
 
 
+@pytest.mark.slow  # two full runs through the product; the reward actors themselves are in test_reward_actors.py
 def test_reward_actors_times_a_slow_reward_in_the_workers_and_in_reward_actors():
     out = run_script("reward_actors.py", "--rounds", "1", "--steps", "2", "--actors", "2", "--seconds", "0.2")
     rows = dict(re.findall(r"^(reward in [\w ]+?)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M))
