@@ -14,6 +14,7 @@ tqdm: no ray, no deepspeed.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
@@ -100,7 +101,7 @@ class Progress:
         self.every = max(1, self.total // 50)
         self.step = start_step
         self.start_step = start_step
-        self.seconds: list[float] = []
+        self.seconds: collections.deque[float] = collections.deque(maxlen=20)  # the ETA's recent steps
         self.offsets = {"metrics.jsonl": 0, WARNINGS_LOG: 0}
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="progress", daemon=True)
@@ -185,7 +186,7 @@ class Progress:
             return
         if self.step % self.every and self.step != self.total:
             return
-        recent = self.seconds[-20:]
+        recent = self.seconds
         eta = f"  ETA {_duration(statistics.median(recent) * (self.total - self.step))}" if recent else ""
         width = len(str(self.total))
         self._write(f"step {self.step:>{width}}/{self.total}  {values}{eta if self.step < self.total else ''}")

@@ -26,8 +26,7 @@ from typing import Protocol
 
 import yaml
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+# the pip package of each tracker (run.report_to's names are config.REPORT_TO)
 INSTALL = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
 
 
@@ -42,7 +41,7 @@ def missing_packages(report_to: tuple[str, ...]) -> list[str]:
     """'run.report_to' messages for trackers whose package is not installed (checked on the
     driver before anything starts)."""
     return [f"run.report_to: {name} is not installed (pip install {INSTALL[name]})"
-            for name in report_to if importlib.util.find_spec(PACKAGES[name]) is None]
+            for name in report_to if importlib.util.find_spec(name) is None]
 
 
 def numbers(record: dict) -> dict[str, float]:
