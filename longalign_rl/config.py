@@ -240,6 +240,19 @@ class RunConfig:
     checkpoint_every: int = 250
     # Image grid of the current rollout every this many steps (and at step 1).
     image_every: int = 250
+    # Validation: fixed prompts, prompt i drawn from seed validation_seed + i with deterministic
+    # DDIM (sampler.num_steps, guidance_scale) at step 0, every eval_every steps and at the
+    # end; scored by the reward and the metric hooks; saved as validation/step_<k>.png (each
+    # image beside step 0's) and validation.jsonl, logged to the trackers as val/..., and
+    # compared first vs last in summary.json / summary.md. `validation`: a prompt source as
+    # prompts.source ("" = the first validation_size prompts of prompts.source).
+    validation: str = ""
+    # Validation prompts used (the first ones of the source); 0 turns validation off.
+    validation_size: int = 8
+    # The seed of validation prompt i is validation_seed + i.
+    validation_seed: int = 0
+    # Steps between validations.
+    eval_every: int = 250
     # Worker restarts Ray Train allows (each resumes from the last checkpoint).
     max_failures: int = 3
     # A step whose loss, gradient norm, reward (every sample's) or weights are NaN or
@@ -597,7 +610,8 @@ def validate(cfg: Config) -> None:
                        ("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),
                        ("train.grad_accum", t.grad_accum), ("train.sync_every", t.sync_every),
                        ("prompts.max_tokens", cfg.prompts.max_tokens), ("run.checkpoint_every", cfg.run.checkpoint_every),
-                       ("run.image_every", cfg.run.image_every), ("lora.rank", cfg.lora.rank)]:
+                       ("run.image_every", cfg.run.image_every), ("run.eval_every", cfg.run.eval_every),
+                       ("lora.rank", cfg.lora.rank)]:
         _require(value >= 1, key, f"must be >= 1, got {value}")
     _require(s.num_grad_steps <= s.num_steps, "sampler.num_grad_steps",
              f"{s.num_grad_steps} gradient steps do not fit in sampler.num_steps={s.num_steps}")
@@ -633,6 +647,8 @@ def validate(cfg: Config) -> None:
              f"must be >= 0, got {cfg.run.max_nonfinite_steps}")
     _require(cfg.run.max_failures >= -1, "run.max_failures", f"must be >= 0 (or -1: retry forever), got "
              f"{cfg.run.max_failures}")
+    _require(cfg.run.validation_size >= 0, "run.validation_size",
+             f"must be >= 0 (0: no validation), got {cfg.run.validation_size}")
     _require(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", f"must be >= 0, got {cfg.run.keep_checkpoints}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _validate_algorithm(cfg)

@@ -2,8 +2,9 @@
 
     quiet_libraries(verbose)   transformers / diffusers / DeepSpeed / Ray chatter off on the driver
     Progress(run_dir, cfg)     a thread that follows metrics.jsonl (rank 0 appends a record per
-                               step) and warnings.log (every worker's warnings): a progress bar
-                               on a terminal, plain lines otherwise (under `ray job submit`)
+                               step), validation.jsonl and warnings.log (every worker's
+                               warnings): a progress bar on a terminal, plain lines otherwise
+                               (under `ray job submit`)
     outputs(run_dir, cfg)      where the run's results are, for the last lines
 
 The workers' own output (model loading, DeepSpeed, Ray Train's reports) is not forwarded to
@@ -23,6 +24,7 @@ import sys
 import threading
 from pathlib import Path
 
+from longalign_rl import validation
 from longalign_rl.config import Config
 from longalign_rl.trackers import numbers
 
@@ -79,6 +81,23 @@ def format_values(cfg: Config, record: dict) -> str:
     return "  ".join(parts)
 
 
+def format_validation(cfg: Config, record: dict, first: dict | None) -> str:
+    """One validation's means (families averaged, as on the progress line), each with the
+    first validation's value beside it."""
+    means = record["means"]
+    parts = []
+    for label, keys in shown_keys(cfg, {"reward": 0, **means}):
+        if not all(k in means for k in keys):
+            continue
+        value = sum(means[k] for k in keys) / len(keys)
+        text = f"{label} {value:.3g}"
+        if first is not None and first is not record and all(k in first["means"] for k in keys):
+            text += f" (step {first['step']}: {sum(first['means'][k] for k in keys) / len(keys):.3g})"
+        parts.append(text)
+    shown = "  ".join(parts) or f"images only (no reward or metric hooks): {validation.FOLDER}/step_{record['step']:06d}.png"
+    return f"validation at step {record['step']} ({record['prompts']} prompts): {shown}"
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -102,7 +121,8 @@ class Progress:
         self.step = start_step
         self.start_step = start_step
         self.seconds: collections.deque[float] = collections.deque(maxlen=20)  # the ETA's recent steps
-        self.offsets = {"metrics.jsonl": 0, WARNINGS_LOG: 0}
+        self.offsets = {"metrics.jsonl": 0, WARNINGS_LOG: 0, validation.FILE: 0}
+        self.validated: dict[int, dict] = {}  # step -> validation record seen
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="progress", daemon=True)
         self.bar = None
@@ -157,6 +177,21 @@ class Progress:
                 continue  # seen before a resume cut the file back
             self._track("scalars", record["step"], numbers(record))
             self._show(record)
+        for line in self._new_lines(validation.FILE):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            step = record["step"]
+            if step in self.validated or (step <= self.start_step and self.start_step > 0):
+                self.validated.setdefault(step, record)
+                continue  # logged before the resume
+            self.validated[step] = record
+            self._track("scalars", step, {f"val/{k}": v for k, v in numbers(record["means"]).items()})
+            grid = self.run_dir / validation.FOLDER / f"step_{step:06d}.png"
+            if grid.is_file():
+                self._track("image", step, "validation", grid)
+            self._write(format_validation(self.cfg, record, self.validated[min(self.validated)]))
         images = self.run_dir / "images"
         for path in sorted(images.glob("step_*.png")) if self.trackers and images.is_dir() else []:
             step = int(path.stem.split("_")[1])
@@ -211,4 +246,8 @@ def outputs(run_dir: Path, cfg: Config, last_checkpoint: str | None) -> list[str
     rows.append(f"{'metrics (one JSON record per step)':<44} {run_dir / 'metrics.jsonl'}")
     if (run_dir / "images").is_dir():
         rows.append(f"{'image grids':<44} {run_dir / 'images'}")
+    if (run_dir / validation.FOLDER).is_dir():
+        rows.append(f"{'validation (same prompts and seeds)':<44} {run_dir / validation.FOLDER}")
+    if (run_dir / "summary.md").is_file():
+        rows.append(f"{'summary':<44} {run_dir / 'summary.md'}")
     return rows

@@ -55,20 +55,21 @@ def demo_prompts() -> list[str]:
 BUILTIN = Registry("prompt source", None, builtins=lambda: {"demo": demo_prompts})
 
 
-def load_prompts(source: str) -> list[str]:
-    """`prompts.source` -> the list of prompts, in file (or function) order."""
+def load_prompts(source: str, key: str = "prompts.source") -> list[str]:
+    """`prompts.source` -> the list of prompts, in file (or function) order. `key`: the
+    config key errors name (run.validation is a prompt source too)."""
     try:
-        resolved = resolve_source(source, key="prompts.source", names=BUILTIN, path_kind="prompt file (.txt or .jsonl)")
+        resolved = resolve_source(source, key=key, names=BUILTIN, path_kind="prompt file (.txt or .jsonl)")
     except ValueError as e:
         raise PromptFileError(str(e)) from None
     if resolved.kind == "path":
         return _read_file(resolved.target)
     prompts = resolved.target()
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise PromptFileError(f"prompts.source {source!r} returned {type(prompts).__name__}, not a non-empty list of prompts")
+        raise PromptFileError(f"{key} {source!r} returned {type(prompts).__name__}, not a non-empty list of prompts")
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
     if bad:
-        raise PromptFileError(f"prompts.source {source!r}: items {bad[:10]} are not non-empty strings")
+        raise PromptFileError(f"{key} {source!r}: items {bad[:10]} are not non-empty strings")
     return [p.strip() for p in prompts]
 
 

@@ -1,10 +1,12 @@
 """Did the run help? The first and the last window of a run's metrics, side by side.
 
-At the end of a run, rank 0 writes `summary.json` from metrics.jsonl and the driver prints
-it: for the reward, its two parts and every metric hook (a world's ground truth), the mean
-over the first and over the last quarter of the steps, the change, and the change's
-uncertainty (two standard errors, from the step-to-step spread within each window). A
-change inside its uncertainty is reported as noise, not as progress. Pure: no ray.
+At the end of a run, rank 0 writes `summary.json` and `summary.md` from metrics.jsonl and
+validation.jsonl, and the driver prints it: for the reward, its two parts and every metric
+hook (a world's ground truth), the mean over the first and over the last quarter of the
+steps, the change, and the change's uncertainty (two standard errors, from the
+step-to-step spread within each window); and the last validation against the first,
+prompt by prompt (validation.py). A change inside its uncertainty is reported as noise,
+not as progress. Pure: no ray.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 FILE = "summary.json"
+MARKDOWN = "summary.md"
 
 
 def window_size(steps: int) -> int:
@@ -51,26 +54,72 @@ def verdict(row: dict) -> str:
     return "up" if row["change"] > 0 else "down"
 
 
+def _change(r: dict) -> str:
+    return f"{r['change']:+.3f}" + (f" ± {r['uncertainty']:.3f}" if r["uncertainty"] is not None else "")
+
+
 def format_summary(summary: dict) -> str:
-    if not summary["rows"]:
-        return "summary: no steps were logged"
-    f, l = summary["first_steps"], summary["last_steps"]
-    width = max(len(r["key"]) for r in summary["rows"])
-    lines = [f"first vs last window: steps {f[0]}-{f[1]} vs {l[0]}-{l[1]} "
-             f"({summary['samples_per_window']} samples each); change ± 2 standard errors"]
-    for r in summary["rows"]:
-        change = f"{r['change']:+.3f}" + (f" ± {r['uncertainty']:.3f}" if r["uncertainty"] is not None else "")
-        lines.append(f"  {r['key']:<{width}}  {r['first']:8.3f} -> {r['last']:8.3f}   {change:<18} {verdict(r)}")
-    return "\n".join(lines)
+    lines = []
+    if summary["rows"]:
+        f, l = summary["first_steps"], summary["last_steps"]
+        width = max(len(r["key"]) for r in summary["rows"])
+        lines.append(f"first vs last window: steps {f[0]}-{f[1]} vs {l[0]}-{l[1]} "
+                     f"({summary['samples_per_window']} samples each); change ± 2 standard errors")
+        for r in summary["rows"]:
+            lines.append(f"  {r['key']:<{width}}  {r['first']:8.3f} -> {r['last']:8.3f}   {_change(r):<18} {verdict(r)}")
+    v = summary.get("validation")
+    if v and v["rows"]:
+        width = max(len(r["key"]) for r in v["rows"])
+        lines.append(f"validation: the same {v['prompts']} prompts and seeds at step {v['first_step']} vs step "
+                     f"{v['last_step']}; change ± 2 standard errors of the per-prompt changes")
+        for r in v["rows"]:
+            lines.append(f"  {r['key']:<{width}}  {r['first']:8.3f} -> {r['last']:8.3f}   {_change(r):<18} {verdict(r)}")
+    return "\n".join(lines) or "summary: no steps were logged"
+
+
+def format_markdown(summary: dict, run_dir: Path) -> str:
+    """summary.md: the same tables for a reader, with the last validation grid."""
+    lines = [f"# Run `{run_dir.name}`", ""]
+    if summary["rows"]:
+        f, l = summary["first_steps"], summary["last_steps"]
+        lines += [f"{summary['steps']} steps. Training batches, first vs last quarter: steps {f[0]}-{f[1]} vs "
+                  f"{l[0]}-{l[1]} ({summary['samples_per_window']} samples each; ± 2 standard errors of the "
+                  "step-to-step spread).", "",
+                  "| metric | first | last | change | verdict |", "|---|---|---|---|---|"]
+        lines += [f"| {r['key']} | {r['first']:.4f} | {r['last']:.4f} | {_change(r)} | {verdict(r)} |"
+                  for r in summary["rows"]]
+    else:
+        lines.append("No steps were logged.")
+    v = summary.get("validation")
+    if v and v["rows"]:
+        grid = f"validation/step_{v['last_step']:06d}.png"
+        lines += ["", f"## Validation: the same {v['prompts']} prompts and seeds, step {v['first_step']} vs step "
+                  f"{v['last_step']}", "",
+                  "± 2 standard errors of the per-prompt changes (validation.jsonl has every value).", "",
+                  "| metric | step {} | step {} | change | verdict |".format(v["first_step"], v["last_step"]),
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['key']} | {r['first']:.4f} | {r['last']:.4f} | {_change(r)} | {verdict(r)} |"
+                  for r in v["rows"]]
+        if (run_dir / grid).is_file():
+            lines += ["", f"![each prompt at step {v['first_step']} (left) and step {v['last_step']} (right)]({grid})",
+                      "", "Prompts: `validation/prompts.txt`."]
+    return "\n".join(lines) + "\n"
 
 
 def write_summary(run_dir: str | Path, keys: list[str] | tuple[str, ...], samples_per_step: int) -> dict:
-    """summary.json from run_dir/metrics.jsonl (the whole run, resumed parts included)."""
+    """summary.json and summary.md from run_dir/metrics.jsonl (the whole run, resumed parts
+    included) and validation.jsonl (first vs last validation)."""
+    from longalign_rl.validation import compare, read
+
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
     summary = summarize(records, keys, samples_per_step)
+    validation = compare(read(run_dir))
+    if validation:
+        summary["validation"] = validation
     (run_dir / FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    (run_dir / MARKDOWN).write_text(format_markdown(summary, run_dir))
     return summary
 
 

@@ -31,6 +31,7 @@ from longalign_rl.hooks import load_metric_hooks
 from longalign_rl.outputs import STOP_REQUEST, STOPPED
 from longalign_rl.prompts import load_prompts
 from longalign_rl.summary import read_summary
+from longalign_rl.validation import validation_set
 
 log = logging.getLogger("longalign_rl")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -134,14 +135,15 @@ def check_hub_model(repo_id: str, revision: str | None) -> None:
 
 def check_inputs(cfg: Config) -> list[Pair] | None:
     """Fail on the driver, before a run directory or a worker exists, for inputs that cannot
-    be used. Both stages: the model. Stage 1: the data source (returns the pairs of a folder or manifest). Stage 2:
-    the reward, the prompt source (bad lines are reported with their numbers) and the
-    metric hooks."""
+    be used. Both stages: the model, the validation prompts and the metric hooks. Stage 1:
+    the data source (returns the pairs of a folder or manifest). Stage 2: the reward and
+    the prompt source (bad lines are reported with their numbers)."""
     check_model(cfg)
+    validation_set(cfg)  # the validation prompts: a bad run.validation fails here
+    load_metric_hooks(cfg.run.metrics)
     if cfg.stage == 1:
         return check_source(cfg.data)
     prompts = load_prompts(cfg.prompts.source)
-    load_metric_hooks(cfg.run.metrics)
     check_reward(cfg, prompts)
     return None
 

@@ -4,6 +4,7 @@ third-party world or dataset uses, and nothing else (docs/architecture.md).
 | config key / entry-point group      | here                                              |
 |-------------------------------------|---------------------------------------------------|
 | `prompts.source`                    | `shapesworld.plugin:captions` (4,096 captions)    |
+| `run.validation`, `evaluate --prompts` | `shapesworld.plugin:heldout_captions` (128)     |
 | `data.source` (stage 1)             | `shapesworld.plugin:pairs` (rendered image pairs) |
 | `run.metrics`                       | `shapesworld.plugin:ground_truth` (exact checker) |
 | `longalign_rl.models` entry points  | "shapesworld", "shapesworld-stage1",              |
@@ -33,6 +34,16 @@ NUM_CAPTIONS = 4096
 def captions() -> list[str]:
     """`prompts.source`: 4,096 captions of the default world, drawn with seed 0."""
     return draw_captions(WorldConfig(), NUM_CAPTIONS, seed=0)
+
+
+# Held-out captions: no training, rater or stage-1 pool draws from this seed (sweep.py's too).
+HELDOUT_SEED = 54_321
+
+
+def heldout_captions() -> list[str]:
+    """`run.validation` / `longalign_rl.evaluate --prompts`: 128 captions of the default world
+    that no training pool holds (seed HELDOUT_SEED)."""
+    return draw_captions(WorldConfig(), 128, seed=HELDOUT_SEED)
 
 
 def pairs(n: int = 1000, seed: int = 0, **world) -> list[tuple[np.ndarray, str]]:

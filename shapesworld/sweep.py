@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shapesworld.plugin import HELDOUT_SEED as EVAL_SEED  # held-out captions: no training or rater pool draws from it
+
 START = "shapesworld-partial"
-EVAL_SEED = 54_321  # held-out captions: no training pool or rater pool draws from this seed
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 from longalign_rl.config import Config, from_dict, to_dict
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
 from longalign_rl.models import DTYPES, load_components
-from longalign_rl.sampling.sampler import build_sampler, sample_trajectory
+from longalign_rl.sampling.sampler import build_sampler, generate_latents, sample_trajectory
 from longalign_rl.types import Rollout, Trajectory
 from longalign_rl.vae import decode
 
@@ -75,6 +75,13 @@ class SamplerActor:
             images = decode(self.vae, trajectory.final_latents.to(self.sampler.device)).cpu()
         return dataclasses.replace(trajectory, seconds=trajectory.seconds + time.perf_counter() - start), images
 
+    def generate(self, prompts: list[str], seeds: list[int], batch_size: int) -> tuple[torch.Tensor, int]:
+        """Validation: deterministic DDIM of each prompt from its own seed, `batch_size` at a
+        time; the final latents and the weights' version that drew them."""
+        latents = [generate_latents(self.sampler, prompts[i:i + batch_size], seeds[i:i + batch_size])
+                   for i in range(0, len(prompts), batch_size)]
+        return torch.cat(latents), self.version
+
     def set_weights(self, state: dict, version: int) -> float:
         """Load the trainer's trainable weights (an object-store ref, resolved by Ray).
 
@@ -116,6 +123,23 @@ class SamplerGroup:
             except ray.exceptions.RayActorError as e:
                 log.warning("weight sync to a sampler actor failed (%s)", type(e).__name__)
         return max(seconds)
+
+    def generate(self, prompts: list[str], seeds: list[int], version: int, weights_fn) -> torch.Tensor:
+        """Validation latents drawn by the weights of `version` (rank 0, after a sync). The
+        first actor that answers draws them; one that restarted (back at version 0) gets
+        `weights_fn()` first."""
+        errors = []
+        for actor in self.actors:
+            try:
+                latents, drawn = ray.get(actor.generate.remote(prompts, seeds, self.cfg.train.batch_size))
+                if drawn != version:
+                    ray.get(actor.set_weights.remote(ray.put(weights_fn()), version))
+                    latents, drawn = ray.get(actor.generate.remote(prompts, seeds, self.cfg.train.batch_size))
+                return latents
+            except ray.exceptions.RayActorError as e:
+                errors.append(type(e).__name__)
+                log.warning("validation: a sampler actor failed (%s); asking the next one", type(e).__name__)
+        raise RuntimeError(f"validation: no sampler actor answered ({', '.join(errors)})")
 
     def client(self, rank: int, rewards: "RewardClient | None" = None) -> "RolloutClient":
         return RolloutClient(self.actors, self.cfg.train.max_policy_lag, rank, rewards)

@@ -90,6 +90,31 @@ class Sampler:
         )
 
 
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One starting latent per sample, each from its own seed: [len(seeds), *shape], float32
+    on the CPU. A sample's noise does not depend on the batch it is drawn in, so validation
+    (run.validation) and the inference helper (longalign_rl.pipeline) draw the same images
+    one at a time or together."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def generate_latents(sampler: "Sampler", prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from `initial_noise(seeds)`: the final latents [B, C, h, w],
+    float32 on the CPU. What validation samples, and what `pipeline.load(...)` reproduces
+    with diffusers' own StableDiffusionPipeline."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    cond = sampler.encoder(prompts).to(sampler.device)
+    uncond = sampler.encoder.uncond(1).to(sampler.device)
+    shape = (sampler.unet.config.in_channels, sampler.latent_size, sampler.latent_size)
+    latents = (initial_noise(seeds, shape) * sampler.scheduler.init_noise_sigma).to(sampler.device)
+    for t in sampler.scheduler.timesteps:
+        eps = guided_eps(sampler.unet, latents, t, cond, uncond, sampler.guidance_scale)
+        latents = sampler.scheduler.step(eps, t, latents, eta=0.0).prev_sample
+    return latents.float().cpu()
+
+
 @torch.no_grad()
 def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: float, num_recorded: int | None = None,
                       shared_start: int = 1, policy_version: int = 0, window: tuple[int, int] | None = None

@@ -34,15 +34,18 @@ from typing import Iterator
 import ray.train
 import torch
 
+from longalign_rl import validation
 from longalign_rl.algorithms.denoising import caption_dropout, denoising_loss
 from longalign_rl.config import Config, DataConfig
 from longalign_rl.data import ROWS_PER_BATCH, Pair, check_source, generate_batches, is_generator, load_batch
 from longalign_rl.encoding import SegmentEncoder
+from longalign_rl.hooks import load_metric_hooks
 from longalign_rl.lora import load_trainable_state_dict, make_trainable, merge_lora
-from longalign_rl.models import DTYPES, Components, load_components
+from longalign_rl.models import DTYPES, Components, load_components, make_scheduler, vae_scale_factor
+from longalign_rl.sampling.sampler import Sampler, generate_latents
 from longalign_rl.training.checkpoint import TrainerState
 from longalign_rl.training.worker import StepOutput, WorkerContext, micro_seed, run_worker
-from longalign_rl.vae import encode
+from longalign_rl.vae import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +137,39 @@ class Denoising:
         self.encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder.to(ctx.device, dtype),
                                       max_tokens=cfg.prompts.max_tokens, pack_segments=cfg.prompts.pack_segments)
         self.scheduler = DDPMScheduler.from_config(parts.scheduler_config)
+        self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
+        self.hooks = load_metric_hooks(cfg.run.metrics)
+        self.validated = -1  # the last step validated
+
+    def validate(self, step: int) -> None:
+        """Rank 0 alone: the validation prompts drawn by its own UNet (dropout off) from their
+        fixed noise, scored by the metric hooks (stage 1 has no reward), saved (validation.py)."""
+        cfg, ctx, unet = self.cfg, self.ctx, self.ctx.engine.module
+        sampler = Sampler(unet, self.encoder, make_scheduler(self.scheduler.config, timestep_spacing=cfg.sampler.timestep_spacing),
+                          num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
+                          resolution=cfg.sampler.resolution, num_grad_steps=1, vae_scale_factor=vae_scale_factor(self.vae))
+        vset, batch = self.validation, cfg.train.batch_size
+        unet.eval()
+        try:
+            images, values = [], {}
+            for i in range(0, len(vset.prompts), batch):
+                prompts = vset.prompts[i:i + batch]
+                latents = generate_latents(sampler, prompts, vset.seeds[i:i + batch])
+                with torch.no_grad():
+                    chunk = decode(self.vae, latents.to(ctx.device)).float()
+                images.append(chunk.cpu())
+                for k, v in validation.score_images(None, self.hooks, chunk, prompts).items():
+                    values[k] = torch.cat([values[k], v]) if k in values else v
+        finally:
+            unet.train()
+        validation.save(ctx.run_dir, step, torch.cat(images), vset, values)
+        self.validated = step
 
     def start(self, state: TrainerState) -> None:
+        if self.validation:
+            validation.truncate_after(self.ctx.run_dir, state.step)
+            if state.step == 0:
+                self.validate(0)
         if state.step:
             log.info("rank %d: epoch %d, %d pairs into it", self.ctx.rank, state.epoch + 1, state.samples_in_epoch)
         self.batch_pairs = self.ctx.world * self.cfg.train.batch_size  # pairs per micro-step, all workers
@@ -166,12 +200,18 @@ class Denoising:
             if epoch != state.epoch:
                 state.epoch, state.samples_in_epoch = epoch, 0
             state.samples_in_epoch += self.batch_pairs
-        return StepOutput(stats, {
-            "epoch": state.epoch + 1,  # the epoch this step's last micro-batch came from
-            "time/load": load_time,    # waiting for this worker's batches
-        })
+        extra = {"epoch": state.epoch + 1,  # the epoch this step's last micro-batch came from
+                 "time/load": load_time}    # waiting for this worker's batches
+        if self.validation and validation.due(cfg, step + 1):
+            t = time.perf_counter()
+            self.validate(step + 1)
+            extra["time/validation"] = time.perf_counter() - t
+        self.step_done = step + 1
+        return StepOutput(stats, extra)
 
     def export(self) -> None:
+        if self.validation and self.validated != getattr(self, "step_done", self.validated):
+            self.validate(self.step_done)  # the data ended before train.steps
         save_merged_model(self.cfg, self.ctx.trainable_weights(), self.ctx.run_dir / "model")
         log.info("wrote the merged model %s", self.ctx.run_dir / "model")
 

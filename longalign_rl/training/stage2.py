@@ -14,6 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from longalign_rl import validation
 from longalign_rl.config import Config
 from longalign_rl.hooks import load_metric_hooks, run_metric_hooks
 from longalign_rl.models import DTYPES, Components
@@ -58,6 +59,7 @@ class SamplerFed:
         self.prefetch = cfg.train.max_policy_lag >= cfg.train.sync_every  # overlap sampling with training
         # grpo draws each prompt group_size times, side by side in one batch of one worker
         self.repeats = cfg.train.batch_size // cfg.prompts_per_batch
+        self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
 
     def start(self, state: TrainerState) -> None:
         self.start_micro = state.step * self.cfg.train.grad_accum
@@ -65,6 +67,9 @@ class SamplerFed:
         # The actors start from the base weights: bring them to this run's version first.
         if self.ctx.rank == 0:
             self.samplers.publish(self.ctx.trainable_weights(), state.step)
+            validation.truncate_after(self.ctx.run_dir, state.step)  # a resume redoes what came after
+            if state.step == 0 and self.validation:
+                self.validate(0)
         dist.barrier()
 
     def prompt_position(self, micro: int) -> int:
@@ -107,15 +112,44 @@ class SamplerFed:
             save_image_grid(images, prompts, ctx.run_dir / "images" / f"step_{step + 1:06d}.png")
 
     def sync(self, step: int) -> dict[str, float]:
-        """Every train.sync_every steps rank 0 publishes the weights; every worker waits for it."""
+        """Every train.sync_every steps rank 0 publishes the weights; every worker waits for it.
+        Then, when due, rank 0 validates (the last step is published for it if need be)."""
         t = time.perf_counter()
-        sync_load = 0.0
-        if (step + 1) % self.cfg.train.sync_every == 0:
+        sync_load, synced = 0.0, (step + 1) % self.cfg.train.sync_every == 0
+        if synced:
             if self.ctx.rank == 0:
                 sync_load = self.samplers.publish(self.ctx.trainable_weights(), step + 1)
             dist.barrier()  # no worker requests new samples before the actors hold step + 1
-        return {"time/sync": time.perf_counter() - t,  # put + slowest actor load + barrier
-                "time/sync_load": sync_load}
+        times = {"time/sync": time.perf_counter() - t,  # put + slowest actor load + barrier
+                 "time/sync_load": sync_load}
+        if self.validation and validation.due(self.cfg, step + 1):
+            t = time.perf_counter()
+            if not synced:  # the actors get this step's weights early: their samples lag less, never more
+                self.samplers.publish(self.ctx.trainable_weights(), step + 1)
+            self.validate(step + 1)
+            times["time/validation"] = time.perf_counter() - t
+        return times
+
+    def validate(self, step: int) -> dict:
+        """Rank 0: the validation prompts drawn by the weights of `step` from their fixed noise,
+        decoded, scored by the reward and the metric hooks, and saved (validation.py)."""
+        vset, ctx, batch = self.validation, self.ctx, self.cfg.train.batch_size
+        latents = self.samplers.generate(vset.prompts, vset.seeds, step, ctx.trainable_weights)
+        with torch.no_grad():
+            images = torch.cat([decode(self.vae, latents[i:i + batch].to(ctx.device)).float()
+                                for i in range(0, len(latents), batch)])
+        values: dict[str, torch.Tensor] = {}
+        for i in range(0, len(images), batch):
+            chunk, prompts = images[i:i + batch], vset.prompts[i:i + batch]
+            if self.reward is None:  # the reward lives in the reward actors
+                rewards = self.client.rewards
+                out = rewards.get(rewards.submit(chunk.cpu(), prompts)).output
+                part = {**validation.reward_values(out), **run_metric_hooks(self.hooks, chunk, prompts)}
+            else:
+                part = validation.score_images(self.reward, self.hooks, chunk, prompts)
+            for k, v in part.items():
+                values[k] = torch.cat([values[k], v]) if k in values else v
+        return validation.save(ctx.run_dir, step, images.cpu(), vset, values)
 
     def export(self) -> None:
         pass  # lora/ (or unet/) is all stage 2 writes

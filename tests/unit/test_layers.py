@@ -2,7 +2,7 @@
 inside functions) of longalign_rl/, rewards/ and shapesworld/:
 
     foundations   config, types, registry, encoding, models, vae, lora, prompts, data,
-                  outputs, summary, hooks, direction, console, trackers
+                  outputs, summary, hooks, direction, console, trackers, validation
     maths         sampling.ddim, sampling.stochastic, sampling.sampler, algorithms
     distributed   sampling.group, reward_actors, training   (the only ones that import ray/deepspeed)
     entry         train, cli
@@ -21,7 +21,7 @@ from tests import REPO
 
 LAYERS = {
     "foundations": ["config", "types", "registry", "encoding", "models", "vae", "lora", "prompts", "data",
-                    "outputs", "summary", "hooks", "direction", "console", "trackers"],
+                    "outputs", "summary", "hooks", "direction", "console", "trackers", "validation"],
     "maths": ["sampling.ddim", "sampling.stochastic", "sampling.sampler", "algorithms"],
     "distributed": ["sampling.group", "reward_actors", "training"],
     "entry": ["train", "cli"],
