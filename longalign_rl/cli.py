@@ -1,11 +1,13 @@
 """`longalign-rl`, the one command the package installs:
 
     longalign-rl train [--config FILE] [--resume RUN] [key=value ...]   a run (python -m longalign_rl.train)
+    longalign-rl generate RUN "prompt" ... --out DIR                   images from a run's model (or any model)
+    longalign-rl evaluate RUN --prompts FILE [--against base]          score it on held-out prompts
     longalign-rl config [--config FILE] [key=value ...]               every key: type, default, value, meaning
     longalign-rl rewards                                               the rewards it knows, with their arguments
     longalign-rl direction ...                                         a CLIP-type reward's corpus direction
 
-`python -m longalign_rl.train` and `python -m longalign_rl.direction` keep working; these
+`python -m longalign_rl.train` (and .generate, .evaluate, .direction) keep working; these
 are the same functions.
 """
 
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         from longalign_rl.train import main as train
 
         return train(rest)
+    if command in ("generate", "evaluate"):
+        import importlib
+
+        return importlib.import_module(f"longalign_rl.{command}").main(rest, prog=f"longalign-rl {command}")
     if command == "config":
         from longalign_rl.train import main as train
 

@@ -66,7 +66,11 @@ def export_for_diffusers(unet, cfg: LoRAConfig, directory: str | Path) -> Path:
         # layer. Not convert_state_dict_to_diffusers: with diffusers 0.42 its old-style
         # attention names (to_q.lora.down) are silently dropped on loading.
         layers = get_peft_model_state_dict(unet)
-        StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+        # The adapter's config goes into the file's metadata: without it load_lora_weights
+        # takes lora_alpha = rank, which scales a LoRA with alpha != rank wrongly.
+        metadata = unet.peft_config["default"].to_dict()
+        StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=metadata)
     else:
         unet.save_pretrained(directory, safe_serialization=True)
     return directory

@@ -1,0 +1,168 @@
+"""Score a run's model on held-out prompts with a reward and the metric hooks, optionally
+against another model on the same prompts and noise (the base model, say):
+
+    python -m longalign_rl.evaluate RUN --prompts FILE [--n 64] [--against base] [--out DIR]
+
+RUN is a run directory or a model, as for `longalign_rl.generate`. By default the reward
+is the run's (`reward.name`, `reward.kwargs`) and the metric hooks are the run's
+(`run.metrics`); `--reward NAME --reward-kwargs JSON` and `--metrics HOOK ...` choose
+others, `--no-reward` scores with the hooks alone. Prompt i is drawn from seed --seed + i
+with deterministic DDIM. `--against MODEL` draws the same prompts from the same noise
+with another model (`base`: the run's own `model.pretrained`, without what the run
+trained) and reports each key's paired change with two standard errors of the per-prompt
+changes. Writes DIR/evaluation.json (every value) and the images (DIR/<model>/NNN.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+
+def build_parser(prog: str = "python -m longalign_rl.evaluate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a run directory, or a model (a registered name, a diffusers folder, a hub id)")
+    parser.add_argument("--prompts", required=True, metavar="SOURCE",
+                        help="held-out prompts: a .txt / .jsonl file or 'pkg.module:function' (as prompts.source)")
+    parser.add_argument("--n", type=int, help="use the first N prompts (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i is drawn from seed SEED + i (default 0)")
+    parser.add_argument("--reward", help="a reward name or 'pkg.module:Factory' (default: the run's reward.name)")
+    parser.add_argument("--reward-kwargs", type=json.loads, metavar="JSON",
+                        help="its keyword arguments as JSON (default: the run's reward.kwargs, or none)")
+    parser.add_argument("--no-reward", action="store_true", help="score with the metric hooks only")
+    parser.add_argument("--metrics", nargs="*", metavar="HOOK", help="metric hooks 'pkg.module:function' "
+                        "(default: the run's run.metrics)")
+    parser.add_argument("--against", metavar="MODEL", help="compare with another run or model on the same prompts "
+                        "and noise; 'base' is the run's model.pretrained")
+    parser.add_argument("--out", type=Path, help="folder for evaluation.json and the images")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: the run's sampler.num_steps)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the run's)")
+    parser.add_argument("--checkpoint", help="a checkpoint of the run (folder or step) instead of its exported weights")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    return parser
+
+
+def run_config(source: str):
+    """The run's Config when `source` is a run directory, else None."""
+    from longalign_rl.config import load_config
+    from longalign_rl.pipeline import is_run_dir
+
+    return load_config(Path(source) / "config.yaml") if is_run_dir(source) else None
+
+
+def score_model(pipe, prompts: list[str], seeds: list[int], reward, hooks, args) -> tuple[torch.Tensor, dict]:
+    """Images [N, 3, H, W] and values {key: Tensor[N]} of one model."""
+    from longalign_rl.validation import score_images
+
+    images, values = [], {}
+    for i in range(0, len(prompts), args.batch_size):
+        chunk = pipe.generate(prompts[i:i + args.batch_size], seeds[i:i + args.batch_size],
+                              num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="pt").float()
+        images.append(chunk.cpu())
+        for k, v in score_images(reward, hooks, chunk, prompts[i:i + args.batch_size]).items():
+            values[k] = torch.cat([values[k], v]) if k in values else v
+    return torch.cat(images), values
+
+
+def _stats(values: list[float]) -> tuple[float, float | None]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan, None
+    mean = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
+    return mean, 2 * math.sqrt(var / len(finite))
+
+
+def format_table(result: dict) -> str:
+    """Each key's mean ± 2 standard errors; with --against, the paired change."""
+    from longalign_rl.summary import verdict
+
+    values = result["models"][0]["values"]
+    if not values:
+        return "no scores (no reward and no metric hooks): only the images were written"
+    width = max(len(k) for k in values)
+    comparison = {r["key"]: r for r in (result.get("comparison") or {}).get("rows", [])}
+    labels = [m["label"] for m in result["models"]]
+    lines = [f"{result['prompts']} prompts; mean ± 2 standard errors" +
+             (f"; change = {labels[0]} - {labels[1]}, paired by prompt" if comparison else "")]
+    for key, vals in values.items():
+        mean, se = _stats(vals)
+        line = f"  {key:<{width}}  {labels[0]} {mean:8.4f}" + (f" ± {se:.4f}" if se is not None else "")
+        if key in comparison:
+            r = comparison[key]
+            change = f"{r['change']:+.4f}" + (f" ± {r['uncertainty']:.4f}" if r["uncertainty"] is not None else "")
+            line += f"   {labels[1]} {r['first']:8.4f}   change {change}  {verdict(r)}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.evaluate") -> int:
+    args = build_parser(prog).parse_args(argv)
+    from PIL import Image
+
+    from longalign_rl.console import quiet_libraries
+    from longalign_rl.hooks import load_metric_hooks
+    from longalign_rl.pipeline import load
+    from longalign_rl.prompts import load_prompts
+    from longalign_rl.registry import get_reward
+    from longalign_rl.validation import compare, to_uint8
+
+    quiet_libraries(verbose=False)
+    try:
+        cfg = run_config(args.run)
+        prompts = load_prompts(args.prompts, key="--prompts")[: args.n]
+        hooks = load_metric_hooks(args.metrics if args.metrics is not None else (cfg.run.metrics if cfg else ()))
+        reward = None
+        name = args.reward or (cfg.reward.name if cfg else None)
+        if name and not args.no_reward:
+            kwargs = args.reward_kwargs if args.reward_kwargs is not None else (
+                dict(cfg.reward.kwargs) if cfg and name == cfg.reward.name else {})
+            reward = get_reward(name, **kwargs)
+        against = args.against
+        if against == "base":
+            if cfg is None:
+                raise ValueError("--against base needs a run directory (its model.pretrained is the base)")
+            against = cfg.model.pretrained
+        pipes = [(Path(args.run).name or args.run, load(args.run, checkpoint=args.checkpoint, device=args.device))]
+        if against:
+            label = Path(against).name or against
+            pipes.append((label if label != pipes[0][0] else f"{label}-against", load(against, device=args.device)))
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if reward is not None and hasattr(reward, "to"):
+        reward = reward.to(pipes[0][1].device)
+    seeds = [args.seed + i for i in range(len(prompts))]
+    result = {"run": args.run, "prompts": len(prompts), "prompt_source": args.prompts, "seeds": seeds,
+              "reward": name if reward is not None else None, "models": []}
+    for label, pipe in pipes:
+        images, values = score_model(pipe, prompts, seeds, reward, hooks, args)
+        result["models"].append({"label": label, "source": pipe.longalign["source"], "weights": pipe.longalign["weights"],
+                                 "values": {k: [float(x) for x in v.tolist()] for k, v in values.items()}})
+        if args.out:
+            folder = args.out / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, pixels in enumerate(to_uint8(images)):
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    if len(pipes) == 2:  # compare() sets the last record against the first
+        first, last = ({"step": 0, "prompts": len(prompts), "values": m["values"]} for m in result["models"][::-1])
+        result["comparison"] = compare([first, last])
+    print(format_table(result))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "prompts.txt").write_text("".join(f"{i:03d}\tseed {s}\t{p}\n" for i, (p, s) in enumerate(zip(prompts, seeds))))
+        (args.out / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"every value in {args.out / 'evaluation.json'}, the images in {args.out}/<model>/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Inference: a run's model as a diffusers `StableDiffusionPipeline` that encodes prompts by
+segments, as the run's samplers did.
+
+    from longalign_rl.pipeline import load
+
+    pipe = load("runs/<name>")                       # a run directory, or any model.pretrained:
+                                                     # "shapesworld-partial", a diffusers folder, a hub id
+    images = pipe.generate(["A long prompt. With many sentences. ..."], seeds=[0])
+    image = pipe("A long prompt ...").images[0]      # diffusers' own call: segment-encoded too
+
+What `load` assembles from a run directory (its config.yaml):
+- the model: stage 1's `model/` (the LoRA merged), else the run's `model.pretrained` with the
+  run's `lora/` (`load_lora_weights`) or full fine-tune `unet/`; `checkpoint=` takes a
+  checkpoint's weights instead (a run in progress; the newest when nothing is exported yet);
+- the scheduler: DDIM on the model's noise schedule with the run's `sampler.timestep_spacing`;
+- the segment encoder: the run's `prompts.max_tokens` and `prompts.pack_segments`;
+- the defaults of `generate`: the run's `sampler.num_steps`, `guidance_scale`, `resolution`.
+
+`generate(prompts, seeds)` draws prompt i from `initial_noise([seeds[i]])` with
+deterministic DDIM, exactly what the run's validation drew (sampling/sampler.py
+`generate_latents`), so a run's validation images are reproduced here. Pure torch and
+diffusers: no ray, no deepspeed; it runs on a GPU machine without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from longalign_rl.config import Config, ModelConfig, load_config
+from longalign_rl.encoding import SegmentEncoder
+from longalign_rl.lora import load_trainable_state_dict, make_trainable
+from longalign_rl.models import load_components, make_scheduler
+from longalign_rl.sampling.sampler import initial_noise
+
+log = logging.getLogger(__name__)
+
+
+class LongPromptPipeline(StableDiffusionPipeline):
+    """A StableDiffusionPipeline whose prompts (and negative prompts) are segment-encoded:
+    `pipe(prompt)` takes prompts of any length. Made by `load`; `pipe.segment_encoder` and
+    `pipe.longalign` (the defaults and where the weights came from) are set there."""
+
+    segment_encoder: SegmentEncoder
+    longalign: dict
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
+                      prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None, clip_skip=None):
+        """diffusers' hook for the text encoder, segment by segment (lora_scale and clip_skip
+        do not apply: the text encoder is frozen and its last layer is what the UNet saw)."""
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self.segment_encoder(prompts)
+        batch = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_prompt is None:
+                negative_prompt_embeds = self.segment_encoder.uncond(batch)
+            else:
+                negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+                negative_prompt_embeds = self.segment_encoder(negatives)
+        dtype = self.text_encoder.dtype
+        prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
+        return prompt_embeds, negative_prompt_embeds
+
+    @torch.no_grad()
+    def generate(self, prompts: str | list[str], seeds: int | list[int] | None = None, *,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 resolution: int | None = None, negative_prompt: str | list[str] | None = None,
+                 batch_size: int = 8, output_type: str = "pil"):
+        """Prompt i from its own seed (seeds[i]; by default 0, 1, 2 ...) with deterministic DDIM;
+        the run's steps, guidance and resolution unless given. Returns PIL images
+        (output_type "pil"), or a tensor [B, 3, H, W] in [0, 1] ("pt"), or the final latents
+        ("latent")."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = list(range(len(prompts))) if seeds is None else [seeds] if isinstance(seeds, int) else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        d = self.longalign
+        resolution = resolution or d["resolution"]
+        latent = resolution // self.vae_scale_factor
+        shape = (self.unet.config.in_channels, latent, latent)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            noise = initial_noise(seeds[i:i + batch_size], shape).to(self.device, self.unet.dtype)
+            negatives = negative_prompt[i:i + batch_size] if isinstance(negative_prompt, list) else negative_prompt
+            result = self(prompt=chunk, latents=noise, negative_prompt=negatives, height=resolution, width=resolution,
+                          num_inference_steps=num_inference_steps or d["num_steps"],
+                          guidance_scale=d["guidance_scale"] if guidance_scale is None else guidance_scale,
+                          eta=0.0, output_type=output_type)
+            out.append(result.images)
+        if output_type == "pil":
+            return [image for images in out for image in images]
+        return torch.cat([torch.as_tensor(images) for images in out])
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "metrics.jsonl").exists()
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "weights.safetensors").is_file())
+    return found[-1] if found else None
+
+
+def load(source: str | Path, *, checkpoint: str | Path | None = None, device: str | torch.device | None = None,
+         dtype: torch.dtype = torch.float32, max_tokens: int | None = None) -> LongPromptPipeline:
+    """The pipeline of a run directory (or of a model: a built-in or registered name, a
+    diffusers folder, a hub id); see the module docstring. `checkpoint`: a checkpoint folder
+    of the run (or its step) whose weights replace the exported ones. `max_tokens`
+    overrides the run's."""
+    source = str(source)
+    if is_run_dir(source):
+        run_dir = Path(source)
+        cfg = load_config(run_dir / "config.yaml")
+        weights, model = _run_weights(run_dir, cfg, checkpoint)
+    else:
+        if checkpoint is not None:
+            raise ValueError(f"checkpoint= needs a run directory; {source!r} is a model (no config.yaml and metrics.jsonl)")
+        cfg = Config(model=ModelConfig(pretrained=source))
+        weights, model = ("base", None), source
+    parts = load_components(model or cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision)
+    kind, where = weights
+    if kind == "checkpoint":
+        from safetensors.torch import load_file
+
+        make_trainable(parts.unet, cfg.lora)
+        load_trainable_state_dict(parts.unet, load_file(where / "weights.safetensors"), cfg.lora)
+    elif kind == "unet":
+        from diffusers import UNet2DConditionModel
+
+        parts.unet = UNet2DConditionModel.from_pretrained(where, torch_dtype=torch.float32).eval()
+    pipe = LongPromptPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=make_scheduler(parts.scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    if kind == "lora":
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # "no LoRA keys for CLIPTextModel": none were trained
+        try:
+            pipe.load_lora_weights(where)
+        finally:
+            diffusers_logging.set_verbosity(level)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype != torch.float32:  # the parts load in float32
+        pipe.to(dtype=dtype)
+    pipe.segment_encoder = SegmentEncoder(pipe.tokenizer, pipe.text_encoder, max_tokens=max_tokens or cfg.prompts.max_tokens,
+                                          pack_segments=cfg.prompts.pack_segments)
+    pipe.longalign = {"source": source, "weights": kind, "from": str(where) if where else None,
+                      "num_steps": cfg.sampler.num_steps, "guidance_scale": cfg.sampler.guidance_scale,
+                      "resolution": cfg.sampler.resolution, "max_tokens": pipe.segment_encoder.max_tokens}
+    return pipe
+
+
+def _run_weights(run_dir: Path, cfg: Config, checkpoint) -> tuple[tuple[str, Path | None], str]:
+    """(what to load on the model, where) and the model to load it on, for a run directory."""
+    if checkpoint is not None:
+        folder = run_dir / f"checkpoint_{int(checkpoint):06d}" if str(checkpoint).isdigit() else Path(checkpoint)
+        if not (folder / "weights.safetensors").is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint!r}: no weights.safetensors in {folder}")
+        return ("checkpoint", folder), cfg.model.pretrained
+    if cfg.stage == 1 and (run_dir / "model").is_dir():
+        return ("merged", run_dir / "model"), str(run_dir / "model")
+    if (run_dir / "lora").is_dir():
+        return ("lora", run_dir / "lora"), cfg.model.pretrained
+    if (run_dir / "unet").is_dir():
+        return ("unet", run_dir / "unet"), cfg.model.pretrained
+    newest = newest_checkpoint(run_dir)
+    if newest is None:
+        raise FileNotFoundError(f"{run_dir}: the run exported nothing (lora/, unet/, model/) and has no checkpoint yet")
+    log.warning("%s exported nothing yet (a run in progress or stopped): using its newest checkpoint %s",
+                run_dir, newest.name)
+    return ("checkpoint", newest), cfg.model.pretrained
