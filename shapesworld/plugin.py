@@ -70,11 +70,11 @@ def ground_truth(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Te
 
 
 def _load_shipped(name: str):
-    """A shipped model; parts its folder lacks (a stage-1 model ships only its UNet) are
-    the shipped base's."""
+    """A shipped model: a complete diffusers folder (a stage-1 model ships only its UNet; its
+    other parts are links to the base's, ship_model.complete_folder)."""
     from longalign_rl.models import load_pretrained
 
-    return load_pretrained(str(WEIGHTS_DIR / SHIPPED_BASE), unet_from=WEIGHTS_DIR / name)
+    return load_pretrained(str(WEIGHTS_DIR / name))
 
 
 def base_model(seed: int = 0):

@@ -26,6 +26,25 @@ from shapesworld.plugin import SHIPPED_BASE, WEIGHTS_DIR
 EVAL_SEED = 12345  # held-out captions, as shapesworld.evaluate.evaluate_model draws them
 
 
+SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def complete_folder(folder: Path, base: Path = WEIGHTS_DIR / SHIPPED_BASE) -> None:
+    """Make a shipped model folder a complete diffusers folder that
+    `StableDiffusionPipeline.from_pretrained` loads: the parts it does not ship itself
+    (a stage-1 model ships only its UNet) link to the base's (relative symlinks), and
+    model_index.json is the base's. The base itself must be complete (tokenizer/ and
+    model_index.json included)."""
+    import shutil
+
+    for part in SHARED_PARTS:
+        target = folder / part
+        if not target.exists():
+            target.symlink_to(Path("..") / base.name / part, target_is_directory=True)
+    if folder.resolve() != base.resolve():
+        shutil.copyfile(base / "model_index.json", folder / "model_index.json")
+
+
 def ship(run_dir: Path, name: str, n: int, out_dir: Path = WEIGHTS_DIR) -> dict:
     from diffusers import UNet2DConditionModel
 
@@ -36,12 +55,13 @@ def ship(run_dir: Path, name: str, n: int, out_dir: Path = WEIGHTS_DIR) -> dict:
     unet = UNet2DConditionModel.from_pretrained(run_dir / "model", subfolder="unet", torch_dtype=torch.float32)
     folder = out_dir / name
     unet.half().save_pretrained(folder / "unet", safe_serialization=True)
+    complete_folder(folder, out_dir / SHIPPED_BASE)
     report = {"made_by": f"python -m shapesworld.ship_model {run_dir} --name {name}",
               "run_config": yaml.safe_load((run_dir / "config.yaml").read_text()),
               "last_step": json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1]),
               "eval": {"captions": n, "seed": EVAL_SEED, "num_steps": 10, "guidance_scale": 5.0}}
-    # What ships, loaded as the loader loads it: the base's parts with this UNet (float16 -> float32).
-    parts = load_pretrained(str(WEIGHTS_DIR / SHIPPED_BASE), unet_from=folder)
+    # What ships, loaded as the loader loads it: the complete folder (the base's parts, this UNet; float16 -> float32).
+    parts = load_pretrained(str(folder))
     prompts = draw_captions(WorldConfig(), n, seed=EVAL_SEED)
     for encoding in ("truncated", "segment"):
         _, report["eval"][encoding] = evaluate(parts, encoding, prompts, seed=EVAL_SEED, num_steps=10, guidance_scale=5.0)
