@@ -9,7 +9,7 @@ is the run's (`reward.name`, `reward.kwargs`) and the metric hooks are the run's
 others, `--no-reward` scores with the hooks alone. Prompt i is drawn from seed --seed + i
 with deterministic DDIM. `--against MODEL` draws the same prompts from the same noise
 with another model (`base`: the run's own `model.pretrained`, without what the run
-trained) and reports each key's paired change with two standard errors of the per-prompt
+trained), sampled and encoded with the run's settings, and reports each key's paired change with two standard errors of the per-prompt
 changes. Writes DIR/evaluation.json (every value) and the images (DIR/<model>/NNN.png).
 """
 
@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.eval
         pipes = [(Path(args.run).name or args.run, load(args.run, checkpoint=args.checkpoint, device=args.device))]
         if against:
             label = Path(against).name or against
-            pipes.append((label if label != pipes[0][0] else f"{label}-against", load(against, device=args.device)))
+            like = args.run if cfg is not None else None  # sampled and encoded as the run is
+            pipes.append((label if label != pipes[0][0] else f"{label}-against",
+                          load(against, device=args.device, like=like)))
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -145,7 +147,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.eval
               "reward": name if reward is not None else None, "models": []}
     for label, pipe in pipes:
         images, values = score_model(pipe, prompts, seeds, reward, hooks, args)
-        result["models"].append({"label": label, "source": pipe.longalign["source"], "weights": pipe.longalign["weights"],
+        d = pipe.longalign
+        result["models"].append({"label": label, "source": d["source"], "weights": d["weights"],
+                                 "settings": {k: d[k] for k in ("num_steps", "guidance_scale", "resolution", "max_tokens")},
                                  "values": {k: [float(x) for x in v.tolist()] for k, v in values.items()}})
         if args.out:
             folder = args.out / label

@@ -24,6 +24,7 @@ diffusers: no ray, no deepspeed; it runs on a GPU machine without Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -109,11 +110,15 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load(source: str | Path, *, checkpoint: str | Path | None = None, device: str | torch.device | None = None,
-         dtype: torch.dtype = torch.float32, max_tokens: int | None = None) -> LongPromptPipeline:
+         dtype: torch.dtype = torch.float32, max_tokens: int | None = None,
+         like: str | Path | None = None) -> LongPromptPipeline:
     """The pipeline of a run directory (or of a model: a built-in or registered name, a
     diffusers folder, a hub id); see the module docstring. `checkpoint`: a checkpoint folder
     of the run (or its step) whose weights replace the exported ones. `max_tokens`
-    overrides the run's."""
+    overrides the run's. `like`: another run directory whose sampling and encoding
+    settings (sampler.*, prompts.*) this pipeline takes, to compare a model with a run on
+    equal terms. A model without a run samples at its UNet's native size (SD v1.5: 512
+    px) with the defaults of config.py (50 DDIM steps, guidance 7.5, 240 tokens)."""
     source = str(source)
     if is_run_dir(source):
         run_dir = Path(source)
@@ -124,6 +129,11 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
             raise ValueError(f"checkpoint= needs a run directory; {source!r} is a model (no config.yaml and metrics.jsonl)")
         cfg = Config(model=ModelConfig(pretrained=source))
         weights, model = ("base", None), source
+    if like is not None:
+        if not is_run_dir(like):
+            raise ValueError(f"like={str(like)!r} is not a run directory (no config.yaml and metrics.jsonl)")
+        other = load_config(Path(like) / "config.yaml")
+        cfg = dataclasses.replace(cfg, sampler=other.sampler, prompts=other.prompts)
     parts = load_components(model or cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision)
     kind, where = weights
     if kind == "checkpoint":
@@ -155,9 +165,11 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
         pipe.to(dtype=dtype)
     pipe.segment_encoder = SegmentEncoder(pipe.tokenizer, pipe.text_encoder, max_tokens=max_tokens or cfg.prompts.max_tokens,
                                           pack_segments=cfg.prompts.pack_segments)
+    native = weights[0] == "base" and like is None  # a model alone: its own size
     pipe.longalign = {"source": source, "weights": kind, "from": str(where) if where else None,
                       "num_steps": cfg.sampler.num_steps, "guidance_scale": cfg.sampler.guidance_scale,
-                      "resolution": cfg.sampler.resolution, "max_tokens": pipe.segment_encoder.max_tokens}
+                      "resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor if native
+                      else cfg.sampler.resolution, "max_tokens": pipe.segment_encoder.max_tokens}
     return pipe
 
 
