@@ -29,9 +29,10 @@ def read_metrics(run_dir):
 def tiny_run(ray_local, tmp_path_factory):
     """4 steps with a checkpoint every 2, then --resume to 6 steps."""
     out = tmp_path_factory.mktemp("runs")
-    run_main(out, "train.steps=4", "run.checkpoint_every=2", "run.image_every=2", "run.name=tiny")
+    run_main(out, "train.steps=4", "run.checkpoint_every=2", "run.image_every=2", "run.eval_every=2", "run.name=tiny")
     run_dir = out / "tiny"
     first = read_metrics(run_dir)
+    (run_dir / "validation_before_resume.jsonl").write_text((run_dir / "validation.jsonl").read_text())
     run_main(out, "--resume", str(run_dir), "train.steps=6")
     return run_dir, first
 
@@ -110,6 +111,56 @@ def test_the_run_ends_with_a_first_vs_last_window_summary(tiny_run):
     assert rows["gt/shape/4"]["last"] == pytest.approx(metrics[-1]["gt/shape/4"])
 
 
+def test_validation_draws_the_same_held_out_prompts_and_noise_at_step_0_every_eval_every_steps_and_the_end(tiny_run):
+    """default.yaml: 16 held-out captions, scored by the reward and the exact checker; a
+    resume keeps the earlier validations and adds the later ones."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from longalign_rl import validation
+    from shapesworld.plugin import heldout_captions
+
+    run_dir, _ = tiny_run
+    records = validation.read(run_dir)
+    before = [json.loads(line) for line in (run_dir / "validation_before_resume.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in before] == [0, 2, 4] and [r["step"] for r in records] == [0, 2, 4, 6]
+    assert records[:3] == before  # not redone by the resume
+    for r in records:
+        assert {"reward", "text_relevant", "text_irrelevant", "gt/shape/4", "gt/background"} <= set(r["values"])
+        assert all(len(v) == 16 for v in r["values"].values()) and r["prompts"] == 16
+        assert len(list((run_dir / "validation" / f"step_{r['step']:06d}").glob("*.png"))) == 16
+        assert (run_dir / "validation" / f"step_{r['step']:06d}.png").is_file()
+    listed = (run_dir / "validation" / "prompts.txt").read_text().splitlines()
+    assert [line.split("\t")[2] for line in listed] == heldout_captions()[:16]
+    summary = json.loads((run_dir / "summary.json").read_text())["validation"]
+    assert summary["first_step"] == 0 and summary["last_step"] == 6
+    rows = {r["key"]: r for r in summary["rows"]}
+    assert rows["reward"]["last"] == pytest.approx(records[-1]["means"]["reward"])
+    assert "## Validation" in (run_dir / "summary.md").read_text()
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/reward")] == [0, 2, 4, 6]
+    assert sorted({e.step for e in events.Images("validation")}) == [0, 2, 4, 6]
+
+
+def test_the_inference_helper_redraws_the_last_validation(tiny_run):
+    """pipeline.load(run_dir) (base model + lora/, the run's scheduler, max_tokens, steps and
+    guidance) draws the training-time sampler's images from the same seeds, to PNG rounding."""
+    import numpy as np
+    from PIL import Image
+
+    from longalign_rl.pipeline import load
+
+    run_dir, _ = tiny_run
+    listed = [line.split("\t") for line in (run_dir / "validation" / "prompts.txt").read_text().splitlines()]
+    prompts, seeds = [p for _, _, p in listed], [int(s.split()[1]) for _, s, _ in listed]
+    pipe = load(run_dir, device="cpu")
+    assert pipe.longalign["weights"] == "lora" and pipe.longalign["max_tokens"] == 120
+    drawn = pipe.generate(prompts, seeds, output_type="pt")
+    saved = torch.stack([torch.from_numpy(np.array(Image.open(run_dir / "validation" / "step_000006" / f"{i:03d}.png")))
+                         for i in range(len(prompts))]).permute(0, 3, 1, 2).float() / 255
+    assert (drawn - saved).abs().max() <= 1 / 255
+
+
 def test_exported_lora_loads_into_a_diffusers_pipeline(tiny_run):
     """Every trained LoRA layer loads into StableDiffusionPipeline and changes its output."""
     from diffusers import StableDiffusionPipeline
@@ -172,6 +223,7 @@ def test_a_reward_that_turns_nan_stops_the_run_keeping_the_last_finite_checkpoin
     run.max_nonfinite_steps=1 the run stops at step 3, exports nothing and exits 1."""
     code = train.main(["train.steps=6", "run.checkpoint_every=1", "run.max_nonfinite_steps=1",
                        "reward.name=tests.plugins.my_reward:broken", "reward.kwargs={how: nan_after, after: 1}",
+                       "run.validation_size=0",  # its reward calls count the workers' only
                        f"run.output_dir={tmp_path}", "run.name=nan"])
     err = capsys.readouterr().err
     run_dir = tmp_path / "nan"
@@ -220,6 +272,7 @@ def test_a_reward_that_fails_mid_run_ends_with_one_clear_line(ray_local, tmp_pat
     worker's error and how to continue, and the step-1 checkpoint kept."""
     code = train.main(["train.steps=4", "run.checkpoint_every=1", "run.max_failures=0",
                        "reward.name=tests.plugins.my_reward:broken", "reward.kwargs={how: raise_after, after: 1}",
+                       "run.validation_size=0",  # its reward calls count the workers' only
                        f"run.output_dir={tmp_path}", "run.name=raises"])
     err = capsys.readouterr().err
     assert code == 1

@@ -52,6 +52,29 @@ def test_stage1_writes_finite_metrics_and_checkpoints(stage1_run):
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_stage1_validates_and_its_merged_model_redraws_the_last_validation(stage1_run):
+    """Rank 0 draws the validation prompts with its own UNet at step 0, at the first run's
+    end (3), every 4 steps after the resume, and when the epochs end it (8); the inference
+    helper, loading model/ (the LoRA merged), draws the same images."""
+    import numpy as np
+
+    from longalign_rl import validation
+    from longalign_rl.pipeline import load
+    from longalign_rl.prompts import demo_prompts
+
+    run_dir, _ = stage1_run
+    records = validation.read(run_dir)
+    assert [r["step"] for r in records] == [0, 3, 4, 8] and all(r["prompts"] == 4 for r in records)
+    assert records[0]["values"] == {}  # no metric hooks here: images only
+    assert (run_dir / "validation" / "step_000008.png").is_file()
+    pipe = load(run_dir, device="cpu")
+    assert pipe.longalign["weights"] == "merged"
+    drawn = pipe.generate(demo_prompts()[:4], [0, 1, 2, 3], output_type="pt")
+    saved = torch.stack([torch.from_numpy(np.array(Image.open(run_dir / "validation" / "step_000008" / f"{i:03d}.png")))
+                         for i in range(4)]).permute(0, 3, 1, 2).float() / 255
+    assert (drawn - saved).abs().max() <= 2 / 255
+
+
 def test_resume_continues_the_step_count_and_the_epochs_end_the_run(stage1_run):
     run_dir, first = stage1_run
     metrics = read_metrics(run_dir)
