@@ -82,6 +82,11 @@ class PromptConfig:
     # Join consecutive short sentences into one segment while they fit 75 tokens.
     # False = one sentence per segment, as the reference.
     pack_segments: bool = False
+    # How a prompt is cut into segments: "sentences" (split at . ! ? ; and newlines, never
+    # inside a number; an over-long sentence split at commas, nothing lost) or "reference"
+    # (the reference code's rule: at . and ?, also inside numbers, each piece + "."; a piece
+    # over 75 tokens cut by the tokenizer). encoding/segments.py; docs/reference_mode.md.
+    split: str = "sentences"
     # Reshuffle the prompts every pass over them (seeded by train.seed).
     shuffle: bool = True
 
@@ -615,6 +620,10 @@ def validate(cfg: Config) -> None:
         _require(value >= 1, key, f"must be >= 1, got {value}")
     _require(s.num_grad_steps <= s.num_steps, "sampler.num_grad_steps",
              f"{s.num_grad_steps} gradient steps do not fit in sampler.num_steps={s.num_steps}")
+    _require(cfg.prompts.split in ("sentences", "reference"), "prompts.split",
+             f"must be sentences or reference, got {cfg.prompts.split!r}")
+    _require(not (cfg.prompts.split == "reference" and cfg.prompts.pack_segments), "prompts.pack_segments",
+             "the reference split keeps its pieces as they are; packing needs prompts.split: sentences")
     _require(s.timestep_spacing in ("trailing", "leading", "linspace"), "sampler.timestep_spacing",
              f"must be trailing, leading or linspace, got {s.timestep_spacing!r}")
     _require(s.resolution % 8 == 0, "sampler.resolution", f"must be a multiple of 8, got {s.resolution}")

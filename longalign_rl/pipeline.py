@@ -164,7 +164,7 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
     if dtype != torch.float32:  # the parts load in float32
         pipe.to(dtype=dtype)
     pipe.segment_encoder = SegmentEncoder(pipe.tokenizer, pipe.text_encoder, max_tokens=max_tokens or cfg.prompts.max_tokens,
-                                          pack_segments=cfg.prompts.pack_segments)
+                                          pack_segments=cfg.prompts.pack_segments, split=cfg.prompts.split)
     native = weights[0] == "base" and like is None  # a model alone: its own size
     pipe.longalign = {"source": source, "weights": kind, "from": str(where) if where else None,
                       "num_steps": cfg.sampler.num_steps, "guidance_scale": cfg.sampler.guidance_scale,

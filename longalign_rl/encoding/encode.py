@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from longalign_rl.encoding.segments import MAX_SEGMENT_TOKENS, split_segments
+from longalign_rl.encoding.segments import MAX_SEGMENT_TOKENS, SPLITS, split_segments
 from longalign_rl.encoding.tokenizer import token_counter
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,12 @@ def encode_prompts(
     max_tokens: int = 240,
     pack_segments: bool = False,
     pad: torch.Tensor | None = None,
+    split: str = "sentences",
 ) -> torch.Tensor:
     """Encode prompts by segments: `[B, max_tokens, hidden]`.
+
+    `split`: "sentences" (this project's) or "reference" (the reference code's rule,
+    segments.split_reference), see segments.py.
 
     `pad` is the pad vector; pass a cached one (see `SegmentEncoder`) to save one
     encoder call. The empty prompt gives <sot> followed by pad vectors: the
@@ -62,7 +66,7 @@ def encode_prompts(
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompt {i} is a {type(prompt).__name__}, not a str")
-        per_prompt.append(split_segments(prompt, count, pack_segments=pack_segments) or [""])
+        per_prompt.append(split_segments(prompt, count, pack_segments=pack_segments, split=split) or [""])
 
     flat = [segment for segments in per_prompt for segment in segments]
     ids = tokenizer(
@@ -93,18 +97,22 @@ def encode_prompts(
 class SegmentEncoder:
     """A frozen tokenizer + text encoder with its pad vector, computed once and kept here."""
 
-    def __init__(self, tokenizer, text_encoder, *, max_tokens: int = 240, pack_segments: bool = False):
+    def __init__(self, tokenizer, text_encoder, *, max_tokens: int = 240, pack_segments: bool = False,
+                 split: str = "sentences"):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.max_tokens = max_tokens
         self.pack_segments = pack_segments
+        self.split = split
         self.pad = pad_vector(tokenizer, text_encoder)
         self._uncond = self([""])
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         return encode_prompts(
             prompts, self.tokenizer, self.text_encoder,
-            max_tokens=self.max_tokens, pack_segments=self.pack_segments, pad=self.pad,
+            max_tokens=self.max_tokens, pack_segments=self.pack_segments, pad=self.pad, split=self.split,
         )
 
     def uncond(self, batch_size: int) -> torch.Tensor:
@@ -112,7 +120,7 @@ class SegmentEncoder:
         return self._uncond.expand(batch_size, -1, -1)
 
     def segments(self, prompt: str) -> list[str]:
-        return split_segments(prompt, token_counter(self.tokenizer), pack_segments=self.pack_segments)
+        return split_segments(prompt, token_counter(self.tokenizer), pack_segments=self.pack_segments, split=self.split)
 
 
 class TruncatedEncoder:

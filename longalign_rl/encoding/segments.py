@@ -3,7 +3,8 @@
 METHOD.md section 1.1. The reference splits on "." and "?" only and truncates a sentence
 longer than the encoder's window; we split on ". ! ? ;" and newlines, never inside a
 decimal number, and split an over-long sentence further (at commas, then at word and
-character boundaries) so that no text is silently lost.
+character boundaries) so that no text is silently lost. `split="reference"` reproduces
+the reference's rule (`split_reference`) for a paper-exact run.
 
 Pure Python: the only thing needed from the tokenizer is a token counter (tokenizer.py).
 """
@@ -33,6 +34,34 @@ def split_sentences(text: str) -> list[str]:
     pieces.append(text[start:])
     pieces = [p.strip() for p in pieces]
     return [p for p in pieces if p.strip(".!?;")]
+
+
+# How a prompt is cut into segments (prompts.split): this project's sentences (the
+# default), or the reference code's rule (paper-exact mode).
+SPLITS = ("sentences", "reference")
+# The reference's delimiters, tried in this order at every position: its pattern was meant
+# to list ! and ; but, quoted as written, matches the two-character sequences '"!' and ';"'.
+_REFERENCE_DELIMITERS = ('"!', ".", "?", ';"')
+
+
+def split_reference(text: str) -> list[str]:
+    """The reference code's split (luping-liu/LongAlign, from its documented behaviour):
+    cut at every "." and "?" (inside numbers too: "3.5" gives "3" and "5") and at the
+    sequences '"!' and ';"', remove the delimiters, drop empty pieces but keep
+    whitespace-only ones, and append "." to every piece; a text with no piece left is its
+    own single segment. Nothing is shortened here: the tokenizer's truncation at 77 tokens
+    cuts a piece over 75 tokens, dropping its tail, as in the reference."""
+    pieces, start, i = [], 0, 0
+    while i < len(text):
+        found = next((d for d in _REFERENCE_DELIMITERS if text.startswith(d, i)), None)
+        if found is None:
+            i += 1
+            continue
+        pieces.append(text[start:i])
+        i = start = i + len(found)
+    pieces.append(text[start:])
+    kept = [p + "." for p in pieces if p]
+    return kept or [text]
 
 
 def _chunk_word(word: str, count: TokenCounter, limit: int) -> list[str]:
@@ -106,12 +135,19 @@ def split_segments(
     *,
     max_segment_tokens: int = MAX_SEGMENT_TOKENS,
     pack_segments: bool = False,
+    split: str = "sentences",
 ) -> list[str]:
     """Split `text` into segments of at most `max_segment_tokens` tokens each.
 
     One sentence per segment (the reference's choice) unless `pack_segments`, which
     joins consecutive sentences while they fit. An empty or blank text gives [].
+    `split="reference"`: the reference's pieces as they are (`split_reference`; over-long
+    ones are cut by the encoder's truncation), never packed.
     """
+    if split == "reference":
+        return split_reference(text)
+    if split != "sentences":
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     segments = [piece for s in split_sentences(text) for piece in _fit(s, count_tokens, max_segment_tokens)]
     if pack_segments:
         segments = _pack(segments, count_tokens, max_segment_tokens)

@@ -175,7 +175,8 @@ def build_sampler(cfg: SamplerConfig, parts: Components, *, prompts: PromptConfi
     if encoder is None:
         prompts = prompts or PromptConfig()
         encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder.to(device, dtype),
-                                 max_tokens=prompts.max_tokens, pack_segments=prompts.pack_segments)
+                                 max_tokens=prompts.max_tokens, pack_segments=prompts.pack_segments,
+                                 split=prompts.split)
     scheduler = make_scheduler(parts.scheduler_config, timestep_spacing=cfg.timestep_spacing)
     return Sampler(unet, encoder, scheduler, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                    resolution=cfg.resolution, num_grad_steps=cfg.num_grad_steps,

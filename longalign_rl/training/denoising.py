@@ -135,7 +135,8 @@ class Denoising:
         dtype = DTYPES[cfg.train.precision]
         self.vae = parts.vae.to(ctx.device, dtype)
         self.encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder.to(ctx.device, dtype),
-                                      max_tokens=cfg.prompts.max_tokens, pack_segments=cfg.prompts.pack_segments)
+                                      max_tokens=cfg.prompts.max_tokens, pack_segments=cfg.prompts.pack_segments,
+                                      split=cfg.prompts.split)
         self.scheduler = DDPMScheduler.from_config(parts.scheduler_config)
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
         self.hooks = load_metric_hooks(cfg.run.metrics)

@@ -1,0 +1,121 @@
+"""Paper-exact mode, its first piece (issue 13): `prompts.split: reference` cuts prompts as
+the reference code does, and the encoding of those segments is the reference's merge; in
+the default mode (`sentences`) each documented difference from it holds.
+
+The oracle below is written from the documented behaviour (METHOD.md 1.1, issue 13): the
+reference's pattern splits at ".", "?" and the literal sequences '"!' and ';"', keeps every
+non-empty piece (whitespace-only ones too) with "." appended, and falls back to the whole
+caption; the CLIP tokenizer then truncates every piece at 77 tokens."""
+
+import re
+
+import pytest
+import torch
+
+from longalign_rl.config import ConfigError, load_config
+from longalign_rl.encoding import SegmentEncoder, encode_prompts, split_segments
+from longalign_rl.encoding.encode import pad_vector
+from longalign_rl.encoding.segments import split_reference
+from longalign_rl.encoding.tokenizer import token_counter
+from longalign_rl.models import load_components
+
+LONG = ("A very long sentence with " + ", ".join(f"a small wooden toy number {i}" for i in range(20))
+        + " and a red ball at the end")
+PROMPTS = [
+    "A tower 3.5 m tall. Is it red? It is!",
+    "First; second; third.\nA new line here",
+    "Dr. Smith walks a dog, e.g. a beagle, at 5 p.m. today.",
+    "A cat on a mat.   ",
+    "She shouted \"retry!\". Then 'retry!'. Then ok;\" done",
+    "A.  . B?",
+    LONG + ". A short one.",
+    "",
+    ".",
+    "no delimiter at all",
+]
+
+
+def oracle_split(caption: str) -> list[str]:
+    pieces = [p + "." for p in re.split(r'"!|\.|\?|;"', caption) if len(p) > 0]
+    return pieces or [caption]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_components("tiny")
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_reference_split_equals_the_documented_rule(prompt):
+    assert split_reference(prompt) == oracle_split(prompt)
+
+
+def test_reference_split_quirks_are_kept():
+    assert split_reference("A tower 3.5 m tall.") == ["A tower 3.", "5 m tall."]  # inside a number
+    assert split_reference("A.  . B?") == ["A.", "  .", " B."]  # a whitespace-only piece stays
+    assert split_reference("Go! Stop; now") == ["Go! Stop; now."]  # ! and ; alone do not split
+    assert split_reference('say "!x" a;" b') == ["say .", 'x" a.', " b."]  # the literal '"!' and ';"' do
+    assert split_reference(".") == ["."] and split_reference("") == [""]
+
+
+def reference_encoding(prompts, tokenizer, text_encoder, max_tokens):
+    """The merge as documented: every piece through CLIP (77 tokens, truncated), the states
+    whose token is neither padding nor <eot>, concatenated, cut or padded with the mean state
+    of positions 17..76 of the empty prompt."""
+    pad = pad_vector(tokenizer, text_encoder)
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer(oracle_split(prompt), max_length=77, padding="max_length", truncation=True,
+                        return_tensors="pt").input_ids
+        states = text_encoder(ids)[0]
+        keep = (ids != tokenizer.pad_token_id) & (ids != tokenizer.eos_token_id)
+        merged = states.reshape(-1, states.shape[-1])[keep.reshape(-1)][:max_tokens]
+        rows.append(torch.cat([merged, pad.expand(max_tokens - len(merged), -1)]))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def test_reference_mode_encodes_as_the_reference(tiny):
+    got = encode_prompts(PROMPTS, tiny.tokenizer, tiny.text_encoder, max_tokens=160, split="reference")
+    expected = reference_encoding(PROMPTS, tiny.tokenizer, tiny.text_encoder, 160)
+    assert torch.equal(got, expected)
+    encoder = SegmentEncoder(tiny.tokenizer, tiny.text_encoder, max_tokens=160, split="reference")
+    assert torch.equal(encoder(PROMPTS), got) and encoder.segments(PROMPTS[0]) == oracle_split(PROMPTS[0])
+
+
+def test_the_default_split_differs_where_documented(tiny):
+    count = token_counter(tiny.tokenizer)
+
+    def default(text):
+        return split_segments(text, count)
+
+    # no split inside a number; the punctuation is kept, no "." is appended
+    assert default("A tower 3.5 m tall. Is it red? It is!") == ["A tower 3.5 m tall.", "Is it red?", "It is!"]
+    # ! ; and newlines end sentences
+    assert default("First; second!\nthird") == ["First;", "second!", "third"]
+    # whitespace-only and punctuation-only pieces are dropped, pieces are stripped
+    assert default("A.  . B?") == ["A.", "B?"] and default("A cat on a mat.   ") == ["A cat on a mat."]
+    # an over-long sentence loses nothing: split at commas, every word kept
+    pieces = default(LONG + ".")
+    assert len(pieces) > 1 and all(count(p) <= 75 for p in pieces)
+    assert " ".join(pieces).split() == (LONG + ".").split()
+    # ... while the reference's one piece is cut by the tokenizer: the tail is lost
+    (piece,) = split_reference(LONG)
+    assert count(piece) > 75
+    kept = tiny.tokenizer(piece, max_length=77, truncation=True).input_ids[1:-1]
+    assert "ball" not in tiny.tokenizer.decode(kept)
+
+
+@torch.no_grad()
+def test_the_two_modes_encode_differently_and_the_config_key_is_checked(tiny):
+    prompt = ["A tower 3.5 m tall. Is it red? It is!"]
+    a = encode_prompts(prompt, tiny.tokenizer, tiny.text_encoder, max_tokens=64)
+    b = encode_prompts(prompt, tiny.tokenizer, tiny.text_encoder, max_tokens=64, split="reference")
+    assert (a - b).abs().max() > 1e-3
+    assert load_config(None, ["prompts.split=reference"]).prompts.split == "reference"
+    with pytest.raises(ConfigError, match="prompts.split"):
+        load_config(None, ["prompts.split=words"])
+    with pytest.raises(ConfigError, match="prompts.pack_segments"):
+        load_config(None, ["prompts.split=reference", "prompts.pack_segments=true"])
+    with pytest.raises(ValueError, match="split must be one of"):
+        SegmentEncoder(tiny.tokenizer, tiny.text_encoder, split="words")
