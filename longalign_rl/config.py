@@ -115,6 +115,11 @@ class SamplerConfig:
     # eta-scaled noise, which makes it a Gaussian with a log-probability (ddpo-pytorch: 1.0).
     # Reward backpropagation samples deterministically (eta 0) and ignores it.
     eta: float = 1.0
+    # What the chain hands to the VAE: "step" (the last DDIM step's output; with SD v1.5's
+    # set_alpha_to_one=false that is 0.99957 x0_pred + 0.02916 eps) or "pred_x0" (the last
+    # step's predicted clean latent, as the reference decodes: the DDIM scheduler with
+    # set_alpha_to_one, whose last step then returns exactly x0_pred). docs/reference_mode.md.
+    final: str = "step"
 
 
 @dataclass(frozen=True)
@@ -624,6 +629,7 @@ def validate(cfg: Config) -> None:
              f"must be sentences or reference, got {cfg.prompts.split!r}")
     _require(not (cfg.prompts.split == "reference" and cfg.prompts.pack_segments), "prompts.pack_segments",
              "the reference split keeps its pieces as they are; packing needs prompts.split: sentences")
+    _require(s.final in ("step", "pred_x0"), "sampler.final", f"must be step or pred_x0, got {s.final!r}")
     _require(s.timestep_spacing in ("trailing", "leading", "linspace"), "sampler.timestep_spacing",
              f"must be trailing, leading or linspace, got {s.timestep_spacing!r}")
     _require(s.resolution % 8 == 0, "sampler.resolution", f"must be a multiple of 8, got {s.resolution}")

@@ -196,10 +196,17 @@ def load_components(model: str, *, seed: int = 0, revision: str | None = None) -
     return parts
 
 
-def make_scheduler(scheduler_config: dict, *, timestep_spacing: str):
-    """A deterministic-capable DDIM scheduler on the model's own noise schedule."""
+def make_scheduler(scheduler_config: dict, *, timestep_spacing: str, final: str = "step"):
+    """A deterministic-capable DDIM scheduler on the model's own noise schedule. `final`
+    (sampler.final): "pred_x0" sets set_alpha_to_one, so that the last step returns the
+    predicted clean latent exactly (sqrt(1) x0_pred + sqrt(0) eps); "step" keeps the
+    model's own setting."""
     from diffusers import DDIMScheduler
 
+    if final not in ("step", "pred_x0"):
+        raise ValueError(f"final must be step or pred_x0, got {final!r}")
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     config.update(timestep_spacing=timestep_spacing, clip_sample=False, thresholding=False)
+    if final == "pred_x0":
+        config["set_alpha_to_one"] = True
     return DDIMScheduler.from_config(config)

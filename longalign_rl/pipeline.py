@@ -147,7 +147,8 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
         parts.unet = UNet2DConditionModel.from_pretrained(where, torch_dtype=torch.float32).eval()
     pipe = LongPromptPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=make_scheduler(parts.scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing),
+        scheduler=make_scheduler(parts.scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing,
+                                 final=cfg.sampler.final),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     if kind == "lora":

@@ -177,7 +177,7 @@ def build_sampler(cfg: SamplerConfig, parts: Components, *, prompts: PromptConfi
         encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder.to(device, dtype),
                                  max_tokens=prompts.max_tokens, pack_segments=prompts.pack_segments,
                                  split=prompts.split)
-    scheduler = make_scheduler(parts.scheduler_config, timestep_spacing=cfg.timestep_spacing)
+    scheduler = make_scheduler(parts.scheduler_config, timestep_spacing=cfg.timestep_spacing, final=cfg.final)
     return Sampler(unet, encoder, scheduler, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                    resolution=cfg.resolution, num_grad_steps=cfg.num_grad_steps,
                    vae_scale_factor=vae_scale_factor(parts.vae))

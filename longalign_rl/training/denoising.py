@@ -138,6 +138,7 @@ class Denoising:
                                       max_tokens=cfg.prompts.max_tokens, pack_segments=cfg.prompts.pack_segments,
                                       split=cfg.prompts.split)
         self.scheduler = DDPMScheduler.from_config(parts.scheduler_config)
+        self.scheduler_config = parts.scheduler_config  # validation's DDIM: the model's own settings
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
         self.hooks = load_metric_hooks(cfg.run.metrics)
         self.validated = -1  # the last step validated
@@ -146,7 +147,9 @@ class Denoising:
         """Rank 0 alone: the validation prompts drawn by its own UNet (dropout off) from their
         fixed noise, scored by the metric hooks (stage 1 has no reward), saved (validation.py)."""
         cfg, ctx, unet = self.cfg, self.ctx, self.ctx.engine.module
-        sampler = Sampler(unet, self.encoder, make_scheduler(self.scheduler.config, timestep_spacing=cfg.sampler.timestep_spacing),
+        scheduler = make_scheduler(self.scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing,
+                                   final=cfg.sampler.final)
+        sampler = Sampler(unet, self.encoder, scheduler,
                           num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
                           resolution=cfg.sampler.resolution, num_grad_steps=1, vae_scale_factor=vae_scale_factor(self.vae))
         vset, batch = self.validation, cfg.train.batch_size

@@ -42,7 +42,7 @@ from longalign_rl.vae import decode
 def check_trained_steps(cfg, scheduler_config) -> None:
     """The sampler can record cfg.trained_steps stochastic steps of this model's schedule (a
     scheduler with set_alpha_to_one makes the last DDIM step deterministic: no density)."""
-    scheduler = make_scheduler(scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing)
+    scheduler = make_scheduler(scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing, final=cfg.sampler.final)
     scheduler.set_timesteps(cfg.sampler.num_steps)
     stochastic = int((stochastic_coefficients(scheduler, cfg.sampler.eta, cfg.sde_steps)[2] > 0).sum())
     if stochastic < cfg.trained_steps:

@@ -17,12 +17,17 @@ from longalign_rl.types import Rollout
 PROMPTS = ["A red cube on a table. A blue ball beside it.", "A green tree in a field at noon."]
 
 
-def reference_chain(unet, scheduler, noise, cond, uncond, guidance, grad_indices):
-    """The reference code's loop: all steps, gradient only at grad_indices, input detached."""
+def reference_chain(unet, scheduler, noise, cond, uncond, guidance, grad_indices, final="step"):
+    """The reference code's loop: all steps, gradient only at grad_indices, input detached.
+    final="pred_x0": what the reference decodes, the last step's predicted clean latent,
+    computed here from its definition (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
     latents = noise
     for i, t in enumerate(scheduler.timesteps):
         with torch.set_grad_enabled(i in grad_indices):
             eps = guided_eps(unet, latents.detach(), t, cond, uncond, guidance)
+        if final == "pred_x0" and i == len(scheduler.timesteps) - 1:
+            abar = scheduler.alphas_cumprod[int(t)]  # float32 coefficients, as the scheduler's own
+            return (latents - (1 - abar) ** 0.5 * eps) / abar ** 0.5
         latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
     return latents
 
@@ -42,9 +47,9 @@ def parts():
     return c
 
 
-def make_sampler(parts, num_steps=8, num_grad_steps=3):
+def make_sampler(parts, num_steps=8, num_grad_steps=3, final="step"):
     encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=24)
-    scheduler = make_scheduler(parts.scheduler_config, timestep_spacing="trailing")
+    scheduler = make_scheduler(parts.scheduler_config, timestep_spacing="trailing", final=final)
     return Sampler(parts.unet, encoder, scheduler, num_steps=num_steps, guidance_scale=5.0,
                    resolution=64, num_grad_steps=num_grad_steps)
 
@@ -53,16 +58,21 @@ def lora_grads(unet):
     return {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
 
 
-def test_replay_matches_reference_chain_value_and_gradient(parts):
-    """In float64, so that only rounding separates the two computations."""
-    sampler = make_sampler(parts)
+@pytest.mark.parametrize("final", ["step", "pred_x0"])
+def test_replay_matches_reference_chain_value_and_gradient(parts, final):
+    """In float64, so that only rounding separates the two computations. sampler.final
+    pred_x0: the sampler's scheduler returns the predicted clean latent at the last step,
+    and the reference chain computes it from its definition on the model's own schedule."""
+    sampler = make_sampler(parts, final=final)
     scheduler, unet, guidance = sampler.scheduler, parts.unet, sampler.guidance_scale
+    model_scheduler = make_scheduler(parts.scheduler_config, timestep_spacing="trailing")  # set_alpha_to_one false
+    model_scheduler.set_timesteps(8)
     cond = sampler.encoder(PROMPTS).double()
     uncond = sampler.encoder.uncond(1).double()
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     indices = grad_step_indices(8, 3, offset=1)  # includes the last step (index 7)
 
-    ref = reference_chain(unet, scheduler, noise, cond, uncond, guidance, indices)
+    ref = reference_chain(unet, model_scheduler, noise, cond, uncond, guidance, indices, final)
 
     # What a sampler records for the same chain, without gradient.
     with torch.no_grad():
@@ -93,6 +103,9 @@ def test_replay_matches_reference_chain_value_and_gradient(parts):
     assert sum(float(g.abs().sum()) for g in g_ref.values()) > 0, "zero reference gradient proves nothing"
     for name in g_ref:
         torch.testing.assert_close(g_replay[name], g_ref[name], rtol=1e-9, atol=1e-12, msg=name)
+    if final == "pred_x0":  # and the two modes do decode different latents
+        other = reference_chain(unet, model_scheduler, noise, cond, uncond, guidance, indices, "step")
+        assert (other - ref).abs().max() > 1e-3
 
 
 def test_sampler_records_what_replay_needs(parts):

@@ -1,6 +1,7 @@
-"""Paper-exact mode, its first piece (issue 13): `prompts.split: reference` cuts prompts as
-the reference code does, and the encoding of those segments is the reference's merge; in
-the default mode (`sentences`) each documented difference from it holds.
+"""Paper-exact mode (issue 13): `prompts.split: reference` cuts prompts as the reference
+code does, and the encoding of those segments is the reference's merge; in the default
+mode (`sentences`) each documented difference from it holds. `sampler.final: pred_x0` (what
+the reference decodes) is checked against the full chain in test_replay.py.
 
 The oracle below is written from the documented behaviour (METHOD.md 1.1, issue 13): the
 reference's pattern splits at ".", "?" and the literal sequences '"!' and ';"', keeps every
@@ -119,3 +120,23 @@ def test_the_two_modes_encode_differently_and_the_config_key_is_checked(tiny):
         load_config(None, ["prompts.split=reference", "prompts.pack_segments=true"])
     with pytest.raises(ValueError, match="split must be one of"):
         SegmentEncoder(tiny.tokenizer, tiny.text_encoder, split="words")
+
+
+def test_pred_x0_mode_is_ddim_whose_last_step_returns_the_predicted_clean_latent(tiny):
+    from longalign_rl.models import make_scheduler
+
+    assert load_config(None, ["sampler.final=pred_x0"]).sampler.final == "pred_x0"
+    with pytest.raises(ConfigError, match="sampler.final"):
+        load_config(None, ["sampler.final=x0"])
+    step = make_scheduler(tiny.scheduler_config, timestep_spacing="trailing")
+    pred = make_scheduler(tiny.scheduler_config, timestep_spacing="trailing", final="pred_x0")
+    for s in (step, pred):
+        s.set_timesteps(10)
+    x, eps, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), pred.timesteps[-1]
+    out = pred.step(eps, t, x, eta=0.0)
+    torch.testing.assert_close(out.prev_sample, out.pred_original_sample)
+    # the model's own scheduler (set_alpha_to_one false) mixes noise back in at the last step
+    assert (step.step(eps, t, x, eta=0.0).prev_sample - out.pred_original_sample).abs().max() > 1e-3
+    # every earlier step is the same in both modes
+    torch.testing.assert_close(pred.step(eps, pred.timesteps[3], x, eta=0.0).prev_sample,
+                               step.step(eps, step.timesteps[3], x, eta=0.0).prev_sample)
