@@ -50,6 +50,8 @@ def save_image_grid(images: torch.Tensor, prompts: list[str], path: str | Path) 
     for i in range(b):
         r, c = divmod(i, cols)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = pixels[i]
-    Image.fromarray(grid).save(path)
     path.with_suffix(".txt").write_text("".join(f"{i}: {p}\n" for i, p in enumerate(prompts)))
+    partial = path.with_name(f".{path.name}.partial")  # the driver follows images/: never a half-written grid
+    Image.fromarray(grid).save(partial, format="PNG")
+    partial.replace(path)
     return path

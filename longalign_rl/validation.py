@@ -122,9 +122,11 @@ def save(run_dir: str | Path, step: int, images: torch.Tensor, vset: ValidationS
               "means": {k: _mean(v.tolist()) for k, v in values.items()},
               "values": {k: [float(x) for x in v.tolist()] for k, v in values.items()}}
     truncate_after(run_dir, step - 1)  # a step validated again (a resumed run) replaces its record
+    # The grid before the record: the driver's console takes a record as the sign that the
+    # validation's files are complete (and hands the grid to the trackers).
+    save_grid(run_dir, step, [*read(run_dir), record])
     with (run_dir / FILE).open("a") as f:
         f.write(json.dumps(record, allow_nan=True) + "\n")
-    save_grid(run_dir, step)
     return record
 
 
@@ -153,13 +155,14 @@ def label_key(record: dict) -> str | None:
     return "reward" if "reward" in keys else (keys[0] if keys else None)
 
 
-def save_grid(run_dir: str | Path, step: int) -> Path:
+def save_grid(run_dir: str | Path, step: int, records: list[dict]) -> Path:
     """validation/step_<step>.png: for every prompt its image at the first validation and at
-    `step` side by side, labelled with the index and both scores."""
+    `step` side by side, labelled with the index and both scores (from `records`). Written
+    to a temporary name and renamed, so a reader never sees half a file."""
     from PIL import Image, ImageDraw, ImageFont
 
     run_dir = Path(run_dir)
-    records = {r["step"]: r for r in read(run_dir)}
+    records = {r["step"]: r for r in records}
     first = min(records)
     steps = [first] if step == first else [first, step]
     paths = sorted((run_dir / FOLDER / f"step_{step:06d}").glob("*.png"))
@@ -189,7 +192,9 @@ def save_grid(run_dir: str | Path, step: int) -> Path:
             text = f"{i}"
         draw.text((x + 2, y + cell + 2), text, fill="black", font=font)
     out = run_dir / FOLDER / f"step_{step:06d}.png"
-    grid.save(out)
+    partial = out.with_name(f".{out.name}.partial")
+    grid.save(partial, format="PNG")
+    partial.replace(out)
     return out
 
 

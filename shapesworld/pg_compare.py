@@ -79,6 +79,7 @@ class Compare:
 def train_run(method: Method, seed: int, runs: Path) -> Path:
     return launch([f"model.pretrained={START}", *method.overrides, f"train.seed={seed}", f"train.steps={method.steps}",
                    f"run.checkpoint_every={method.checkpoint_every}", "run.keep_checkpoints=0",
+                   "run.validation_size=0",  # every checkpoint is evaluated on held-out captions here
                    f"run.image_every={method.steps}"], f"{method.name}_s{seed}", runs)
 
 

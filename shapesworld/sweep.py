@@ -60,7 +60,9 @@ def train_run(s: Sweep, reward: str, w: float, seed: int, runs: Path) -> Path:
     """One stage-2 run of the product, in its own process, as a user starts it."""
     return launch([f"model.pretrained={START}", f"reward.name={reward}", f"reward.kwargs.text_irrelevant_weight={w}",
                    f"train.seed={seed}", f"train.lr={s.lr}", f"train.steps={s.steps}",
-                   f"run.checkpoint_every={s.checkpoint_every}", "run.keep_checkpoints=0", f"run.image_every={s.steps}"],
+                   f"run.checkpoint_every={s.checkpoint_every}", "run.keep_checkpoints=0",
+                   f"run.image_every={s.steps}",
+                   "run.validation_size=0"],  # every checkpoint is evaluated on held-out captions here
                   run_name(reward, w, seed), runs)
 
 

@@ -72,6 +72,11 @@ def test_ship_model_stores_a_run_unet_in_fp16_with_its_report(tmp_path):
     assert all(w.dtype == torch.float16 for w in weights.values())
     report = json.loads((tmp_path / "shipped" / "mine" / "report.json").read_text())
     assert report["run_config"]["stage"] == 1 and len(report["eval"]["segment"]["colour"]) == 4
+    # a complete diffusers folder: the parts it does not ship link to the base's
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "shipped" / "mine", safety_checker=None)
+    assert (tmp_path / "shipped" / "mine" / "vae").is_symlink() and pipe.tokenizer is not None
 
 
 def test_quick_sweep_runs_every_condition_through_the_product(tmp_path):
@@ -101,6 +106,7 @@ def test_quick_sweep_runs_every_condition_through_the_product(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["held_out"] == results["runs"][0]["held_out"]
 
 
+@pytest.mark.slow  # two subprocess runs (2 min): CI time; GRPO and DDPO runs are in test_policy_gradient_run.py
 def test_quick_policy_gradient_comparison_runs_both_methods_through_the_product(tmp_path):
     """Reward backpropagation and GRPO (the exact checker on sentence positions 3-4 as its
     reward, stochastic only in the first half of the chain), each `python -m

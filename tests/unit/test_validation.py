@@ -65,6 +65,25 @@ def test_records_images_and_grids_beside_step_0(tmp_path):
     assert [r["step"] for r in validation.read(tmp_path)] == [0]
 
 
+def test_the_grid_is_complete_before_its_record_appears(tmp_path, monkeypatch):
+    """The console hands a validation's grid to the trackers as soon as its record is in
+    validation.jsonl: the grid must be whole by then (a half-written PNG dropped TensorBoard)."""
+    seen = []
+    write_grid = validation.save_grid
+
+    def checked(run_dir, step, records):
+        seen.append([r["step"] for r in validation.read(run_dir)])
+        out = write_grid(run_dir, step, records)
+        assert not list((tmp_path / "validation").glob(".*partial"))  # renamed into place
+        return out
+
+    monkeypatch.setattr(validation, "save_grid", checked)
+    vset = validation.ValidationSet(["a."], [0])
+    validation.save(tmp_path, 0, images(1, 0.5), vset, {"reward": torch.tensor([0.1])})
+    validation.save(tmp_path, 2, images(1, 0.5), vset, {"reward": torch.tensor([0.2])})
+    assert seen == [[], [0]]  # step k's grid was written while its record was not there yet
+
+
 def test_compare_pairs_each_prompt_with_itself():
     before = {"step": 0, "prompts": 4, "values": {"reward": [0.1, 0.2, 0.3, 0.4], "only_first": [1.0] * 4}}
     after = {"step": 8, "prompts": 4, "values": {"reward": [0.2, 0.4, 0.3, float("nan")]}}
