@@ -3,6 +3,7 @@ models, and the experiment end to end. (They train in-process: seconds to a minu
 
 import json
 
+import pytest
 import yaml
 
 from longalign_rl.models import load_components, vae_scale_factor
