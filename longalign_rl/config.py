@@ -287,6 +287,13 @@ class RunConfig:
 
 REPORT_TO = ("tensorboard", "wandb", "mlflow")
 
+# The reference's LoRA layers (its injector: every Linear and Conv2d under a ResnetBlock2D,
+# an Attention or a GEGLU): the default's without the transformer blocks' proj_in /
+# proj_out and the feed-forward's output ff.net.2. SD v1.5 at rank 4: 224 layers and
+# 3.54 M parameters, against the default's 272 and 3.99 M (docs/reference_mode.md).
+REFERENCE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
+                          "conv1", "conv2", "conv_shortcut", "time_emb_proj")
+
 
 @dataclass(frozen=True)
 class Config:

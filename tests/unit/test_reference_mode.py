@@ -122,6 +122,31 @@ def test_the_two_modes_encode_differently_and_the_config_key_is_checked(tiny):
         SegmentEncoder(tiny.tokenizer, tiny.text_encoder, split="words")
 
 
+def test_reference_lora_targets_wrap_the_reference_layers_of_sd15():
+    """SD v1.5's architecture on the meta device (no weights): the reference's layer list
+    gives its 224 LoRA layers and 3.54 M parameters at rank 4, the default 272 and 3.99 M."""
+    from diffusers import UNet2DConditionModel
+
+    from longalign_rl.config import REFERENCE_LORA_TARGETS, LoRAConfig
+    from longalign_rl.lora import make_trainable
+    from longalign_rl.models import _read_config
+
+    def count(targets):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**_read_config("sd15-random", "unet"))
+        unet.requires_grad_(False)
+        make_trainable(unet, LoRAConfig(rank=4, alpha=4.0, target_modules=targets))
+        wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in unet.named_parameters() if ".lora_A." in n}
+        return wrapped, sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+    reference, reference_params = count(REFERENCE_LORA_TARGETS)
+    default, default_params = count(LoRAConfig().target_modules)
+    assert (len(reference), reference_params) == (224, 3_536_384)
+    assert (len(default), default_params) == (272, 3_985_664)
+    extra = {n.rsplit(".", 1)[-1] if "ff.net" not in n else "ff.net.2" for n in default - reference}
+    assert extra == {"proj_in", "proj_out", "ff.net.2"} and reference < default
+
+
 def test_pred_x0_mode_is_ddim_whose_last_step_returns_the_predicted_clean_latent(tiny):
     from longalign_rl.models import make_scheduler
 
