@@ -529,3 +529,11 @@ def test_the_longalign_rl_command(capsys):
     assert cli.main(["config", "train.lr=0.5"]) == 0 and "(this config: 0.5)" in capsys.readouterr().out
     assert cli.main(["no-such-command"]) == 2 and "longalign-rl train" in capsys.readouterr().err
     assert cli.main(["train", "train.stesp=1"]) == 2 and "did you mean 'train.steps'" in capsys.readouterr().err
+    # generate and evaluate are the modules' own mains, under the command's name
+    assert cli.main(["generate", "tiny", "--out", "/nonexistent/never-written"]) == 2
+    assert "no prompts" in capsys.readouterr().err
+    assert cli.main(["evaluate", "tiny", "--prompts", "/nonexistent/prompts.txt"]) == 2
+    assert "--prompts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert capsys.readouterr().out.startswith("usage: longalign-rl generate")
