@@ -58,15 +58,14 @@ def run_config(source: str):
 
 def score_model(pipe, prompts: list[str], seeds: list[int], reward, hooks, args) -> tuple[torch.Tensor, dict]:
     """Images [N, 3, H, W] and values {key: Tensor[N]} of one model."""
-    from longalign_rl.validation import score_images
+    from longalign_rl.validation import extend, score_images
 
     images, values = [], {}
     for i in range(0, len(prompts), args.batch_size):
         chunk = pipe.generate(prompts[i:i + args.batch_size], seeds[i:i + args.batch_size],
                               num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="pt").float()
         images.append(chunk.cpu())
-        for k, v in score_images(reward, hooks, chunk, prompts[i:i + args.batch_size]).items():
-            values[k] = torch.cat([values[k], v]) if k in values else v
+        extend(values, score_images(reward, hooks, chunk, prompts[i:i + args.batch_size]))
     return torch.cat(images), values
 
 
@@ -106,14 +105,13 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.evaluate") -> int:
     args = build_parser(prog).parse_args(argv)
-    from PIL import Image
-
     from longalign_rl.console import quiet_libraries
     from longalign_rl.hooks import load_metric_hooks
     from longalign_rl.pipeline import load
     from longalign_rl.prompts import load_prompts
     from longalign_rl.registry import get_reward
-    from longalign_rl.validation import compare, to_uint8
+    from longalign_rl.outputs import save_images, write_prompt_list
+    from longalign_rl.validation import compare
 
     quiet_libraries(verbose=False)
     try:
@@ -152,17 +150,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.eval
                                  "settings": {k: d[k] for k in ("num_steps", "guidance_scale", "resolution", "max_tokens")},
                                  "values": {k: [float(x) for x in v.tolist()] for k, v in values.items()}})
         if args.out:
-            folder = args.out / label
-            folder.mkdir(parents=True, exist_ok=True)
-            for i, pixels in enumerate(to_uint8(images)):
-                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+            save_images(images, args.out / label)
     if len(pipes) == 2:  # compare() sets the last record against the first
         first, last = ({"step": 0, "prompts": len(prompts), "values": m["values"]} for m in result["models"][::-1])
         result["comparison"] = compare([first, last])
     print(format_table(result))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "prompts.txt").write_text("".join(f"{i:03d}\tseed {s}\t{p}\n" for i, (p, s) in enumerate(zip(prompts, seeds))))
+        write_prompt_list(args.out / "prompts.txt", prompts, seeds)
         (args.out / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"every value in {args.out / 'evaluation.json'}, the images in {args.out}/<model>/")
     return 0

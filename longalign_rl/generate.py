@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.gene
     args = build_parser(prog).parse_args(argv)
     from longalign_rl.console import quiet_libraries
     from longalign_rl.models import DTYPES
-    from longalign_rl.outputs import save_image_grid
+    from longalign_rl.outputs import save_image_grid, save_images, write_prompt_list
     from longalign_rl.pipeline import load
 
     quiet_libraries(verbose=False)
@@ -63,14 +63,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.gene
     seeds = [args.seed + i for i in range(len(prompts))]
     images = pipe.generate(prompts, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
                            resolution=args.resolution, batch_size=args.batch_size, output_type="pt")
-    args.out.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
-    from longalign_rl.validation import to_uint8
-
-    for i, pixels in enumerate(to_uint8(images)):
-        Image.fromarray(pixels).save(args.out / f"{i:03d}.png")
-    (args.out / "prompts.txt").write_text("".join(f"{i:03d}\tseed {s}\t{p}\n" for i, (p, s) in enumerate(zip(prompts, seeds))))
+    save_images(images, args.out)
+    write_prompt_list(args.out / "prompts.txt", prompts, seeds)
     save_image_grid(images, prompts, args.out / "grid.png")
     d = pipe.longalign
     print(f"{len(prompts)} image(s) from {args.run} ({d['weights']} weights; {args.steps or d['num_steps']} DDIM steps, "

@@ -36,6 +36,26 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """images [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]."""
+    return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def save_images(images: torch.Tensor, folder: str | Path) -> None:
+    """Each image as folder/000.png, 001.png ..."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, pixels in enumerate(to_uint8(images)):
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+
+
+def write_prompt_list(path: str | Path, prompts: list[str], seeds: list[int]) -> None:
+    """One line per sample: index, seed and prompt, tab-separated (validation, generate, evaluate)."""
+    Path(path).write_text("".join(f"{i:03d}\tseed {s}\t{p}\n" for i, (p, s) in enumerate(zip(prompts, seeds))))
+
+
 def save_image_grid(images: torch.Tensor, prompts: list[str], path: str | Path) -> Path:
     """images [B,3,H,W] in [0,1] -> one PNG grid, and the prompts in a .txt beside it."""
     from PIL import Image
@@ -46,7 +66,7 @@ def save_image_grid(images: torch.Tensor, prompts: list[str], path: str | Path) 
     cols = math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)
     grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    pixels = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    pixels = to_uint8(images)
     for i in range(b):
         r, c = divmod(i, cols)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = pixels[i]

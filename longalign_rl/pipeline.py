@@ -134,7 +134,7 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
             raise ValueError(f"like={str(like)!r} is not a run directory (no config.yaml and metrics.jsonl)")
         other = load_config(Path(like) / "config.yaml")
         cfg = dataclasses.replace(cfg, sampler=other.sampler, prompts=other.prompts)
-    parts = load_components(model or cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision)
+    parts = load_components(model, seed=cfg.model.random_seed, revision=cfg.model.revision)
     kind, where = weights
     if kind == "checkpoint":
         from safetensors.torch import load_file
@@ -166,7 +166,7 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
         pipe.to(dtype=dtype)
     pipe.segment_encoder = SegmentEncoder(pipe.tokenizer, pipe.text_encoder, max_tokens=max_tokens or cfg.prompts.max_tokens,
                                           pack_segments=cfg.prompts.pack_segments, split=cfg.prompts.split)
-    native = weights[0] == "base" and like is None  # a model alone: its own size
+    native = kind == "base" and like is None  # a model alone: its own size
     pipe.longalign = {"source": source, "weights": kind, "from": str(where) if where else None,
                       "num_steps": cfg.sampler.num_steps, "guidance_scale": cfg.sampler.guidance_scale,
                       "resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor if native

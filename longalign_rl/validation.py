@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from longalign_rl.hooks import run_metric_hooks
+from longalign_rl.outputs import save_images, write_prompt_list
 from longalign_rl.prompts import load_prompts
 from longalign_rl.registry import check_reward_output
 from longalign_rl.types import RewardOutput
@@ -86,17 +87,24 @@ def alone(reward):
             part.sync_direction = True
 
 
-def score_images(reward, hooks, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+def score_images(reward, hooks, images: torch.Tensor, prompts: list[str],
+                 scored: RewardOutput | None = None) -> dict[str, torch.Tensor]:
     """The values a validation (or `longalign_rl.evaluate`) records for one batch: the
-    reward's total and parts (`reward` may be None) and every metric hook's, [B] each."""
-    values: dict[str, torch.Tensor] = {}
-    if reward is not None:
+    reward's total and parts (`reward` may be None; `scored`: its output computed elsewhere,
+    by the reward actors) and every metric hook's, [B] each."""
+    if scored is None and reward is not None:
         with alone(reward), torch.no_grad():
-            out = reward(images, prompts)
-        check_reward_output(out, len(prompts), f"{type(reward).__module__}.{type(reward).__qualname__}")
-        values.update(reward_values(out))
+            scored = reward(images, prompts)
+        check_reward_output(scored, len(prompts), f"{type(reward).__module__}.{type(reward).__qualname__}")
+    values = reward_values(scored) if scored is not None else {}
     values.update(run_metric_hooks(hooks, images, prompts, reserved=values))
     return values
+
+
+def extend(values: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+    """Append one batch's values [b] to the values so far, key by key."""
+    for k, v in batch.items():
+        values[k] = torch.cat([values[k], v]) if k in values else v
 
 
 def _mean(values: list[float]) -> float:
@@ -108,16 +116,11 @@ def save(run_dir: str | Path, step: int, images: torch.Tensor, vset: ValidationS
          values: dict[str, torch.Tensor]) -> dict:
     """Write one validation (images [B, 3, H, W] in [0, 1], values {key: Tensor[B]}) and its
     grid beside step 0's; returns its record (also appended to validation.jsonl)."""
-    from PIL import Image
-
     run_dir = Path(run_dir)
-    folder = run_dir / FOLDER / f"step_{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
+    save_images(images, run_dir / FOLDER / f"step_{step:06d}")
     listing = run_dir / FOLDER / "prompts.txt"
     if not listing.is_file():
-        listing.write_text("".join(f"{i:03d}\tseed {s}\t{p}\n" for i, (p, s) in enumerate(zip(vset.prompts, vset.seeds))))
-    for i, pixels in enumerate(to_uint8(images)):
-        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+        write_prompt_list(listing, vset.prompts, vset.seeds)
     record = {"step": step, "prompts": len(vset.prompts),
               "means": {k: _mean(v.tolist()) for k, v in values.items()},
               "values": {k: [float(x) for x in v.tolist()] for k, v in values.items()}}
@@ -128,10 +131,6 @@ def save(run_dir: str | Path, step: int, images: torch.Tensor, vset: ValidationS
     with (run_dir / FILE).open("a") as f:
         f.write(json.dumps(record, allow_nan=True) + "\n")
     return record
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def read(run_dir: str | Path) -> list[dict]:

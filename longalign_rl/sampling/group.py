@@ -134,7 +134,7 @@ class SamplerGroup:
                 latents, drawn = ray.get(actor.generate.remote(prompts, seeds, self.cfg.train.batch_size))
                 if drawn != version:
                     ray.get(actor.set_weights.remote(ray.put(weights_fn()), version))
-                    latents, drawn = ray.get(actor.generate.remote(prompts, seeds, self.cfg.train.batch_size))
+                    latents, _ = ray.get(actor.generate.remote(prompts, seeds, self.cfg.train.batch_size))
                 return latents
             except ray.exceptions.RayActorError as e:
                 errors.append(type(e).__name__)

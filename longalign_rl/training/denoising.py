@@ -141,7 +141,6 @@ class Denoising:
         self.scheduler_config = parts.scheduler_config  # validation's DDIM: the model's own settings
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
         self.hooks = load_metric_hooks(cfg.run.metrics)
-        self.validated = -1  # the last step validated
 
     def validate(self, step: int) -> None:
         """Rank 0 alone: the validation prompts drawn by its own UNet (dropout off) from their
@@ -162,14 +161,15 @@ class Denoising:
                 with torch.no_grad():
                     chunk = decode(self.vae, latents.to(ctx.device)).float()
                 images.append(chunk.cpu())
-                for k, v in validation.score_images(None, self.hooks, chunk, prompts).items():
-                    values[k] = torch.cat([values[k], v]) if k in values else v
+                validation.extend(values, validation.score_images(None, self.hooks, chunk, prompts))
         finally:
             unet.train()
         validation.save(ctx.run_dir, step, torch.cat(images), vset, values)
         self.validated = step
 
     def start(self, state: TrainerState) -> None:
+        # the last step done and the last validated (a resumed run's start counts as seen)
+        self.step_done = self.validated = state.step
         if self.validation:
             validation.truncate_after(self.ctx.run_dir, state.step)
             if state.step == 0:
@@ -214,7 +214,7 @@ class Denoising:
         return StepOutput(stats, extra)
 
     def export(self) -> None:
-        if self.validation and self.validated != getattr(self, "step_done", self.validated):
+        if self.validation and self.validated != self.step_done:
             self.validate(self.step_done)  # the data ended before train.steps
         save_merged_model(self.cfg, self.ctx.trainable_weights(), self.ctx.run_dir / "model")
         log.info("wrote the merged model %s", self.ctx.run_dir / "model")

@@ -141,14 +141,11 @@ class SamplerFed:
         values: dict[str, torch.Tensor] = {}
         for i in range(0, len(images), batch):
             chunk, prompts = images[i:i + batch], vset.prompts[i:i + batch]
+            scored = None
             if self.reward is None:  # the reward lives in the reward actors
                 rewards = self.client.rewards
-                out = rewards.get(rewards.submit(chunk.cpu(), prompts)).output
-                part = {**validation.reward_values(out), **run_metric_hooks(self.hooks, chunk, prompts)}
-            else:
-                part = validation.score_images(self.reward, self.hooks, chunk, prompts)
-            for k, v in part.items():
-                values[k] = torch.cat([values[k], v]) if k in values else v
+                scored = rewards.get(rewards.submit(chunk.cpu(), prompts)).output
+            validation.extend(values, validation.score_images(self.reward, self.hooks, chunk, prompts, scored))
         return validation.save(ctx.run_dir, step, images.cpu(), vset, values)
 
     def export(self) -> None:
