@@ -31,7 +31,9 @@ class HFClipBackend(ClipBackend):
             texts,
             padding="max_length",
             max_length=self.model.config.text_config.max_position_embeddings,
-            truncation=True,  # never cuts: segments are at most 75 word tokens
+            # Cuts only with split="reference", whose pieces may exceed 75 word tokens:
+            # their tail is dropped, as in the reference.
+            truncation=True,
             return_tensors="pt",
         ).to(self.image_mean.device)
         features = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)

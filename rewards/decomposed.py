@@ -9,6 +9,9 @@ reward for long prompts:
   text-irrelevant part, and the text-irrelevant part is down-weighted by
   `text_irrelevant_weight` (w): total = f·(t - (t·v)v) + w (t·v)(f·v).
 
+For a paper-exact run, `split="reference"` and `crop="reference"` score as the reference
+code's stage 2 does (its prompt split, truncated at 77 tokens; its random 504/512 crop).
+
 Pure torch (no ray, no deepspeed). The text and image towers are frozen; gradients flow
 from the reward to the images.
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longalign_rl.encoding.segments import split_segments
+from longalign_rl.encoding.segments import SPLITS, split_segments
 from longalign_rl.registry import Reward, RewardOutput
 
 # OpenAI CLIP's pixel statistics, used by every model here unless its config says otherwise.
@@ -30,6 +33,11 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DIRECTIONS = ("batch", "corpus")
 SEGMENT_POOLINGS = ("mean", "mean_renorm")
+# How images are cropped to the model's input: CLIP's own centre crop, or the reference's.
+CROPS = ("center", "reference")
+# The reference crops 504 px of its 512 px images (a small random shift); as a fraction of
+# the shorter side, so that any image size gets the same relative crop.
+REFERENCE_CROP_FRACTION = 504 / 512
 
 
 def decomposed_score(
@@ -108,20 +116,43 @@ class ClipBackend(torch.nn.Module):
         """Texts that fit one encoder call -> L2-normalised text embeddings [N,D]."""
         raise NotImplementedError
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, crop: str = "center") -> torch.Tensor:
         """Images [B,3,H,W] in [0,1] -> the model's input, differentiably.
 
-        As CLIP's image processor does: resize the shorter side to the model's size
-        (bicubic, antialiased), centre-crop, normalise with the model's mean and std.
+        crop="center", as CLIP's image processor does: resize the shorter side to the
+        model's size (bicubic, antialiased), centre-crop. crop="reference", as the
+        reference's stage 2 does: `reference_crop`. Then normalise with the model's mean
+        and std.
         """
+        if crop == "reference":
+            x = self.reference_crop(images)
+        elif crop == "center":
+            x = self.center_crop(images)
+        else:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        return (x - self.image_mean[:, None, None]) / self.image_std[:, None, None]
+
+    def center_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize the shorter side to the model's size (bicubic, antialiased), centre-crop."""
         h, w = self.image_size
         height, width = images.shape[-2:]
         scale = max(h / height, w / width)
         size = (max(h, round(height * scale)), max(w, round(width * scale)))
         x = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
         top, left = (size[0] - h) // 2, (size[1] - w) // 2
-        x = x[..., top : top + h, left : left + w]
-        return (x - self.image_mean[:, None, None]) / self.image_std[:, None, None]
+        return x[..., top : top + h, left : left + w]
+
+    def reference_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """The reference's torchvision RandomCrop((504, 504)) then Resize(model size) on a
+        batch: one square crop of side round(504/512 of the shorter side) at one random
+        offset for the whole batch, drawn by torchvision from torch's global RNG (so a seed
+        gives the reference's offsets), then a bilinear antialiased resize."""
+        from torchvision.transforms import RandomCrop
+
+        side = round(min(images.shape[-2:]) * REFERENCE_CROP_FRACTION)
+        top, left, _, _ = RandomCrop.get_params(images, (side, side))
+        x = images[..., top : top + side, left : left + side]
+        return F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
 
 
 class ClipTypeReward(Reward):
@@ -135,6 +166,14 @@ class ClipTypeReward(Reward):
     direction_path: a .safetensors file with key "direction" [D], from
         `python -m longalign_rl.direction`; only with direction="corpus".
     segment_pooling: "mean" (reference) or "mean_renorm" (the mean, L2-normalised).
+    split: how a prompt is cut into the reward's segments. "sentences": this project's
+        split, nothing lost (`split_segments`). "reference": the reference's rule
+        (`split_reference`); the text encoder's truncation at 77 tokens then drops the tail
+        of a piece over 75 tokens, as in the reference.
+    crop: how images become the model's input. "center": CLIP's image processor (resize,
+        centre crop). "reference": the reference's random crop of 504/512 of the shorter
+        side, one offset per call from torch's global RNG, then a bilinear resize
+        (`ClipBackend.reference_crop`).
     sync_direction: with direction="batch", all-reduce v over the trainer workers (True,
         the reference). False for a reward that one process calls alone inside a
         distributed program (evaluation on rank 0), where an all-reduce would hang.
@@ -151,6 +190,8 @@ class ClipTypeReward(Reward):
         direction_path: str | None = None,
         segment_pooling: str = "mean",
         sync_direction: bool = True,
+        split: str = "sentences",
+        crop: str = "center",
     ):
         super().__init__()
         if isinstance(text_irrelevant_weight, bool) or not isinstance(text_irrelevant_weight, (int, float)):
@@ -162,6 +203,10 @@ class ClipTypeReward(Reward):
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         if segment_pooling not in SEGMENT_POOLINGS:
             raise ValueError(f"segment_pooling must be one of {SEGMENT_POOLINGS}, got {segment_pooling!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         if direction == "corpus" and direction_path is None:
             raise ValueError("direction_path is required with direction='corpus'")
         if direction == "batch" and direction_path is not None:
@@ -172,6 +217,8 @@ class ClipTypeReward(Reward):
         self.direction = direction
         self.segment_pooling = segment_pooling
         self.sync_direction = bool(sync_direction)
+        self.split = split
+        self.crop = crop
         if direction == "corpus":
             v = load_direction(direction_path, backend.embed_dim)
             self.register_buffer("corpus_direction", v, persistent=False)
@@ -184,7 +231,7 @@ class ClipTypeReward(Reward):
 
     def segments(self, prompt: str) -> list[str]:
         """The prompt's segments; an empty prompt is one empty segment, so it still has a t."""
-        return split_segments(prompt, self.backend.count_tokens) or [""]
+        return split_segments(prompt, self.backend.count_tokens, split=self.split) or [""]
 
     @torch.no_grad()  # the text side is frozen and never needs a graph
     def _segment_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
@@ -204,7 +251,7 @@ class ClipTypeReward(Reward):
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings f [B,D] float32, differentiable w.r.t. `images`."""
         dtype = next(self.backend.parameters()).dtype
-        return self.backend.encode_images(self.backend.preprocess(images).to(dtype)).float()
+        return self.backend.encode_images(self.backend.preprocess(images, self.crop).to(dtype)).float()
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
         if images.ndim != 4 or images.shape[1] != 3:
