@@ -17,19 +17,24 @@ from __future__ import annotations
 import torch
 
 from longalign_rl.registry import check_reward_output
-from longalign_rl.sampling.ddim import guided_eps
+from longalign_rl.sampling.ddim import dropout_masks, dropout_seed, guided_eps
 from longalign_rl.types import RewardOutput, Rollout
 from longalign_rl.vae import decode
 
 
-def replay_final_latents(unet, rollout: Rollout, guidance_scale: float) -> torch.Tensor:
-    """The rollout's final latents as a function of the UNet's weights (with gradient)."""
+def replay_final_latents(unet, rollout: Rollout, guidance_scale: float, train_mode: bool = False) -> torch.Tensor:
+    """The rollout's final latents as a function of the UNet's weights (with gradient).
+    `train_mode` (sampler.train_mode): the rollout was sampled with the LoRA's dropout on,
+    so each replayed call draws that step's masks again (ddim.dropout_masks); otherwise
+    dropout is off, as it was in the sampler."""
     device = next(unet.parameters()).device
     cond, uncond = rollout.cond.to(device), rollout.uncond.to(device)
     latents = rollout.final_latents.to(device)
     for k, t in enumerate(rollout.grad_timesteps.tolist()):
         x_k = rollout.grad_latents[:, k].to(device)  # a recorded tensor: no graph behind it
-        eps_k = guided_eps(unet, x_k, t, cond, uncond, guidance_scale)
+        seed = dropout_seed(rollout.seed, rollout.grad_indices[k]) if train_mode else None
+        with dropout_masks(unet, seed):
+            eps_k = guided_eps(unet, x_k, t, cond, uncond, guidance_scale)
         recorded = rollout.grad_eps[:, k].to(device)
         latents = latents + float(rollout.coeffs[k]) * (eps_k.to(latents.dtype) - recorded)
     return latents
@@ -76,9 +81,11 @@ def segment_score_stats(segment_scores: list[torch.Tensor] | None) -> dict[str, 
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in stats.items()}
 
 
-def reward_backprop_step(unet, vae, reward, rollout: Rollout, guidance_scale: float):
-    """Loss (with graph) and per-sample statistics for one rollout."""
-    latents = replay_final_latents(unet, rollout, guidance_scale)
+def reward_backprop_step(unet, vae, reward, rollout: Rollout, guidance_scale: float, train_mode: bool = False):
+    """Loss (with graph) and per-sample statistics for one rollout. `replay_error`, the
+    largest |replayed - recorded| final latent, is what the policy lag (and the precision
+    of the two sides' arithmetic) changed: dropout is the sampler's, draw for draw."""
+    latents = replay_final_latents(unet, rollout, guidance_scale, train_mode)
     replay_error = (latents.detach() - rollout.final_latents.to(latents.device)).abs().max()
     out, finite = score(reward, decode(vae, latents), rollout.prompts)
     stats = {"reward": out.total.detach().float()[finite], "replay_error": replay_error.reshape(1).float(),

@@ -13,7 +13,40 @@ Pure torch: no ray, no deepspeed.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def dropout_seed(sample_seed: int, step: int) -> int:
+    """The seed of the dropout masks of one chain's UNet call at DDIM step `step`: the same in
+    the sampler that drew the chain and in the trainer that replays the step."""
+    return (int(sample_seed) * 1_000_003 + int(step)) % (2**63 - 1)
+
+
+@contextlib.contextmanager
+def dropout_masks(unet, seed: int | None):
+    """Inside: every dropout layer of `unet` (the LoRA's) active with masks drawn from `seed`,
+    or inactive when `seed` is None; the layers' modes and the global RNG are restored after.
+
+    `sampler.train_mode` samples as the reference does, with the LoRA's dropout on; the
+    trainer then replays a step under the same seed, so that its UNet call draws the same
+    masks (same batch, same call) and the replay stays exact. Without train_mode both sides
+    run without dropout, for the same reason. Activation checkpointing restores the RNG
+    state before recomputing, so the backward pass sees the same masks too."""
+    layers = [m for m in unet.modules() if isinstance(m, torch.nn.Dropout)]
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.train(seed is not None)
+    device = next(unet.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield
+    finally:
+        for m, mode in zip(layers, modes):
+            m.train(mode)
 
 
 def guided_eps(unet, latents, timestep, cond, uncond, guidance_scale: float) -> torch.Tensor:

@@ -16,7 +16,8 @@ import torch
 from longalign_rl.config import PromptConfig, SamplerConfig
 from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.models import DTYPES, Components, make_scheduler, vae_scale_factor
-from longalign_rl.sampling.ddim import grad_step_indices, guided_eps, replay_coefficients, step_coefficients
+from longalign_rl.sampling.ddim import (dropout_masks, dropout_seed, grad_step_indices, guided_eps,
+                                        replay_coefficients, step_coefficients)
 from longalign_rl.sampling.stochastic import step_log_prob, step_mean, stochastic_coefficients
 from longalign_rl.types import Rollout, Trajectory
 
@@ -33,6 +34,7 @@ class Sampler:
         resolution: int,
         num_grad_steps: int,
         vae_scale_factor: int = 8,
+        train_mode: bool = False,
     ):
         self.unet = unet
         self.encoder = encoder
@@ -43,12 +45,18 @@ class Sampler:
             raise ValueError(f"resolution {resolution} is not a multiple of the VAE's scale factor {vae_scale_factor}")
         self.latent_size = resolution // vae_scale_factor  # SD's VAE: 8
         self.num_grad_steps = num_grad_steps
+        self.train_mode = train_mode  # sampler.train_mode: the LoRA's dropout on, seeded per call
         scheduler.set_timesteps(num_steps)
         self.a, self.b = step_coefficients(scheduler)
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    def dropout(self, seed: int, step: int):
+        """The dropout of the chain from `seed` at step `step` (ddim.dropout_masks): seeded
+        masks with train_mode, none without."""
+        return dropout_masks(self.unet, dropout_seed(seed, step) if self.train_mode else None)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int, policy_version: int = 0) -> Rollout:
@@ -68,7 +76,8 @@ class Sampler:
 
         grad_latents, grad_eps = [], []
         for i, t in enumerate(self.scheduler.timesteps):
-            eps = guided_eps(self.unet, latents, t, cond_d, uncond_d, self.guidance_scale)
+            with self.dropout(seed, i):
+                eps = guided_eps(self.unet, latents, t, cond_d, uncond_d, self.guidance_scale)
             if i in indices:
                 grad_latents.append(latents.cpu())
                 grad_eps.append(eps.cpu())
@@ -110,7 +119,8 @@ def generate_latents(sampler: "Sampler", prompts: list[str], seeds: list[int]) -
     shape = (sampler.unet.config.in_channels, sampler.latent_size, sampler.latent_size)
     latents = (initial_noise(seeds, shape) * sampler.scheduler.init_noise_sigma).to(sampler.device)
     for t in sampler.scheduler.timesteps:
-        eps = guided_eps(sampler.unet, latents, t, cond, uncond, sampler.guidance_scale)
+        with dropout_masks(sampler.unet, None):  # validation and inference: never dropout
+            eps = guided_eps(sampler.unet, latents, t, cond, uncond, sampler.guidance_scale)
         latents = sampler.scheduler.step(eps, t, latents, eta=0.0).prev_sample
     return latents.float().cpu()
 
@@ -145,7 +155,8 @@ def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: floa
     cond_d, uncond_d = cond.to(sampler.device), uncond.to(sampler.device)
     inputs, outputs, log_probs = [], [], []
     for i, t in enumerate(sampler.scheduler.timesteps):
-        eps = guided_eps(sampler.unet, x, t, cond_d, uncond_d, sampler.guidance_scale).float()
+        with sampler.dropout(seed, i):
+            eps = guided_eps(sampler.unet, x, t, cond_d, uncond_d, sampler.guidance_scale).float()
         mean = step_mean(x.float(), eps, float(a[i]), float(b[i]))
         noise = torch.randn(shape, generator=generator).to(sampler.device)
         x_next = mean + float(sigma[i]) * noise
@@ -180,4 +191,4 @@ def build_sampler(cfg: SamplerConfig, parts: Components, *, prompts: PromptConfi
     scheduler = make_scheduler(parts.scheduler_config, timestep_spacing=cfg.timestep_spacing, final=cfg.final)
     return Sampler(unet, encoder, scheduler, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                    resolution=cfg.resolution, num_grad_steps=cfg.num_grad_steps,
-                   vae_scale_factor=vae_scale_factor(parts.vae))
+                   vae_scale_factor=vae_scale_factor(parts.vae), train_mode=cfg.train_mode)

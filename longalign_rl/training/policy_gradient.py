@@ -61,8 +61,9 @@ class PolicyGradient(SamplerFed):
         self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count) if a.name == "ddpo" else None
         # Built before the checkpoint loads: the reference is the model the run started from.
         self.reference = self._make_reference() if a.kl_weight > 0 else None
-        # As sampled: LoRA dropout in the trainer would make the recomputed log-probability
-        # differ from the sampler's, and the first ratio differ from 1.
+        # As sampled: unseeded LoRA dropout in the trainer would make the recomputed
+        # log-probability differ from the sampler's, and the first ratio differ from 1; with
+        # sampler.train_mode each step's masks are drawn again from the sampler's seed.
         ctx.engine.module.eval()
 
     def _make_reference(self):
@@ -147,7 +148,7 @@ class PolicyGradient(SamplerFed):
                 for k in range(len(traj.indices)):
                     loss, step_stats = policy_step_loss(
                         ctx.engine, traj, k, advantages, cfg.sampler.guidance_scale, a.clip_range,
-                        a.advantage_clip, a.kl_weight, self.reference)
+                        a.advantage_clip, a.kl_weight, self.reference, train_mode=cfg.sampler.train_mode)
                     ctx.engine.backward(loss)
                     ctx.engine.step()
                     step_stats["loss"] = loss.detach().reshape(1).float()

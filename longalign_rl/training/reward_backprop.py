@@ -24,9 +24,10 @@ from longalign_rl.training.worker import StepOutput, run_worker
 from longalign_rl.types import Rollout
 
 
-def update(engine, vae, reward, rollout: Rollout, guidance_scale: float) -> dict[str, torch.Tensor]:
+def update(engine, vae, reward, rollout: Rollout, guidance_scale: float, train_mode: bool = False
+           ) -> dict[str, torch.Tensor]:
     """One micro-step of reward backpropagation through the DeepSpeed engine."""
-    loss, stats = reward_backprop_step(engine, vae, reward, rollout, guidance_scale)
+    loss, stats = reward_backprop_step(engine, vae, reward, rollout, guidance_scale, train_mode)
     engine.backward(loss)
     engine.step()
     stats["loss"] = loss.detach().reshape(1).float()
@@ -52,7 +53,8 @@ class RewardBackprop(SamplerFed):
 
             # UPDATE
             t = time.perf_counter()
-            step_stats = update(ctx.engine, self.vae, self.reward, rollout, cfg.sampler.guidance_scale)
+            step_stats = update(ctx.engine, self.vae, self.reward, rollout, cfg.sampler.guidance_scale,
+                                cfg.sampler.train_mode)
             train_time += time.perf_counter() - t
             replay_errors.append(step_stats.pop("replay_error"))
             self.observe(step, j, rollout.final_latents, rollout.prompts, step_stats)
