@@ -92,6 +92,28 @@ class PromptConfig:
 
 
 @dataclass(frozen=True)
+class T5BranchConfig:
+    """The T5 branch of the reference release (off by default; encoding/t5.py): the whole
+    prompt through a frozen T5 encoder and a TextAdapter, whose tokens follow the CLIP
+    segment tokens (reference: 240 + 240 = 480)."""
+
+    # "" = off; "tiny" (a test-sized random T5 with an offline tokenizer), a local folder or
+    # a hub id (reference: google-t5/t5-large).
+    encoder: str = ""
+    # The adapter's weights: a folder saved by TextAdapter.save_pretrained (the reference
+    # starts stage 1 from LaVi-Bridge's t5_unet/adapter); "" = the text_adapter/ of the
+    # model folder (model.pretrained) when it has one (stage 1's model/ does), else random.
+    adapter: str = ""
+    # T5 tokens of the whole prompt, cut or padded to this many (reference: 240).
+    max_tokens: int = 240
+    # The adapter's size between its two feed-forwards (reference: 896), when it starts random.
+    adapter_dim: int = 896
+    # Stage 1 trains the adapter with the UNet at this learning rate (null = train.lr: the
+    # reference's one AdamW, with the same warm-up); stage 2 keeps it frozen.
+    adapter_lr: float | None = None
+
+
+@dataclass(frozen=True)
 class SamplerConfig:
     # Ray sampler actors (no gradient); each trainer worker draws from actor rank % num_actors.
     num_actors: int = 6
@@ -120,6 +142,10 @@ class SamplerConfig:
     # step's predicted clean latent, as the reference decodes: the DDIM scheduler with
     # set_alpha_to_one, whose last step then returns exactly x0_pred). docs/reference_mode.md.
     final: str = "step"
+    # Sample with the LoRA's dropout active (train mode), as the reference's chain does; the
+    # dropout masks of a UNet call are drawn from a seed of the rollout and the step, which
+    # the trainer replays, so the replay stays exact. false = dropout off (eval mode).
+    train_mode: bool = False
 
 
 @dataclass(frozen=True)
@@ -304,6 +330,7 @@ class Config:
     # Stage 1's image-caption pairs.
     data: DataConfig = field(default_factory=DataConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    t5: T5BranchConfig = field(default_factory=T5BranchConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -636,6 +663,12 @@ def validate(cfg: Config) -> None:
              f"must be sentences or reference, got {cfg.prompts.split!r}")
     _require(not (cfg.prompts.split == "reference" and cfg.prompts.pack_segments), "prompts.pack_segments",
              "the reference split keeps its pieces as they are; packing needs prompts.split: sentences")
+    _require(cfg.t5.max_tokens >= 1, "t5.max_tokens", f"must be >= 1, got {cfg.t5.max_tokens}")
+    _require(cfg.t5.adapter_dim >= 1, "t5.adapter_dim", f"must be >= 1, got {cfg.t5.adapter_dim}")
+    _require(cfg.t5.adapter_lr is None or cfg.t5.adapter_lr > 0, "t5.adapter_lr",
+             f"must be > 0 (or null: train.lr), got {cfg.t5.adapter_lr}")
+    _require(bool(cfg.t5.encoder) or not cfg.t5.adapter, "t5.adapter",
+             "an adapter without its T5 encoder does nothing; set t5.encoder too")
     _require(s.final in ("step", "pred_x0"), "sampler.final", f"must be step or pred_x0, got {s.final!r}")
     _require(s.timestep_spacing in ("trailing", "leading", "linspace"), "sampler.timestep_spacing",
              f"must be trailing, leading or linspace, got {s.timestep_spacing!r}")

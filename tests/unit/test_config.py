@@ -323,7 +323,8 @@ def test_to_yaml_and_back_gives_an_equal_config(source, overrides, tmp_path):
     # to_dict is plain YAML data: lists, not tuples
     data = to_dict(cfg)
     assert isinstance(data["train"]["betas"], list) and isinstance(data["lora"]["target_modules"], list)
-    assert list(data) == ["stage", "model", "data", "prompts", "sampler", "reward", "algorithm", "lora", "train", "run"]
+    assert list(data) == ["stage", "model", "data", "prompts", "t5", "sampler", "reward", "algorithm", "lora", "train",
+                          "run"]
 
 
 def test_default_run_is_the_shapesworld_demo():
