@@ -6,9 +6,10 @@
     longalign-rl config [--config FILE] [key=value ...]               every key: type, default, value, meaning
     longalign-rl rewards                                               the rewards it knows, with their arguments
     longalign-rl direction ...                                         a CLIP-type reward's corpus direction
+    longalign-rl import-reference [--lora FILE] [--adapter DIR] --out DIR   the authors' checkpoints, converted
 
-`python -m longalign_rl.train` (and .generate, .evaluate, .direction) keep working; these
-are the same functions.
+`python -m longalign_rl.train` (and .generate, .evaluate, .direction, .reference_import) keep
+working; these are the same functions.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(f"longalign_rl.{command}").main(rest, prog=f"longalign-rl {command}")
+    if command == "import-reference":
+        from longalign_rl.reference_import import main as import_reference
+
+        return import_reference(rest, prog="longalign-rl import-reference")
     if command == "config":
         from longalign_rl.train import main as train
 

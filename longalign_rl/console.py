@@ -238,6 +238,7 @@ def outputs(run_dir: Path, cfg: Config, last_checkpoint: str | None) -> list[str
     run_dir = Path(run_dir)
     rows = []
     for name, what in (("lora", "LoRA for diffusers (pipe.load_lora_weights)"), ("unet", "fine-tuned UNet"),
+                       ("text_adapter", "trained T5 adapter (TextAdapter)"),
                        ("model", "the whole pipeline (from_pretrained)")):
         if (run_dir / name).is_dir():
             rows.append(f"{what:<44} {run_dir / name}")

@@ -1,20 +1,31 @@
-"""What trains: a peft LoRA on the UNet (the reference) or the whole UNet. Pure torch/peft.
+"""What trains: a peft LoRA on the UNet (the reference) or the whole UNet, and in stage 1 the
+T5 branch's TextAdapter beside it. Pure torch/peft.
 
 The same functions run in the trainer (which publishes its trainable weights) and in the
 sampler actors (which load them), so both sides agree on names by construction.
+
+The TextAdapter trains as a submodule of the UNet (`unet.text_adapter`): one DeepSpeed
+engine, one optimiser (its own learning rate, training/engine.py), one checkpoint. Its
+weights travel with the LoRA's under the prefix "text_adapter.", and leave the UNet again
+when it is exported or merged (`detach_adapter`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from longalign_rl.config import LoRAConfig
 
+ADAPTER = "text_adapter"  # the attribute (and weight-name prefix) of a trained T5 adapter
 
-def make_trainable(unet, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
-    """Add the LoRA adapter (or unfreeze the UNet) and return the trainable parameters."""
+
+def make_trainable(unet, cfg: LoRAConfig, adapter: torch.nn.Module | None = None) -> list[torch.nn.Parameter]:
+    """Add the LoRA adapter (or unfreeze the UNet) and return the trainable parameters.
+    `adapter`: the T5 branch's TextAdapter, trained too (stage 1); attached after the LoRA,
+    so that the LoRA's target names never match its layers."""
     if cfg.enabled:
         from peft import LoraConfig
 
@@ -29,7 +40,34 @@ def make_trainable(unet, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
         )
     else:
         unet.requires_grad_(True)
+    if adapter is not None:
+        setattr(unet, ADAPTER, adapter.to(next(unet.parameters()).device).requires_grad_(True))
     return [p for p in unet.parameters() if p.requires_grad]
+
+
+def attached_adapter(unet) -> torch.nn.Module | None:
+    """The trained T5 adapter on this UNet, if any."""
+    return getattr(unet, ADAPTER, None)
+
+
+def remove_adapter(unet) -> torch.nn.Module | None:
+    """Take the T5 adapter off the UNet (after its weights are loaded) and return it."""
+    adapter = attached_adapter(unet)
+    if adapter is not None:
+        delattr(unet, ADAPTER)
+    return adapter
+
+
+@contextlib.contextmanager
+def detach_adapter(unet):
+    """Inside, the UNet without its T5 adapter (what diffusers saves and merges); yields the
+    adapter (or None) and puts it back after."""
+    adapter = remove_adapter(unet)
+    try:
+        yield adapter
+    finally:
+        if adapter is not None:
+            setattr(unet, ADAPTER, adapter)
 
 
 def trainable_state_dict(unet, cfg: LoRAConfig) -> dict[str, torch.Tensor]:
@@ -38,15 +76,25 @@ def trainable_state_dict(unet, cfg: LoRAConfig) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(unet)
+        adapter = attached_adapter(unet)
+        if adapter is not None:
+            state.update({f"{ADAPTER}.{k}": v for k, v in adapter.state_dict().items()})
     else:
-        state = unet.state_dict()
+        state = unet.state_dict()  # the attached adapter's weights are among them
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def load_trainable_state_dict(unet, state: dict[str, torch.Tensor], cfg: LoRAConfig) -> None:
+    adapter_state = {k[len(ADAPTER) + 1:]: v for k, v in state.items() if k.startswith(ADAPTER + ".")}
+    if adapter_state and attached_adapter(unet) is None:
+        raise ValueError("these weights hold a trained T5 adapter (text_adapter.*), but this UNet has none attached: "
+                         "the run had a t5 section")
     if cfg.enabled:
         from peft.utils import set_peft_model_state_dict
 
+        state = {k: v for k, v in state.items() if not k.startswith(ADAPTER + ".")}
+        if adapter_state:
+            attached_adapter(unet).load_state_dict(adapter_state)
         result = set_peft_model_state_dict(unet, state)
         if result.unexpected_keys:
             raise ValueError(f"LoRA weights do not fit this UNet: unexpected {result.unexpected_keys[:3]}")
@@ -72,8 +120,19 @@ def export_for_diffusers(unet, cfg: LoRAConfig, directory: str | Path) -> Path:
         StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
                                                   unet_lora_adapter_metadata=metadata)
     else:
-        unet.save_pretrained(directory, safe_serialization=True)
+        with detach_adapter(unet):
+            unet.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def export_adapter(unet, directory: str | Path) -> Path | None:
+    """Write the trained T5 adapter as a TextAdapter folder (config.json + safetensors), if
+    the UNet has one; what `TextAdapter.from_pretrained` and `t5.adapter` load."""
+    adapter = attached_adapter(unet)
+    if adapter is None:
+        return None
+    adapter.save_pretrained(directory, safe_serialization=True)
+    return Path(directory)
 
 
 def merge_lora(unet) -> None:
@@ -88,5 +147,6 @@ def merge_lora(unet) -> None:
     """
     if not getattr(unet, "_hf_peft_config_loaded", False):
         raise ValueError("merge_lora: this UNet has no LoRA adapter to merge")
-    unet.fuse_lora()
-    unet.unload_lora()
+    with detach_adapter(unet):
+        unet.fuse_lora()
+        unet.unload_lora()

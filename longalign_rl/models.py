@@ -44,6 +44,8 @@ class Components:
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler_config: dict
+    # The T5 branch (encoding/t5.py T5Branch) when the config asks for one: `load_model`.
+    t5: object = None
 
 
 def builtin_models() -> list[str]:
@@ -193,6 +195,18 @@ def load_components(model: str, *, seed: int = 0, revision: str | None = None) -
         check_finite(parts, model)
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.requires_grad_(False).eval()
+    return parts
+
+
+def load_model(cfg) -> Components:
+    """`load_components` of a run config's model.pretrained, with the T5 branch of its t5
+    section attached as `parts.t5` (None when t5.encoder is empty)."""
+    from longalign_rl.encoding.t5 import build_t5_branch
+
+    m = cfg.model
+    parts = load_components(m.pretrained, seed=m.random_seed, revision=m.revision)
+    parts.t5 = build_t5_branch(cfg.t5, cross_attention_dim=parts.unet.config.cross_attention_dim,
+                               model=m.pretrained, seed=m.random_seed)
     return parts
 
 

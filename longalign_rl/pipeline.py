@@ -13,7 +13,8 @@ What `load` assembles from a run directory (its config.yaml):
   run's `lora/` (`load_lora_weights`) or full fine-tune `unet/`; `checkpoint=` takes a
   checkpoint's weights instead (a run in progress; the newest when nothing is exported yet);
 - the scheduler: DDIM on the model's noise schedule with the run's `sampler.timestep_spacing`;
-- the segment encoder: the run's `prompts.max_tokens` and `prompts.pack_segments`;
+- the segment encoder: the run's `prompts.max_tokens` and `prompts.pack_segments`, and its
+  T5 branch (`t5` section; stage 1's trained adapter, text_adapter/) when it had one;
 - the defaults of `generate`: the run's `sampler.num_steps`, `guidance_scale`, `resolution`.
 
 `generate(prompts, seeds)` draws prompt i from `initial_noise([seeds[i]])` with
@@ -33,7 +34,8 @@ from diffusers import StableDiffusionPipeline
 
 from longalign_rl.config import Config, ModelConfig, load_config
 from longalign_rl.encoding import SegmentEncoder
-from longalign_rl.lora import load_trainable_state_dict, make_trainable
+from longalign_rl.encoding.t5 import ADAPTER_FOLDER, build_t5_branch
+from longalign_rl.lora import load_trainable_state_dict, make_trainable, remove_adapter
 from longalign_rl.models import load_components, make_scheduler
 from longalign_rl.sampling.sampler import initial_noise
 
@@ -111,14 +113,16 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 def load(source: str | Path, *, checkpoint: str | Path | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype = torch.float32, max_tokens: int | None = None,
-         like: str | Path | None = None) -> LongPromptPipeline:
+         like: str | Path | None = None, t5: str | None = None) -> LongPromptPipeline:
     """The pipeline of a run directory (or of a model: a built-in or registered name, a
     diffusers folder, a hub id); see the module docstring. `checkpoint`: a checkpoint folder
     of the run (or its step) whose weights replace the exported ones. `max_tokens`
     overrides the run's. `like`: another run directory whose sampling and encoding
     settings (sampler.*, prompts.*) this pipeline takes, to compare a model with a run on
     equal terms. A model without a run samples at its UNet's native size (SD v1.5: 512
-    px) with the defaults of config.py (50 DDIM steps, guidance 7.5, 240 tokens)."""
+    px) with the defaults of config.py (50 DDIM steps, guidance 7.5, 240 tokens). `t5`: the
+    T5 encoder (t5.encoder: "tiny", a folder, a hub id) of a model that has a T5 branch,
+    whose adapter is the model folder's text_adapter/; a run directory names its own."""
     source = str(source)
     if is_run_dir(source):
         run_dir = Path(source)
@@ -129,6 +133,11 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
             raise ValueError(f"checkpoint= needs a run directory; {source!r} is a model (no config.yaml and metrics.jsonl)")
         cfg = Config(model=ModelConfig(pretrained=source))
         weights, model = ("base", None), source
+        if t5 is not None:
+            cfg = dataclasses.replace(cfg, t5=dataclasses.replace(cfg.t5, encoder=t5))
+        elif (Path(source) / ADAPTER_FOLDER / "config.json").is_file():
+            raise ValueError(f"{source} has a T5 branch ({ADAPTER_FOLDER}/): pass its T5 encoder as t5= "
+                             "(the reference's: google-t5/t5-large)")
     if like is not None:
         if not is_run_dir(like):
             raise ValueError(f"like={str(like)!r} is not a run directory (no config.yaml and metrics.jsonl)")
@@ -136,11 +145,19 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
         cfg = dataclasses.replace(cfg, sampler=other.sampler, prompts=other.prompts)
     parts = load_components(model, seed=cfg.model.random_seed, revision=cfg.model.revision)
     kind, where = weights
+    t5_cfg = cfg.t5
+    if cfg.stage == 1 and kind != "checkpoint" and is_run_dir(source) and (Path(source) / ADAPTER_FOLDER).is_dir():
+        t5_cfg = dataclasses.replace(t5_cfg, adapter=str(Path(source) / ADAPTER_FOLDER))  # the trained adapter
+    parts.t5 = build_t5_branch(t5_cfg, cross_attention_dim=parts.unet.config.cross_attention_dim, model=model,
+                               seed=cfg.model.random_seed)
     if kind == "checkpoint":
         from safetensors.torch import load_file
 
-        make_trainable(parts.unet, cfg.lora)
+        trained_adapter = parts.t5.adapter if parts.t5 is not None and cfg.stage == 1 else None
+        make_trainable(parts.unet, cfg.lora, trained_adapter)
         load_trainable_state_dict(parts.unet, load_file(where / "weights.safetensors"), cfg.lora)
+        if trained_adapter is not None:  # loaded: it runs in the encoder, not on the UNet
+            remove_adapter(parts.unet).requires_grad_(False).eval()
     elif kind == "unet":
         from diffusers import UNet2DConditionModel
 
@@ -160,17 +177,21 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
             pipe.load_lora_weights(where)
         finally:
             diffusers_logging.set_verbosity(level)
+    pipe.unet.eval()  # layers a LoRA added start in train mode: its dropout would act at inference
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype != torch.float32:  # the parts load in float32
         pipe.to(dtype=dtype)
+    t5_branch = parts.t5.to(pipe.device, pipe.text_encoder.dtype) if parts.t5 is not None else None
     pipe.segment_encoder = SegmentEncoder(pipe.tokenizer, pipe.text_encoder, max_tokens=max_tokens or cfg.prompts.max_tokens,
-                                          pack_segments=cfg.prompts.pack_segments, split=cfg.prompts.split)
+                                          pack_segments=cfg.prompts.pack_segments, split=cfg.prompts.split,
+                                          t5=t5_branch)
     native = kind == "base" and like is None  # a model alone: its own size
     pipe.longalign = {"source": source, "weights": kind, "from": str(where) if where else None,
                       "num_steps": cfg.sampler.num_steps, "guidance_scale": cfg.sampler.guidance_scale,
                       "resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor if native
-                      else cfg.sampler.resolution, "max_tokens": pipe.segment_encoder.max_tokens}
+                      else cfg.sampler.resolution, "max_tokens": pipe.segment_encoder.max_tokens,
+                      "t5": t5_cfg.encoder or None, "t5_tokens": t5_branch.max_tokens if t5_branch is not None else 0}
     return pipe
 
 

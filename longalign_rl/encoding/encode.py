@@ -95,10 +95,14 @@ def encode_prompts(
 
 
 class SegmentEncoder:
-    """A frozen tokenizer + text encoder with its pad vector, computed once and kept here."""
+    """A frozen tokenizer + text encoder with its pad vector, computed once and kept here.
+
+    `t5` (encoding/t5.py, the reference release's T5 branch): its adapter's tokens of the
+    whole prompt follow the CLIP segment tokens, [B, max_tokens + t5.max_tokens, hidden].
+    The adapter runs in the caller's grad mode (stage 1 trains it), the encoders never do."""
 
     def __init__(self, tokenizer, text_encoder, *, max_tokens: int = 240, pack_segments: bool = False,
-                 split: str = "sentences"):
+                 split: str = "sentences", t5=None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.tokenizer = tokenizer
@@ -106,18 +110,30 @@ class SegmentEncoder:
         self.max_tokens = max_tokens
         self.pack_segments = pack_segments
         self.split = split
+        self.t5 = t5
         self.pad = pad_vector(tokenizer, text_encoder)
-        self._uncond = self([""])
+        self._uncond_clip = self.clip([""])
+        self._uncond_t5 = t5.hidden_states([""]) if t5 is not None else None
 
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+    def clip(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The CLIP segment tokens alone: [B, max_tokens, hidden]."""
         return encode_prompts(
             prompts, self.tokenizer, self.text_encoder,
             max_tokens=self.max_tokens, pack_segments=self.pack_segments, pad=self.pad, split=self.split,
         )
 
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        clip = self.clip(prompts)
+        if self.t5 is None:
+            return clip
+        return torch.cat([clip, self.t5(prompts).to(clip.dtype)], dim=1)
+
     def uncond(self, batch_size: int) -> torch.Tensor:
-        """The unconditional embedding repeated: `[batch_size, max_tokens, hidden]`."""
-        return self._uncond.expand(batch_size, -1, -1)
+        """The unconditional embedding repeated: `[batch_size, tokens, hidden]`."""
+        uncond = self._uncond_clip
+        if self.t5 is not None:  # through the adapter now: stage 1 changes it
+            uncond = torch.cat([uncond, self.t5(hidden_states=self._uncond_t5).to(uncond.dtype)], dim=1)
+        return uncond.expand(batch_size, -1, -1)
 
     def segments(self, prompt: str) -> list[str]:
         return split_segments(prompt, token_counter(self.tokenizer), pack_segments=self.pack_segments, split=self.split)

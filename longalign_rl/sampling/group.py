@@ -26,7 +26,7 @@ import torch
 
 from longalign_rl.config import Config, from_dict, to_dict
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
-from longalign_rl.models import DTYPES, load_components
+from longalign_rl.models import DTYPES, load_model
 from longalign_rl.sampling.sampler import build_sampler, generate_latents, sample_trajectory
 from longalign_rl.types import Rollout, Trajectory
 from longalign_rl.vae import decode
@@ -47,8 +47,7 @@ class SamplerActor:
         self.cfg = from_dict(config)
         torch.set_num_threads(max(1, int(self.cfg.sampler.num_cpus)))
         device = torch.device("cuda" if self.cfg.sampler.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        m = self.cfg.model
-        parts = load_components(m.pretrained, seed=m.random_seed, revision=m.revision)
+        parts = load_model(self.cfg)
         make_trainable(parts.unet, self.cfg.lora)
         self.sampler = build_sampler(self.cfg.sampler, parts, prompts=self.cfg.prompts, device=device)
         self.sampler.unet.eval().requires_grad_(False)

@@ -179,15 +179,17 @@ def build_sampler(cfg: SamplerConfig, parts: Components, *, prompts: PromptConfi
     a DDIM scheduler on the model's noise schedule with `cfg.timestep_spacing`.
 
     `encoder`: how prompts are encoded; by default a SegmentEncoder of `prompts`
-    (max_tokens, pack_segments), a TruncatedEncoder for SD's plain 77-token baseline.
+    (max_tokens, pack_segments), with `parts.t5`'s tokens after the CLIP ones when the
+    model has a T5 branch; a TruncatedEncoder for SD's plain 77-token baseline.
     The modules are moved in place; their requires_grad flags are left as they are."""
     dtype = DTYPES[cfg.precision]
     unet = parts.unet.to(device, dtype)
     if encoder is None:
         prompts = prompts or PromptConfig()
+        t5 = parts.t5.to(device, dtype) if parts.t5 is not None else None
         encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder.to(device, dtype),
                                  max_tokens=prompts.max_tokens, pack_segments=prompts.pack_segments,
-                                 split=prompts.split)
+                                 split=prompts.split, t5=t5)
     scheduler = make_scheduler(parts.scheduler_config, timestep_spacing=cfg.timestep_spacing, final=cfg.final)
     return Sampler(unet, encoder, scheduler, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                    resolution=cfg.resolution, num_grad_steps=cfg.num_grad_steps,

@@ -40,8 +40,8 @@ from longalign_rl.config import Config, DataConfig
 from longalign_rl.data import ROWS_PER_BATCH, Pair, check_source, generate_batches, is_generator, load_batch
 from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.hooks import load_metric_hooks
-from longalign_rl.lora import load_trainable_state_dict, make_trainable, merge_lora
-from longalign_rl.models import DTYPES, Components, load_components, make_scheduler, vae_scale_factor
+from longalign_rl.lora import detach_adapter, load_trainable_state_dict, make_trainable, merge_lora
+from longalign_rl.models import DTYPES, Components, load_model, make_scheduler, vae_scale_factor
 from longalign_rl.sampling.sampler import Sampler, generate_latents
 from longalign_rl.training.checkpoint import TrainerState
 from longalign_rl.training.worker import StepOutput, WorkerContext, micro_seed, run_worker
@@ -103,24 +103,33 @@ def update(engine, vae, encoder: SegmentEncoder, scheduler, batch: dict, dropout
 def save_merged_model(cfg: Config, weights: dict[str, torch.Tensor], directory: Path) -> Path:
     """The base model with the trained weights merged into its UNet, as a diffusers folder
     (unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json) that
-    `models.load_components` and `StableDiffusionPipeline.from_pretrained` load.
+    `models.load_components` and `StableDiffusionPipeline.from_pretrained` load; with a T5
+    branch also text_adapter/, the trained adapter, which a stage 2 from this folder uses
+    (t5.adapter "" looks there).
 
     The parts are reloaded in float32, so the frozen ones are saved exactly as they came and
     the LoRA is merged into the float32 base weights whatever the training precision."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision)
-    make_trainable(parts.unet, cfg.lora)
+    parts = load_model(cfg)
+    make_trainable(parts.unet, cfg.lora, parts.t5.adapter if parts.t5 is not None else None)
     load_trainable_state_dict(parts.unet, weights, cfg.lora)
     if cfg.lora.enabled:
         merge_lora(parts.unet)
+    with detach_adapter(parts.unet) as adapter:
+        _save_pipeline(parts, directory)
+    if adapter is not None:
+        adapter.save_pretrained(directory / "text_adapter", safe_serialization=True)
+    return directory
+
+
+def _save_pipeline(parts: Components, directory: Path) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     pipeline = StableDiffusionPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
         scheduler=DDIMScheduler.from_config(parts.scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.save_pretrained(directory, safe_serialization=True)
-    return directory
 
 
 class Denoising:
@@ -134,9 +143,14 @@ class Denoising:
         self.ctx = ctx
         dtype = DTYPES[cfg.train.precision]
         self.vae = parts.vae.to(ctx.device, dtype)
+        # With a T5 branch its adapter is the one the engine trains (attached to the UNet):
+        # the encoder's output carries its graph, and validation sees its current weights.
+        t5 = parts.t5
+        if t5 is not None:
+            t5.encoder.to(ctx.device, dtype)
         self.encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder.to(ctx.device, dtype),
                                       max_tokens=cfg.prompts.max_tokens, pack_segments=cfg.prompts.pack_segments,
-                                      split=cfg.prompts.split)
+                                      split=cfg.prompts.split, t5=t5)
         self.scheduler = DDPMScheduler.from_config(parts.scheduler_config)
         self.scheduler_config = parts.scheduler_config  # validation's DDIM: the model's own settings
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None

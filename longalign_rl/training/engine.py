@@ -9,15 +9,16 @@ import math
 import torch
 
 from longalign_rl.config import Config
-from longalign_rl.lora import make_trainable
-from longalign_rl.models import Components, load_components
+from longalign_rl.lora import attached_adapter, make_trainable
+from longalign_rl.models import Components, load_model
 from longalign_rl.training.deepspeed_config import deepspeed_config, updates_per_step
 
 
-def prepare_unet(cfg: Config, unet, device: torch.device) -> list[torch.nn.Parameter]:
-    """Move the UNet to the device, add what trains (LoRA or everything), training mode."""
+def prepare_unet(cfg: Config, unet, device: torch.device, adapter=None) -> list[torch.nn.Parameter]:
+    """Move the UNet to the device, add what trains (LoRA or everything, and `adapter`, the
+    T5 branch's TextAdapter in stage 1), training mode."""
     unet = unet.to(device)
-    params = make_trainable(unet, cfg.lora)
+    params = make_trainable(unet, cfg.lora, adapter)
     unet.train()
     if cfg.train.activation_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -35,7 +36,13 @@ def make_engine(cfg: Config, unet, params: list[torch.nn.Parameter]):
     import deepspeed  # here, not at the top: the driver imports the worker modules, and never trains
 
     t = cfg.train
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, eps=t.eps)
+    groups: list[dict] = [{"params": params}]
+    adapter = attached_adapter(unet)
+    if adapter is not None:  # stage 1's T5 adapter: its own learning rate (t5.adapter_lr)
+        own = {id(p) for p in adapter.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in own]},
+                  {"params": [p for p in params if id(p) in own], "lr": cfg.t5.adapter_lr or t.lr}]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, eps=t.eps)
     # The scheduler advances once per optimiser update; the warm-up is counted in run steps.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(t.warmup_steps * updates_per_step(cfg)))
     engine, _, _, schedule = deepspeed.initialize(
@@ -48,11 +55,13 @@ def make_engine(cfg: Config, unet, params: list[torch.nn.Parameter]):
 def build_trainable(cfg: Config, device: torch.device) -> tuple[Components, object, object]:
     """The model's parts (frozen), and its UNet with what trains in a DeepSpeed engine.
 
-    Seeded by train.seed first, so every worker initialises the same LoRA."""
+    Seeded by train.seed first, so every worker initialises the same LoRA. With a T5 branch
+    (`parts.t5`), stage 1 trains its adapter too; stage 2 keeps it frozen (the samplers
+    encode the prompts, so the trainers never run it)."""
     torch.manual_seed(cfg.train.seed)
-    m = cfg.model
-    parts = load_components(m.pretrained, seed=m.random_seed, revision=m.revision)
-    engine, schedule = make_engine(cfg, parts.unet, prepare_unet(cfg, parts.unet, device))
+    parts = load_model(cfg)
+    adapter = parts.t5.adapter if parts.t5 is not None and cfg.stage == 1 else None
+    engine, schedule = make_engine(cfg, parts.unet, prepare_unet(cfg, parts.unet, device, adapter))
     return parts, engine, schedule
 
 

@@ -17,7 +17,8 @@ that is the algorithm's own.
       CKPT   every run.checkpoint_every steps and at the end, every worker reports to Ray Train
       STOP   when the driver was interrupted: checkpoint this step and stop (resumable)
     EXPORT   rank 0 writes lora/ (or unet/), from the fp32 master weights of a bf16/fp16
-             run, then whatever the body adds (stage 1: model/),
+             run (and text_adapter/ when stage 1 trained a T5 adapter), then whatever the
+             body adds (stage 1: model/),
              and summary.json: the body's summary_keys, first vs last window (summary.py)
 
 A body is a class `Body(ctx, parts, loop_config)` with `start(state)`, `step(step, state)
@@ -46,7 +47,7 @@ import torch.distributed as dist
 
 from longalign_rl.config import Config, from_dict, to_yaml
 from longalign_rl.console import WARNINGS_LOG
-from longalign_rl.lora import export_for_diffusers, trainable_state_dict
+from longalign_rl.lora import export_adapter, export_for_diffusers, trainable_state_dict
 from longalign_rl.models import Components
 from longalign_rl.outputs import STOP_REQUEST, STOPPED, MetricsLog
 from longalign_rl.summary import write_summary
@@ -349,6 +350,7 @@ def run_worker(loop_config: dict, make_body: type) -> None:
     with ctx.master_precision():  # a bf16/fp16 run exports its fp32 master weights
         if rank == 0:
             export_for_diffusers(engine.module, cfg.lora, run_dir / ("lora" if cfg.lora.enabled else "unet"))
+            export_adapter(engine.module, run_dir / "text_adapter")  # stage 1's trained T5 adapter, if any
             body.export()
     if rank == 0:
         write_summary(run_dir, body.summary_keys, cfg.global_batch)

@@ -4,7 +4,7 @@ inside functions) of longalign_rl/, rewards/ and shapesworld/:
     foundations   config, types, registry, encoding, models, vae, lora, prompts, data,
                   outputs, summary, hooks, direction, console, trackers, validation
     maths         sampling.ddim, sampling.stochastic, sampling.sampler, algorithms
-    inference     pipeline, generate, evaluate   (no ray: they run where Ray is not installed)
+    inference     pipeline, generate, evaluate, reference_import   (no ray: they run where Ray is not installed)
     distributed   sampling.group, reward_actors, training   (the only ones that import ray/deepspeed)
     entry         train, cli
 
@@ -24,7 +24,7 @@ LAYERS = {
     "foundations": ["config", "types", "registry", "encoding", "models", "vae", "lora", "prompts", "data",
                     "outputs", "summary", "hooks", "direction", "console", "trackers", "validation"],
     "maths": ["sampling.ddim", "sampling.stochastic", "sampling.sampler", "algorithms"],
-    "inference": ["pipeline", "generate", "evaluate"],
+    "inference": ["pipeline", "generate", "evaluate", "reference_import"],
     "distributed": ["sampling.group", "reward_actors", "training"],
     "entry": ["train", "cli"],
 }

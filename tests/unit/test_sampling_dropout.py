@@ -110,3 +110,21 @@ def test_policy_gradient_ratio_is_one_under_the_sampling_weights(tiny_parts, tra
         with torch.no_grad():
             _, stats = policy_step_loss(sampler.unet, traj, 0, advantages, 5.0, 1e-4, 5.0, train_mode=False)
         assert (stats["ratio"] - 1).abs().max() > 1e-3
+
+
+def test_the_inference_helper_never_drops(tiny_parts, tmp_path):
+    """A run's LoRA loaded by pipeline.load: the layers load_lora_weights adds start in train
+    mode, and with lora.dropout > 0 (the reference's 0.1) its images would be random."""
+    from longalign_rl.config import load_config, to_yaml
+    from longalign_rl.lora import export_for_diffusers
+    from longalign_rl.pipeline import load
+
+    sampler = lora_sampler(tiny_parts, train_mode=False)
+    cfg = load_config("configs/tiny.yaml", ["lora.dropout=0.5"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    (tmp_path / "metrics.jsonl").write_text("")
+    export_for_diffusers(sampler.unet, cfg.lora, tmp_path / "lora")
+    pipe = load(tmp_path, device="cpu")
+    assert pipe.longalign["weights"] == "lora" and not any(m.training for m in pipe.unet.modules())
+    first, second = (pipe.generate(PROMPTS[:1], [0], num_inference_steps=3, output_type="pt") for _ in range(2))
+    assert torch.equal(first, second)
