@@ -45,6 +45,8 @@ def build_parser(prog: str = "python -m longalign_rl.evaluate") -> argparse.Argu
     parser.add_argument("--checkpoint", help="a checkpoint of the run (folder or step) instead of its exported weights")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--t5", metavar="ENCODER", help="the T5 encoder of a model folder with a T5 branch "
+                        "(text_adapter/); a run directory names its own, and --against a model takes the run's")
     return parser
 
 
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.eval
             if cfg is None:
                 raise ValueError("--against base needs a run directory (its model.pretrained is the base)")
             against = cfg.model.pretrained
-        pipes = [(Path(args.run).name or args.run, load(args.run, checkpoint=args.checkpoint, device=args.device))]
+        pipes = [(Path(args.run).name or args.run,
+                  load(args.run, checkpoint=args.checkpoint, device=args.device, t5=args.t5))]
         if against:
             label = Path(against).name or against
             like = args.run if cfg is not None else None  # sampled and encoded as the run is

@@ -32,6 +32,8 @@ def build_parser(prog: str = "python -m longalign_rl.generate") -> argparse.Argu
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--t5", metavar="ENCODER", help="the T5 encoder of a model folder with a T5 branch "
+                        "(text_adapter/), e.g. google-t5/t5-large; a run directory names its own")
     return parser
 
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.gene
     quiet_libraries(verbose=False)
     try:
         prompts = gather_prompts(args)
-        pipe = load(args.run, checkpoint=args.checkpoint, device=args.device, dtype=DTYPES[args.precision])
+        pipe = load(args.run, checkpoint=args.checkpoint, device=args.device, dtype=DTYPES[args.precision], t5=args.t5)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

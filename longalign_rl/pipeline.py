@@ -118,12 +118,17 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
     diffusers folder, a hub id); see the module docstring. `checkpoint`: a checkpoint folder
     of the run (or its step) whose weights replace the exported ones. `max_tokens`
     overrides the run's. `like`: another run directory whose sampling and encoding
-    settings (sampler.*, prompts.*) this pipeline takes, to compare a model with a run on
-    equal terms. A model without a run samples at its UNet's native size (SD v1.5: 512
+    settings (sampler.*, prompts.*; for a model, its t5 branch too) this pipeline takes, to
+    compare a model with a run on equal terms. A model without a run samples at its UNet's native size (SD v1.5: 512
     px) with the defaults of config.py (50 DDIM steps, guidance 7.5, 240 tokens). `t5`: the
     T5 encoder (t5.encoder: "tiny", a folder, a hub id) of a model that has a T5 branch,
     whose adapter is the model folder's text_adapter/; a run directory names its own."""
     source = str(source)
+    other = None
+    if like is not None:
+        if not is_run_dir(like):
+            raise ValueError(f"like={str(like)!r} is not a run directory (no config.yaml and metrics.jsonl)")
+        other = load_config(Path(like) / "config.yaml")
     if is_run_dir(source):
         run_dir = Path(source)
         cfg = load_config(run_dir / "config.yaml")
@@ -135,13 +140,12 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
         weights, model = ("base", None), source
         if t5 is not None:
             cfg = dataclasses.replace(cfg, t5=dataclasses.replace(cfg.t5, encoder=t5))
+        elif other is not None and other.t5.encoder:  # a run's base: encoded as the run is
+            cfg = dataclasses.replace(cfg, t5=other.t5)
         elif (Path(source) / ADAPTER_FOLDER / "config.json").is_file():
             raise ValueError(f"{source} has a T5 branch ({ADAPTER_FOLDER}/): pass its T5 encoder as t5= "
                              "(the reference's: google-t5/t5-large)")
-    if like is not None:
-        if not is_run_dir(like):
-            raise ValueError(f"like={str(like)!r} is not a run directory (no config.yaml and metrics.jsonl)")
-        other = load_config(Path(like) / "config.yaml")
+    if other is not None:
         cfg = dataclasses.replace(cfg, sampler=other.sampler, prompts=other.prompts)
     parts = load_components(model, seed=cfg.model.random_seed, revision=cfg.model.revision)
     kind, where = weights

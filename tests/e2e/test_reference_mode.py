@@ -97,3 +97,22 @@ def test_the_inference_helper_redraws_the_t5_runs_validation(runs):
     assert pipe1.longalign["weights"] == "merged" and pipe1.longalign["t5"] == "tiny"
     for a, b in zip(pipe1.segment_encoder.t5.adapter.state_dict().values(), trained.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_evaluate_compares_the_t5_run_with_its_base_encoded_alike(runs, tmp_path):
+    """`evaluate --against base`: the base is stage 1's model folder (with its adapter); it
+    takes the run's T5 encoder, as it takes its sampling settings. A model folder with a T5
+    branch alone needs --t5."""
+    from longalign_rl import evaluate, generate
+
+    stage1, stage2 = runs
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A red cube on the left. A blue ball? Two green squares.\nOne yellow circle.\n")
+    assert evaluate.main([str(stage2), "--prompts", str(prompts), "--against", "base", "--out", str(tmp_path / "ev"),
+                          "--no-reward", "--metrics", "tests.unit.test_hooks:brightness"]) == 0
+    result = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert [m["weights"] for m in result["models"]] == ["lora", "base"]
+    assert generate.main([str(stage1 / "model"), "a red cube.", "--out", str(tmp_path / "g"), "--steps", "2"]) == 2
+    assert generate.main([str(stage1 / "model"), "a red cube.", "--out", str(tmp_path / "g"), "--steps", "2",
+                          "--t5", "tiny"]) == 0
+    assert (tmp_path / "g" / "000.png").is_file()
