@@ -75,3 +75,16 @@ def test_algorithm_throughput_times_both_algorithms_side_by_side(tmp_path, monke
         assert s["step"] == pytest.approx(s["sample"] + s["score"] + s["update"], rel=0.5)
     assert setups["grpo (fraction 1)"]["score"] > 0  # grpo scores separately, without gradient
     assert "step / rb" in capsys.readouterr().out
+
+
+def test_replay_error_benchmark_separates_the_causes(monkeypatch, capsys):
+    """With the same weights the replay is exact (fp32, bf16, dropout as sampled); dropout
+    drawn afresh and one optimiser step are not."""
+    monkeypatch.setattr(sys, "argv", ["replay_error.py", "--model", "tiny", "--resolution", "64", "--lr", "1e-3"])
+    runpy.run_path(str(BENCHMARKS / "replay_error.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    result = json.loads(out[: out.index("\n}\n") + 2])
+    for floor in ("floor_fp32_train_mode", "floor_fp32_eval", "floor_bf16"):
+        assert result[floor] <= 1e-5, floor
+    assert result["dropout_unseeded"] > 1e-3 and result["lag_one_step"] > 1e-4
+    assert "x lag" in out

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from longalign_rl.config import ConfigError, load_config
+from longalign_rl.config import REFERENCE_LORA_TARGETS, ConfigError, load_config
 from longalign_rl.encoding import SegmentEncoder, encode_prompts, split_segments
 from longalign_rl.encoding.encode import pad_vector
 from longalign_rl.encoding.segments import split_reference
@@ -165,3 +165,40 @@ def test_pred_x0_mode_is_ddim_whose_last_step_returns_the_predicted_clean_latent
     # every earlier step is the same in both modes
     torch.testing.assert_close(pred.step(eps, pred.timesteps[3], x, eta=0.0).prev_sample,
                                step.step(eps, step.timesteps[3], x, eta=0.0).prev_sample)
+
+
+# Every key that tells the paper-exact mode from the default (docs/reference_mode.md), with
+# the reference's value; the reward's kwargs separately (their preset differs by size).
+REFERENCE_KEYS = {
+    ("prompts", "split"): "reference",
+    ("lora", "target_modules"): tuple(REFERENCE_LORA_TARGETS),
+    ("lora", "dropout"): 0.1,
+}
+STAGE2_KEYS = {
+    ("sampler", "final"): "pred_x0",
+    ("sampler", "train_mode"): True,
+    ("train", "max_policy_lag"): 0,
+}
+REWARD_KWARGS = {"split": "reference", "crop": "reference", "text_irrelevant_weight": 0.3, "direction": "batch"}
+
+
+@pytest.mark.parametrize("name,stage,full", [
+    ("longalign_reference_stage1.yaml", 1, True), ("longalign_reference.yaml", 2, True),
+    ("tiny_reference_stage1.yaml", 1, False), ("tiny_reference.yaml", 2, False)])
+def test_the_paper_exact_configs_select_every_reference_choice(name, stage, full):
+    """The SD v1.5 configs and their tiny twins (run end to end in
+    tests/e2e/test_reference_mode.py) set the same reference choices; only sizes differ."""
+    cfg = load_config(f"configs/{name}")
+    assert cfg.stage == stage
+    for (section, key), value in {**REFERENCE_KEYS, **(STAGE2_KEYS if stage == 2 else {})}.items():
+        assert getattr(getattr(cfg, section), key) == value, f"{name}: {section}.{key}"
+    assert cfg.t5.encoder == ("google-t5/t5-large" if full else "tiny")
+    assert cfg.lora.alpha == cfg.lora.rank  # the reference's LoRA scale is 1
+    if full:
+        assert (cfg.prompts.max_tokens, cfg.t5.max_tokens, cfg.t5.adapter_dim, cfg.lora.rank) == (240, 240, 896, 32)
+    if stage == 2:
+        assert cfg.reward.name == ("denscore" if full else "tiny_clip")
+        assert {k: cfg.reward.kwargs[k] for k in REWARD_KWARGS} == REWARD_KWARGS
+        assert cfg.t5.adapter == ""  # stage 1's model folder's text_adapter/
+    elif full:
+        assert cfg.global_batch == 192 and cfg.t5.adapter_lr == cfg.train.lr == 3e-5
