@@ -117,28 +117,53 @@ def check_model(cfg: Config) -> None:
         check_hub_model(cfg.model.pretrained, cfg.model.revision)
 
 
-def check_hub_model(repo_id: str, revision: str | None) -> None:
+def check_hub_model(repo_id: str, revision: str | None, key: str = "model.pretrained",
+                    filename: str = "model_index.json") -> None:
     """A hub id must be in the local hub cache or reachable on the hub now: otherwise every
     worker would fail later with a connection error."""
     import huggingface_hub
 
-    if huggingface_hub.try_to_load_from_cache(repo_id, "model_index.json", revision=revision) is not None:
+    if huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision) is not None:
         return
     try:
         huggingface_hub.model_info(repo_id, revision=revision, timeout=10)
     except Exception as e:
-        raise ConfigError(f"model.pretrained: {repo_id!r} is not a local folder, not in the hub cache, and the hub "
+        raise ConfigError(f"{key}: {repo_id!r} is not a local folder, not in the hub cache, and the hub "
                           f"cannot serve it ({type(e).__name__}: {str(e).splitlines()[0][:200]}); give a local "
-                          "diffusers folder or download the model first") from None
-    log.info("model.pretrained %r is a hub id: every process downloads it or reads the hub cache", repo_id)
+                          "folder or download the model first") from None
+    log.info("%s %r is a hub id: every process downloads it or reads the hub cache", key, repo_id)
+
+
+def check_t5(cfg: Config) -> None:
+    """The T5 branch's encoder and adapter exist (t5 section); a random adapter is said."""
+    from longalign_rl.encoding.t5 import ADAPTER_FOLDER
+
+    t5 = cfg.t5
+    if not t5.encoder:
+        return
+    if t5.encoder != "tiny":
+        if Path(t5.encoder).exists():
+            if not (Path(t5.encoder) / "config.json").is_file():
+                raise ConfigError(f"t5.encoder: {t5.encoder!r} is a path without config.json: not a T5 encoder folder")
+        else:
+            check_hub_model(t5.encoder, None, key="t5.encoder", filename="config.json")
+    if t5.adapter:
+        if not (Path(t5.adapter) / "config.json").is_file():
+            raise ConfigError(f"t5.adapter: {t5.adapter!r} holds no config.json of a TextAdapter "
+                              "(a folder saved by TextAdapter.save_pretrained)")
+    elif not (Path(cfg.model.pretrained) / ADAPTER_FOLDER / "config.json").is_file():
+        log.warning("t5: no adapter weights (t5.adapter is empty and model.pretrained has no %s/): the TextAdapter "
+                    "starts random%s", ADAPTER_FOLDER,
+                    "; stage 2 keeps it frozen, so train it in stage 1 first" if cfg.stage == 2 else "")
 
 
 def check_inputs(cfg: Config) -> list[Pair] | None:
     """Fail on the driver, before a run directory or a worker exists, for inputs that cannot
-    be used. Both stages: the model, the validation prompts and the metric hooks. Stage 1:
+    be used. Both stages: the model, its T5 branch, the validation prompts and the metric hooks. Stage 1:
     the data source (returns the pairs of a folder or manifest). Stage 2: the reward and
     the prompt source (bad lines are reported with their numbers)."""
     check_model(cfg)
+    check_t5(cfg)
     validation_set(cfg)  # the validation prompts: a bad run.validation fails here
     load_metric_hooks(cfg.run.metrics)
     if cfg.stage == 1:

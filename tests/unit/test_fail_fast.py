@@ -181,3 +181,13 @@ def test_a_resume_with_other_values_keeps_the_original_config(tmp_path):
     (tmp_path / "config.yaml").write_text(to_yaml(longer))  # what the workers write next
     train.keep_original_config(tmp_path, load_config(train.DEFAULT_CONFIG, ["train.steps=12"]))
     assert load_config(tmp_path / "config.original.yaml").train.steps == 4  # the first one stays
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["t5.encoder=nosuchorg/nosuch-t5"], "t5.encoder: 'nosuchorg/nosuch-t5' is not a local folder, not in the hub cache"),
+    (["t5.encoder=tiny", "t5.adapter=no/such/adapter"], "t5.adapter: 'no/such/adapter' holds no config.json"),
+    (["t5.encoder=README.md"], "t5.encoder: 'README.md' is a path without config.json"),
+])
+def test_a_t5_branch_that_cannot_load_exits_2_naming_the_key(tmp_path, capsys, overrides, message):
+    code, err = main(tmp_path, capsys, *overrides)
+    assert code == 2 and message in err, err

@@ -158,3 +158,39 @@ def test_t5_config_keys_are_checked():
         load_config(None, ["t5.encoder=tiny", "t5.max_tokens=0"])
     with pytest.raises(ConfigError, match="t5.adapter_lr"):
         load_config(None, ["t5.encoder=tiny", "t5.adapter_lr=0"])
+
+
+def test_real_weights_load_from_a_local_folder(tmp_path):
+    """t5.encoder as a folder (a downloaded google-t5/t5-large has this layout)."""
+    tokenizer, encoder = load_t5("tiny")
+    encoder.save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    tokenizer2, encoder2 = load_t5(str(tmp_path / "t5"))
+    ids = tokenizer2(PROMPTS, max_length=16, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, tokenizer(PROMPTS, max_length=16, padding="max_length", truncation=True,
+                                      return_tensors="pt").input_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder2(input_ids=ids).last_hidden_state, encoder(input_ids=ids).last_hidden_state)
+    assert not encoder2.training and not any(p.requires_grad for p in encoder2.parameters())
+
+
+def test_full_fine_tuning_exports_the_unet_without_the_adapter(t5_parts, tmp_path):
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    from longalign_rl.lora import export_adapter, export_for_diffusers
+
+    parts = copy.deepcopy(t5_parts)
+    cfg = LoRAConfig(enabled=False)
+    make_trainable(parts.unet, cfg, parts.t5.adapter)
+    state = trainable_state_dict(parts.unet, cfg)
+    assert any(k.startswith("text_adapter.") for k in state)
+    export_for_diffusers(parts.unet, cfg, tmp_path / "unet")
+    export_adapter(parts.unet, tmp_path / "text_adapter")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert set(unet.state_dict()) == {k for k in state if not k.startswith("text_adapter.")}
+    adapter = TextAdapter.from_pretrained(tmp_path / "text_adapter")
+    for k, v in adapter.state_dict().items():
+        assert torch.equal(v, state[f"text_adapter.{k}"])
+    assert getattr(parts.unet, ADAPTER) is parts.t5.adapter  # still attached after the export
