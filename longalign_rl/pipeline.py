@@ -119,8 +119,9 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
     of the run (or its step) whose weights replace the exported ones. `max_tokens`
     overrides the run's. `like`: another run directory whose sampling and encoding
     settings (sampler.*, prompts.*; for a model, its t5 branch too) this pipeline takes, to
-    compare a model with a run on equal terms. A model without a run samples at its UNet's native size (SD v1.5: 512
-    px) with the defaults of config.py (50 DDIM steps, guidance 7.5, 240 tokens). `t5`: the
+    compare a model with a run on equal terms. A model without a run samples at its UNet's
+    native size (SD v1.5: 512 px) with the defaults of config.py (50 DDIM steps, guidance
+    7.5, 240 tokens). `t5`: the
     T5 encoder (t5.encoder: "tiny", a folder, a hub id) of a model that has a T5 branch,
     whose adapter is the model folder's text_adapter/; a run directory names its own."""
     source = str(source)

@@ -294,11 +294,13 @@ def run_worker(loop_config: dict, make_body: type) -> None:
         checksum = trainable_checksum(engine.module)  # one pass serves the spread and the guard
         spread = weights_spread(checksum)
         elapsed = time.perf_counter() - t0
+        lrs = schedule.get_last_lr()  # a second group: stage 1's T5 adapter (t5.adapter_lr)
         record = {
             "step": step + 1,
             **means,
             "grad_norm": grad_norm(engine),
-            "lr": schedule.get_last_lr()[0],
+            "lr": lrs[0],
+            **({"lr/t5_adapter": lrs[1]} if len(lrs) > 1 else {}),
             "weights_spread": spread,  # must stay 0: every worker holds the same weights
             "samples_per_s": cfg.global_batch / elapsed,
             "time/step": elapsed,

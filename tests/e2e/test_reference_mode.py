@@ -53,8 +53,12 @@ def test_stage1_trains_the_t5_adapter_beside_the_lora(runs):
     weights = load_file(checkpoint / "weights.safetensors")
     assert any(k.startswith("text_adapter.") for k in weights) and any("lora_A" in k for k in weights)
     assert not any(k.startswith("text_adapter.") for k in load_file(stage1 / "lora" / "pytorch_lora_weights.safetensors"))
-    for m in read_metrics(stage1):
+    metrics = read_metrics(stage1)
+    for m in metrics:
         assert m["weights_spread"] == 0.0 and 0 < m["loss"] < 10
+    # the adapter's own learning rate (3e-3 against the LoRA's 1e-3), warmed up alike
+    assert metrics[-1]["lr"] == pytest.approx(1e-3) and metrics[-1]["lr/t5_adapter"] == pytest.approx(3e-3)
+    assert metrics[0]["lr/t5_adapter"] == pytest.approx(3 * metrics[0]["lr"])
 
 
 def test_stage2_replays_exactly_with_dropout_on_and_on_policy(runs):
