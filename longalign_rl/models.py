@@ -198,6 +198,21 @@ def load_components(model: str, *, seed: int = 0, revision: str | None = None) -
     return parts
 
 
+def save_model_folder(parts: Components, directory: str | Path) -> Path:
+    """The parts as a complete diffusers folder (unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/ with DDIM, model_index.json) that `load_components` and
+    `StableDiffusionPipeline.from_pretrained` load."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=DDIMScheduler.from_config(parts.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    return Path(directory)
+
+
 def load_model(cfg) -> Components:
     """`load_components` of a run config's model.pretrained, with the T5 branch of its t5
     section attached as `parts.t5` (None when t5.encoder is empty)."""

@@ -41,7 +41,7 @@ from longalign_rl.config import LoRAConfig
 from longalign_rl.encoding.t5 import ADAPTER_FOLDER, TextAdapter
 from longalign_rl.lora import export_for_diffusers, load_trainable_state_dict, make_trainable, merge_lora
 from longalign_rl.lora import trainable_state_dict
-from longalign_rl.models import load_components
+from longalign_rl.models import load_components, save_model_folder
 
 # The classes under which the reference's injector wraps every Linear and Conv2d
 # ("CrossAttention" is the name of diffusers' attention class before 0.15).
@@ -198,16 +198,9 @@ def import_reference(base: str, out: str | Path, *, lora: str | Path | None = No
         if text_adapter is not None:
             text_adapter.save_pretrained(tmp / ADAPTER_FOLDER, safe_serialization=True)
         if merge:
-            from diffusers import DDIMScheduler, StableDiffusionPipeline
-
             if state:
                 merge_lora(parts.unet)
-            # as training/denoising.py's save_merged_model writes stage 1's model/
-            StableDiffusionPipeline(
-                vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-                scheduler=DDIMScheduler.from_config(parts.scheduler_config),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            ).save_pretrained(tmp / "model", safe_serialization=True)
+            save_model_folder(parts, tmp / "model")  # as stage 1 writes its model/
             if model_adapter is not None:
                 model_adapter.save_pretrained(tmp / "model" / ADAPTER_FOLDER, safe_serialization=True)
         (tmp / "import.json").write_text(json.dumps(summary, indent=2) + "\n")

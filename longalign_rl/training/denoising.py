@@ -40,8 +40,9 @@ from longalign_rl.config import Config, DataConfig
 from longalign_rl.data import ROWS_PER_BATCH, Pair, check_source, generate_batches, is_generator, load_batch
 from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.hooks import load_metric_hooks
-from longalign_rl.lora import detach_adapter, load_trainable_state_dict, make_trainable, merge_lora
-from longalign_rl.models import DTYPES, Components, load_model, make_scheduler, vae_scale_factor
+from longalign_rl.encoding.t5 import ADAPTER_FOLDER
+from longalign_rl.lora import ADAPTER, export_adapter, load_trainable_state_dict, make_trainable, merge_lora
+from longalign_rl.models import DTYPES, Components, load_components, make_scheduler, save_model_folder, vae_scale_factor
 from longalign_rl.sampling.sampler import Sampler, generate_latents
 from longalign_rl.training.checkpoint import TrainerState
 from longalign_rl.training.worker import StepOutput, WorkerContext, micro_seed, run_worker
@@ -103,33 +104,19 @@ def update(engine, vae, encoder: SegmentEncoder, scheduler, batch: dict, dropout
 def save_merged_model(cfg: Config, weights: dict[str, torch.Tensor], directory: Path) -> Path:
     """The base model with the trained weights merged into its UNet, as a diffusers folder
     (unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json) that
-    `models.load_components` and `StableDiffusionPipeline.from_pretrained` load; with a T5
-    branch also text_adapter/, the trained adapter, which a stage 2 from this folder uses
-    (t5.adapter "" looks there).
+    `models.load_components` and `StableDiffusionPipeline.from_pretrained` load. A trained
+    T5 adapter's weights (text_adapter.*) are left out here: `Denoising.export` writes them
+    beside it, as model/text_adapter/.
 
     The parts are reloaded in float32, so the frozen ones are saved exactly as they came and
     the LoRA is merged into the float32 base weights whatever the training precision."""
-    parts = load_model(cfg)
-    make_trainable(parts.unet, cfg.lora, parts.t5.adapter if parts.t5 is not None else None)
-    load_trainable_state_dict(parts.unet, weights, cfg.lora)
+    parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision)
+    make_trainable(parts.unet, cfg.lora)
+    load_trainable_state_dict(parts.unet, {k: v for k, v in weights.items() if not k.startswith(ADAPTER + ".")},
+                              cfg.lora)
     if cfg.lora.enabled:
         merge_lora(parts.unet)
-    with detach_adapter(parts.unet) as adapter:
-        _save_pipeline(parts, directory)
-    if adapter is not None:
-        adapter.save_pretrained(directory / "text_adapter", safe_serialization=True)
-    return directory
-
-
-def _save_pipeline(parts: Components, directory: Path) -> None:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=DDIMScheduler.from_config(parts.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(directory, safe_serialization=True)
+    return save_model_folder(parts, directory)
 
 
 class Denoising:
@@ -230,7 +217,9 @@ class Denoising:
     def export(self) -> None:
         if self.validation and self.validated != self.step_done:
             self.validate(self.step_done)  # the data ended before train.steps
-        save_merged_model(self.cfg, self.ctx.trainable_weights(), self.ctx.run_dir / "model")
+        model_dir = save_merged_model(self.cfg, self.ctx.trainable_weights(), self.ctx.run_dir / "model")
+        # the trained T5 adapter, which a stage 2 from model/ takes (t5.adapter "" looks there)
+        export_adapter(self.ctx.engine.module, model_dir / ADAPTER_FOLDER)
         log.info("wrote the merged model %s", self.ctx.run_dir / "model")
 
 
