@@ -8,6 +8,12 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  # A full disk fails deep inside pip ("No space left on device") after minutes; say it first.
+  free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [ "$free_kb" -lt $((8 * 1024 * 1024)) ]; then
+    echo "setup_env.sh: a new .venv needs about 6.5 GB (8 GB with the tests' files); $(pwd) has $((free_kb / 1024)) MB free" >&2
+    exit 1
+  fi
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q "pip==26.3"
