@@ -20,6 +20,7 @@ file that open_clip ships (encoding/tokenizer.py), so token counts in tests are 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from dataclasses import dataclass
@@ -88,18 +89,50 @@ def load_pretrained(path_or_id: str, revision: str | None = None, unet_from: str
 
     kw = {"revision": revision} if revision else {}
     f32 = {"torch_dtype": torch.float32}
-    unet = UNet2DConditionModel.from_pretrained(unet_from or path_or_id, subfolder="unet", **f32,
-                                                **({} if unet_from else kw))
-    vae = AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **f32, **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path_or_id, subfolder="text_encoder", dtype=torch.float32, **kw)
-    local = Path(path_or_id)
-    if local.is_dir() and not (local / "tokenizer").is_dir():
-        tokenizer = build_clip_tokenizer()
-    else:
-        tokenizer = CLIPTokenizer.from_pretrained(path_or_id, subfolder="tokenizer", **kw)
-        check_clip_tokenizer(tokenizer, f"the tokenizer of {path_or_id}")
-    scheduler_config = dict(DDIMScheduler.load_config(path_or_id, subfolder="scheduler", **kw))
+    with unloadable(path_or_id, "a diffusers model"):
+        unet = UNet2DConditionModel.from_pretrained(unet_from or path_or_id, subfolder="unet", **f32,
+                                                    **({} if unet_from else kw))
+        vae = AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **f32, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path_or_id, subfolder="text_encoder", dtype=torch.float32, **kw)
+        local = Path(path_or_id)
+        if local.is_dir() and not (local / "tokenizer").is_dir():
+            tokenizer = build_clip_tokenizer()
+        else:
+            tokenizer = CLIPTokenizer.from_pretrained(path_or_id, subfolder="tokenizer", **kw)
+            check_clip_tokenizer(tokenizer, f"the tokenizer of {path_or_id}")
+        scheduler_config = dict(DDIMScheduler.load_config(path_or_id, subfolder="scheduler", **kw))
     return Components(unet, vae, text_encoder, tokenizer, scheduler_config)
+
+
+@contextlib.contextmanager
+def unloadable(source: str, what: str):
+    """An OSError from diffusers or transformers (a hub id that is neither cached nor
+    reachable, a file missing from a folder) as a ValueError naming `source`, so that
+    commands end with one line and exit status 2 instead of a traceback."""
+    try:
+        yield
+    except OSError as e:
+        where = ("a local folder" if Path(source).exists() else
+                 "not a local folder; as a hub id it is not in the hub cache and the hub cannot serve it")
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(f"{source!r} cannot be loaded as {what} ({where}): {cause}") from e
+
+
+def check_hub_model(repo_id: str, revision: str | None, key: str = "model.pretrained",
+                    filename: str = "model_index.json") -> None:
+    """ValueError naming `key`, unless the hub id is in the local hub cache or the hub answers
+    for it now: one quick request, instead of a load that retries each file for half a minute
+    (on the driver, before any worker would fail the same way)."""
+    import huggingface_hub
+
+    if huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision) is not None:
+        return
+    try:
+        huggingface_hub.model_info(repo_id, revision=revision, timeout=10)
+    except Exception as e:
+        raise ValueError(f"{key}: {repo_id!r} is not a local folder, not in the hub cache, and the hub "
+                         f"cannot serve it ({type(e).__name__}: {str(e).splitlines()[0][:200]}); give a local "
+                         "folder or download the model first") from None
 
 
 PARTS = ("unet", "vae", "text_encoder")  # each a subfolder with config.json and its weights
@@ -190,6 +223,8 @@ def load_components(model: str, *, seed: int = 0, revision: str | None = None) -
     else:
         if source.kind == "path":
             check_model_folder(Path(model))  # headers, sizes and finite values, before loading
+        else:
+            check_hub_model(model, revision)
         parts = load_pretrained(model, revision)
     if source.kind != "path":  # a folder's values were checked in its files already
         check_finite(parts, model)

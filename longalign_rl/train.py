@@ -106,7 +106,7 @@ def check_reward(cfg: Config, prompts: list[str]) -> None:
 
 def check_model(cfg: Config) -> None:
     """model.pretrained names something that exists; a local folder holds complete files."""
-    from longalign_rl.models import MODELS, check_model_folder
+    from longalign_rl.models import MODELS, check_hub_model, check_model_folder
     from longalign_rl.registry import resolve_source
 
     source = resolve_source(cfg.model.pretrained, key="model.pretrained", names=MODELS,
@@ -115,28 +115,14 @@ def check_model(cfg: Config) -> None:
         check_model_folder(Path(cfg.model.pretrained))
     elif source.kind == "hub":
         check_hub_model(cfg.model.pretrained, cfg.model.revision)
-
-
-def check_hub_model(repo_id: str, revision: str | None, key: str = "model.pretrained",
-                    filename: str = "model_index.json") -> None:
-    """A hub id must be in the local hub cache or reachable on the hub now: otherwise every
-    worker would fail later with a connection error."""
-    import huggingface_hub
-
-    if huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision) is not None:
-        return
-    try:
-        huggingface_hub.model_info(repo_id, revision=revision, timeout=10)
-    except Exception as e:
-        raise ConfigError(f"{key}: {repo_id!r} is not a local folder, not in the hub cache, and the hub "
-                          f"cannot serve it ({type(e).__name__}: {str(e).splitlines()[0][:200]}); give a local "
-                          "folder or download the model first") from None
-    log.info("%s %r is a hub id: every process downloads it or reads the hub cache", key, repo_id)
+        log.info("model.pretrained %r is a hub id: every process downloads it or reads the hub cache",
+                 cfg.model.pretrained)
 
 
 def check_t5(cfg: Config) -> None:
     """The T5 branch's encoder and adapter exist (t5 section); a random adapter is said."""
     from longalign_rl.encoding.t5 import ADAPTER_FOLDER
+    from longalign_rl.models import check_hub_model
 
     t5 = cfg.t5
     if not t5.encoder:

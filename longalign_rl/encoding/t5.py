@@ -63,8 +63,13 @@ def load_t5(encoder: str, seed: int = 0):
         model = T5EncoderModel(T5Config(**{k: v for k, v in config.items() if not k.startswith("_")}))
         tokenizer = AutoTokenizer.from_pretrained(CONFIG_DIR / "tiny" / "t5_tokenizer")
     else:
-        model = T5EncoderModel.from_pretrained(encoder, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(encoder)
+        from longalign_rl.models import check_hub_model, unloadable
+
+        if not Path(encoder).exists():
+            check_hub_model(encoder, None, key="t5.encoder", filename="config.json")
+        with unloadable(encoder, "a T5 encoder (t5.encoder)"):
+            model = T5EncoderModel.from_pretrained(encoder, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(encoder)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"t5.encoder: the tokenizer of {encoder!r} has no pad token")
     return tokenizer, model.requires_grad_(False).eval()

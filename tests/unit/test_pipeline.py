@@ -146,6 +146,18 @@ def test_generate_writes_images_and_their_prompts(run_dir, tmp_path, capsys):
     assert "no prompts" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("model, options, message", [
+    # no network here: the hub is asked once, not file by file with retries, and the key is named
+    ("nosuchorg/nosuchmodel", [], "model.pretrained: 'nosuchorg/nosuchmodel' is not a local folder, not in the hub cache"),
+    ("tiny", ["--t5", "nosuchorg/nosuch-t5"], "t5.encoder: 'nosuchorg/nosuch-t5' is not a local folder, not in the hub cache"),
+])
+def test_generate_with_a_model_that_cannot_be_loaded_exits_2_in_one_line(tmp_path, capsys, model, options, message):
+    code = generate.main([model, "a red cube.", "--out", str(tmp_path / "out"), *options])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert message in err and not (tmp_path / "out").exists()
+
+
 def test_evaluate_scores_a_run_against_its_base_on_the_same_prompts_and_noise(run_dir, tmp_path, capsys):
     prompts = tmp_path / "held_out.txt"
     prompts.write_text("".join(p + "\n" for p in demo_prompts()[:4]))

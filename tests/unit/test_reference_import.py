@@ -235,3 +235,11 @@ def test_the_command(reference, tmp_path, capsys):
     assert "--lora" in capsys.readouterr().err
     assert cli.main(["import-reference", "--base", "tiny", "--lora", str(reference["lora"]), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+    # a base that is neither a folder nor a reachable hub id (no network here): one line, nothing written
+    assert cli.main(["import-reference", "--base", "nosuchorg/nosuchmodel", "--lora", str(reference["lora"]),
+                     "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "'nosuchorg/nosuchmodel' is not a local folder, not in the hub cache" in err
+    assert not (tmp_path / "o").exists()

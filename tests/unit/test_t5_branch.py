@@ -174,6 +174,16 @@ def test_real_weights_load_from_a_local_folder(tmp_path):
     assert not encoder2.training and not any(p.requires_grad for p in encoder2.parameters())
 
 
+def test_a_t5_folder_without_weights_is_named_in_the_error(tmp_path):
+    """transformers' OSError becomes a ValueError naming the folder (commands exit 2 on it)."""
+    tokenizer, encoder = load_t5("tiny")
+    encoder.save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    (tmp_path / "t5" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"'.*t5' cannot be loaded as a T5 encoder \(t5.encoder\) \(a local folder\)"):
+        load_t5(str(tmp_path / "t5"))
+
+
 def test_full_fine_tuning_exports_the_unet_without_the_adapter(t5_parts, tmp_path):
     import copy
 
