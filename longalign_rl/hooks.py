@@ -51,3 +51,21 @@ def run_metric_hooks(hooks: list[tuple[str, MetricHook]], images: torch.Tensor, 
                                  f"{'another hook' if name in out else 'the algorithm (the reward statistics)'}")
             out[name] = value.detach().float().cpu()
     return out
+
+
+def probe_metric_hooks(hooks: list[tuple[str, MetricHook]], prompts: list[str], resolution: int) -> None:
+    """Every hook called once on two random images, as a run calls it: ValueError naming
+    `run.metrics[i]` when a hook raises, returns something else than {name: Tensor [2]}, or
+    reuses another hook's name. Run on the driver, so that a broken hook stops the run before
+    it starts, not at its first logged step."""
+    images = torch.rand(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    prompts = (list(prompts) * 2)[:2]
+    for i, (path, fn) in enumerate(hooks):
+        try:
+            run_metric_hooks([(path, fn)], images, prompts)
+        except Exception as e:
+            raise ValueError(f"run.metrics[{i}] {path!r} failed on two test images: {type(e).__name__}: {e}") from e
+    try:
+        run_metric_hooks(hooks, images, prompts)
+    except ValueError as e:
+        raise ValueError(f"run.metrics: {e}") from None

@@ -27,7 +27,7 @@ import yaml
 from longalign_rl.config import Config, ConfigError, load_config, to_dict, to_yaml
 from longalign_rl.console import Progress, outputs, quiet_libraries
 from longalign_rl.data import Pair, check_source
-from longalign_rl.hooks import load_metric_hooks
+from longalign_rl.hooks import load_metric_hooks, probe_metric_hooks
 from longalign_rl.outputs import STOP_REQUEST, STOPPED
 from longalign_rl.prompts import load_prompts
 from longalign_rl.summary import read_summary
@@ -150,13 +150,17 @@ def check_inputs(cfg: Config) -> list[Pair] | None:
     the prompt source (bad lines are reported with their numbers)."""
     check_model(cfg)
     check_t5(cfg)
-    validation_set(cfg)  # the validation prompts: a bad run.validation fails here
-    load_metric_hooks(cfg.run.metrics)
+    validation = validation_set(cfg)  # the validation prompts: a bad run.validation fails here
+    hooks = load_metric_hooks(cfg.run.metrics)
     if cfg.stage == 1:
-        return check_source(cfg.data)
-    prompts = load_prompts(cfg.prompts.source)
-    check_reward(cfg, prompts)
-    return None
+        pairs = check_source(cfg.data)
+        prompts = validation.prompts if validation else [p.caption for p in pairs or []]
+    else:
+        pairs, prompts = None, load_prompts(cfg.prompts.source)
+        check_reward(cfg, prompts)
+    if hooks and prompts:  # on prompts of the run: a world's checker parses them
+        probe_metric_hooks(hooks, prompts, cfg.sampler.resolution)
+    return pairs
 
 
 def check_trackers(cfg: Config) -> None:

@@ -30,6 +30,12 @@ def main(tmp_path, capsys, *overrides):
     (["reward.name=tests.plugins.my_reward:broken", "reward.kwargs.how=nan"], "non-finite values"),
     (["reward.name=tests.plugins.my_reward:broken", "reward.kwargs.how=wide"], r"shape \[2\].*got \[2, 3\]"),
     (["reward.name=tests.plugins.my_reward:broken", "reward.kwargs.how=detached"], "carries no gradient"),
+    # metric hooks are called once on the driver, as rewards are: not first at the first logged step
+    (["run.metrics=[tests.unit.test_hooks:brightness, tests.unit.test_hooks:raises]"],
+     r"run.metrics\[1\] 'tests.unit.test_hooks:raises' failed on two test images: RuntimeError: OCR model not found"),
+    (["run.metrics=[tests.unit.test_hooks:wrong_shape]"], r"run.metrics\[0\] .*'bright' must be a tensor of shape \[2\]"),
+    (["run.metrics=[tests.unit.test_hooks:brightness, tests.unit.test_hooks:brightness]"],
+     "run.metrics: .*'bright' is also logged by another hook"),
 ])
 def test_bad_rewards_and_values_exit_2_naming_the_problem(tmp_path, capsys, overrides, message):
     code, err = main(tmp_path, capsys, *overrides)

@@ -22,6 +22,10 @@ def not_a_dict(images, prompts):
     return [1.0, 2.0, 3.0]
 
 
+def raises(images, prompts):
+    raise RuntimeError("OCR model not found")
+
+
 def test_hooks_load_by_import_path_and_give_one_value_per_sample():
     hooks = load_metric_hooks([f"{__name__}:brightness"])
     stats = run_metric_hooks(hooks, IMAGES, PROMPTS)
