@@ -1,16 +1,17 @@
 """The driver's console: what a run prints, and nothing else unless `run.verbose` asks.
 
     quiet_libraries(verbose)   transformers / diffusers / DeepSpeed / Ray chatter off on the driver
+    log_warnings_to(path, who) a worker's or actor's warnings, also appended to warnings.log
     Progress(run_dir, cfg)     a thread that follows metrics.jsonl (rank 0 appends a record per
-                               step), validation.jsonl and warnings.log (every worker's
-                               warnings): a progress bar on a terminal, plain lines otherwise
-                               (under `ray job submit`)
+                               step), validation.jsonl and warnings.log (the warnings of every
+                               worker and actor): a progress bar on a terminal, plain lines
+                               otherwise (under `ray job submit`)
     outputs(run_dir, cfg)      where the run's results are, for the last lines
 
-The workers' own output (model loading, DeepSpeed, Ray Train's reports) is not forwarded to
-the driver (ray.init(log_to_driver=False), train.py) unless run.verbose; it stays in Ray's
-logs, and the workers' warnings reach the console through warnings.log. Plain Python and
-tqdm: no ray, no deepspeed.
+The workers' and actors' own output (model loading, DeepSpeed, Ray Train's reports) is not
+forwarded to the driver (ray.init(log_to_driver=False), train.py) unless run.verbose; it
+stays in Ray's logs, and their warnings reach the console through warnings.log. Plain
+Python and tqdm: no ray, no deepspeed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,42 @@ PG_KEYS = ("reward", "advantage_zero", "clip_fraction", "approx_kl")
 # ("gt/shape"), except these (per-sentence diagnostics, not the run's question).
 NOT_SHOWN = ("segment_score", "time", "ratio", "advantage")
 FAMILY = re.compile(r"^(?P<family>.+)/\d+$")
+
+
+class _WarningsFile(logging.FileHandler):
+    """warnings.log for one process: each distinct message once (a sampler that meets the
+    same over-long prompt every epoch says so once), at most `limit` of them, then one line
+    that says where the rest are. Nothing is written before the run directory exists (a
+    reward actor starts before it)."""
+
+    def __init__(self, path: Path, who: str, limit: int):
+        super().__init__(path, delay=True)
+        self.setLevel(logging.WARNING)
+        self.setFormatter(logging.Formatter(f"{who}: %(message)s"))
+        self.limit, self.seen = limit, set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message in self.seen or len(self.seen) > self.limit or not Path(self.baseFilename).parent.is_dir():
+            return
+        self.seen.add(message)
+        if len(self.seen) > self.limit:
+            record = logging.makeLogRecord({"msg": f"more than {self.limit} different warnings: the rest are only "
+                                                   "in this process's Ray log", "levelno": logging.WARNING})
+        super().emit(record)
+
+
+def log_warnings_to(path: Path, who: str, limit: int = 100) -> None:
+    """This process's warnings (longalign_rl's loggers) are also appended to the run's
+    warnings.log as "WHO: message", which `Progress` prints on the driver's console: the
+    output of Ray workers and actors reaches the driver only with run.verbose. Called by
+    every trainer worker ("rank 0") and every sampler and reward actor ("sampler actor 1")."""
+    logger = logging.getLogger("longalign_rl")
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)  # the process's info lines still go to its Ray log
+    if any(getattr(h, "baseFilename", None) == str(Path(path).absolute()) for h in logger.handlers):
+        return  # a restarted loop in the same process
+    logger.addHandler(_WarningsFile(path, who, limit))
 
 
 def quiet_libraries(verbose: bool) -> None:

@@ -1,7 +1,7 @@
 """Reward actors (reward.num_actors > 0, grpo / ddpo): the reward lives in a pool of Ray
 actors of its own instead of in every trainer worker.
 
-    driver          pool = RewardPool(cfg)             start the actors (reward.num_cpus / num_gpus /
+    driver          pool = RewardPool(cfg, run_dir)    start the actors (reward.num_cpus / num_gpus /
                     pool.check(prompts)                runtime_env), build and probe the reward in them
                     ... TorchTrainer(train_loop_config={"rewards": pool, ...}).fit()
                     pool.shutdown()
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import ray
@@ -31,6 +32,7 @@ import torch
 
 from longalign_rl.algorithms.reward_backprop import score
 from longalign_rl.config import Config, ConfigError, from_dict, to_dict
+from longalign_rl.console import WARNINGS_LOG, log_warnings_to
 from longalign_rl.registry import get_reward, probe_reward
 from longalign_rl.types import RewardOutput
 
@@ -50,8 +52,10 @@ class Scored:
 
 @ray.remote
 class RewardActor:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, run_dir: str | None = None, index: int = 0):
         self.cfg = from_dict(config)
+        if run_dir:
+            log_warnings_to(Path(run_dir) / WARNINGS_LOG, f"reward actor {index}")
         r = self.cfg.reward
         torch.set_num_threads(max(1, int(r.num_cpus)))
         self.device = torch.device("cuda" if r.num_gpus > 0 and torch.cuda.is_available() else "cpu")
@@ -75,14 +79,14 @@ class RewardPool:
     """cfg.reward.num_actors reward actors; made on the driver, pickled (the actor handles)
     into every trainer worker."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None):
         r = cfg.reward
         self.cfg = cfg
         options = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=-1, max_task_retries=0)
         if r.runtime_env:
             options["runtime_env"] = r.runtime_env
-        config = to_dict(cfg)
-        self.actors = [RewardActor.options(**options).remote(config) for _ in range(r.num_actors)]
+        config, where = to_dict(cfg), str(run_dir) if run_dir else None
+        self.actors = [RewardActor.options(**options).remote(config, where, i) for i in range(r.num_actors)]
 
     def check(self, prompts: list[str]) -> None:
         """Every actor builds the reward and passes the probe, or ConfigError naming the reward

@@ -338,14 +338,15 @@ def connect(cfg: Config) -> str:
     return where + (f", dashboard http://{dashboard}" if dashboard else "")
 
 
-def start_reward_actors(cfg: Config):
+def start_reward_actors(cfg: Config, run_dir: Path | None = None):
     """The run's reward actors (reward.num_actors > 0), with the reward built and probed in
-    each (ConfigError if it cannot be); None without them."""
+    each (ConfigError if it cannot be); None without them. Their warnings go to
+    `run_dir`/warnings.log once it exists."""
     if cfg.stage != 2 or not cfg.reward.num_actors:
         return None
     from longalign_rl.reward_actors import RewardPool
 
-    pool = RewardPool(cfg)
+    pool = RewardPool(cfg, run_dir)
     try:
         pool.check(load_prompts(cfg.prompts.source)[:2])
     except BaseException:
@@ -422,8 +423,8 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
     from longalign_rl.training import policy_gradient, reward_backprop
 
     if rewards is None:
-        rewards = start_reward_actors(cfg)
-    samplers = SamplerGroup(cfg)
+        rewards = start_reward_actors(cfg, run_dir)
+    samplers = SamplerGroup(cfg, run_dir)
     trainer = TorchTrainer(
         (policy_gradient if cfg.policy_gradient else reward_backprop).train_func,
         train_loop_config={"config": to_dict(cfg), "samplers": samplers, "rewards": rewards, "run_dir": str(run_dir)},
@@ -507,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         check_trackers(cfg)
         check_output_dir(run_dir)
         ray_line = connect(cfg)
-        rewards = start_reward_actors(cfg)  # a reward that lives in actors is probed there
+        rewards = start_reward_actors(cfg, run_dir)  # a reward that lives in actors is probed there
     except (ConfigError, ValueError, TypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -85,9 +85,10 @@ def encode_prompts(
         kept = torch.cat([states[row + j, : 1 + n_words[row + j]] for j in range(len(segments))])
         row += len(segments)
         if kept.shape[0] > max_tokens:
+            prompt = prompts[b] if len(prompts[b]) <= 60 else prompts[b][:57] + "..."
             log.warning(
-                "prompt %d: %d of its %d encoded states are past max_tokens=%d and were cut",
-                b, kept.shape[0] - max_tokens, kept.shape[0], max_tokens,
+                "prompt %r: %d of its %d encoded states are past max_tokens=%d and were cut (raise prompts.max_tokens)",
+                prompt, kept.shape[0] - max_tokens, kept.shape[0], max_tokens,
             )
         kept = kept[:max_tokens]
         out[b, : kept.shape[0]] = kept

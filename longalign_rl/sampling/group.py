@@ -1,7 +1,8 @@
 """The sampler actors of a run, as one object: create, publish weights with a version,
 hand out rollouts (or policy-gradient trajectories) with failover and resync, shut down. The Ray shell around `Sampler`.
 
-    driver          group = SamplerGroup(cfg)          start cfg.sampler.num_actors actors
+    driver          group = SamplerGroup(cfg, run_dir) start cfg.sampler.num_actors actors (their
+                                                       warnings go to run_dir/warnings.log)
                     ... TorchTrainer(train_loop_config={"samplers": group, ...}).fit()
                     group.shutdown()
     rank 0          group.publish(weights, version)    every actor loads the trainer's weights
@@ -19,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ray
 import torch
 
 from longalign_rl.config import Config, from_dict, to_dict
+from longalign_rl.console import WARNINGS_LOG, log_warnings_to
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
 from longalign_rl.models import DTYPES, load_model
 from longalign_rl.sampling.sampler import build_sampler, generate_latents, sample_trajectory
@@ -43,8 +46,10 @@ ACTOR_WAIT_S = 600
 
 @ray.remote
 class SamplerActor:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, run_dir: str | None = None, index: int = 0):
         self.cfg = from_dict(config)
+        if run_dir:  # stage 2 encodes its prompts here: an over-long prompt is said on the console
+            log_warnings_to(Path(run_dir) / WARNINGS_LOG, f"sampler actor {index}")
         torch.set_num_threads(max(1, int(self.cfg.sampler.num_cpus)))
         device = torch.device("cuda" if self.cfg.sampler.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         parts = load_model(self.cfg)
@@ -103,12 +108,12 @@ class SamplerGroup:
 
     Made on the driver; Ray pickles it (the actor handles) into every trainer worker."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None):
         self.cfg = cfg
         options = dict(num_cpus=cfg.sampler.num_cpus, num_gpus=cfg.sampler.num_gpus,
                        max_restarts=-1, max_task_retries=0)
-        config = to_dict(cfg)
-        self.actors = [SamplerActor.options(**options).remote(config) for _ in range(cfg.sampler.num_actors)]
+        config, where = to_dict(cfg), str(run_dir) if run_dir else None
+        self.actors = [SamplerActor.options(**options).remote(config, where, i) for i in range(cfg.sampler.num_actors)]
 
     def publish(self, weights: dict, version: int) -> float:
         """Send the trainer's weights to every actor (rank 0); returns the slowest actor's

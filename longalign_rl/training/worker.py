@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from longalign_rl.config import Config, from_dict, to_yaml
-from longalign_rl.console import WARNINGS_LOG
+from longalign_rl.console import WARNINGS_LOG, log_warnings_to
 from longalign_rl.lora import export_adapter, export_for_diffusers, trainable_state_dict
 from longalign_rl.models import Components
 from longalign_rl.outputs import STOP_REQUEST, STOPPED, MetricsLog
@@ -232,21 +232,6 @@ def _report(ctx: WorkerContext, state: checkpoint.TrainerState, record: dict) ->
                          checkpoint_dir_name=f"checkpoint_{state.step:06d}")
 
 
-def log_warnings_to(path: Path, rank: int) -> None:
-    """This worker's warnings (longalign_rl's loggers) are also appended to the run's
-    warnings.log, which the driver's console follows (console.py): the workers' own output
-    is not forwarded to the driver unless run.verbose."""
-    logger = logging.getLogger("longalign_rl")
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
-        logger.setLevel(logging.INFO)  # the worker's info lines still go to its Ray log
-    if any(getattr(h, "baseFilename", None) == str(path) for h in logger.handlers):
-        return  # a restarted loop in the same process
-    handler = logging.FileHandler(path)
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter(f"rank {rank}: %(message)s"))
-    logger.addHandler(handler)
-
-
 def _format(record: dict, keys: tuple[str, ...]) -> str:
     shown = [f"{k} {record[k]:.4g}" if isinstance(record[k], float) else f"{k} {record[k]}" for k in keys if k in record]
     return f"step {record['step']}: {' '.join(shown)} ({record['time/step']:.2f}s)"
@@ -261,7 +246,7 @@ def run_worker(loop_config: dict, make_body: type) -> None:
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     device = ray.train.torch.get_device()
     require_run_dir(run_dir, rank)
-    log_warnings_to(run_dir / WARNINGS_LOG, rank)
+    log_warnings_to(run_dir / WARNINGS_LOG, f"rank {rank}")
     parts: Components
     parts, engine, schedule = build_trainable(cfg, device)
     ctx = WorkerContext(cfg, run_dir, rank, world, device, engine)

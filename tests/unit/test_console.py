@@ -3,9 +3,10 @@ the outputs are."""
 
 import io
 import json
+import logging
 
 from longalign_rl.config import load_config
-from longalign_rl.console import WARNINGS_LOG, Progress, format_values, outputs
+from longalign_rl.console import WARNINGS_LOG, Progress, format_values, log_warnings_to, outputs
 
 
 def record(step, **extra):
@@ -69,3 +70,28 @@ def test_format_values_and_outputs(tmp_path):
     rows = outputs(tmp_path, cfg, str(tmp_path / "checkpoint_x"))
     assert rows[0].startswith("LoRA for diffusers") and rows[0].endswith(str(tmp_path / "lora"))
     assert any(r.startswith("last checkpoint") and r.endswith("checkpoint_x") for r in rows)
+
+
+def test_a_process_writes_each_warning_once_and_at_most_limit_of_them(tmp_path):
+    """What a sampler actor says about an over-long prompt every epoch reaches warnings.log
+    once; a process that warns without end cannot fill it; nothing is written (or raised)
+    before the run directory exists."""
+    logger = logging.getLogger("longalign_rl.sampling.test")
+    handlers = list(logging.getLogger("longalign_rl").handlers)
+    run_dir = tmp_path / "run"
+    try:
+        log_warnings_to(run_dir / WARNINGS_LOG, "sampler actor 1", limit=3)
+        log_warnings_to(run_dir / WARNINGS_LOG, "sampler actor 1", limit=3)  # a restarted loop: still one handler
+        logger.warning("before the run directory exists")
+        run_dir.mkdir()
+        logger.info("not a warning")
+        for i in (1, 1, 2, 1, 3, 4, 5):
+            logger.warning("prompt %r was cut", f"p{i}")
+    finally:
+        logging.getLogger("longalign_rl").handlers = handlers
+    assert (run_dir / WARNINGS_LOG).read_text().splitlines() == [
+        "sampler actor 1: prompt 'p1' was cut",
+        "sampler actor 1: prompt 'p2' was cut",
+        "sampler actor 1: prompt 'p3' was cut",
+        "sampler actor 1: more than 3 different warnings: the rest are only in this process's Ray log",
+    ]
