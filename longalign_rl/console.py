@@ -30,6 +30,9 @@ from longalign_rl.config import Config
 from longalign_rl.trackers import numbers
 
 WARNINGS_LOG = "warnings.log"
+# Where encode_prompts says that it cut a prompt at max_tokens: the driver measures the
+# prompts it knows before the run (train.warn_cut_prompts), once for the whole file.
+CUT_PROMPTS_LOGGER = "longalign_rl.encoding.encode"
 
 # Shown on the progress line, when a record has them (the reward's mean and the loss; a
 # policy-gradient run's health; stage 1's epoch).
@@ -47,13 +50,15 @@ class _WarningsFile(logging.FileHandler):
     that says where the rest are. Nothing is written before the run directory exists (a
     reward actor starts before it)."""
 
-    def __init__(self, path: Path, who: str, limit: int):
+    def __init__(self, path: Path, who: str, limit: int, skip: tuple[str, ...]):
         super().__init__(path, delay=True)
         self.setLevel(logging.WARNING)
         self.setFormatter(logging.Formatter(f"{who}: %(message)s"))
-        self.limit, self.seen = limit, set()
+        self.limit, self.skip, self.seen = limit, skip, set()
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(self.skip):
+            return
         message = record.getMessage()
         if message in self.seen or len(self.seen) > self.limit or not Path(self.baseFilename).parent.is_dir():
             return
@@ -64,17 +69,19 @@ class _WarningsFile(logging.FileHandler):
         super().emit(record)
 
 
-def log_warnings_to(path: Path, who: str, limit: int = 100) -> None:
+def log_warnings_to(path: Path, who: str, limit: int = 100, skip: tuple[str, ...] = ()) -> None:
     """This process's warnings (longalign_rl's loggers) are also appended to the run's
     warnings.log as "WHO: message", which `Progress` prints on the driver's console: the
     output of Ray workers and actors reaches the driver only with run.verbose. Called by
-    every trainer worker ("rank 0") and every sampler and reward actor ("sampler actor 1")."""
+    every trainer worker ("rank 0") and every sampler and reward actor ("sampler actor 1").
+    `skip`: loggers whose warnings stay in the Ray log (the driver said it already: prompts
+    cut at prompts.max_tokens, `CUT_PROMPTS_LOGGER`)."""
     logger = logging.getLogger("longalign_rl")
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)  # the process's info lines still go to its Ray log
     if any(getattr(h, "baseFilename", None) == str(Path(path).absolute()) for h in logger.handlers):
         return  # a restarted loop in the same process
-    logger.addHandler(_WarningsFile(path, who, limit))
+    logger.addHandler(_WarningsFile(path, who, limit, tuple(skip)))
 
 
 def quiet_libraries(verbose: bool) -> None:

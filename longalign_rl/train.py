@@ -155,12 +155,41 @@ def check_inputs(cfg: Config) -> list[Pair] | None:
     if cfg.stage == 1:
         pairs = check_source(cfg.data)
         prompts = validation.prompts if validation else [p.caption for p in pairs or []]
+        if pairs:
+            warn_cut_prompts(cfg, "data.source", [p.caption for p in pairs], "captions")
     else:
         pairs, prompts = None, load_prompts(cfg.prompts.source)
         check_reward(cfg, prompts)
+        warn_cut_prompts(cfg, "prompts.source", prompts)
+    if validation and (cfg.run.validation or cfg.stage == 1):  # stage 2's default: prompts.source's first ones
+        warn_cut_prompts(cfg, "run.validation" if cfg.run.validation else "prompts.source", validation.prompts,
+                         "validation prompts")
     if hooks and prompts:  # on prompts of the run: a world's checker parses them
         probe_metric_hooks(hooks, prompts, cfg.sampler.resolution)
     return pairs
+
+
+def warn_cut_prompts(cfg: Config, key: str, prompts: list[str], what: str = "prompts", limit: int = 20_000) -> None:
+    """One warning on the driver for the prompts of `key` that are longer than
+    prompts.max_tokens encoded states, which are cut where they are encoded (as the reference
+    cuts its own): instead of a line for every cut prompt from every sampler and worker,
+    whose warnings.log leaves them out (console.CUT_PROMPTS_LOGGER). Measured with CLIP's
+    tokenizer (SD v1.5's), on the first `limit` prompts."""
+    from longalign_rl.encoding import build_clip_tokenizer
+    from longalign_rl.encoding.encode import encoded_lengths
+
+    p = cfg.prompts
+    measured = prompts[:limit]
+    lengths = encoded_lengths(measured, build_clip_tokenizer(), pack_segments=p.pack_segments, split=p.split)
+    cut = sum(n > p.max_tokens for n in lengths)
+    if not cut:
+        return
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    start = measured[longest] if len(measured[longest]) <= 50 else measured[longest][:47] + "..."
+    log.warning("%s: %d of %s%d %s are longer than prompts.max_tokens=%d encoded states and are cut to it "
+                "(the longest, number %d, has %d: %r); raise prompts.max_tokens to keep them whole",
+                key, cut, "the first " if len(prompts) > limit else "", len(measured), what, p.max_tokens,
+                longest + 1, lengths[longest], start)
 
 
 def check_trackers(cfg: Config) -> None:

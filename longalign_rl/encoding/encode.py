@@ -10,6 +10,7 @@ hidden]` tensor that the UNet's cross-attention takes unchanged, and that a diff
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Sequence
 
@@ -37,6 +38,18 @@ def pad_vector(tokenizer, text_encoder) -> torch.Tensor:
     """Mean hidden state at positions 17..76 of "" padded to 77 tokens: `[hidden]`."""
     ids = tokenizer([""], padding="max_length", max_length=CLIP_WINDOW, return_tensors="pt").input_ids
     return _run_encoder(text_encoder, ids)[0, PAD_POSITIONS].mean(dim=0)
+
+
+def encoded_lengths(prompts: Sequence[str], tokenizer, *, pack_segments: bool = False,
+                    split: str = "sentences") -> list[int]:
+    """How many states `encode_prompts` gives each prompt before it cuts at `max_tokens`:
+    per segment its <sot> and up to 75 word tokens (a prompt without segments: 1). Needs
+    only the tokenizer, and counts each distinct sentence once, so the driver measures a
+    whole prompt file in seconds."""
+    count = functools.lru_cache(maxsize=1 << 16)(token_counter(tokenizer))
+    return [sum(1 + min(count(s), MAX_SEGMENT_TOKENS)
+                for s in split_segments(prompt, count, pack_segments=pack_segments, split=split) or [""])
+            for prompt in prompts]
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import ray
 import torch
 
 from longalign_rl.config import Config, from_dict, to_dict
-from longalign_rl.console import WARNINGS_LOG, log_warnings_to
+from longalign_rl.console import CUT_PROMPTS_LOGGER, WARNINGS_LOG, log_warnings_to
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
 from longalign_rl.models import DTYPES, load_model
 from longalign_rl.sampling.sampler import build_sampler, generate_latents, sample_trajectory
@@ -48,8 +48,8 @@ ACTOR_WAIT_S = 600
 class SamplerActor:
     def __init__(self, config: dict, run_dir: str | None = None, index: int = 0):
         self.cfg = from_dict(config)
-        if run_dir:  # stage 2 encodes its prompts here: an over-long prompt is said on the console
-            log_warnings_to(Path(run_dir) / WARNINGS_LOG, f"sampler actor {index}")
+        if run_dir:  # prompts cut at max_tokens: said once by the driver, which measured them all
+            log_warnings_to(Path(run_dir) / WARNINGS_LOG, f"sampler actor {index}", skip=(CUT_PROMPTS_LOGGER,))
         torch.set_num_threads(max(1, int(self.cfg.sampler.num_cpus)))
         device = torch.device("cuda" if self.cfg.sampler.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         parts = load_model(self.cfg)

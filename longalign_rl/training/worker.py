@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 
 from longalign_rl.config import Config, from_dict, to_yaml
-from longalign_rl.console import WARNINGS_LOG, log_warnings_to
+from longalign_rl.console import CUT_PROMPTS_LOGGER, WARNINGS_LOG, log_warnings_to
+from longalign_rl.data import is_generator
 from longalign_rl.lora import export_adapter, export_for_diffusers, trainable_state_dict
 from longalign_rl.models import Components
 from longalign_rl.outputs import STOP_REQUEST, STOPPED, MetricsLog
@@ -246,7 +247,9 @@ def run_worker(loop_config: dict, make_body: type) -> None:
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     device = ray.train.torch.get_device()
     require_run_dir(run_dir, rank)
-    log_warnings_to(run_dir / WARNINGS_LOG, f"rank {rank}")
+    # Stage 1 encodes captions here; those of a folder or manifest were measured by the driver.
+    measured = cfg.stage == 2 or not is_generator(cfg.data.source)
+    log_warnings_to(run_dir / WARNINGS_LOG, f"rank {rank}", skip=(CUT_PROMPTS_LOGGER,) if measured else ())
     parts: Components
     parts, engine, schedule = build_trainable(cfg, device)
     ctx = WorkerContext(cfg, run_dir, rank, world, device, engine)

@@ -499,3 +499,29 @@ def test_segment_encoding_drives_a_diffusers_pipeline(pipeline, encoder):
 
 def test_a_leading_decimal_point_is_part_of_the_number():
     assert split_sentences("It is .5 m wide. Next") == ["It is .5 m wide.", "Next"]
+
+
+@pytest.mark.parametrize("split, pack", [("sentences", False), ("sentences", True), ("reference", False)])
+def test_encoded_lengths_are_what_the_encoder_keeps_before_cutting(tiny_parts, caplog, split, pack):
+    """The driver measures prompt files with encoded_lengths (tokenizer only): each length is
+    the one encode_prompts reports when it cuts at max_tokens=1."""
+    import re
+
+    from longalign_rl.encoding.encode import encoded_lengths
+
+    words = " ".join(["word"] * 90)
+    prompts = [*PROMPTS, "", "   ", f"One over-long sentence of {words}.", "Pi is 3.14. Really? Yes!"]
+    lengths = encoded_lengths(prompts, tiny_parts.tokenizer, pack_segments=pack, split=split)
+    assert lengths[3] == 1  # empty: its <sot>
+    # the long sentence: over one window, or (the reference's rule) cut at its 75th word
+    assert lengths[5] > 76 if split == "sentences" else lengths[5] == 76
+    with caplog.at_level(logging.WARNING, logger="longalign_rl.encoding.encode"):
+        caplog.clear()
+        encode_prompts(prompts, tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=1, pack_segments=pack,
+                       split=split)
+    reported = {}
+    for record in caplog.records:
+        prompt, total = re.match(r"prompt (.+): \d+ of its (\d+) encoded", record.getMessage()).groups()
+        reported[prompt] = int(total)
+    expected = {repr(p if len(p) <= 60 else p[:57] + "..."): n for p, n in zip(prompts, lengths) if n > 1}
+    assert reported == expected

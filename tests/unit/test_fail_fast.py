@@ -197,3 +197,33 @@ def test_a_resume_with_other_values_keeps_the_original_config(tmp_path):
 def test_a_t5_branch_that_cannot_load_exits_2_naming_the_key(tmp_path, capsys, overrides, message):
     code, err = main(tmp_path, capsys, *overrides)
     assert code == 2 and message in err, err
+
+
+def test_prompts_longer_than_max_tokens_are_said_once_on_the_driver(tmp_path, caplog):
+    """Cut prompts are no error (the reference cuts its own), but a run says how many once,
+    before it starts: the samplers that cut them keep it out of warnings.log."""
+    import logging
+
+    from longalign_rl.config import load_config
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("A red square.\n" + "A long one. " * 40 + "\n")
+    cfg = load_config("configs/default.yaml", ["prompts.max_tokens=60", f"run.validation={held_out}",
+                                               "run.validation_size=2"])
+    with caplog.at_level(logging.WARNING, logger="longalign_rl"):
+        train.check_inputs(cfg)
+    said = [r.getMessage() for r in caplog.records if r.name == "longalign_rl"]
+    assert len(said) == 2, said
+    assert said[0].startswith("prompts.source: 4096 of 4096 prompts are longer than prompts.max_tokens=60 encoded "
+                              "states and are cut to it (the longest, number ")
+    assert said[1].startswith("run.validation: 1 of 2 validation prompts are longer than prompts.max_tokens=60 "
+                              "encoded states and are cut to it (the longest, number 2, has 200: 'A long one. A long")
+    # 200 = 40 sentences x (<sot> + "a", "long", "one", ".")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="longalign_rl"):
+        train.check_inputs(load_config("configs/default.yaml"))  # ShapesWorld's captions fit its max_tokens
+    assert not [r for r in caplog.records if r.name == "longalign_rl"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="longalign_rl"):
+        train.warn_cut_prompts(cfg, "prompts.source", ["short.", "A long one. " * 40, "A long one. " * 40], limit=2)
+    assert "prompts.source: 1 of the first 2 prompts are longer" in caplog.records[0].getMessage()
