@@ -239,17 +239,20 @@ def test_a_reward_that_turns_nan_stops_the_run_keeping_the_last_finite_checkpoin
     assert not (run_dir / "lora").exists() and not (run_dir / "summary.json").exists()
 
 
-def test_a_corrupt_newest_checkpoint_falls_back_and_partial_ones_are_removed(ray_local, tmp_path):
-    """Checkpoints at steps 2 and 4; the newest one's optimiser state is truncated and a
-    never-registered folder holds a crafted pickle. --resume to 6 steps: it resumes from step
-    2 (steps 3-4 redone, no metric row lost or doubled), removes the partial folder and never
-    runs its code."""
+def test_a_corrupt_newest_checkpoint_falls_back_and_partial_ones_are_removed(tiny_run, tmp_path):
+    """The module's run (checkpoints at steps 2, 4 and 6), copied elsewhere: a moved run
+    resumes where it is now. Its newest checkpoint's optimiser state is truncated and a
+    never-registered folder holds a crafted pickle. --resume to 8 steps: it resumes from step
+    4 (steps 5-6 redone, no metric row lost or doubled), removes the partial folder and
+    never runs its code."""
     import pickle
+    import shutil
 
-    run_main(tmp_path, "train.steps=4", "run.checkpoint_every=2", "run.name=fb")
     run_dir = tmp_path / "fb"
+    shutil.copytree(tiny_run[0], run_dir)
     by_step = {json.loads((p / "state.json").read_text())["step"]: p for p in run_dir.glob("checkpoint_*") if p.is_dir()}
-    optim = next((by_step[4] / "deepspeed").rglob("*optim_states.pt"))
+    assert sorted(by_step) == [2, 4, 6]
+    optim = next((by_step[6] / "deepspeed").rglob("*optim_states.pt"))
     optim.write_bytes(optim.read_bytes()[:1000])
     partial = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
     (partial / "rng").mkdir(parents=True)
@@ -260,13 +263,14 @@ def test_a_corrupt_newest_checkpoint_falls_back_and_partial_ones_are_removed(ray
             return (open, (str(marker), "w"))
 
     (partial / "rng" / "rank0.pt").write_bytes(pickle.dumps(Exploit()))
-    run_main(tmp_path, "--resume", str(run_dir), "train.steps=6")
-    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    run_main(tmp_path, "--resume", str(run_dir), "train.steps=8")
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert not partial.exists() and not marker.exists()
     newest = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()),
                  key=lambda p: json.loads((p / "state.json").read_text())["step"])
-    assert json.loads((newest / "state.json").read_text())["step"] == 6
+    assert json.loads((newest / "state.json").read_text())["step"] == 8
     assert (newest / "manifest" / "rank0.json").is_file() and (newest / "manifest" / "rank1.json").is_file()
+    assert len(read_metrics(tiny_run[0])) == 6  # the original run was not touched
 
 
 def test_a_reward_that_fails_mid_run_ends_with_one_clear_line(ray_local, tmp_path, capsys):
