@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch.nn.functional as F
 
 from longalign_rl.encoding.tokenizer import token_counter
@@ -45,8 +47,15 @@ def load_hf_clip(model: str, processor: str) -> HFClipBackend:
     (each a local folder or a hub id)."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    clip_model = CLIPModel.from_pretrained(model)
-    tokenizer = CLIPTokenizer.from_pretrained(processor)
+    from longalign_rl.models import check_hub_model, unloadable
+
+    for key, source in (("reward.kwargs.model", model), ("reward.kwargs.processor", processor)):
+        if not Path(source).exists():  # one quick request instead of retries per file
+            check_hub_model(source, None, key=key, filename="config.json")
+    with unloadable(model, "a CLIP model (reward.kwargs.model)"):
+        clip_model = CLIPModel.from_pretrained(model)
+    with unloadable(processor, "a CLIP tokenizer (reward.kwargs.processor)"):
+        tokenizer = CLIPTokenizer.from_pretrained(processor)
     check_clip_tokenizer(tokenizer, f"the tokenizer of {processor}")
     try:
         image_processor = CLIPImageProcessor.from_pretrained(processor)

@@ -47,7 +47,11 @@ def _checkpoint_file(checkpoint: str) -> str:
         raise FileNotFoundError(f"checkpoint {checkpoint!r} is neither a file nor 'repo_id:filename'")
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(repo_id, filename)
+    from longalign_rl.models import check_hub_model, unloadable
+
+    check_hub_model(repo_id, None, key="reward.kwargs.checkpoint", filename=filename)
+    with unloadable(checkpoint, "an HPSv2 checkpoint (reward.kwargs.checkpoint)"):
+        return hf_hub_download(repo_id, filename)
 
 
 def hpsv2(checkpoint: str = "xswu/HPSv2:HPS_v2_compressed.pt", arch: str = "ViT-H-14", **kwargs) -> ClipTypeReward:

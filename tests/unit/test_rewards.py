@@ -231,6 +231,25 @@ def test_hpsv2_loads_a_module_prefixed_checkpoint(tmp_path):
         hpsv2(checkpoint=str(tmp_path / "missing.pt"), arch=arch)
 
 
+@pytest.mark.parametrize("build, message", [
+    (lambda: clip(model="nosuchorg/nosuch-clip"), "reward.kwargs.model: 'nosuchorg/nosuch-clip' is not a local folder"),
+    (lambda: pickscore(model="nosuchorg/nosuch-pick", processor="nosuchorg/nosuch-proc"),
+     "reward.kwargs.model: 'nosuchorg/nosuch-pick' is not a local folder"),
+    (lambda: hpsv2(checkpoint="nosuchorg/nosuch-hps:HPS_v2_compressed.pt"),
+     "reward.kwargs.checkpoint: 'nosuchorg/nosuch-hps' is not a local folder, not in the hub cache"),
+])
+def test_a_reward_model_the_hub_cannot_serve_is_named_at_once(build, message):
+    """No network here, as on many clusters: one request to the hub, not retries per file."""
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_a_reward_folder_without_weights_names_it(tmp_path):
+    build_clip_tokenizer().save_pretrained(tmp_path)  # a tokenizer, but no CLIPModel
+    with pytest.raises(ValueError, match=r"cannot be loaded as a CLIP model \(reward.kwargs.model\) \(a local folder\)"):
+        clip(model=str(tmp_path))
+
+
 def test_no_module_level_model_cache():
     assert tiny_clip().backend.model is not tiny_clip().backend.model
     assert not any(isinstance(v, torch.nn.Module) for v in vars(decomposed).values())
