@@ -10,6 +10,12 @@ import pytest
 
 from tests import REPO
 
+# Ray Train's controller looks at its workers every 2 s, and each of a run's state changes
+# (scheduling, running, finished) waits for that look: 0.5 s saves 3-4 s per run (52.5 vs
+# 48.4 s for a 2-step default run), over 20 runs in the e2e tier. Every Ray instance the tests
+# start, in this process or a subprocess, inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 # A third-party package: two rewards, one of them declared as an entry point.
 PLUGIN = '''
 import torch
