@@ -60,12 +60,13 @@ def probe_metric_hooks(hooks: list[tuple[str, MetricHook]], prompts: list[str], 
     it starts, not at its first logged step."""
     images = torch.rand(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     prompts = (list(prompts) * 2)[:2]
+    logged: set[str] = set()
     for i, (path, fn) in enumerate(hooks):
         try:
-            run_metric_hooks([(path, fn)], images, prompts)
+            names = run_metric_hooks([(path, fn)], images, prompts)
         except Exception as e:
             raise ValueError(f"run.metrics[{i}] {path!r} failed on two test images: {type(e).__name__}: {e}") from e
-    try:
-        run_metric_hooks(hooks, images, prompts)
-    except ValueError as e:
-        raise ValueError(f"run.metrics: {e}") from None
+        for name in names:
+            if name in logged:
+                raise ValueError(f"run.metrics: metric hook {path!r}: {name!r} is also logged by another hook")
+            logged.add(name)

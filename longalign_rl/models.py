@@ -106,14 +106,14 @@ def load_pretrained(path_or_id: str, revision: str | None = None, unet_from: str
 
 @contextlib.contextmanager
 def unloadable(source: str, what: str):
-    """An OSError from diffusers or transformers (a hub id that is neither cached nor
-    reachable, a file missing from a folder) as a ValueError naming `source`, so that
-    commands end with one line and exit status 2 instead of a traceback."""
+    """An OSError from diffusers or transformers (a file missing from a folder or a hub
+    repository) as a ValueError naming `source`, so that commands end with one line and exit
+    status 2 instead of a traceback. A hub id that cannot be reached at all is
+    `check_hub_model`'s, before loading."""
     try:
         yield
     except OSError as e:
-        where = ("a local folder" if Path(source).exists() else
-                 "not a local folder; as a hub id it is not in the hub cache and the hub cannot serve it")
+        where = "a local folder" if Path(source).exists() else "a hub id"  # check_hub_model has said the rest
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ValueError(f"{source!r} cannot be loaded as {what} ({where}): {cause}") from e
 

@@ -154,9 +154,10 @@ def check_inputs(cfg: Config) -> list[Pair] | None:
     hooks = load_metric_hooks(cfg.run.metrics)
     if cfg.stage == 1:
         pairs = check_source(cfg.data)
-        prompts = validation.prompts if validation else [p.caption for p in pairs or []]
-        if pairs:
-            warn_cut_prompts(cfg, "data.source", [p.caption for p in pairs], "captions")
+        captions = [p.caption for p in pairs or []]
+        prompts = validation.prompts if validation else captions
+        if captions:
+            warn_cut_prompts(cfg, "data.source", captions, "captions")
     else:
         pairs, prompts = None, load_prompts(cfg.prompts.source)
         check_reward(cfg, prompts)

@@ -49,7 +49,10 @@ def load_hf_clip(model: str, processor: str) -> HFClipBackend:
 
     from longalign_rl.models import check_hub_model, unloadable
 
-    for key, source in (("reward.kwargs.model", model), ("reward.kwargs.processor", processor)):
+    sources = {"reward.kwargs.model": model}
+    if processor != model:
+        sources["reward.kwargs.processor"] = processor
+    for key, source in sources.items():
         if not Path(source).exists():  # one quick request instead of retries per file
             check_hub_model(source, None, key=key, filename="config.json")
     with unloadable(model, "a CLIP model (reward.kwargs.model)"):
