@@ -118,10 +118,10 @@ def generate_latents(sampler: "Sampler", prompts: list[str], seeds: list[int]) -
     uncond = sampler.encoder.uncond(1).to(sampler.device)
     shape = (sampler.unet.config.in_channels, sampler.latent_size, sampler.latent_size)
     latents = (initial_noise(seeds, shape) * sampler.scheduler.init_noise_sigma).to(sampler.device)
-    for t in sampler.scheduler.timesteps:
-        with dropout_masks(sampler.unet, None):  # validation and inference: never dropout
+    with dropout_masks(sampler.unet, None):  # validation and inference: never dropout
+        for t in sampler.scheduler.timesteps:
             eps = guided_eps(sampler.unet, latents, t, cond, uncond, sampler.guidance_scale)
-        latents = sampler.scheduler.step(eps, t, latents, eta=0.0).prev_sample
+            latents = sampler.scheduler.step(eps, t, latents, eta=0.0).prev_sample
     return latents.float().cpu()
 
 

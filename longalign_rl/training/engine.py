@@ -10,7 +10,7 @@ import torch
 
 from longalign_rl.config import Config
 from longalign_rl.lora import attached_adapter, make_trainable
-from longalign_rl.models import Components, load_model
+from longalign_rl.models import Components, load_components, load_model
 from longalign_rl.training.deepspeed_config import deepspeed_config, updates_per_step
 
 
@@ -56,11 +56,14 @@ def build_trainable(cfg: Config, device: torch.device) -> tuple[Components, obje
     """The model's parts (frozen), and its UNet with what trains in a DeepSpeed engine.
 
     Seeded by train.seed first, so every worker initialises the same LoRA. With a T5 branch
-    (`parts.t5`), stage 1 trains its adapter too; stage 2 keeps it frozen (the samplers
-    encode the prompts, so the trainers never run it)."""
+    (`parts.t5`), stage 1 trains its adapter too. Stage 2 loads no T5 branch: the samplers
+    encode the prompts, so its trainers never run one."""
     torch.manual_seed(cfg.train.seed)
-    parts = load_model(cfg)
-    adapter = parts.t5.adapter if parts.t5 is not None and cfg.stage == 1 else None
+    if cfg.stage == 1:
+        parts = load_model(cfg)
+    else:
+        parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision)
+    adapter = parts.t5.adapter if parts.t5 is not None else None
     engine, schedule = make_engine(cfg, parts.unet, prepare_unet(cfg, parts.unet, device, adapter))
     return parts, engine, schedule
 
