@@ -9,7 +9,8 @@ replay_final_latents, reward_backprop_step), on one rollout of long demo prompts
     floor    the same weights, the same precision, dropout as sampled (the seeded masks
              of sampler.train_mode, or none): what is left when nothing differs
     dropout  the LoRA's dropout (0.1) drawn afresh in the trainer, as it was before the
-             masks were seeded: the trainer's replay without the sampler's masks
+             masks were seeded: the trainer's replay with other masks than the sampler's
+             (those of another seed)
     bf16     sampler and trainer in bf16 (weights and activations), the same weights
     lag      one optimiser step (AdamW at the reference's lr 3e-5) between sampling and
              replay: policy lag, what the metric is named for
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -35,6 +37,7 @@ from longalign_rl.lora import make_trainable
 from longalign_rl.models import load_components
 from longalign_rl.prompts import load_prompts
 from longalign_rl.registry import get_reward
+from longalign_rl.sampling.ddim import set_dropout
 from longalign_rl.sampling.sampler import build_sampler
 
 
@@ -62,24 +65,30 @@ def measure(model: str, resolution: int, steps: int, batch: int, lr: float) -> d
                             precision=precision, train_mode=train_mode)
         return build_sampler(cfg, copy.deepcopy(parts))
 
+    def trainer(sampler, train_mode: bool):
+        """The sampler's UNet as a trainer runs it (training/engine.py prepare_unet)."""
+        set_dropout(sampler.unet.train(), train_mode)
+        return sampler.unet
+
     start = time.perf_counter()
     seeded = sampler_for("fp32", train_mode=True)
     rollout = seeded.sample(prompts, seed=0)
-    trainer = seeded.unet.train()  # a trainer's module: train mode
-    result["floor_fp32_train_mode"] = max_error(trainer, rollout, guidance, train_mode=True)
-    result["dropout_unseeded"] = max_error(trainer, rollout, guidance, train_mode=False)
+    unet = trainer(seeded, train_mode=True)
+    result["floor_fp32_train_mode"] = max_error(unet, rollout, guidance, train_mode=True)
+    other_masks = dataclasses.replace(rollout, seed=rollout.seed + 1)  # the masks of another draw
+    result["dropout_unseeded"] = max_error(unet, other_masks, guidance, train_mode=True)
 
     plain = sampler_for("fp32", train_mode=False)
     rollout_eval = plain.sample(prompts, seed=0)
-    result["floor_fp32_eval"] = max_error(plain.unet.train(), rollout_eval, guidance, train_mode=False)
+    result["floor_fp32_eval"] = max_error(trainer(plain, False), rollout_eval, guidance, train_mode=False)
 
     half = sampler_for("bf16", train_mode=False)
     rollout_bf16 = half.sample(prompts, seed=0)
-    result["floor_bf16"] = max_error(half.unet.train(), rollout_bf16, guidance, train_mode=False)
+    result["floor_bf16"] = max_error(trainer(half, False), rollout_bf16, guidance, train_mode=False)
 
     # One AdamW step on the reward-backprop loss of this rollout, then replay it again.
     reward = get_reward("tiny_clip", sync_direction=False)
-    unet = plain.unet.train()
+    unet = trainer(plain, False)
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr, weight_decay=1e-2)
     loss, _ = reward_backprop_step(unet, parts.vae, reward, rollout_eval, guidance)
     loss.backward()

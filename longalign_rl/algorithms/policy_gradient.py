@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from longalign_rl.sampling.ddim import dropout_masks, dropout_seed, guided_eps
+from longalign_rl.sampling.ddim import dropout_seed, guided_eps, replay_dropout
 from longalign_rl.sampling.stochastic import gaussian_kl, step_log_prob, step_mean
 from longalign_rl.types import Trajectory
 
@@ -104,13 +104,14 @@ def policy_step_loss(unet, traj: Trajectory, k: int, advantages: torch.Tensor, g
     the KL penalty's reference, evaluated without gradient (`unet` with its LoRA adapter
     disabled, or a frozen copy). Needed when kl_weight > 0. `train_mode`
     (sampler.train_mode): the step is recomputed with the dropout masks it was sampled with
-    (ddim.dropout_masks), so that unchanged weights still give a ratio of exactly 1."""
+    (ddim.replay_dropout; `unet`'s dropout layers set to match beforehand with ddim.set_dropout),
+    so that unchanged weights still give a ratio of exactly 1."""
     device = next(unet.parameters()).device
     x, x_next = traj.latents[:, k].to(device), traj.next_latents[:, k].to(device)
     t = traj.timesteps[k]
     cond, uncond = traj.cond.to(device), traj.uncond.to(device)
     a, b, sigma = float(traj.a[k]), float(traj.b[k]), float(traj.sigma[k])
-    with dropout_masks(unet, dropout_seed(traj.seed, traj.indices[k]) if train_mode else None):
+    with replay_dropout(unet, dropout_seed(traj.seed, traj.indices[k]) if train_mode else None):
         mean = step_mean(x, guided_eps(unet, x, t, cond, uncond, guidance_scale).float(), a, b)
     log_prob = step_log_prob(x_next, mean, sigma)
     loss, stats = ppo_clip_loss(log_prob, traj.log_probs[:, k].to(device), advantages.to(device), clip_range,

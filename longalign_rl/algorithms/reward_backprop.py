@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from longalign_rl.registry import check_reward_output
-from longalign_rl.sampling.ddim import dropout_masks, dropout_seed, guided_eps
+from longalign_rl.sampling.ddim import dropout_seed, guided_eps, replay_dropout
 from longalign_rl.types import RewardOutput, Rollout
 from longalign_rl.vae import decode
 
@@ -25,15 +25,17 @@ from longalign_rl.vae import decode
 def replay_final_latents(unet, rollout: Rollout, guidance_scale: float, train_mode: bool = False) -> torch.Tensor:
     """The rollout's final latents as a function of the UNet's weights (with gradient).
     `train_mode` (sampler.train_mode): the rollout was sampled with the LoRA's dropout on,
-    so each replayed call draws that step's masks again (ddim.dropout_masks); otherwise
-    dropout is off, as it was in the sampler."""
+    so each replayed call draws that step's masks again (ddim.replay_dropout); otherwise
+    dropout is off, as it was in the sampler. Either way `unet`'s dropout layers must be set
+    to match beforehand (ddim.set_dropout; training/engine.py does it once), so that an
+    activation-checkpointing recompute in the backward pass drops as this forward pass did."""
     device = next(unet.parameters()).device
     cond, uncond = rollout.cond.to(device), rollout.uncond.to(device)
     latents = rollout.final_latents.to(device)
     for k, t in enumerate(rollout.grad_timesteps.tolist()):
         x_k = rollout.grad_latents[:, k].to(device)  # a recorded tensor: no graph behind it
         seed = dropout_seed(rollout.seed, rollout.grad_indices[k]) if train_mode else None
-        with dropout_masks(unet, seed):
+        with replay_dropout(unet, seed):
             eps_k = guided_eps(unet, x_k, t, cond, uncond, guidance_scale)
         recorded = rollout.grad_eps[:, k].to(device)
         latents = latents + float(rollout.coeffs[k]) * (eps_k.to(latents.dtype) - recorded)

@@ -24,29 +24,78 @@ def dropout_seed(sample_seed: int, step: int) -> int:
     return (int(sample_seed) * 1_000_003 + int(step)) % (2**63 - 1)
 
 
+def dropout_layers(module) -> list[torch.nn.Dropout]:
+    return [m for m in module.modules() if isinstance(m, torch.nn.Dropout)]
+
+
+def set_dropout(module, active: bool) -> None:
+    """Turn every dropout layer of `module` (the LoRA's) on or off, and leave it so.
+
+    A trainer sets this once, before its first forward pass: with activation checkpointing
+    the backward pass re-runs each block's forward, and that recompute reads the layers'
+    modes as they are *then*. A mode switched on or off around the forward pass only would
+    be switched back by the time of the recompute, which then drops where the forward did
+    not (CheckpointError: the recomputed tensors differ from the saved ones) or, worse,
+    silently draws other masks."""
+    for m in dropout_layers(module):
+        m.train(active)
+
+
 @contextlib.contextmanager
 def dropout_masks(unet, seed: int | None):
-    """Inside: every dropout layer of `unet` (the LoRA's) active with masks drawn from `seed`,
-    or inactive when `seed` is None; the layers' modes and the global RNG are restored after.
+    """For sampling, without a graph: inside, every dropout layer of `unet` active with masks
+    drawn from `seed`, or inactive when `seed` is None; the layers' modes and the global RNG
+    are restored after.
 
     `sampler.train_mode` samples as the reference does, with the LoRA's dropout on; the
-    trainer then replays a step under the same seed, so that its UNet call draws the same
-    masks (same batch, same call) and the replay stays exact. Without train_mode both sides
-    run without dropout, for the same reason. Activation checkpointing restores the RNG
-    state before recomputing, so the backward pass sees the same masks too."""
-    layers = [m for m in unet.modules() if isinstance(m, torch.nn.Dropout)]
+    trainer then replays a step with `replay_dropout` under the same seed, so that its UNet
+    call draws the same masks (same batch, same call) and the replay stays exact. Without
+    train_mode both sides run without dropout, for the same reason. It refuses to run with
+    gradients on: a forward pass with a graph may be recomputed in the backward pass, after
+    the modes are restored (see `set_dropout`)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("dropout_masks switches dropout layers for the forward pass only; with gradients on use "
+                           "set_dropout once and replay_dropout (an activation-checkpointing recompute in the "
+                           "backward pass would see the switched-back modes)")
+    layers = dropout_layers(unet)
     modes = [m.training for m in layers]
-    for m in layers:
-        m.train(seed is not None)
-    device = next(unet.parameters()).device
+    set_dropout(unet, seed is not None)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with seeded(unet, seed):
             yield
     finally:
         for m, mode in zip(layers, modes):
             m.train(mode)
+
+
+@contextlib.contextmanager
+def replay_dropout(unet, seed: int | None):
+    """For a trainer's forward pass with a graph: the masks `dropout_masks(unet, seed)` drew in
+    the sampler (`seed`), or none (None). The layers' modes are not switched here, only
+    checked: they must already be what the sampler used, set once with `set_dropout` (a
+    checkpointed block is recomputed in the backward pass, outside this scope; the recompute
+    restores the RNG state of its forward pass itself, so it draws the same masks)."""
+    wrong = [m for m in dropout_layers(unet) if m.p > 0 and m.training != (seed is not None)]
+    if wrong:
+        state = "off" if seed is not None else "on"
+        raise RuntimeError(f"{len(wrong)} dropout layers of the trainer's UNet are {state}, but its samples were drawn "
+                           f"with dropout {'on' if seed is not None else 'off'}: call set_dropout(unet, "
+                           f"{seed is not None}) once before training (sampler.train_mode)")
+    with seeded(unet, seed):
+        yield
+
+
+@contextlib.contextmanager
+def seeded(module, seed: int | None):
+    """Inside, the global RNG (and that of `module`'s GPU) seeded with `seed` (untouched when
+    None); restored after."""
+    if seed is None:
+        yield
+        return
+    device = next(module.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def guided_eps(unet, latents, timestep, cond, uncond, guidance_scale: float) -> torch.Tensor:

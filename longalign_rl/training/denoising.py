@@ -153,18 +153,14 @@ class Denoising:
                           num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
                           resolution=cfg.sampler.resolution, num_grad_steps=1, vae_scale_factor=vae_scale_factor(self.vae))
         vset, batch = self.validation, cfg.train.batch_size
-        unet.eval()
-        try:
-            images, values = [], {}
-            for i in range(0, len(vset.prompts), batch):
-                prompts = vset.prompts[i:i + batch]
-                latents = generate_latents(sampler, prompts, vset.seeds[i:i + batch])
-                with torch.no_grad():
-                    chunk = decode(self.vae, latents.to(ctx.device)).float()
-                images.append(chunk.cpu())
-                validation.extend(values, validation.score_images(None, self.hooks, chunk, prompts))
-        finally:
-            unet.train()
+        images, values = [], {}
+        for i in range(0, len(vset.prompts), batch):  # generate_latents turns dropout off for its chain
+            prompts = vset.prompts[i:i + batch]
+            latents = generate_latents(sampler, prompts, vset.seeds[i:i + batch])
+            with torch.no_grad():
+                chunk = decode(self.vae, latents.to(ctx.device)).float()
+            images.append(chunk.cpu())
+            validation.extend(values, validation.score_images(None, self.hooks, chunk, prompts))
         validation.save(ctx.run_dir, step, torch.cat(images), vset, values)
         self.validated = step
 

@@ -11,15 +11,28 @@ import torch
 from longalign_rl.config import Config
 from longalign_rl.lora import attached_adapter, make_trainable
 from longalign_rl.models import Components, load_components, load_model
+from longalign_rl.sampling.ddim import set_dropout
 from longalign_rl.training.deepspeed_config import deepspeed_config, updates_per_step
+
+
+def trains_with_dropout(cfg: Config) -> bool:
+    """Whether the trainer's dropout layers (the LoRA's, the T5 adapter's) drop. Stage 1: yes,
+    as any supervised fine-tuning. Stage 2: exactly when the samplers drop
+    (sampler.train_mode), since the trainer recomputes the samplers' UNet calls: unseeded
+    masks, or none where the sampler drew some, would change what it recomputes."""
+    return cfg.stage == 1 or cfg.sampler.train_mode
 
 
 def prepare_unet(cfg: Config, unet, device: torch.device, adapter=None) -> list[torch.nn.Parameter]:
     """Move the UNet to the device, add what trains (LoRA or everything, and `adapter`, the
-    T5 branch's TextAdapter in stage 1), training mode."""
+    T5 branch's TextAdapter in stage 1), training mode with the dropout of
+    `trains_with_dropout`, set here once for the whole run: an activation-checkpointing
+    recompute in the backward pass drops as its forward pass did only if nothing switches
+    the layers in between (sampling/ddim.py set_dropout)."""
     unet = unet.to(device)
     params = make_trainable(unet, cfg.lora, adapter)
     unet.train()
+    set_dropout(unet, trains_with_dropout(cfg))
     if cfg.train.activation_checkpointing:
         unet.enable_gradient_checkpointing()
     return params

@@ -61,10 +61,6 @@ class PolicyGradient(SamplerFed):
         self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count) if a.name == "ddpo" else None
         # Built before the checkpoint loads: the reference is the model the run started from.
         self.reference = self._make_reference() if a.kl_weight > 0 else None
-        # As sampled: unseeded LoRA dropout in the trainer would make the recomputed
-        # log-probability differ from the sampler's, and the first ratio differ from 1; with
-        # sampler.train_mode each step's masks are drawn again from the sampler's seed.
-        ctx.engine.module.eval()
 
     def _make_reference(self):
         """A context that yields the starting model: the UNet with its LoRA adapter disabled, or

@@ -20,9 +20,12 @@ def read_metrics(run_dir):
 
 @pytest.fixture(scope="module")
 def grpo_run(ray_local, tmp_path_factory):
-    """3 grpo steps: on-policy (lag 0), 2 updates per batch, 3 of 10 steps trained, a KL penalty."""
+    """3 grpo steps: on-policy (lag 0), 2 updates per batch, 3 of 10 steps trained, a KL penalty;
+    sampled and recomputed with the LoRA's dropout (train_mode) under activation checkpointing,
+    which crashed at the first update before issue 21 (the body switched its UNet to eval)."""
     out = tmp_path_factory.mktemp("runs")
     code = train.main(["algorithm.name=grpo", *BRIGHT, "train.steps=3", "train.max_policy_lag=0",
+                       "lora.dropout=0.1", "sampler.train_mode=true", "train.activation_checkpointing=true",
                        "algorithm.inner_epochs=2", "algorithm.timestep_fraction=0.3", "algorithm.kl_weight=0.01",
                        "run.checkpoint_every=3", "run.image_every=3", f"run.output_dir={out}", "run.name=grpo"])
     assert code == 0

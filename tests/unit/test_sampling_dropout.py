@@ -6,6 +6,7 @@ dropout on; without train_mode neither side drops anything. What dropout alone w
 the replay is measured here too: that is what `replay_error` no longer mixes in."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from longalign_rl.algorithms.policy_gradient import policy_step_loss
 from longalign_rl.algorithms.reward_backprop import replay_final_latents
 from longalign_rl.config import LoRAConfig, SamplerConfig
 from longalign_rl.lora import make_trainable
-from longalign_rl.sampling.ddim import dropout_masks
+from longalign_rl.sampling.ddim import dropout_masks, set_dropout
 from longalign_rl.sampling.sampler import build_sampler, sample_trajectory
 
 PROMPTS = ["a red cube. a blue ball.", "two green squares on the left."]
@@ -52,7 +53,7 @@ def test_dropout_masks_are_seeded_and_leave_modes_and_rng_as_they_were(tiny_part
     assert (a - c).abs().max() > 1e-3 and (a - off).abs().max() > 1e-3  # dropout acts, per seed
     assert not any(m.training for m in unet.modules())  # eval mode restored
     unet.train()
-    with dropout_masks(unet, None):
+    with torch.no_grad(), dropout_masks(unet, None):
         assert not any(m.training for m in unet.modules() if isinstance(m, torch.nn.Dropout))
     assert all(m.training for m in unet.modules())
 
@@ -64,7 +65,7 @@ def test_train_mode_sampling_replays_exactly_with_its_dropout(tiny_parts):
     plain = lora_sampler(tiny_parts, train_mode=False).sample(PROMPTS, seed=3)
     assert (rollout.final_latents - plain.final_latents).abs().max() > 1e-3  # dropout changed the chain
 
-    unet.train()  # as in a trainer worker
+    set_dropout(unet.train(), True)  # as in a trainer worker (training/engine.py prepare_unet)
     replayed = replay_final_latents(unet, rollout, 5.0, train_mode=True)
     torch.testing.assert_close(replayed.detach(), rollout.final_latents, rtol=0, atol=1e-5)
     replayed.sum().backward()
@@ -82,16 +83,16 @@ def test_train_mode_sampling_replays_exactly_with_its_dropout(tiny_parts):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
 
-    # The cause measured apart: replaying the same rollout without its masks is off.
+    # The cause measured apart: replaying the same rollout with other masks is off.
     with torch.no_grad():
-        off = replay_final_latents(unet, rollout, 5.0, train_mode=False)
-    assert (off - rollout.final_latents).abs().max() > 1e-3
+        other = replay_final_latents(unet, dataclasses.replace(rollout, seed=rollout.seed + 1), 5.0, train_mode=True)
+    assert (other - rollout.final_latents).abs().max() > 1e-3
 
 
 def test_without_train_mode_the_trainers_replay_drops_nothing(tiny_parts):
     sampler = lora_sampler(tiny_parts, train_mode=False)
     rollout = sampler.sample(PROMPTS, seed=4)
-    sampler.unet.train()  # a trainer's module is in train mode; its LoRA dropout must stay off
+    set_dropout(sampler.unet.train(), False)  # a trainer's module: train mode, its LoRA dropout off
     with torch.no_grad():
         replayed = replay_final_latents(sampler.unet, rollout, 5.0)
     torch.testing.assert_close(replayed, rollout.final_latents, rtol=0, atol=1e-5)
@@ -101,14 +102,15 @@ def test_without_train_mode_the_trainers_replay_drops_nothing(tiny_parts):
 def test_policy_gradient_ratio_is_one_under_the_sampling_weights(tiny_parts, train_mode):
     sampler = lora_sampler(tiny_parts, train_mode=train_mode)
     traj = sample_trajectory(sampler, PROMPTS, seed=5, eta=1.0)
-    sampler.unet.train()
+    set_dropout(sampler.unet.train(), train_mode)  # as a trainer worker holds it
     advantages = torch.tensor([1.0, -1.0])
     for k in range(len(traj.indices)):
         _, stats = policy_step_loss(sampler.unet, traj, k, advantages, 5.0, 1e-4, 5.0, train_mode=train_mode)
         torch.testing.assert_close(stats["ratio"], torch.ones(2), rtol=0, atol=2e-5)
-    if train_mode:  # recomputed without the sampler's masks, the ratio is not 1
+    if train_mode:  # recomputed with other masks than the sampler's, the ratio is not 1
+        other = dataclasses.replace(traj, seed=traj.seed + 1)
         with torch.no_grad():
-            _, stats = policy_step_loss(sampler.unet, traj, 0, advantages, 5.0, 1e-4, 5.0, train_mode=False)
+            _, stats = policy_step_loss(sampler.unet, other, 0, advantages, 5.0, 1e-4, 5.0, train_mode=True)
         assert (stats["ratio"] - 1).abs().max() > 1e-3
 
 
