@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -416,6 +415,7 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
     from ray.train.torch import TorchTrainer
 
     from longalign_rl.training import checkpoint
+    from longalign_rl.training.failures import FailFast
 
     if not ray.is_initialized():
         connect(cfg)
@@ -429,6 +429,7 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
             name=run_dir.name,
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=[FailFast()],  # a failure that would only happen again is not retried
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints or None),
         ),
     )
@@ -467,26 +468,6 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
         samplers.shutdown()
         if rewards is not None:
             rewards.shutdown()
-
-
-_ERROR_LINE = re.compile(r"^\s*((?:\w+\.)*\w*(?:Error|Exception|Interrupt)\w*): (.+)$")
-
-
-def root_cause(error: BaseException) -> str:
-    """The innermost 'SomeError: message' in an exception's text and causes (Ray wraps a
-    worker's exception in its own, with the worker's traceback as text)."""
-    found = None
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        for line in str(error).splitlines():
-            match = _ERROR_LINE.match(line)
-            if match:
-                found = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2).strip()}"
-        if found is None:
-            found = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        error = error.__cause__ or error.__context__
-    return found
 
 
 @contextlib.contextmanager
@@ -567,10 +548,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped at once; continue from the last checkpoint with: python -m longalign_rl.train --resume {run_dir}",
               file=sys.stderr)
         return 130
-    except Exception as e:  # Ray has printed the workers' tracebacks above; this is the one line that matters
-        print(f"error: the run failed after Ray Train's retries (run.max_failures={cfg.run.max_failures}): "
-              f"{root_cause(e)}\n{run_dir} keeps every checkpoint written before; after fixing the cause continue with "
-              f"--resume {run_dir}", file=sys.stderr)
+    except Exception as e:  # the cause, whatever Ray cut of its text, and where its whole traceback is
+        from longalign_rl.training import failures
+
+        print(f"{run_dir} keeps every checkpoint written before; after fixing the cause continue with --resume "
+              f"{run_dir}\nerror: {failures.describe(e, cfg.run.max_failures)}", file=sys.stderr)
         return 1
     stopped = run_dir / STOPPED
     if stopped.is_file():

@@ -52,7 +52,7 @@ from longalign_rl.lora import export_adapter, export_for_diffusers, trainable_st
 from longalign_rl.models import Components
 from longalign_rl.outputs import STOP_REQUEST, STOPPED, MetricsLog
 from longalign_rl.summary import write_summary
-from longalign_rl.training import checkpoint
+from longalign_rl.training import checkpoint, failures
 from longalign_rl.training.engine import build_trainable, grad_norm
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,14 @@ def _format(record: dict, keys: tuple[str, ...]) -> str:
 
 
 def run_worker(loop_config: dict, make_body: type) -> None:
-    """The skeleton above, with the body `make_body(ctx, parts, loop_config)`."""
+    """The skeleton above, with the body `make_body(ctx, parts, loop_config)`. An exception
+    is kept with its traceback in run_dir/errors/rank<r>.txt and reaches the driver as a
+    failures.WorkerFailure, which tells whether a retry would meet it again."""
+    with failures.reported(Path(loop_config["run_dir"]), ray.train.get_context().get_world_rank()) as attempt:
+        _run_worker(loop_config, make_body, attempt)
+
+
+def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -> None:
     # ------------------------------------------------------------------ SET UP
     cfg: Config = from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
@@ -271,6 +278,7 @@ def run_worker(loop_config: dict, make_body: type) -> None:
     if rank == 0:
         (run_dir / STOPPED).unlink(missing_ok=True)
     for step in range(state.step, cfg.train.steps):
+        attempt.step = step + 1
         t0 = time.perf_counter()
         out = body.step(step, state)
         if out is None:
@@ -327,6 +335,7 @@ def run_worker(loop_config: dict, make_body: type) -> None:
             stopped = {"step": state.step, "cause": "interrupt", "last_checkpoint": checkpointed,
                        "message": f"interrupted after step {state.step}; the last checkpoint is of step {checkpointed}"}
             break
+        attempt.steps_done += 1
     if cause and not stopped:  # the last step was tolerated, but its weights are not to be kept
         stopped = _stopped(state.step, cause, checkpointed, f"the last step's {cause} was not finite")
     if stopped:

@@ -282,12 +282,35 @@ def test_a_reward_that_fails_mid_run_ends_with_one_clear_line(ray_local, tmp_pat
                        f"run.output_dir={tmp_path}", "run.name=raises"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "error: the run failed after Ray Train's retries (run.max_failures=0): RuntimeError: the reward server " \
-           "went away" in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the run failed after run.max_failures=0 retries: RuntimeError: the reward server "
+                           "went away (rank "), err[-2000:]
+    rank = int(last.split("(rank ")[1].split(",")[0])
+    assert f"step 2; full traceback in {tmp_path / 'raises' / 'errors' / f'rank{rank}.txt'})" in last
+    assert "in forward" in (tmp_path / "raises" / "errors" / f"rank{rank}.txt").read_text()  # the plugin's frame
     assert f"--resume {tmp_path / 'raises'}" in err
     states = [json.loads((p / "state.json").read_text())["step"] for p in (tmp_path / "raises").glob("checkpoint_*")
               if p.is_dir()]
     assert states == [1]
+
+
+def test_an_error_that_a_retry_would_repeat_is_not_retried(ray_local, tmp_path, capsys):
+    """Rank 0's reward raises at its second call: validation at step 0 is its first, so it
+    fails in step 1, before finishing a step. A retry would start from the same place and
+    fail the same way: the run ends at once, not after run.max_failures=3 restarts, and the
+    console's last line is the cause (whatever Ray cut of its text) with its traceback file."""
+    code = train.main(["train.steps=4", "run.max_failures=3", "run.validation_size=2",
+                       "reward.name=tests.plugins.my_reward:broken", "reward.kwargs={how: raise_after, after: 1}",
+                       f"run.output_dir={tmp_path}", "run.name=first"])
+    err = capsys.readouterr().err
+    assert code == 1
+    errors = tmp_path / "first" / "errors" / "rank0.txt"
+    assert err.strip().splitlines()[-1] == (
+        "error: the run failed, not retried (raised before rank 0 finished a step; a retry from the same checkpoint "
+        "would repeat the same computation): RuntimeError: the reward server went away (rank 0, step 1; full "
+        f"traceback in {errors})"), err[-2000:]
+    assert errors.read_text().count("=== ") == 1  # one attempt: no restart
+    assert "the reward server went away" in errors.read_text()
 
 
 def test_a_killed_trainer_worker_is_recovered_from_the_last_checkpoint(ray_local, tmp_path):

@@ -1,0 +1,224 @@
+"""When a worker fails: its whole traceback kept, the cause on the driver's console, and no
+retries of a failure that would only happen again.
+
+Ray Train restarts the worker group from the last checkpoint up to run.max_failures times,
+which heals the loss of a node or a process. It also retried an exception of the run's own
+code, at a full restart each (minutes for SD v1.5), and then printed a wrapper whose text it
+had cut before the cause. Here:
+
+- `reported(run_dir, rank)` wraps a worker's life. An exception is written, with its whole
+  traceback, to run_dir/errors/rank<r>.txt, and raised again as a `WorkerFailure`: a small
+  picklable record of what it was (type, first line), where (rank, step), whether the
+  worker had finished a step since it started, and whether it looks `transient`.
+- `FailFast`, a Ray Train callback in the controller, ends the run at once when a failure
+  will happen again on every retry (`repeats`).
+- `describe(error)`, on the driver, turns what `fit()` raised into the lines it prints.
+
+How a failure that will happen again is told apart from one that may not: a retry restarts
+every worker from the same checkpoint with the same RNG state, prompt position and data
+epoch, so it re-runs exactly what it ran before. An exception of the run's own code (not a
+lost process, node or connection: `transient`) raised before the worker finished its first
+step of an attempt is met again at the same point. So is one raised again at the same step
+with the same message as in the attempt before. Everything else (a dead actor or node, a
+collective broken by a lost peer, a network or I/O error, an error after some progress) is
+retried as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.exceptions
+import torch.distributed
+from ray.train import UserCallback
+
+ERRORS = "errors"  # run_dir/errors/rank<r>.txt: every failure of that rank, with its traceback
+
+# OSErrors that a retry may not meet again: I/O and network trouble rather than a missing
+# file, a wrong permission or a full disk.
+TRANSIENT_ERRNOS = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                    errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN}
+# Libraries whose errors are network errors (model hub downloads).
+NETWORK_MODULES = ("requests.", "urllib3.", "huggingface_hub.", "httpx.")
+# What a collective says when a peer process is gone (gloo raises plain RuntimeErrors).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def chain(error: BaseException):
+    """`error`, its causes, and the user exception inside a Ray task error."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+            error = error.cause
+        else:
+            error = error.__cause__ or error.__context__
+
+
+def transient(error: BaseException) -> bool:
+    """Whether `error` (or anything in its chain) is the loss of a process, node or
+    connection, which a retry may not meet again, rather than the outcome of the run's own
+    code on the same inputs."""
+    for e in chain(error):
+        if isinstance(e, ray.exceptions.RayError) and not isinstance(e, ray.exceptions.RayTaskError):
+            return True  # an actor, object, node or worker lost; a timeout
+        if isinstance(e, torch.distributed.DistError) or any(s in str(e) for s in PEER_LOST):
+            return True
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith(NETWORK_MODULES):
+            return True
+        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+def first_line(error: BaseException, limit: int = 400) -> str:
+    """The first line of an exception's message (a Ray task error: its cause's)."""
+    if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        error = error.cause
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def kind(error: BaseException) -> str:
+    if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        error = error.cause
+    return type(error).__name__
+
+
+class WorkerFailure(RuntimeError):
+    """What a worker's exception was, as the controller and the driver need it (picklable:
+    its fields are its args)."""
+
+    def __init__(self, kind: str, message: str, rank: int, step: int | None, steps_done: int, transient: bool,
+                 traceback_file: str | None):
+        super().__init__(kind, message, rank, step, steps_done, transient, traceback_file)
+        self.kind, self.message, self.rank, self.step = kind, message, rank, step
+        self.steps_done, self.transient, self.traceback_file = steps_done, transient, traceback_file
+
+    @property
+    def where(self) -> str:
+        return f"rank {self.rank}, " + (f"step {self.step}" if self.step is not None else "while starting")
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message} ({self.where})"
+
+
+@dataclass
+class Attempt:
+    """One start of a worker: the first, or a retry from the last checkpoint."""
+
+    step: int | None = None  # the step being worked on (1-based); None while setting up
+    steps_done: int = 0      # steps finished since this start
+
+
+def write_traceback(run_dir: Path, rank: int, attempt: Attempt, error: BaseException) -> Path | None:
+    """Append the failure, with its whole traceback, to run_dir/errors/rank<r>.txt."""
+    path = run_dir / ERRORS / f"rank{rank}.txt"
+    where = f"step {attempt.step}" if attempt.step is not None else "while starting"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}: rank {rank} failed at {where}, "
+                    f"{attempt.steps_done} steps done since it started ===\n")
+            f.write("".join(traceback.format_exception(error)) + "\n")
+    except OSError:  # a run directory this node cannot write: Ray's worker log has the traceback
+        return None
+    return path
+
+
+@contextlib.contextmanager
+def reported(run_dir: Path, rank: int):
+    """Around a worker's life: yields its Attempt (the caller keeps its step and steps_done
+    current); an exception is kept in run_dir/errors/ and raised again as a WorkerFailure."""
+    attempt = Attempt()
+    try:
+        yield attempt
+    except Exception as e:
+        path = write_traceback(run_dir, rank, attempt, e)
+        raise WorkerFailure(kind(e), first_line(e), rank, attempt.step, attempt.steps_done, transient(e),
+                            str(path) if path else None) from e
+
+
+def repeats(failures: dict[int, BaseException], previous: list[WorkerFailure] | None) -> str | None:
+    """Why the failures of one attempt (rank -> exception) will happen again on a retry, or
+    None when a retry may help. Only WorkerFailures are judged: anything else means a
+    process died (a lost node, a crash), which a retry on other processes may not meet."""
+    if not failures or not all(isinstance(f, WorkerFailure) for f in failures.values()):
+        return None
+    # A rank whose collective broke because another one raised is transient: not judged.
+    own = [f for f in failures.values() if not f.transient]
+    for f in own:
+        if f.steps_done == 0:
+            return (f"raised before rank {f.rank} finished a step; a retry from the same checkpoint would repeat the "
+                    "same computation")
+    before = {(f.kind, f.message, f.step) for f in previous or []}
+    for f in own:
+        if (f.kind, f.message, f.step) in before:
+            return f"the attempt before failed the same way at step {f.step}"
+    return None
+
+
+class RunFailed(RuntimeError):
+    """Raised by FailFast: the run ends at once (Ray Train does not retry an error raised by a
+    callback). Picklable through its args."""
+
+    def __init__(self, failure: WorkerFailure, reason: str):
+        super().__init__(failure, reason)
+        self.failure, self.reason = failure, reason
+
+    def __str__(self) -> str:
+        return f"{self.failure} - not retried: {self.reason}"
+
+
+class FailFast(UserCallback):
+    """A Ray Train callback (it runs in the run's controller): stops a run whose worker
+    failure `repeats`, instead of restarting it run.max_failures times to meet the same error."""
+
+    def __init__(self):
+        self.previous: list[WorkerFailure] | None = None
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        reason = repeats(worker_exceptions, self.previous)
+        self.previous = [f for f in worker_exceptions.values() if isinstance(f, WorkerFailure)]
+        if reason:
+            raise RunFailed(main_failure(worker_exceptions), reason)
+
+
+def main_failure(failures: dict[int, BaseException]) -> WorkerFailure | BaseException:
+    """The failure to show: an error of the run's own code first, then any worker's, lowest rank first."""
+    ranked = sorted(failures.items())
+    for wanted in (lambda f: isinstance(f, WorkerFailure) and not f.transient, lambda f: isinstance(f, WorkerFailure),
+                   lambda f: True):
+        for _, f in ranked:
+            if wanted(f):
+                return f
+    raise ValueError("no failures")
+
+
+def describe(error: BaseException, max_failures: int) -> str:
+    """What `fit()` raised, as the driver's last line: whether it was retried, and the cause
+    (the exception, its message, where, and the file with its whole traceback)."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    if isinstance(error, ControllerError) and isinstance(error.controller_failure, RunFailed):
+        failed: RunFailed = error.controller_failure
+        return f"the run failed, not retried ({failed.reason}): {cause_line(failed.failure)}"
+    if isinstance(error, WorkerGroupError) and error.worker_failures:
+        return f"the run failed after run.max_failures={max_failures} retries: " \
+               f"{cause_line(main_failure(error.worker_failures))}"
+    innermost = list(chain(error))[-1]
+    return f"the run failed: {kind(innermost)}: {first_line(innermost)}"
+
+
+def cause_line(failure: BaseException) -> str:
+    if not isinstance(failure, WorkerFailure):
+        return f"{kind(failure)}: {first_line(failure)}"
+    where = (f"full traceback in {failure.traceback_file}" if failure.traceback_file
+             else "full traceback in the worker's log (Ray dashboard, Jobs / Actors)")
+    return f"{failure.kind}: {failure.message} ({failure.where}; {where})"
