@@ -77,9 +77,14 @@ def gradients(unet, loss_fn, checkpointing: bool) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().float().clone() for n, p in unet.named_parameters() if p.grad is not None}
 
 
-def assert_same(grads, reference):
-    assert grads.keys() == reference.keys() and grads
-    assert any(g.abs().sum() > 0 for g in grads.values())  # the loss reaches the LoRA
+def assert_same_as_without_checkpointing(unet, loss_fn, checkpointing: bool):
+    """The gradient of `loss_fn` under `checkpointing` equals the one without it (then: is not zero)."""
+    grads = gradients(unet, loss_fn, checkpointing)
+    assert grads and any(g.abs().sum() > 0 for g in grads.values())  # the loss reaches the LoRA
+    if not checkpointing:
+        return
+    reference = gradients(unet, loss_fn, checkpointing=False)
+    assert grads.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-3, atol=1e-6, msg=name)
 
@@ -98,8 +103,7 @@ def test_reward_backprop_update(tiny_parts, dropout, train_mode, checkpointing, 
         assert float(stats["replay_error"]) == 0.0
         return value
 
-    grads = gradients(unet, loss, checkpointing)
-    assert_same(grads, gradients(unet, loss, checkpointing=False))
+    assert_same_as_without_checkpointing(unet, loss, checkpointing)
 
 
 @pytest.mark.parametrize("dropout,train_mode,checkpointing,precision", COMBINATIONS, ids=IDS)
@@ -119,8 +123,7 @@ def test_policy_gradient_update(tiny_parts, dropout, train_mode, checkpointing, 
             total = total + value
         return total
 
-    grads = gradients(unet, loss, checkpointing)
-    assert_same(grads, gradients(unet, loss, checkpointing=False))
+    assert_same_as_without_checkpointing(unet, loss, checkpointing)
 
 
 @pytest.mark.parametrize("dropout,checkpointing,precision",
@@ -141,12 +144,11 @@ def test_stage1_update_and_its_validation(tiny_parts, dropout, checkpointing, pr
         torch.manual_seed(7)  # the same dropout masks in both runs
         return denoising_loss(unet, scheduler, latents, cond, torch.Generator().manual_seed(0))[0]
 
-    grads = gradients(unet, loss, checkpointing)
     sampler = build_sampler(cfg.sampler, copy.deepcopy(tiny_parts), prompts=cfg.prompts)
     sampler.unet = unet  # what training/denoising.py validates with
     generate_latents(sampler, PROMPTS, [0, 1])
     assert all(m.training for m in dropout_layers(unet) if m.p > 0)  # still on after validation
-    assert_same(grads, gradients(unet, loss, checkpointing=False))
+    assert_same_as_without_checkpointing(unet, loss, checkpointing)
 
 
 def test_a_replay_with_dropout_switched_the_wrong_way_is_an_error_not_a_silent_mismatch(tiny_parts):
