@@ -3,6 +3,7 @@
     longalign-rl train [--config FILE] [--resume RUN] [key=value ...]   a run (python -m longalign_rl.train)
     longalign-rl generate RUN "prompt" ... --out DIR                   images from a run's model (or any model)
     longalign-rl evaluate RUN --prompts FILE [--against base]          score it on held-out prompts
+    longalign-rl smoke [--config FILE] [--size tiny|real] [key=value ...]   a config as shipped, 2 steps, sizes swapped
     longalign-rl config [--config FILE] [key=value ...]               every key: type, default, value, meaning
     longalign-rl rewards                                               the rewards it knows, with their arguments
     longalign-rl direction ...                                         a CLIP-type reward's corpus direction
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from longalign_rl.reference_import import main as import_reference
 
         return import_reference(rest, prog="longalign-rl import-reference")
+    if command == "smoke":
+        from longalign_rl.smoke import main as smoke
+
+        return smoke(rest, prog="longalign-rl smoke")
     if command == "config":
         from longalign_rl.train import main as train
 

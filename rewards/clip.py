@@ -70,3 +70,57 @@ def load_hf_clip(model: str, processor: str) -> HFClipBackend:
 def clip(model: str = "openai/clip-vit-large-patch14", **kwargs) -> ClipTypeReward:
     """CLIP score (METHOD.md 2); `kwargs` go to ClipTypeReward (text_irrelevant_weight, ...)."""
     return ClipTypeReward(load_hf_clip(model, model), **kwargs)
+
+
+# The transformers CLIPConfig of the architectures the presets load, for stand-ins with
+# random weights (`longalign-rl smoke --size real`): OpenAI's ViT-L/14 (clip) and the LAION
+# ViT-H/14 that PickScore and Denscore fine-tune.
+VIT_L_14 = {
+    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "max_position_embeddings": 77, "hidden_act": "quick_gelu"},
+    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                      "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "hidden_act": "quick_gelu"},
+    "projection_dim": 768,
+}
+VIT_H_14 = {
+    "text_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                    "max_position_embeddings": 77, "hidden_act": "gelu"},
+    "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                      "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "hidden_act": "gelu"},
+    "projection_dim": 1024,
+}
+
+
+def random_clip_folder(folder: Path, name: str, architecture: dict) -> Path:
+    """A CLIPModel of `architecture` with random weights, with the real CLIP tokenizer (built
+    offline) and an image processor, as a local folder that `load_hf_clip` loads."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from longalign_rl.encoding.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
+
+    path = folder / f"{name}-random"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        config = {**architecture, "text_config": {**architecture["text_config"], "vocab_size": CLIP_VOCAB_SIZE}}
+        CLIPModel(CLIPConfig(**config)).save_pretrained(path, safe_serialization=True)
+        build_clip_tokenizer().save_pretrained(path)
+        size = architecture["vision_config"]["image_size"]
+        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(path)
+    return path
+
+
+def hf_stand_in(name: str, architecture: dict, loaders: tuple[str, ...]):
+    """The `stand_in` of a preset that loads a transformers CLIPModel (longalign_rl/smoke.py),
+    the other arguments kept: "tiny" -> tiny_clip (the same class, tiny); "real" -> the preset
+    itself on `architecture` with random weights; `loaders`: its arguments naming what to load."""
+    def stand_in(size: str, folder: Path, kwargs: dict) -> tuple[str, dict]:
+        kept = {k: v for k, v in kwargs.items() if k not in loaders}
+        if size == "tiny":
+            return "tiny_clip", kept
+        path = str(random_clip_folder(folder, name, architecture))
+        return name, {**kept, **{key: path for key in loaders}}
+    return stand_in
+
+
+clip.stand_in = hf_stand_in("clip", VIT_L_14, ("model",))

@@ -9,7 +9,7 @@ text_irrelevant_weight=0.3 (the default).
 
 from __future__ import annotations
 
-from rewards.clip import load_hf_clip
+from rewards.clip import VIT_H_14, hf_stand_in, load_hf_clip
 from rewards.decomposed import ClipTypeReward
 
 
@@ -18,3 +18,6 @@ def denscore(
 ) -> ClipTypeReward:
     """`kwargs` go to ClipTypeReward (text_irrelevant_weight, split, crop, ...)."""
     return ClipTypeReward(load_hf_clip(model, processor), **kwargs)
+
+
+denscore.stand_in = hf_stand_in("denscore", VIT_H_14, ("model", "processor"))

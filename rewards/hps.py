@@ -64,3 +64,24 @@ def hpsv2(checkpoint: str = "xswu/HPSv2:HPS_v2_compressed.pt", arch: str = "ViT-
 
     model = open_clip.create_model(arch, pretrained=_checkpoint_file(checkpoint))
     return ClipTypeReward(OpenClipBackend(model, open_clip.get_tokenizer(arch)), **kwargs)
+
+
+def _stand_in(size: str, folder: Path, kwargs: dict) -> tuple[str, dict]:
+    """What `longalign-rl smoke` runs instead of the downloaded checkpoint (longalign_rl/smoke.py),
+    with the other arguments kept: "tiny" -> tiny_openclip (open_clip's CLIP class, tiny);
+    "real" -> hpsv2 itself on a checkpoint of the same architecture with random weights."""
+    kept = {k: v for k, v in kwargs.items() if k not in ("checkpoint", "arch")}
+    if size == "tiny":
+        return "tiny_openclip", kept
+    import open_clip
+    import torch
+
+    arch = kwargs.get("arch", "ViT-H-14")
+    path = folder / f"hpsv2-{arch}-random.pt"
+    if not path.is_file():
+        torch.manual_seed(0)
+        torch.save({"state_dict": open_clip.create_model(arch, pretrained=None).state_dict()}, path)
+    return "hpsv2", {**kept, "checkpoint": str(path), "arch": arch}
+
+
+hpsv2.stand_in = _stand_in

@@ -4,7 +4,7 @@ was fine-tuned from."""
 
 from __future__ import annotations
 
-from rewards.clip import load_hf_clip
+from rewards.clip import VIT_H_14, hf_stand_in, load_hf_clip
 from rewards.decomposed import ClipTypeReward
 
 
@@ -13,3 +13,6 @@ def pickscore(
 ) -> ClipTypeReward:
     """`kwargs` go to ClipTypeReward (text_irrelevant_weight, direction, ...)."""
     return ClipTypeReward(load_hf_clip(model, processor), **kwargs)
+
+
+pickscore.stand_in = hf_stand_in("pickscore", VIT_H_14, ("model", "processor"))
