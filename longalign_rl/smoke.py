@@ -17,8 +17,8 @@ says *how big* is swapped:
   other reward argument kept (text_irrelevant_weight, direction, split, crop, ...);
 - stage 1's data, when its file does not exist here: a handful of generated image-caption
   pairs, in a manifest of the same kind; prompt files that do not exist here: the demo prompts;
-- workers, actors and their resources: 2 trainer workers and at most 2 sampler actors on
-  the CPU ("real": one of each), train.steps 2, train.batch_size 2 ("real": 1; grpo: one
+- workers, actors and their resources: 2 trainer workers ("real": 1), one sampler actor and
+  at most one reward actor, on the CPU, train.steps 2, train.batch_size 2 ("real": 1; grpo: one
   group), at most 10 DDIM steps (the gradient steps kept, up to 10) and 2 validation prompts.
 
 It runs `python -m longalign_rl.train` itself (train.main, in this process), prints the
@@ -158,7 +158,7 @@ def shrink(cfg: Config, size: str, folder: Path) -> dict:
     s, t, r, a = cfg.sampler, cfg.train, cfg.reward, cfg.algorithm
     real = size == "real"
     workers = 1 if real else 2
-    actors, reward_actors = min(s.num_actors, workers), min(r.num_actors, 1)
+    actors, reward_actors = min(s.num_actors, 1), min(r.num_actors, 1)  # every worker draws from actor 0
     # Every process an equal share of CPUS (in quarters), or less where the config asks for
     # less; stage 1's Ray Data tasks, which read the images, count as one more.
     share = math.floor(CPUS / (workers + (actors + reward_actors if cfg.stage == 2 else 1)) * 4) / 4

@@ -20,6 +20,7 @@ def run_script(name: str, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow  # CI time (30 s): the sampler actors it times run in every e2e run
 def test_sampling_throughput_compares_a_plain_process_with_sampler_actors():
     out = run_script("sampling_throughput.py", "--rounds", "1", "--calls", "1", "--batch", "2")
     overhead = float(re.search(r"actor overhead \(plain / 1 actor\): ([\d.]+)x", out).group(1))
@@ -28,6 +29,7 @@ def test_sampling_throughput_compares_a_plain_process_with_sampler_actors():
     assert re.search(r"weight sync to 2 actors \([\d.]+ MB of LoRA weights\): median [\d.]+ ms", out)
 
 
+@pytest.mark.slow  # CI time (54 s): the Ray Train + DeepSpeed step it times runs in every e2e run
 def test_trainer_overhead_times_the_distributed_step_against_a_plain_one():
     out = run_script("trainer_overhead.py", "--steps", "2")
     ratio = float(re.search(r"overhead ratio \(distributed / plain alone\): ([\d.]+)x", out).group(1))

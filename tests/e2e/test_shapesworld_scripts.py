@@ -80,6 +80,7 @@ def test_ship_model_stores_a_run_unet_in_fp16_with_its_report(tmp_path):
     assert (tmp_path / "shipped" / "mine" / "vae").is_symlink() and pipe.tokenizer is not None
 
 
+@pytest.mark.slow  # CI time (150 s, four runs): the research script; its runs are `train.main`, tested throughout
 def test_quick_sweep_runs_every_condition_through_the_product(tmp_path):
     """Each stage-2 run of the sweep is `python -m longalign_rl.train` (its own config.yaml,
     metrics.jsonl and checkpoints), and every checkpoint gets a held-out evaluation."""

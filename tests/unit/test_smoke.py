@@ -20,7 +20,7 @@ def test_a_paper_config_keeps_how_it_trains_and_swaps_how_big_it_is(tmp_path):
     assert changes["model.pretrained"] == "tiny" and changes["sampler.resolution"] == 64
     assert changes["reward.name"] == "tiny_openclip"  # hpsv2 is an open_clip CLIP: the same class, tiny
     assert changes["reward.kwargs"] == {"text_irrelevant_weight": 0.3, "direction": "batch"}
-    assert (changes["train.num_workers"], changes["sampler.num_actors"], changes["train.steps"]) == (2, 2, 2)
+    assert (changes["train.num_workers"], changes["sampler.num_actors"], changes["train.steps"]) == (2, 1, 2)
     assert changes["sampler.num_steps"] == 10 and "sampler.num_grad_steps" not in changes  # 5 of 10
     assert set(changes) <= set(smoke.SWAPPED)
     for kept in ("lora.dropout", "train.activation_checkpointing", "train.precision", "sampler.precision",
@@ -65,8 +65,8 @@ def test_a_grpo_batch_holds_one_group_and_reward_actors_stay(tmp_path):
     _, changes = shrunk(tmp_path, "tiny.yaml", "algorithm.name=grpo", "train.batch_size=8", "reward.num_actors=3",
                         "reward.name=tests.plugins.my_reward:BrightPixels", "reward.kwargs={}")
     assert changes["train.batch_size"] == 4 and changes["reward.num_actors"] == 1
-    # 2 workers + 2 actors + 1 reward actor share 2 CPUs
-    assert changes["train.cpus_per_worker"] == changes["sampler.num_cpus"] == 0.25
+    # 2 workers + 1 sampler actor + 1 reward actor share 2 CPUs
+    assert changes["train.cpus_per_worker"] == changes["sampler.num_cpus"] == 0.5
 
 
 def test_an_unknown_size_is_a_config_error(tmp_path):
