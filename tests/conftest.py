@@ -45,6 +45,20 @@ class Darkness(Reward):
 '''
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist (pyproject.toml: two workers) runs every e2e test in one worker, one module
+    after another, since each module starts a Ray instance on the machine's cores and two at once
+    would only fight over them; the unit tests go to the other worker beside it. (A scheduler
+    rather than xdist_group marks: pytest-xdist 3.8's loadgroup cannot rename pytest 9's node ids.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class E2EInOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "e2e" if nodeid.startswith("tests/e2e/") else nodeid
+
+    return E2EInOneWorker(config, log)
+
+
 @pytest.fixture(scope="module")
 def tiny_parts():
     """The "tiny" architecture's random-initialised parts (the same weights every time)."""

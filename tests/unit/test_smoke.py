@@ -62,11 +62,15 @@ def test_stage1_data_that_is_not_here_becomes_a_handful_of_generated_pairs_of_th
 
 
 def test_a_grpo_batch_holds_one_group_and_reward_actors_stay(tmp_path):
-    _, changes = shrunk(tmp_path, "tiny.yaml", "algorithm.name=grpo", "train.batch_size=8", "reward.num_actors=3",
-                        "reward.name=tests.plugins.my_reward:BrightPixels", "reward.kwargs={}")
+    from longalign_rl.train import required_resources
+
+    overrides = ["algorithm.name=grpo", "train.batch_size=8", "reward.num_actors=3", "reward.num_cpus=2",
+                 "reward.name=tests.plugins.my_reward:BrightPixels", "reward.kwargs={}"]
+    _, changes = shrunk(tmp_path, "tiny.yaml", *overrides)
     assert changes["train.batch_size"] == 4 and changes["reward.num_actors"] == 1
-    # 2 workers + 1 sampler actor + 1 reward actor share 2 CPUs
-    assert changes["train.cpus_per_worker"] == changes["sampler.num_cpus"] == 0.5
+    # 2 workers + 1 sampler actor + 1 reward actor fit the 2 CPUs a smoke run assumes
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides + smoke.as_overrides(changes))
+    assert required_resources(cfg)["CPU"] <= smoke.CPUS and cfg.reward.num_cpus == 0.5
 
 
 def test_an_unknown_size_is_a_config_error(tmp_path):
