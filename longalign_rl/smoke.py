@@ -24,7 +24,8 @@ says *how big* is swapped:
 It runs `python -m longalign_rl.train` itself (train.main, in this process), prints the
 overrides it used, so that the same run can be repeated by hand, and the peak memory of each
 process of the run (the driver, the trainer workers, the sampler and reward actors).
-The README's test command runs every file in configs/ this way (tests/e2e/test_configs.py).
+The README's test command runs every file in configs/ this way (tests/e2e/test_configs.py),
+but for four tiny ones that other e2e tests run as shipped (its RUN_ELSEWHERE).
 """
 
 from __future__ import annotations
@@ -330,7 +331,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.smok
     parser.add_argument("--config", help="the YAML file to try (default: the defaults of longalign_rl/config.py)")
     parser.add_argument("--size", choices=SIZES, default="tiny",
                         help="tiny: the tiny stand-ins, 2 workers (about a minute); real: SD v1.5's architecture "
-                             "with random weights at 256 px, 1 worker and 1 actor (tens of minutes, about 20 GB)")
+                             "with random weights at 256 px, 1 worker and 1 actor (4 to 6 minutes on 2 cores; 21 GB of "
+                             "memory in use at most: BENCHMARKS.md)")
     parser.add_argument("--output-dir", default="runs")
     parser.add_argument("--work", help="where the stand-ins' files go while it runs (default: the system's temp)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value")

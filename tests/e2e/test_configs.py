@@ -7,9 +7,9 @@ checkpointing, precision, train_mode, the T5 branch, splits, crops, the algorith
 file in configs/ is picked up without editing this test. (Four tiny files that other e2e
 modules run as shipped are run there: RUN_ELSEWHERE.)
 
-Before issue 21 the configs a real user starts from (sd15_longalign.yaml, sd15_stage1.yaml,
-longalign_reference*.yaml and the defaults) crashed at their first update, while the tests
-ran only the tiny configs, which turn dropout and checkpointing off."""
+Before issue 21 the config a real user starts from (sd15_longalign.yaml) and the defaults
+crashed at their first update, while the tests ran only the tiny configs, which turn dropout
+and checkpointing off."""
 
 import json
 import math
@@ -102,7 +102,7 @@ def assert_exports_fp32_master_weights(run_dir, ran):
 REAL_SIZE = ["sd15_longalign.yaml", "longalign_reference.yaml", "sd15_stage1.yaml", "longalign_reference_stage1.yaml"]
 
 
-@pytest.mark.slow  # SD v1.5's architecture at 256 px on 2 CPU cores: 5-15 minutes each, up to ~20 GB
+@pytest.mark.slow  # SD v1.5's architecture at 256 px on 2 CPU cores: 4-6 minutes each, 21 GB in use at most
 @pytest.mark.parametrize("name", REAL_SIZE)
 def test_a_paper_config_runs_at_real_size(ray_local, tmp_path, name):
     """SD v1.5's architecture (random weights) at 256 px with the reward's and the T5
