@@ -105,7 +105,8 @@ def check_reward(cfg: Config, prompts: list[str]) -> None:
 
 def check_model(cfg: Config) -> None:
     """model.pretrained names something that exists; a local folder holds complete files."""
-    from longalign_rl.models import MODELS, check_hub_model, check_model_folder
+    from longalign_rl.hub import check_hub_model
+    from longalign_rl.models import MODELS, check_model_folder
     from longalign_rl.registry import resolve_source
 
     source = resolve_source(cfg.model.pretrained, key="model.pretrained", names=MODELS,
@@ -121,7 +122,7 @@ def check_model(cfg: Config) -> None:
 def check_t5(cfg: Config) -> None:
     """The T5 branch's encoder and adapter exist (t5 section); a random adapter is said."""
     from longalign_rl.encoding.t5 import ADAPTER_FOLDER
-    from longalign_rl.models import check_hub_model
+    from longalign_rl.hub import check_hub_model
 
     t5 = cfg.t5
     if not t5.encoder:

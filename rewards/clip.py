@@ -47,7 +47,7 @@ def load_hf_clip(model: str, processor: str) -> HFClipBackend:
     (each a local folder or a hub id)."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from longalign_rl.models import check_hub_model, unloadable
+    from longalign_rl.hub import check_hub_model, unloadable
 
     sources = {"reward.kwargs.model": model}
     if processor != model:

@@ -47,7 +47,7 @@ def _checkpoint_file(checkpoint: str) -> str:
         raise FileNotFoundError(f"checkpoint {checkpoint!r} is neither a file nor 'repo_id:filename'")
     from huggingface_hub import hf_hub_download
 
-    from longalign_rl.models import check_hub_model, unloadable
+    from longalign_rl.hub import check_hub_model, unloadable
 
     check_hub_model(repo_id, None, key="reward.kwargs.checkpoint", filename=filename)
     with unloadable(checkpoint, "an HPSv2 checkpoint (reward.kwargs.checkpoint)"):

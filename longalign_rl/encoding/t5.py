@@ -63,7 +63,7 @@ def load_t5(encoder: str, seed: int = 0):
         model = T5EncoderModel(T5Config(**{k: v for k, v in config.items() if not k.startswith("_")}))
         tokenizer = AutoTokenizer.from_pretrained(CONFIG_DIR / "tiny" / "t5_tokenizer")
     else:
-        from longalign_rl.models import check_hub_model, unloadable
+        from longalign_rl.hub import check_hub_model, unloadable
 
         if not Path(encoder).exists():
             check_hub_model(encoder, None, key="t5.encoder", filename="config.json")

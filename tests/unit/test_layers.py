@@ -1,7 +1,7 @@
 """The layers of docs/architecture.md, checked by parsing every import (module-level and
 inside functions) of longalign_rl/, rewards/ and shapesworld/:
 
-    foundations   config, types, registry, encoding, models, vae, lora, prompts, data,
+    foundations   config, types, registry, hub, encoding, models, vae, lora, prompts, data,
                   outputs, summary, hooks, direction, console, trackers, validation
     maths         sampling.ddim, sampling.stochastic, sampling.sampler, algorithms
     inference     pipeline, generate, evaluate, reference_import   (no ray: they run where Ray is not installed)
@@ -21,7 +21,7 @@ import pytest
 from tests import REPO
 
 LAYERS = {
-    "foundations": ["config", "types", "registry", "encoding", "models", "vae", "lora", "prompts", "data",
+    "foundations": ["config", "types", "registry", "hub", "encoding", "models", "vae", "lora", "prompts", "data",
                     "outputs", "summary", "hooks", "direction", "console", "trackers", "validation"],
     "maths": ["sampling.ddim", "sampling.stochastic", "sampling.sampler", "algorithms"],
     "inference": ["pipeline", "generate", "evaluate", "reference_import"],
