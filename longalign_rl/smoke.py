@@ -297,23 +297,17 @@ class PeakMemory:
         return out
 
 
-def _shrink_loaded(config: Path, overrides: list[str], size: str, folder: Path) -> dict:
-    return shrink(load_config(config, overrides), size, folder)
-
-
-def _shrink_apart(config: Path, overrides: list[str], size: str, folder: Path) -> dict:
-    """`shrink`; for size "real" in a child process. Its stand-ins are gigabytes of random
+def _shrink_in_child(cfg: Config, size: str, folder: Path) -> dict:
+    """`shrink` in a child process, for size "real": its stand-ins are gigabytes of random
     weights (a ViT-H-14 reward, T5-large) that the driver would otherwise keep through the
-    run: freed tensors' memory stays with the allocator (measured under pytest during step 2:
-    8.0 GB of the driver's RSS, and the sampler actor killed for memory on a 24 GiB machine;
-    2.8 GB with the child)."""
-    if size != "real":
-        return _shrink_loaded(config, overrides, size, folder)
+    run, since freed tensors' memory stays with the allocator (measured under pytest during
+    step 2: 8.0 GB of the driver's RSS, and the sampler actor killed for memory on a 24 GiB
+    machine; 2.8 GB with the child)."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as child:
-        return child.submit(_shrink_loaded, config, overrides, size, folder).result()
+        return child.submit(shrink, cfg, size, folder).result()
 
 
 def run(config: str | Path | None, size: str = "tiny", overrides: list[str] | None = None,
@@ -329,9 +323,10 @@ def run(config: str | Path | None, size: str = "tiny", overrides: list[str] | No
         if config is None:
             config = tmp / "defaults.yaml"
             config.write_text("{}\n")
-        load_config(config, overrides)  # a bad file or override fails here, before anything is built
+        cfg = load_config(config, overrides)
         name = name or f"smoke-{Path(config).stem}-{size}-{time.strftime('%Y%m%d-%H%M%S')}"
-        used = as_overrides(_shrink_apart(config, overrides, size, tmp)) + overrides + [f"run.output_dir={output_dir}", f"run.name={name}"]
+        changes = _shrink_in_child(cfg, size, tmp) if size == "real" else shrink(cfg, size, tmp)
+        used = as_overrides(changes) + overrides + [f"run.output_dir={output_dir}", f"run.name={name}"]
         print(f"smoke run ({size}): python -m longalign_rl.train --config {config} "
               + " ".join(f"'{o}'" if " " in o or "{" in o else o for o in used), flush=True)
         with PeakMemory() as memory:

@@ -43,8 +43,8 @@ def test_the_files_left_out_are_run_as_shipped_elsewhere():
         assert (REPO / "configs" / name).is_file(), name
         source = (REPO / "tests" / "e2e" / module).read_text()
         if name == "default.yaml":  # the run of the module's fixture names no --config
-            fixture = source[source.index("def tiny_run"):]
-            assert "run_main(" in fixture.split("\ndef ")[0] and "--config" not in fixture.split("\ndef ")[0]
+            fixture = source[source.index("def tiny_run"):].split("\ndef ")[0]
+            assert "run_main(" in fixture and "--config" not in fixture
         else:
             assert f'"configs" / "{name}"' in source, f"{module} no longer runs configs/{name}"
 
