@@ -165,6 +165,14 @@ class RewardConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     runtime_env: dict = field(default_factory=dict)
+    # Reward actors: how long a trainer worker waits for one batch's scores (a reward call
+    # that blocks, a server that never answers) before the step fails, naming this key. In
+    # seconds; it covers re-sending the batch to the next actor when one dies.
+    timeout_s: float = 600.0
+    # Reward actors: how many times Ray restarts an actor whose process died (a crash in the
+    # reward's native code, out of memory); after that the actor is gone, and when every
+    # actor is gone the step fails with the cause. Ray's -1 (for ever) is not allowed.
+    max_restarts: int = 3
 
 
 ALGORITHMS = ("reward_backprop", "grpo", "ddpo")
@@ -698,6 +706,8 @@ def validate(cfg: Config) -> None:
                        ("train.cpus_per_worker", t.cpus_per_worker), ("reward.num_actors", cfg.reward.num_actors),
                        ("reward.num_cpus", cfg.reward.num_cpus), ("reward.num_gpus", cfg.reward.num_gpus)]:
         _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(cfg.reward.timeout_s > 0, "reward.timeout_s", f"must be > 0 seconds, got {cfg.reward.timeout_s}")
+    _require(cfg.reward.max_restarts >= 0, "reward.max_restarts", f"must be >= 0, got {cfg.reward.max_restarts}")
     _require(cfg.run.max_nonfinite_steps >= 0, "run.max_nonfinite_steps",
              f"must be >= 0, got {cfg.run.max_nonfinite_steps}")
     _require(cfg.run.max_failures >= -1, "run.max_failures", f"must be >= 0 (or -1: retry forever), got "

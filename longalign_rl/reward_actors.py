@@ -15,9 +15,11 @@ object (SamplerActor.sample_images); the worker passes that object's ref straigh
 and overlaps with the next batch's sampling. Neither the driver nor the workers build or
 import the reward: it may need a GPU of its own, or packages only its runtime_env has.
 
-A reward actor that dies is restarted by Ray; meanwhile the worker sends the same images
-to the next actor of the pool. An exception raised by the reward itself fails the step,
-as it would in the worker.
+A reward actor whose process dies is restarted by Ray, at most reward.max_restarts times;
+meanwhile the worker sends the same images to the next actor of the pool. When every actor
+is gone, or no score came within reward.timeout_s (a reward call that blocks), the step
+fails with the cause and the key. An exception raised by the reward itself (sys.exit
+included) fails the step, as it would in the worker.
 """
 
 from __future__ import annotations
@@ -37,9 +39,6 @@ from longalign_rl.registry import get_reward, probe_reward
 from longalign_rl.types import RewardOutput
 
 log = logging.getLogger(__name__)
-
-# How long a worker keeps sending a batch to reward actors that die before the step fails.
-ACTOR_WAIT_S = 600
 
 
 @dataclass
@@ -82,7 +81,7 @@ class RewardPool:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None):
         r = cfg.reward
         self.cfg = cfg
-        options = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=-1, max_task_retries=0)
+        options = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts, max_task_retries=0)
         if r.runtime_env:
             options["runtime_env"] = r.runtime_env
         config, where = to_dict(cfg), str(run_dir) if run_dir else None
@@ -99,7 +98,8 @@ class RewardPool:
             raise ConfigError(f"reward: {r.name!r} {where}: {_cause(e)}") from None
 
     def client(self, rank: int) -> "RewardClient":
-        return RewardClient(self.actors, rank)
+        r = self.cfg.reward
+        return RewardClient(self.actors, rank, timeout_s=r.timeout_s, max_deaths=len(self.actors) * (r.max_restarts + 1))
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -115,10 +115,12 @@ def _cause(error: BaseException) -> str:
 
 class RewardClient:
     """One worker's view of the pool: batches go round-robin from actor rank % num_actors,
-    so several workers share the actors evenly; a batch whose actor died goes to the next."""
+    so several workers share the actors evenly; a batch whose actor died goes to the next,
+    until `max_deaths` deaths (every actor's restarts spent) or `timeout_s` seconds."""
 
-    def __init__(self, actors: list, rank: int):
+    def __init__(self, actors: list, rank: int, timeout_s: float = 600.0, max_deaths: int = 4):
         self.actors, self.rank = actors, rank
+        self.timeout_s, self.max_deaths = timeout_s, max_deaths
         self.next = rank % len(actors)
         self.sent: dict[ray.ObjectRef, tuple] = {}  # score ref -> (images, prompts): to resend
 
@@ -134,16 +136,27 @@ class RewardClient:
         self.sent.pop(ref, None)
 
     def get(self, ref: ray.ObjectRef) -> Scored:
-        deadline, failures = time.monotonic() + ACTOR_WAIT_S, 0
+        deadline, deaths = time.monotonic() + self.timeout_s, 0
         while True:
             images, prompts = self.sent.pop(ref)
             try:
-                return ray.get(ref)
+                return ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001))
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"reward.timeout_s: no reward actor returned the scores of a batch within "
+                                   f"{self.timeout_s:g} s (rank {self.rank}); the reward call blocks, or raise "
+                                   "reward.timeout_s for a slow reward") from None
             except ray.exceptions.RayActorError as e:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"rank {self.rank}: no reward actor answered for {ACTOR_WAIT_S} s") from e
-                failures += 1
+                deaths += 1
+                if deaths >= self.max_deaths:
+                    raise RuntimeError(f"reward actors died {deaths} times scoring one batch (reward.max_restarts: "
+                                       f"each actor is restarted that often): {_death(e)}") from None
                 log.warning("rank %d: reward actor failed (%s); sending the batch to the next one", self.rank,
-                            type(e).__name__)
-                time.sleep(min(2.0 ** failures, 10.0))  # a restart rebuilds the reward
+                            _death(e))
+                time.sleep(min(2.0 ** deaths, 10.0, max(deadline - time.monotonic(), 0.0)))  # a restart rebuilds it
                 ref = self.submit(images, prompts)
+
+
+def _death(error: BaseException) -> str:
+    """Why an actor died, in one line (Ray's text names the exit code or the out-of-memory kill)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")

@@ -44,13 +44,19 @@ def replay_final_latents(unet, rollout: Rollout, guidance_scale: float, train_mo
 
 def score(reward, images: torch.Tensor, prompts: list[str]) -> tuple[RewardOutput, torch.Tensor]:
     """The reward of `images`, and which samples got a finite one; a reward that returns
-    the wrong shapes is an error naming its class.
+    the wrong shapes is an error naming its class, and so is a reward that calls sys.exit
+    (which would end the trainer worker or reward actor silently, leaving its peers to fail
+    with a broken connection or Ray to restart the actor for ever).
 
     A sample whose reward is NaN or infinite sends no gradient back at all (its image
     gradient is zeroed: masking the loss alone would still let 0 * NaN through).
     """
-    out = reward(images, prompts)
-    check_reward_output(out, len(prompts), f"{type(reward).__module__}.{type(reward).__qualname__}")
+    name = f"{type(reward).__module__}.{type(reward).__qualname__}"
+    try:
+        out = reward(images, prompts)
+    except SystemExit as e:
+        raise RuntimeError(f"reward {name} called sys.exit({e.code!r})") from e
+    check_reward_output(out, len(prompts), name)
     finite = torch.isfinite(out.total).detach()
     if images.requires_grad and not bool(finite.all()):
         mask = finite.view(-1, *([1] * (images.dim() - 1)))

@@ -191,10 +191,12 @@ class FailFast(UserCallback):
 
 
 def main_failure(failures: dict[int, BaseException]) -> WorkerFailure | BaseException:
-    """The failure to show: an error of the run's own code first, then any worker's, lowest rank first."""
+    """The failure to show, lowest rank first: an error of the run's own code; else a worker
+    whose process died (its peers' collectives then break: 'Connection closed by peer' is
+    the consequence, not the cause); else any."""
     ranked = sorted(failures.items())
-    for wanted in (lambda f: isinstance(f, WorkerFailure) and not f.transient, lambda f: isinstance(f, WorkerFailure),
-                   lambda f: True):
+    for wanted in (lambda f: isinstance(f, WorkerFailure) and not f.transient,
+                   lambda f: not isinstance(f, WorkerFailure), lambda f: True):
         for _, f in ranked:
             if wanted(f):
                 return f

@@ -3,6 +3,7 @@ their own resources and runtime environment, fed straight from the sampler actor
 
 import importlib
 import textwrap
+import time
 
 import pytest
 import ray
@@ -77,6 +78,49 @@ def test_a_dead_reward_actor_hands_its_batch_to_the_next(ray_local):
         assert torch.equal(scored.output.total, BrightPixels(threshold=0.4)(images, ["p", "q"]).total)
     finally:
         pool.shutdown()
+
+
+CRASHING = "reward.name=tests.plugins.my_reward:Crashing"
+
+
+@pytest.mark.parametrize("how, expected", [
+    # the process dies on every call: restarted reward.max_restarts times, then the cause
+    ("die", r"reward actors died 2 times scoring one batch \(reward.max_restarts.*ActorDiedError"),
+    # the call never returns: the key that bounds it
+    ("block", r"reward.timeout_s: no reward actor returned the scores of a batch within 8 s"),
+    # sys.exit in the reward: its own error, not an actor death that Ray would restart
+    ("exit", r"reward tests.plugins.my_reward.Crashing called sys.exit\(3\)"),
+])
+def test_a_reward_actor_that_dies_blocks_or_exits_fails_the_batch_in_bounded_time(ray_local, how, expected):
+    """Issue 22: these hung the run (the actors were restarted for ever, a blocked call was
+    waited on for ever); now each fails the worker's get() with its cause within
+    reward.timeout_s."""
+    cfg = config(CRASHING, f"reward.kwargs={{how: {how}, after: 0}}", "reward.num_actors=1",
+                 "reward.max_restarts=1", "reward.timeout_s=8")
+    pool = RewardPool(cfg)
+    try:
+        client = pool.client(rank=0)
+        start = time.monotonic()
+        with pytest.raises((RuntimeError, ray.exceptions.RayTaskError), match=expected):
+            client.get(client.submit(torch.rand(2, 3, 32, 32), ["p", "q"]))
+        assert time.monotonic() - start < 30
+    finally:
+        pool.shutdown()
+
+
+def test_a_reward_that_exits_in_its_actor_ends_the_run_with_its_own_error(ray_local, tmp_path, capsys):
+    """The issue's hang: the probe passes, then the reward ends its actor's process at its first
+    score. The run ends (exit 1) in bounded time, its last line naming the reward's error."""
+    from longalign_rl import train
+
+    start = time.monotonic()
+    code = train.main(["algorithm.name=grpo", CRASHING, "reward.kwargs={how: exit, after: 1}", "reward.num_actors=1",
+                       "reward.num_cpus=0", "train.steps=2", "run.validation_size=0", f"run.output_dir={tmp_path}",
+                       "run.name=exits"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "RuntimeError: reward tests.plugins.my_reward.Crashing called sys.exit(3)" in err.strip().splitlines()[-1]
+    assert time.monotonic() - start < 240
 
 
 def test_the_reward_may_live_only_in_the_actors_runtime_env(ray_local, tmp_path):

@@ -105,3 +105,29 @@ class SlowBrightPixels(BrightPixels):
     def forward(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
         time.sleep(self.seconds)
         return super().forward(images, prompts)
+
+
+class Crashing(Reward):
+    """Fine for `after` calls (the driver's probe passes), then it ends its process the way
+    a plugin can: `exit` calls sys.exit, `die` kills the process (a crash in native code),
+    `block` never returns (a server that does not answer)."""
+
+    differentiable = True
+
+    def __init__(self, how: str = "exit", after: int = 1):
+        super().__init__()
+        self.how, self.after, self.calls = how, after, 0
+
+    def forward(self, images, prompts):
+        import os
+        import sys
+
+        self.calls += 1
+        if self.calls > self.after:
+            if self.how == "exit":
+                sys.exit(3)
+            if self.how == "die":
+                os._exit(1)
+            if self.how == "block":
+                time.sleep(3600)
+        return RewardOutput(total=images.mean(dim=(1, 2, 3)), components={})

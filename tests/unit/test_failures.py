@@ -130,3 +130,21 @@ def test_the_drivers_last_line_names_the_exception_its_message_and_the_traceback
             raise RuntimeError("validation: no sampler actor answered") from e
     except RuntimeError as e:
         assert describe(e, 1) == "the run failed: KeyError: 'x'"
+
+
+def test_a_worker_whose_process_died_is_shown_before_the_peers_broken_collective():
+    """Issue 22: a rank that died (a reward that killed its process) left its peer with gloo's
+    'Connection closed by peer', which the console showed as the cause."""
+    peer = failure(rank=0, transient=True, kind="RuntimeError", message="Connection closed by peer [127.0.0.1]:1234")
+    died = ray.exceptions.ActorDiedError()
+    line = describe(WorkerGroupError("...", {0: peer, 1: died}), 0)
+    assert line.startswith("the run failed after run.max_failures=0 retries: ActorDiedError: "), line
+
+
+def test_a_reward_that_calls_sys_exit_raises_an_error_naming_it():
+    from longalign_rl.algorithms.reward_backprop import score
+    from tests.plugins.my_reward import Crashing
+
+    reward = Crashing("exit", after=0)
+    with pytest.raises(RuntimeError, match=r"reward tests.plugins.my_reward.Crashing called sys.exit\(3\)"):
+        score(reward, torch.rand(2, 3, 8, 8), ["a", "b"])
