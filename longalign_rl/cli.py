@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "direction":
         from longalign_rl.direction import main as direction
 
-        direction(rest)
-        return 0
+        return direction(rest)
     print(f"usage: longalign-rl COMMAND ...\n{USAGE}", file=sys.stderr if command not in ("-h", "--help") else sys.stdout)
     return 0 if command in ("-h", "--help") else 2
 

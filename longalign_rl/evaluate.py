@@ -23,16 +23,18 @@ from pathlib import Path
 
 import torch
 
+from longalign_rl.arguments import Parser, at_least, finite, json_object
+
 
 def build_parser(prog: str = "python -m longalign_rl.evaluate") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run directory, or a model (a registered name, a diffusers folder, a hub id)")
     parser.add_argument("--prompts", required=True, metavar="SOURCE",
                         help="held-out prompts: a .txt / .jsonl file or 'pkg.module:function' (as prompts.source)")
-    parser.add_argument("--n", type=int, help="use the first N prompts (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="prompt i is drawn from seed SEED + i (default 0)")
+    parser.add_argument("--n", type=at_least(1), help="use the first N prompts (default: all)")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="prompt i is drawn from seed SEED + i (default 0)")
     parser.add_argument("--reward", help="a reward name or 'pkg.module:Factory' (default: the run's reward.name)")
-    parser.add_argument("--reward-kwargs", type=json.loads, metavar="JSON",
+    parser.add_argument("--reward-kwargs", type=json_object, metavar="JSON",
                         help="its keyword arguments as JSON (default: the run's reward.kwargs, or none)")
     parser.add_argument("--no-reward", action="store_true", help="score with the metric hooks only")
     parser.add_argument("--metrics", nargs="*", metavar="HOOK", help="metric hooks 'pkg.module:function' "
@@ -40,11 +42,11 @@ def build_parser(prog: str = "python -m longalign_rl.evaluate") -> argparse.Argu
     parser.add_argument("--against", metavar="MODEL", help="compare with another run or model on the same prompts "
                         "and noise; 'base' is the run's model.pretrained")
     parser.add_argument("--out", type=Path, help="folder for evaluation.json and the images")
-    parser.add_argument("--steps", type=int, help="DDIM steps (default: the run's sampler.num_steps)")
-    parser.add_argument("--guidance", type=float, help="guidance scale (default: the run's)")
+    parser.add_argument("--steps", type=at_least(1), help="DDIM steps (default: the run's sampler.num_steps)")
+    parser.add_argument("--guidance", type=finite(minimum=1.0), help="guidance scale, >= 1 (default: the run's)")
     parser.add_argument("--checkpoint", help="a checkpoint of the run (folder or step) instead of its exported weights")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
     parser.add_argument("--t5", metavar="ENCODER", help="the T5 encoder of a model folder with a T5 branch "
                         "(text_adapter/); a run directory names its own, and --against a model takes the run's")
     return parser
@@ -69,6 +71,19 @@ def score_model(pipe, prompts: list[str], seeds: list[int], reward, hooks, args)
         images.append(chunk.cpu())
         extend(values, score_images(reward, hooks, chunk, prompts[i:i + args.batch_size]))
     return torch.cat(images), values
+
+
+def check_scores(images: torch.Tensor, values: dict[str, torch.Tensor], label: str) -> None:
+    """RuntimeError when a model's images or scores are not finite: an evaluation that would
+    print `nan` (a diverged model, a reward that fails on these images) is an error."""
+    from longalign_rl.arguments import check_finite_images
+
+    check_finite_images(images, label)
+    for key, v in values.items():
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            raise RuntimeError(f"{label}: {key} is NaN or infinite for {bad} of {len(v)} prompts (images finite); "
+                               "nothing was written")
 
 
 def _stats(values: list[float]) -> tuple[float, float | None]:
@@ -107,6 +122,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.evaluate") -> int:
     args = build_parser(prog).parse_args(argv)
+    from longalign_rl.arguments import check_device, check_output_folder
     from longalign_rl.console import quiet_libraries
     from longalign_rl.hooks import load_metric_hooks
     from longalign_rl.pipeline import load
@@ -117,6 +133,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.eval
 
     quiet_libraries(verbose=False)
     try:
+        check_device(args.device)
+        if args.out is not None:
+            check_output_folder(args.out)
         cfg = run_config(args.run)
         prompts = load_prompts(args.prompts, key="--prompts")[: args.n]
         hooks = load_metric_hooks(args.metrics if args.metrics is not None else (cfg.run.metrics if cfg else ()))
@@ -146,8 +165,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.eval
     seeds = [args.seed + i for i in range(len(prompts))]
     result = {"run": args.run, "prompts": len(prompts), "prompt_source": args.prompts, "seeds": seeds,
               "reward": name if reward is not None else None, "models": []}
-    for label, pipe in pipes:
-        images, values = score_model(pipe, prompts, seeds, reward, hooks, args)
+    outputs = []
+    try:
+        for label, pipe in pipes:  # everything is scored and checked before anything is written
+            images, values = score_model(pipe, prompts, seeds, reward, hooks, args)
+            check_scores(images, values, label)
+            outputs.append((label, pipe, images, values))
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for label, pipe, images, values in outputs:
         d = pipe.longalign
         result["models"].append({"label": label, "source": d["source"], "weights": d["weights"],
                                  "settings": {k: d[k] for k in ("num_steps", "guidance_scale", "resolution", "max_tokens")},

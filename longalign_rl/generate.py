@@ -16,22 +16,26 @@ import argparse
 import sys
 from pathlib import Path
 
+from longalign_rl.arguments import Parser, at_least, finite, multiple_of
+
 
 def build_parser(prog: str = "python -m longalign_rl.generate") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run directory, or a model (a registered name, a diffusers folder, a hub id)")
     parser.add_argument("prompts", nargs="*", help="prompts (any length)")
     parser.add_argument("--prompts", dest="prompt_source", metavar="SOURCE",
                         help="more prompts: a .txt / .jsonl file or 'pkg.module:function' (as prompts.source)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the images")
-    parser.add_argument("--seed", type=int, default=0, help="prompt i is drawn from seed SEED + i (default 0)")
-    parser.add_argument("--steps", type=int, help="DDIM steps (default: the run's sampler.num_steps)")
-    parser.add_argument("--guidance", type=float, help="guidance scale (default: the run's sampler.guidance_scale)")
-    parser.add_argument("--resolution", type=int, help="pixels per side (default: the run's sampler.resolution)")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="prompt i is drawn from seed SEED + i (default 0)")
+    parser.add_argument("--steps", type=at_least(1), help="DDIM steps (default: the run's sampler.num_steps)")
+    parser.add_argument("--guidance", type=finite(minimum=1.0),
+                        help="guidance scale, >= 1 (default: the run's sampler.guidance_scale)")
+    parser.add_argument("--resolution", type=multiple_of(8),
+                        help="pixels per side, a multiple of 8 (default: the run's sampler.resolution)")
     parser.add_argument("--checkpoint", help="a checkpoint of the run (folder or step) instead of its exported weights")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
     parser.add_argument("--t5", metavar="ENCODER", help="the T5 encoder of a model folder with a T5 branch "
                         "(text_adapter/), e.g. google-t5/t5-large; a run directory names its own")
     return parser
@@ -50,6 +54,7 @@ def gather_prompts(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.generate") -> int:
     args = build_parser(prog).parse_args(argv)
+    from longalign_rl.arguments import check_device, check_finite_images, check_output_folder
     from longalign_rl.console import quiet_libraries
     from longalign_rl.models import DTYPES
     from longalign_rl.outputs import save_image_grid, save_images, write_prompt_list
@@ -57,6 +62,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.gene
 
     quiet_libraries(verbose=False)
     try:
+        check_device(args.device)
+        check_output_folder(args.out)
         prompts = gather_prompts(args)
         pipe = load(args.run, checkpoint=args.checkpoint, device=args.device, dtype=DTYPES[args.precision], t5=args.t5)
     except (ValueError, TypeError, FileNotFoundError) as e:
@@ -65,6 +72,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.gene
     seeds = [args.seed + i for i in range(len(prompts))]
     images = pipe.generate(prompts, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
                            resolution=args.resolution, batch_size=args.batch_size, output_type="pt")
+    try:
+        check_finite_images(images, args.run)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     save_images(images, args.out)
     write_prompt_list(args.out / "prompts.txt", prompts, seeds)
     save_image_grid(images, prompts, args.out / "grid.png")

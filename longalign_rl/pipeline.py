@@ -148,6 +148,7 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
                              "(the reference's: google-t5/t5-large)")
     if other is not None:
         cfg = dataclasses.replace(cfg, sampler=other.sampler, prompts=other.prompts)
+    check_weights(*weights)
     parts = load_components(model, seed=cfg.model.random_seed, revision=cfg.model.revision)
     kind, where = weights
     t5_cfg = cfg.t5
@@ -198,6 +199,25 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
                       else cfg.sampler.resolution, "max_tokens": pipe.segment_encoder.max_tokens,
                       "t5": t5_cfg.encoder or None, "t5_tokens": t5_branch.max_tokens if t5_branch is not None else 0}
     return pipe
+
+
+def check_weights(kind: str, where: Path | None) -> None:
+    """The run's weights are complete and finite before anything loads them (ValueError
+    naming the file): a truncated export, or the NaN LoRA of a run that diverged, would
+    otherwise give a raw library traceback or black images."""
+    from longalign_rl.arguments import check_weights_file
+    from longalign_rl.models import check_model_folder
+
+    if kind == "merged":
+        check_model_folder(where, key="the run's model/")
+    elif kind == "checkpoint":
+        check_weights_file(where / "weights.safetensors", f"checkpoint {where.name}")
+    elif kind in ("lora", "unet"):
+        files = sorted(where.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"the run's {kind}/: {where} holds no .safetensors file")
+        for file in files:
+            check_weights_file(file, f"the run's {kind}/")
 
 
 def _run_weights(run_dir: Path, cfg: Config, checkpoint) -> tuple[tuple[str, Path | None], str]:

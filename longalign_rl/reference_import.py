@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from longalign_rl.arguments import Parser, check_output_folder
 from longalign_rl.config import LoRAConfig
 from longalign_rl.encoding.t5 import ADAPTER_FOLDER, TextAdapter
 from longalign_rl.lora import export_for_diffusers, load_trainable_state_dict, make_trainable, merge_lora
@@ -130,19 +131,30 @@ def read_reference_adapter(folder: str | Path) -> TextAdapter:
     diffusion_pytorch_model.safetensors, else .bin (weights_only); every weight must fit."""
     from safetensors.torch import load_file
 
+    from longalign_rl.arguments import check_json_file, check_weights_file
+
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"adapter folder {str(folder)!r} holds no config.json of a TextAdapter")
+    check_json_file(folder / "config.json", "adapter config")
     safetensors, pickled = folder / "diffusion_pytorch_model.safetensors", folder / "diffusion_pytorch_model.bin"
     if safetensors.is_file():
+        check_weights_file(safetensors, "adapter weights")
         state = load_file(safetensors)
     elif pickled.is_file():
         state = load_weights_only(pickled)
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{pickled}: not a state dict (names -> tensors), got {type(state).__name__}")
+        for name, tensor in state.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"adapter weights: {pickled}: tensor {name!r} holds NaN or infinite values")
     else:
         raise FileNotFoundError(f"adapter folder {str(folder)!r} holds neither {safetensors.name} nor {pickled.name}")
-    adapter = TextAdapter.from_config(TextAdapter.load_config(folder))
+    try:
+        adapter = TextAdapter.from_config(TextAdapter.load_config(folder))
+    except (TypeError, ValueError, KeyError, OSError) as e:
+        raise ValueError(f"adapter config: {folder / 'config.json'} does not describe a TextAdapter "
+                         f"({type(e).__name__}: {e})") from None
     result = adapter.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{folder}: the weights do not fit its config.json's TextAdapter: missing "
@@ -165,6 +177,7 @@ def import_reference(base: str, out: str | Path, *, lora: str | Path | None = No
         raise FileNotFoundError(f"--lora {str(lora)!r}: no such file")
     if adapter is not None and not Path(adapter).is_dir():
         raise FileNotFoundError(f"--adapter {str(adapter)!r}: no such folder")
+    check_output_folder(out.parent, "--out")  # the new folder is made beside it, then renamed
 
     parts = load_components(base, seed=seed)
     state, rank = read_reference_lora(lora, parts.unet) if lora is not None else (None, None)
@@ -214,7 +227,7 @@ def import_reference(base: str, out: str | Path, *, lora: str | Path | None = No
 
 
 def build_parser(prog: str = "python -m longalign_rl.reference_import") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                         help="the base model the checkpoint was trained on: a diffusers folder or hub id "
                              "(default: SD v1.5, the reference's)")

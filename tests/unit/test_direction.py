@@ -27,8 +27,8 @@ def direction_file(tmp_path):
     prompts.write_text("\n".join(PROMPTS[:3]) + "\n\n" + "\n".join(PROMPTS[3:]) + "\n")  # a blank line is skipped
     out = tmp_path / "direction.safetensors"
     # batch size 2 over 5 prompts: the sum runs over uneven chunks
-    main(["--reward", "tiny_clip", "--reward-kwargs", '{"seed": 1}', "--prompts", str(prompts), "--out", str(out),
-          "--batch-size", "2"])  # fmt: skip
+    assert main(["--reward", "tiny_clip", "--reward-kwargs", '{"seed": 1}', "--prompts", str(prompts), "--out", str(out),
+          "--batch-size", "2"]) == 0  # fmt: skip
     return out
 
 
