@@ -4,7 +4,7 @@
     longalign-rl generate RUN "prompt" ... --out DIR                   images from a run's model (or any model)
     longalign-rl evaluate RUN --prompts FILE [--against base]          score it on held-out prompts
     longalign-rl smoke [--config FILE] [--size tiny|real] [key=value ...]   a config as shipped, 2 steps, sizes swapped
-    longalign-rl config [--config FILE] [key=value ...]               every key: type, default, value, meaning
+    longalign-rl config [--config FILE | --resume RUN] [key=value ...]  every key: type, default, value, meaning
     longalign-rl rewards                                               the rewards it knows, with their arguments
     longalign-rl direction ...                                         a CLIP-type reward's corpus direction
     longalign-rl import-reference [--lora FILE] [--adapter DIR] --out DIR   the authors' checkpoints, converted

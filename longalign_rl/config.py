@@ -714,6 +714,9 @@ def validate(cfg: Config) -> None:
              f"{cfg.run.max_failures}")
     _require(cfg.run.validation_size >= 0, "run.validation_size",
              f"must be >= 0 (0: no validation), got {cfg.run.validation_size}")
+    name = cfg.run.name
+    _require(not name or (name not in (".", "..") and "/" not in name and "\\" not in name and not name.startswith("~")),
+             "run.name", f"must be a folder name inside run.output_dir (no '/', '..' or '~'), got {name!r}")
     _require(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", f"must be >= 0, got {cfg.run.keep_checkpoints}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _validate_algorithm(cfg)

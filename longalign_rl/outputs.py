@@ -18,6 +18,46 @@ STOPPED = "stopped.json"
 STOP_REQUEST = "stop_requested"
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """`path` holds `text` whole or keeps what it held: written beside it, then renamed (a
+    full disk or a kill mid-write never leaves an empty or cut config.yaml)."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file the run appends to (metrics.jsonl, validation.jsonl).
+    A last line cut short (the run was killed, or its disk filled, while writing it) is left
+    out with a warning; a damaged line before it is a ValueError naming the file and line."""
+    import logging
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a record with a step")
+        except ValueError as e:
+            if number == len(lines):
+                logging.getLogger(__name__).warning("%s: its last line (%d) is cut short and is left out (%s)",
+                                                    path, number, e)
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON record ({e}); repair or remove that line") from None
+        records.append(record)
+    return records
+
+
 class MetricsLog:
     """Appends one JSON object per step to run_dir/metrics.jsonl (flushed every line)."""
 
@@ -32,8 +72,8 @@ class MetricsLog:
         """On resume, drop lines of steps after the checkpoint (they will be redone)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_jsonl(self.path) if r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from longalign_rl.outputs import read_jsonl
+
 FILE = "summary.json"
 MARKDOWN = "summary.md"
 
@@ -113,7 +115,7 @@ def write_summary(run_dir: str | Path, keys: list[str] | tuple[str, ...], sample
 
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    records = read_jsonl(path)  # a cut last line is left out
     summary = summarize(records, keys, samples_per_step)
     validation = compare(read(run_dir))
     if validation:

@@ -17,6 +17,7 @@ Plain Python: no ray, no deepspeed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -142,7 +143,27 @@ class MLflow:
 def open_trackers(report_to: tuple[str, ...], run_dir: Path, config: dict) -> list[Tracker]:
     """The trackers of run.report_to, opened and given the run's config."""
     make = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
-    trackers = [make[name](run_dir) for name in report_to]
-    for tracker in trackers:
-        tracker.config(config)
+    trackers: list[Tracker] = []
+    for name in report_to:
+        try:
+            tracker = make[name](run_dir)
+            tracker.config(config)
+        except Exception as e:  # W&B without an API key, an MLflow server that is down ...
+            for opened in trackers:
+                with contextlib.suppress(Exception):
+                    opened.close()
+            raise TrackerError(f"run.report_to: {name} could not start: {type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:300]}{START_HINTS.get(name, '')}") from None
+        trackers.append(tracker)
     return trackers
+
+
+class TrackerError(RuntimeError):
+    """A tracker of run.report_to that cannot start (the driver exits 2 and keeps nothing)."""
+
+
+START_HINTS = {
+    "wandb": " (W&B needs an API key: run `wandb login` or set WANDB_API_KEY; or set WANDB_MODE=offline to keep "
+             "its logs in the run directory's wandb/ for `wandb sync` later)",
+    "mlflow": " (is MLFLOW_TRACKING_URI's server up? without it MLflow writes to the run directory's mlruns/)",
+}

@@ -27,7 +27,7 @@ from longalign_rl.config import Config, ConfigError, load_config, to_dict, to_ya
 from longalign_rl.console import Progress, outputs, quiet_libraries
 from longalign_rl.data import Pair, check_source
 from longalign_rl.hooks import load_metric_hooks, probe_metric_hooks
-from longalign_rl.outputs import STOP_REQUEST, STOPPED
+from longalign_rl.outputs import STOP_REQUEST, STOPPED, write_atomic
 from longalign_rl.prompts import load_prompts
 from longalign_rl.summary import read_summary
 from longalign_rl.validation import validation_set
@@ -51,20 +51,123 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
     """The config of this run and its directory (nothing is written yet)."""
     if args.resume:
+        if args.config:
+            raise ConfigError(f"--config {args.config} with --resume: a resume continues with the run's own "
+                              "config.yaml; give what changes as key=value")
         run_dir = Path(args.resume).resolve()
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {args.resume}: no config.yaml there, not a run directory")
+        saved = read_run_config(run_dir)
         # The run's location is where it is now, whatever the saved config says.
         cfg = load_config(run_dir / "config.yaml", args.overrides + [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
-        check_resume(yaml.safe_load((run_dir / "config.yaml").read_text()), cfg)
+        check_resume(saved, cfg, run_dir)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = (Path(cfg.run.output_dir) / name).resolve()
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"run.name: {run_dir} already holds a run; pass --resume {run_dir} to continue it")
+        check_new_run_dir(run_dir)
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides + [f"run.name={name}"])
     return cfg, run_dir
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """The saved config.yaml of the run to resume, or ConfigError naming what is wrong; its
+    metrics.jsonl and validation.jsonl are read too (a damaged line is named here, before
+    anything starts; a cut last line is left out by the worker)."""
+    from longalign_rl.outputs import read_jsonl
+    from longalign_rl.validation import FILE as VALIDATION_FILE
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there, not a run directory")
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        saved, why = None, f"not valid YAML ({' '.join(str(e).split())[:200]})"
+    else:
+        why = "empty" if saved is None else "not a mapping of sections"
+    if not isinstance(saved, dict):
+        from longalign_rl.training.checkpoint import on_disk
+
+        hint = (f"{run_dir / 'config.original.yaml'} holds the config the run started with"
+                if (run_dir / "config.original.yaml").is_file() else "")
+        if not on_disk(run_dir):
+            hint = "the run never checkpointed: start it again with the same run.name"
+        raise ConfigError(f"--resume: {path} is {why}; {hint or 'write the run config back to resume it'}")
+    for name in ("metrics.jsonl", VALIDATION_FILE):
+        try:
+            read_jsonl(run_dir / name)
+        except ValueError as e:
+            raise ConfigError(f"--resume: {e}") from None
+    return saved
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """A new run's directory is new, or empty, or what a start that failed before its first
+    step left (no config.yaml worth keeping, no metrics, no checkpoint)."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    from longalign_rl.training.checkpoint import on_disk
+
+    config = run_dir / "config.yaml"
+    started = (config.is_file() and config.read_text().strip()) or on_disk(run_dir) or \
+        ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip())
+    if started:
+        raise ConfigError(f"run.name: {run_dir} already holds a run; pass --resume {run_dir} to continue it")
+
+
+class RunLock:
+    """run_dir/run.lock, held (an exclusive flock) by the driver while it runs in the run
+    directory: a second run with the same run.name, or a second --resume, is refused while
+    the first lives. The kernel releases it when its process ends, however it ends, so the
+    resume of a killed run takes it over. The file names its holder."""
+
+    FILE = "run.lock"
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        import socket
+
+        self.path = run_dir / self.FILE
+        self.file = self.path.open("a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip()
+            self.file.close()
+            raise ConfigError(f"run.name: {run_dir} is in use by another run ({holder or 'a running driver'}); "
+                              "wait for it to end, or choose another run.name") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()  # closing the descriptor releases the flock
+
+
+def check_checkpoint_index(run_dir: Path) -> None:
+    """Ray Train's record of the run's checkpoints (checkpoint_manager_snapshot.json), read
+    by Ray when the run restarts: damaged, or naming a checkpoint folder that is gone, it
+    stops Ray's controller with a raw traceback. It is moved aside (kept, with a warning),
+    and the workers resume from the newest checkpoint folder on disk that verifies
+    (worker._resume)."""
+    path = run_dir / "checkpoint_manager_snapshot.json"
+    if not path.is_file():
+        return
+    try:
+        snapshot = json.loads(path.read_text())
+        names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+        latest = snapshot.get("latest_checkpoint_result")
+        names += [latest["checkpoint_dir_name"]] if latest else []
+        gone = sorted({n for n in names if not (run_dir / n).is_dir()})
+        problem = f"it names {', '.join(gone)}, which is gone" if gone else None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        problem = f"it is damaged ({type(e).__name__}: {e})"
+    if problem:
+        aside = path.with_name(f"{path.name}.damaged")
+        path.replace(aside)
+        log.warning("%s: %s; moved aside to %s, and the run resumes from the newest checkpoint folder that "
+                    "verifies", path.name, problem, aside.name)
 
 
 def check_reward(cfg: Config, prompts: list[str]) -> None:
@@ -250,9 +353,13 @@ def algorithm_line(cfg: Config) -> str:
             + (f", KL weight {a.kl_weight}" if a.kl_weight else ""))
 
 
-# Keys that change what the checkpoint's weights mean: a resume may not change them.
-ARCHITECTURE_KEYS = ("stage", "model.pretrained", "model.revision", "model.random_seed", "lora.enabled", "lora.rank",
-                     "lora.alpha", "lora.target_modules")
+# What a resume may not change: what the checkpoint's weights, optimiser state or random
+# streams mean. Every other key may change and takes effect (docs/reliability.md): the
+# workers run on the resumed config, and worker.py applies its optimiser settings over the
+# checkpoint's.
+FIXED_ON_RESUME = ("stage", "model.pretrained", "model.revision", "model.random_seed", "lora.enabled", "lora.rank",
+                   "lora.alpha", "lora.target_modules", "train.seed", "train.zero_stage", "train.precision",
+                   "t5.encoder", "t5.adapter", "t5.adapter_dim", "t5.max_tokens")
 
 
 def _get(data: dict, dotted: str):
@@ -261,13 +368,29 @@ def _get(data: dict, dotted: str):
     return data
 
 
-def check_resume(saved: dict, cfg: Config) -> None:
-    """A resume keeps the architecture of the run it continues."""
+def check_resume(saved: dict, cfg: Config, run_dir: Path | None = None) -> None:
+    """A resume keeps what the checkpoint's state means (FIXED_ON_RESUME), and has steps left."""
     new = to_dict(cfg)
-    changed = [f"{k} ({_get(saved, k)!r} -> {_get(new, k)!r})" for k in ARCHITECTURE_KEYS if _get(saved, k) != _get(new, k)]
+    defaults = to_dict(Config())  # a key the saved config lacks (an older version) had its default
+    changed = [f"{k} ({_get(saved, k)!r} -> {_get(new, k)!r})" for k in FIXED_ON_RESUME
+               if (_get(saved, k) if _has(saved, k) else _get(defaults, k)) != _get(new, k)]
     if changed:
         raise ConfigError(f"--resume: the checkpoint was trained with other values of {', '.join(changed)}; "
                           "start a new run to change them")
+    if run_dir is not None:
+        from longalign_rl.training.checkpoint import on_disk, step_of
+
+        done = max((step_of(p) or 0 for p in on_disk(run_dir)), default=0)
+        if cfg.train.steps <= done:
+            raise ConfigError(f"train.steps: the run is at step {done} already (its newest checkpoint); a resume "
+                              f"with train.steps={cfg.train.steps} has nothing to do: raise it above {done}")
+
+
+def _has(data: dict, dotted: str) -> bool:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        data = data.get(part) if isinstance(data, dict) else None
+    return isinstance(data, dict) and last in data
 
 
 def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
@@ -290,7 +413,7 @@ def keep_original_config(run_dir: Path, cfg: Config) -> list[str]:
     changes = config_changes(saved, to_dict(cfg))
     original = run_dir / "config.original.yaml"
     if changes and not original.exists():
-        original.write_text((run_dir / "config.yaml").read_text())
+        write_atomic(original, (run_dir / "config.yaml").read_text())
     return changes
 
 
@@ -421,7 +544,7 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
     if not ray.is_initialized():
         connect(cfg)
 
-    start_step = max((checkpoint.step_of(p) or 0 for p in checkpoint.registered(run_dir)), default=0)
+    start_step = max((checkpoint.step_of(p) or 0 for p in checkpoint.on_disk(run_dir)), default=0)
     common = dict(
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,
@@ -508,13 +631,23 @@ def main(argv: list[str] | None = None) -> int:
         from longalign_rl.config import describe_keys
 
         try:
-            print(describe_keys(load_config(args.config or DEFAULT_CONFIG, args.overrides)), end="")
+            if args.resume:  # the run's own values, with what a resume would change
+                if args.config:
+                    raise ConfigError(f"--config {args.config} with --resume: a run's config is its config.yaml")
+                read_run_config(Path(args.resume).resolve())
+                cfg = load_config(Path(args.resume) / "config.yaml", args.overrides)
+            else:
+                cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+            print(describe_keys(cfg), end="")
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
+    lock = None
     try:
         cfg, run_dir = resolve(args)
+        if args.resume:  # the run exists: refused at once while another driver runs in it
+            lock = RunLock(run_dir)
         setup_logging(cfg.run.verbose)
         pairs = check_inputs(cfg)  # a bad prompt file or data source fails here, naming its lines
         check_trackers(cfg)
@@ -522,21 +655,51 @@ def main(argv: list[str] | None = None) -> int:
         ray_line = connect(cfg)
         rewards = start_reward_actors(cfg, run_dir)  # a reward that lives in actors is probed there
     except (ConfigError, ValueError, TypeError, RuntimeError) as e:
+        if lock is not None:
+            lock.release()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if args.resume:  # every check passed: the junk of a killed run can go (its config.yaml is rewritten by worker.py)
-        remove_unregistered_checkpoints(run_dir)
-        changes = keep_original_config(run_dir, cfg)
-        if changes:
-            print(f"resuming with changes ({run_dir / 'config.original.yaml'} keeps the first config): "
-                  + "; ".join(changes), flush=True)
-    else:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    print(describe(cfg, run_dir, pairs) + f"\nray                {ray_line}", flush=True)
-    from longalign_rl.trackers import open_trackers
+    try:  # every check passed: a new run's directory is made and this driver becomes its owner
+        created = not run_dir.exists()
+        if lock is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir)
+    except (ConfigError, OSError) as e:
+        if rewards is not None:
+            rewards.shutdown()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return started(args, cfg, run_dir, pairs, rewards, ray_line, created)
+    finally:
+        lock.release()
 
-    trackers = open_trackers(cfg.run.report_to, run_dir, to_dict(cfg))
+
+def started(args: argparse.Namespace, cfg: Config, run_dir: Path, pairs, rewards, ray_line: str, created: bool) -> int:
+    """main, once this driver holds the run directory's lock: a new run writes its
+    config.yaml and opens its trackers, or leaves nothing behind; then the run."""
+    from longalign_rl.trackers import TrackerError, open_trackers
+
+    try:
+        if args.resume:  # the junk of a killed run can go (its config.yaml is rewritten by worker.py)
+            check_checkpoint_index(run_dir)
+            remove_unregistered_checkpoints(run_dir)
+            changes = keep_original_config(run_dir, cfg)
+            if changes:
+                print(f"resuming with changes ({run_dir / 'config.original.yaml'} keeps the first config): "
+                      + "; ".join(changes), flush=True)
+        else:
+            check_new_run_dir(run_dir)  # again, under the lock: another run may have started and ended meanwhile
+            write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        trackers = open_trackers(cfg.run.report_to, run_dir, to_dict(cfg))
+    except (ConfigError, TrackerError, OSError) as e:
+        if not args.resume:  # a start that failed leaves no directory to block the name
+            clear_failed_start(run_dir, created)
+        if rewards is not None:
+            rewards.shutdown()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe(cfg, run_dir, pairs) + f"\nray                {ray_line}", flush=True)
     if trackers:
         print(f"trackers           {', '.join(cfg.run.report_to)}"
               + (f" (tensorboard --logdir {run_dir / 'tensorboard'})" if "tensorboard" in cfg.run.report_to else ""),
@@ -579,6 +742,18 @@ def closing_all(trackers: list):
         for tracker in trackers:
             with contextlib.suppress(Exception):
                 tracker.close()
+
+
+def clear_failed_start(run_dir: Path, created: bool) -> None:
+    """What a new run wrote before it failed to start (its lock file stays until released)."""
+    import shutil
+
+    for child in run_dir.iterdir():
+        if child.name == RunLock.FILE:
+            continue
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)  # the lock's descriptor stays valid until released
 
 
 def setup_logging(verbose: bool) -> None:

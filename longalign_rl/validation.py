@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from longalign_rl.hooks import run_metric_hooks
-from longalign_rl.outputs import save_images, write_prompt_list
+from longalign_rl.outputs import read_jsonl, save_images, write_prompt_list
 from longalign_rl.prompts import load_prompts
 from longalign_rl.registry import check_reward_output
 from longalign_rl.types import RewardOutput
@@ -134,10 +134,7 @@ def save(run_dir: str | Path, step: int, images: torch.Tensor, vset: ValidationS
 
 
 def read(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(Path(run_dir) / FILE)
 
 
 def truncate_after(run_dir: str | Path, step: int) -> None:

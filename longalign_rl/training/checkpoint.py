@@ -102,7 +102,12 @@ def make_loads_safe(engine) -> None:
 
     allowed = safe_globals()
 
+    if getattr(engine.checkpoint_engine, "loads_weights_only", False):
+        return  # made safe by an earlier load (a resume that fell back to an older checkpoint)
+
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        loads_weights_only = True
+
         def load(self, path: str, map_location=None):
             try:
                 with torch.serialization.safe_globals(allowed):
@@ -195,6 +200,13 @@ def step_of(directory: Path) -> int | None:
         return int(json.loads((directory / STATE).read_text())["step"])
     except (OSError, ValueError, KeyError):
         return None
+
+
+def on_disk(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders that name their step (state.json), newest step first,
+    whatever Ray Train's record of them says (it may be damaged or name a deleted folder)."""
+    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=lambda p: step_of(p), reverse=True)
 
 
 def registered(run_dir: Path) -> list[Path]:

@@ -65,6 +65,22 @@ def make_engine(cfg: Config, unet, params: list[torch.nn.Parameter]):
     return engine, schedule
 
 
+def apply_optimizer_settings(cfg: Config, schedule) -> None:
+    """After a checkpoint has loaded: the config's learning rates, betas, eps and weight decay
+    over the ones it restored (DeepSpeed restores the optimiser's and the scheduler's state,
+    so a resume's `train.lr=...` would otherwise be printed, saved, and ignored). The warm-up
+    is the config's too: the scheduler's factor is a function of the step, not state."""
+    t = cfg.train
+    groups = schedule.optimizer.param_groups
+    lrs = [t.lr, cfg.t5.adapter_lr or t.lr][: len(groups)]  # make_engine's groups, in order
+    for group, lr in zip(groups, lrs):
+        group.update(initial_lr=lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    schedule.base_lrs = list(lrs)
+    for group, lr, factor in zip(groups, lrs, schedule.lr_lambdas):
+        group["lr"] = lr * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in groups]
+
+
 def build_trainable(cfg: Config, device: torch.device) -> tuple[Components, object, object]:
     """The model's parts (frozen), and its UNet with what trains in a DeepSpeed engine.
 

@@ -5,8 +5,9 @@ that is the algorithm's own.
 
     SET UP   context (rank, device, run directory); the UNet with what trains in a DeepSpeed
              engine (training/engine.py); the body builds the rest (VAE, reward, encoder ...)
-    RESUME   weights, optimiser, RNG and counters from Ray Train's last checkpoint;
-             metrics.jsonl cut back to it; config.yaml (re)written once that has loaded
+    RESUME   weights, optimiser, RNG and counters from the newest checkpoint that every
+             worker verifies and loads; the config's optimiser settings over the
+             checkpoint's; metrics.jsonl cut back to it; config.yaml (re)written once loaded
     LOOP     body.step(): the algorithm's own step (stage 2: SAMPLE, UPDATE, SYNC;
              stage 1: LOAD, UPDATE), then here:
       LOG    all-worker means of the body's statistics, plus the common fields (grad norm,
@@ -50,10 +51,10 @@ from longalign_rl.console import CUT_PROMPTS_LOGGER, WARNINGS_LOG, log_warnings_
 from longalign_rl.data import is_generator
 from longalign_rl.lora import export_adapter, export_for_diffusers, trainable_state_dict
 from longalign_rl.models import Components
-from longalign_rl.outputs import STOP_REQUEST, STOPPED, MetricsLog
+from longalign_rl.outputs import STOP_REQUEST, STOPPED, MetricsLog, write_atomic
 from longalign_rl.summary import write_summary
 from longalign_rl.training import checkpoint, failures
-from longalign_rl.training.engine import build_trainable, grad_norm
+from longalign_rl.training.engine import apply_optimizer_settings, build_trainable, grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -197,29 +198,46 @@ def _stopped(step: int, cause: str, checkpointed: int, why: str) -> dict:
 
 
 def _resume(ctx: WorkerContext) -> checkpoint.TrainerState:
-    """The newest checkpoint that verifies: Ray Train's latest, else (with a warning) the
-    newest older one this run registered. Every worker reaches the same verdict."""
+    """The newest checkpoint that every worker verifies and loads: Ray Train's latest first,
+    then the run's other checkpoint folders on disk, newest step first (with a warning for
+    each one skipped). A folder that verifies but does not load (a file DeepSpeed refuses)
+    is skipped the same way, and so are the folders Ray Train's record no longer has (the
+    driver moves a damaged record aside: train.check_checkpoint_index). Each try's outcome is
+    all-reduced, so every worker loads the same checkpoint or none."""
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return checkpoint.TrainerState()
-    with ckpt.as_directory() as d:
-        latest = Path(d)
-        newest = checkpoint.step_of(latest)
-        older = [p for p in checkpoint.registered(ctx.run_dir)
-                 if p.resolve() != latest.resolve() and newest is not None and (checkpoint.step_of(p) or 0) < newest]
+    with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext()) as d:
+        latest = [Path(d)] if d is not None else []
+        candidates = latest + [p for p in checkpoint.on_disk(ctx.run_dir)
+                               if not latest or p.resolve() != latest[0].resolve()]
+        if not candidates:
+            return checkpoint.TrainerState()
         problems = []
-        for folder in [latest, *older]:
+        for folder in candidates:
+            state, error = None, None
             try:
                 checkpoint.verify(folder)
-            except checkpoint.CheckpointError as e:
-                problems.append(str(e))
-                if ctx.rank == 0:
-                    log.warning("checkpoint %s does not verify (%s); trying the previous one", folder.name, e)
-                continue
-            state = checkpoint.load(folder, ctx.engine, ctx.rank)
-            log.info("rank %d: resumed at step %d from %s", ctx.rank, state.step, folder.name)
-            return state
-    raise checkpoint.CheckpointError("no checkpoint of this run verifies: " + "; ".join(problems))
+                state = checkpoint.load(folder, ctx.engine, ctx.rank)
+            except Exception as e:  # CheckpointError, or what DeepSpeed or torch.load raise
+                error = f"{type(e).__name__}: {e}"
+            if all_agree(error is None, ctx.device):
+                log.info("rank %d: resumed at step %d from %s", ctx.rank, state.step, folder.name)
+                return state
+            problems.append(f"{folder.name}: {error or 'another worker could not load it'}")
+            if ctx.rank == 0:
+                log.warning("checkpoint %s cannot be resumed from (%s); trying the previous one", folder.name,
+                            problems[-1])
+    raise checkpoint.CheckpointError("no checkpoint of this run verifies and loads: " + "; ".join(problems))
+
+
+def all_agree(ok: bool, device: torch.device) -> bool:
+    """Whether `ok` holds on every worker (a MIN all-reduce; a lone process: itself)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _report(ctx: WorkerContext, state: checkpoint.TrainerState, record: dict) -> None:
@@ -265,12 +283,14 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
 
     # ------------------------------------------------------------------ RESUME
     state = _resume(ctx)
+    if state.step:  # the config's optimiser settings, not the checkpoint's: a resume may change them
+        apply_optimizer_settings(cfg, schedule)
     metrics_log = MetricsLog(run_dir)
     if rank == 0:
         metrics_log.truncate_after(state.step)
         # Only now that the checkpoint has loaded: a resume whose load fails leaves the run's
         # config as it was, so the run stays resumable.
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     body.start(state)
 
     # ------------------------------------------------------------------ LOOP

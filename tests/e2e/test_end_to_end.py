@@ -273,6 +273,48 @@ def test_a_corrupt_newest_checkpoint_falls_back_and_partial_ones_are_removed(tin
     assert len(read_metrics(tiny_run[0])) == 6  # the original run was not touched
 
 
+def test_a_resume_applies_its_changes_and_gets_past_every_damaged_file(tiny_run, tmp_path, capsys, caplog):
+    """Issue 22: each of these needed hand repair (or was silently wrong) before. The module's
+    run (checkpoints at 2, 4, 6), copied: the newest checkpoint folder deleted (Ray Train's
+    record still names it), step 4's optimiser state replaced by a crafted pickle with its
+    manifest updated (it verifies, and DeepSpeed's load refuses it), metrics.jsonl's last
+    line cut. `--resume train.steps=7 train.lr=5e-4` moves the record aside, falls back to
+    step 2, runs steps 3-7 at the new lr, and logs each step once."""
+    import hashlib
+    import pickle
+    import shutil
+
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(tiny_run[0], run_dir)
+    by_step = {json.loads((p / "state.json").read_text())["step"]: p for p in run_dir.glob("checkpoint_*") if p.is_dir()}
+    shutil.rmtree(by_step[6])
+    optim = next((by_step[4] / "deepspeed").rglob("*optim_states.pt"))
+    marker = tmp_path / "marker"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    optim.write_bytes(pickle.dumps({"optimizer_state_dict": Exploit()}))
+    name = str(optim.relative_to(by_step[4]))
+    for manifest in (by_step[4] / "manifest").glob("rank*.json"):
+        data = json.loads(manifest.read_text())
+        if name in data["files"]:
+            data["files"][name] = {"bytes": optim.stat().st_size, "sha256": hashlib.sha256(optim.read_bytes()).hexdigest()}
+            manifest.write_text(json.dumps(data))
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").write_text(metrics[: metrics.rstrip().rfind("\n") + 30])  # step 6's line, cut
+    run_main(tmp_path, "--resume", str(run_dir), "train.steps=7", "train.lr=5e-4")
+    console = capsys.readouterr()
+    assert "names checkpoint_000006, which is gone; moved aside" in caplog.text  # the driver's warning
+    assert "checkpoint checkpoint_000004 cannot be resumed" in console.out + console.err  # rank 0's, via warnings.log
+    assert (run_dir / "checkpoint_manager_snapshot.json.damaged").is_file() and not marker.exists()
+    records = read_metrics(run_dir)
+    assert [m["step"] for m in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert [m["lr"] for m in records[2:]] == pytest.approx([5e-4] * 5)  # applied, not the checkpoint's 3e-3
+    assert "lr: 0.0005" in (run_dir / "config.yaml").read_text()
+
+
 def test_a_reward_that_fails_mid_run_ends_with_one_clear_line(ray_local, tmp_path, capsys):
     """The probe passes, the reward raises at its second call in the workers: exit 1 with the
     worker's error and how to continue, and the step-1 checkpoint kept."""
