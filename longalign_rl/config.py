@@ -120,6 +120,10 @@ class SamplerConfig:
     # Resources per actor; fractions share a GPU. The autoscaler adds nodes to satisfy them.
     num_gpus: float = 1.0
     num_cpus: float = 1.0
+    # How long a trainer worker keeps asking the sampler actors for one rollout while they
+    # fail (a dead actor is restarted and rebuilds its model: seconds for the tiny model,
+    # minutes for SD v1.5 on a new node) before the step fails with the last cause. Seconds.
+    timeout_s: float = 600.0
     # DDIM steps from pure noise (reference: 50, t = 999, 979, ..., 19).
     num_steps: int = 50
     # "trailing" gives the reference timesteps 999..19; "leading" gives diffusers' 981..1.
@@ -706,6 +710,7 @@ def validate(cfg: Config) -> None:
                        ("train.cpus_per_worker", t.cpus_per_worker), ("reward.num_actors", cfg.reward.num_actors),
                        ("reward.num_cpus", cfg.reward.num_cpus), ("reward.num_gpus", cfg.reward.num_gpus)]:
         _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(s.timeout_s > 0, "sampler.timeout_s", f"must be > 0 seconds, got {s.timeout_s}")
     _require(cfg.reward.timeout_s > 0, "reward.timeout_s", f"must be > 0 seconds, got {cfg.reward.timeout_s}")
     _require(cfg.reward.max_restarts >= 0, "reward.max_restarts", f"must be >= 0, got {cfg.reward.max_restarts}")
     _require(cfg.run.max_nonfinite_steps >= 0, "run.max_nonfinite_steps",

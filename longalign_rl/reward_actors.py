@@ -36,6 +36,7 @@ from longalign_rl.algorithms.reward_backprop import score
 from longalign_rl.config import Config, ConfigError, from_dict, to_dict
 from longalign_rl.console import WARNINGS_LOG, log_warnings_to
 from longalign_rl.registry import get_reward, probe_reward
+from longalign_rl.training.failures import actor_cause
 from longalign_rl.types import RewardOutput
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class RewardPool:
             ray.get([a.check.remote(prompts, self.cfg.sampler.resolution) for a in self.actors])
         except (ray.exceptions.RayError, TypeError, ValueError) as e:
             where = f"in a reward actor (runtime_env {r.runtime_env})" if r.runtime_env else "in a reward actor"
-            raise ConfigError(f"reward: {r.name!r} {where}: {_cause(e)}") from None
+            raise ConfigError(f"reward: {r.name!r} {where}: {actor_cause(e)}") from None
 
     def client(self, rank: int) -> "RewardClient":
         r = self.cfg.reward
@@ -104,13 +105,6 @@ class RewardPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
-
-
-def _cause(error: BaseException) -> str:
-    """The last 'Error: message' line of a Ray error's text (it carries the actor's traceback)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    found = [line for line in lines if ("Error: " in line or "Exception: " in line) and not line.startswith("File ")]
-    return found[-1] if found else (lines[-1] if lines else type(error).__name__)
 
 
 class RewardClient:
@@ -149,14 +143,8 @@ class RewardClient:
                 deaths += 1
                 if deaths >= self.max_deaths:
                     raise RuntimeError(f"reward actors died {deaths} times scoring one batch (reward.max_restarts: "
-                                       f"each actor is restarted that often): {_death(e)}") from None
+                                       f"each actor is restarted that often): {actor_cause(e)}") from None
                 log.warning("rank %d: reward actor failed (%s); sending the batch to the next one", self.rank,
-                            _death(e))
+                            actor_cause(e))
                 time.sleep(min(2.0 ** deaths, 10.0, max(deadline - time.monotonic(), 0.0)))  # a restart rebuilds it
                 ref = self.submit(images, prompts)
-
-
-def _death(error: BaseException) -> str:
-    """Why an actor died, in one line (Ray's text names the exit code or the out-of-memory kill)."""
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")

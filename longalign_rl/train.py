@@ -223,27 +223,49 @@ def check_model(cfg: Config) -> None:
 
 
 def check_t5(cfg: Config) -> None:
-    """The T5 branch's encoder and adapter exist (t5 section); a random adapter is said."""
-    from longalign_rl.encoding.t5 import ADAPTER_FOLDER
+    """The T5 branch's encoder and adapter exist and are complete (config.json valid JSON,
+    weights complete and finite), and the adapter takes the encoder's width; a random
+    adapter is said. The sampler actors build the branch before the run starts too
+    (start_sampler_actors), for what only loading shows."""
+    from longalign_rl.arguments import check_json_file, check_weights_file
+    from longalign_rl.encoding.t5 import ADAPTER_FOLDER, CONFIG_DIR
     from longalign_rl.hub import check_hub_model
 
     t5 = cfg.t5
     if not t5.encoder:
         return
-    if t5.encoder != "tiny":
-        if Path(t5.encoder).exists():
-            if not (Path(t5.encoder) / "config.json").is_file():
+    width = None
+    try:
+        if t5.encoder == "tiny":
+            width = json.loads((CONFIG_DIR / "tiny" / "t5_encoder.json").read_text())["d_model"]
+        elif Path(t5.encoder).exists():
+            folder = Path(t5.encoder)
+            if not (folder / "config.json").is_file():
                 raise ConfigError(f"t5.encoder: {t5.encoder!r} is a path without config.json: not a T5 encoder folder")
+            width = check_json_file(folder / "config.json", "t5.encoder").get("d_model")
+            weights = sorted(folder.glob("*.safetensors"))
+            if not weights and not list(folder.glob("*.bin")):
+                raise ConfigError(f"t5.encoder: {folder} has no weights (*.safetensors or *.bin)")
+            for file in weights:
+                check_weights_file(file, "t5.encoder")
         else:
             check_hub_model(t5.encoder, None, key="t5.encoder", filename="config.json")
-    if t5.adapter:
-        if not (Path(t5.adapter) / "config.json").is_file():
-            raise ConfigError(f"t5.adapter: {t5.adapter!r} holds no config.json of a TextAdapter "
-                              "(a folder saved by TextAdapter.save_pretrained)")
-    elif not (Path(cfg.model.pretrained) / ADAPTER_FOLDER / "config.json").is_file():
-        log.warning("t5: no adapter weights (t5.adapter is empty and model.pretrained has no %s/): the TextAdapter "
-                    "starts random%s", ADAPTER_FOLDER,
-                    "; stage 2 keeps it frozen, so train it in stage 1 first" if cfg.stage == 2 else "")
+        if t5.adapter:
+            if not (Path(t5.adapter) / "config.json").is_file():
+                raise ConfigError(f"t5.adapter: {t5.adapter!r} holds no config.json of a TextAdapter "
+                                  "(a folder saved by TextAdapter.save_pretrained)")
+            adapter = check_json_file(Path(t5.adapter) / "config.json", "t5.adapter")
+            if width is not None and adapter.get("in_dim") != width:
+                raise ConfigError(f"t5.adapter: {t5.adapter!r} takes {adapter.get('in_dim')}-wide inputs, but the T5 "
+                                  f"encoder {t5.encoder!r} gives {width}")
+            for file in sorted(Path(t5.adapter).glob("*.safetensors")):
+                check_weights_file(file, "t5.adapter")
+        elif not (Path(cfg.model.pretrained) / ADAPTER_FOLDER / "config.json").is_file():
+            log.warning("t5: no adapter weights (t5.adapter is empty and model.pretrained has no %s/): the TextAdapter "
+                        "starts random%s", ADAPTER_FOLDER,
+                        "; stage 2 keeps it frozen, so train it in stage 1 first" if cfg.stage == 2 else "")
+    except (OSError, ValueError) as e:
+        raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
 
 
 def check_inputs(cfg: Config) -> list[Pair] | None:
@@ -509,6 +531,29 @@ def start_reward_actors(cfg: Config, run_dir: Path | None = None):
     return pool
 
 
+def start_sampler_actors(cfg: Config, run_dir: Path):
+    """Stage 2's sampler actors, each built where it runs and waited for (ConfigError with
+    the actor's own exception if one cannot be); None in stage 1."""
+    if cfg.stage != 2:
+        return None
+    from longalign_rl.sampling.group import SamplerGroup
+
+    group = SamplerGroup(cfg, run_dir)
+    try:
+        group.check()
+    except BaseException:
+        group.shutdown()
+        raise
+    return group
+
+
+def shutdown(*pools) -> None:
+    """The actor pools a driver started (reward, sampler), when the run will not start."""
+    for pool in pools:
+        if pool is not None:
+            pool.shutdown()
+
+
 def fit(trainer):
     """trainer.fit() in a helper thread, so that the main thread keeps our signal handlers
     (stop_on_signal) instead of Ray Train's, which abort the run without a checkpoint."""
@@ -529,9 +574,10 @@ def fit(trainer):
     return box["result"]
 
 
-def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=None, trackers: list | None = None):
-    """Start (or join) Ray and the trainer workers (stage 2: and the sampler actors, and the
-    reward actors unless `rewards` holds them already); block until done. `pairs`:
+def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=None, trackers: list | None = None,
+        samplers=None):
+    """Start (or join) Ray and the trainer workers (stage 2: and the sampler and reward
+    actors, unless `samplers` and `rewards` hold them already); block until done. `pairs`:
     check_inputs' result, so a stage-1 manifest is not read twice."""
     import ray
     import ray.data
@@ -579,7 +625,8 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
 
     if rewards is None:
         rewards = start_reward_actors(cfg, run_dir)
-    samplers = SamplerGroup(cfg, run_dir)
+    if samplers is None:
+        samplers = SamplerGroup(cfg, run_dir)
     trainer = TorchTrainer(
         (policy_gradient if cfg.policy_gradient else reward_backprop).train_func,
         train_loop_config={"config": to_dict(cfg), "samplers": samplers, "rewards": rewards, "run_dir": str(run_dir)},
@@ -643,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
-    lock = None
+    lock = rewards = samplers = None
     try:
         cfg, run_dir = resolve(args)
         if args.resume:  # the run exists: refused at once while another driver runs in it
@@ -654,9 +701,11 @@ def main(argv: list[str] | None = None) -> int:
         check_output_dir(run_dir)
         ray_line = connect(cfg)
         rewards = start_reward_actors(cfg, run_dir)  # a reward that lives in actors is probed there
+        samplers = start_sampler_actors(cfg, run_dir)  # built where they run: the model, LoRA, T5 branch
     except (ConfigError, ValueError, TypeError, RuntimeError) as e:
         if lock is not None:
             lock.release()
+        shutdown(rewards, samplers)
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:  # every check passed: a new run's directory is made and this driver becomes its owner
@@ -665,21 +714,23 @@ def main(argv: list[str] | None = None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = RunLock(run_dir)
     except (ConfigError, OSError) as e:
-        if rewards is not None:
-            rewards.shutdown()
+        shutdown(rewards, samplers)
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return started(args, cfg, run_dir, pairs, rewards, ray_line, created)
+        return started(args, cfg, run_dir, pairs, (rewards, samplers), ray_line, created)
     finally:
         lock.release()
 
 
-def started(args: argparse.Namespace, cfg: Config, run_dir: Path, pairs, rewards, ray_line: str, created: bool) -> int:
+def started(args: argparse.Namespace, cfg: Config, run_dir: Path, pairs, actors: tuple, ray_line: str,
+            created: bool) -> int:
     """main, once this driver holds the run directory's lock: a new run writes its
-    config.yaml and opens its trackers, or leaves nothing behind; then the run."""
+    config.yaml and opens its trackers, or leaves nothing behind; then the run. `actors`:
+    the reward and sampler actor pools (or None) main started and probed."""
     from longalign_rl.trackers import TrackerError, open_trackers
 
+    rewards, samplers = actors
     try:
         if args.resume:  # the junk of a killed run can go (its config.yaml is rewritten by worker.py)
             check_checkpoint_index(run_dir)
@@ -695,8 +746,7 @@ def started(args: argparse.Namespace, cfg: Config, run_dir: Path, pairs, rewards
     except (ConfigError, TrackerError, OSError) as e:
         if not args.resume:  # a start that failed leaves no directory to block the name
             clear_failed_start(run_dir, created)
-        if rewards is not None:
-            rewards.shutdown()
+        shutdown(rewards, samplers)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe(cfg, run_dir, pairs) + f"\nray                {ray_line}", flush=True)
@@ -707,7 +757,7 @@ def started(args: argparse.Namespace, cfg: Config, run_dir: Path, pairs, rewards
     start = time.perf_counter()
     try:
         with stop_on_signal(run_dir), closing_all(trackers):
-            result = run(cfg, run_dir, pairs, rewards, trackers)
+            result = run(cfg, run_dir, pairs, rewards, trackers, samplers)
     except KeyboardInterrupt:
         print(f"stopped at once; continue from the last checkpoint with: python -m longalign_rl.train --resume {run_dir}",
               file=sys.stderr)

@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING
 import ray
 import torch
 
-from longalign_rl.config import Config, from_dict, to_dict
+from longalign_rl.config import Config, ConfigError, from_dict, to_dict
 from longalign_rl.console import CUT_PROMPTS_LOGGER, WARNINGS_LOG, log_warnings_to
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
 from longalign_rl.models import DTYPES, load_model
 from longalign_rl.sampling.sampler import build_sampler, generate_latents, sample_trajectory
+from longalign_rl.training.failures import actor_cause
 from longalign_rl.types import Rollout, Trajectory
 from longalign_rl.vae import decode
 
@@ -38,11 +39,6 @@ if TYPE_CHECKING:
     from longalign_rl.reward_actors import RewardClient, Scored
 
 log = logging.getLogger(__name__)
-
-# How long a worker keeps asking sampler actors before the run fails (a restarted actor
-# rebuilds its model: seconds for the tiny model, minutes for SD v1.5 on a new node).
-ACTOR_WAIT_S = 600
-
 
 @ray.remote
 class SamplerActor:
@@ -115,6 +111,16 @@ class SamplerGroup:
         config, where = to_dict(cfg), str(run_dir) if run_dir else None
         self.actors = [SamplerActor.options(**options).remote(config, where, i) for i in range(cfg.sampler.num_actors)]
 
+    def check(self) -> None:
+        """Wait until every actor is built (the model, the LoRA, the T5 branch: where they
+        will run), or ConfigError with the actor's own exception: a model or T5 folder that
+        passed the driver's file checks but does not load, an adapter of the wrong width,
+        a package missing on a node. Ray does not restart an actor whose constructor raised."""
+        try:
+            ray.get([actor.get_version.remote() for actor in self.actors])
+        except ray.exceptions.RayActorError as e:
+            raise ConfigError(f"sampler: a sampler actor could not be built: {actor_cause(e)}") from None
+
     def publish(self, weights: dict, version: int) -> float:
         """Send the trainer's weights to every actor (rank 0); returns the slowest actor's
         load time. An actor that fails here is restarting or gone: its next rollout lags,
@@ -141,12 +147,12 @@ class SamplerGroup:
                     latents, _ = ray.get(actor.generate.remote(prompts, seeds, self.cfg.train.batch_size))
                 return latents
             except ray.exceptions.RayActorError as e:
-                errors.append(type(e).__name__)
-                log.warning("validation: a sampler actor failed (%s); asking the next one", type(e).__name__)
-        raise RuntimeError(f"validation: no sampler actor answered ({', '.join(errors)})")
+                errors.append(actor_cause(e))
+                log.warning("validation: a sampler actor failed (%s); asking the next one", errors[-1])
+        raise RuntimeError(f"validation: no sampler actor answered ({'; '.join(errors)})")
 
     def client(self, rank: int, rewards: "RewardClient | None" = None) -> "RolloutClient":
-        return RolloutClient(self.actors, self.cfg.train.max_policy_lag, rank, rewards)
+        return RolloutClient(self.actors, self.cfg.train.max_policy_lag, rank, rewards, self.cfg.sampler.timeout_s)
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -165,8 +171,10 @@ class RolloutClient:
     reward pool as soon as they exist; `scores(micro)` returns them scored.
     """
 
-    def __init__(self, actors: list, max_policy_lag: int, rank: int, rewards: "RewardClient | None" = None):
+    def __init__(self, actors: list, max_policy_lag: int, rank: int, rewards: "RewardClient | None" = None,
+                 timeout_s: float = 600.0):
         self.actors, self.max_policy_lag, self.rank, self.rewards = actors, max_policy_lag, rank, rewards
+        self.timeout_s = timeout_s
         self.choice = rank % len(actors)
         self.asked: dict[int, tuple[list[str], int]] = {}  # micro -> (prompts, seed)
         self.pending: dict[int, ray.ObjectRef] = {}
@@ -197,18 +205,18 @@ class RolloutClient:
     def get(self, micro: int, version: int, weights_fn) -> Rollout:
         """The rollout of `micro` (requested before), resampled with the trainer's weights
         (`weights_fn()`, at `version`) if it lags more than max_policy_lag steps."""
-        deadline, failures, resyncs = time.monotonic() + ACTOR_WAIT_S, 0, 0
+        deadline, failures, resyncs = time.monotonic() + self.timeout_s, 0, 0
         while True:
             self.request(micro, *self.asked[micro])
             try:
                 rollout = ray.get(self.pending.pop(micro))
             except ray.exceptions.RayActorError as e:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"rank {self.rank}: no sampler actor answered for {ACTOR_WAIT_S} s") from e
+                    raise RuntimeError(f"rank {self.rank}: no sampler actor returned a rollout within "
+                                       f"sampler.timeout_s={self.timeout_s:g} s; the last failure: {actor_cause(e)}") from e
                 self.choice = (self.choice + 1) % len(self.actors)
                 failures += 1
-                log.warning("rank %d: sampler actor failed (%s); using actor %d", self.rank,
-                            type(e).__name__, self.choice)
+                log.warning("rank %d: sampler actor failed (%s); using actor %d", self.rank, actor_cause(e), self.choice)
                 time.sleep(min(2.0 ** failures, 10.0))  # a restart rebuilds the model
                 continue
             lag = version - rollout.policy_version

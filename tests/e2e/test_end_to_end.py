@@ -315,6 +315,46 @@ def test_a_resume_applies_its_changes_and_gets_past_every_damaged_file(tiny_run,
     assert "lr: 0.0005" in (run_dir / "config.yaml").read_text()
 
 
+def test_a_second_run_of_the_same_name_and_a_tracker_that_cannot_start_leave_nothing(ray_local, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Issue 22: two runs started with one run.name a few seconds apart both ran, into one
+    directory; a W&B without an API key ended in a raw traceback and left a directory that
+    blocked the name. Now the second run is refused by the first one's lock, and a tracker
+    that cannot start is one line, exit 2, with nothing left."""
+    from longalign_rl.train import RunLock
+
+    (tmp_path / "same").mkdir()
+    first = RunLock(tmp_path / "same")  # the first run, still starting
+    try:
+        assert train.main([f"run.output_dir={tmp_path}", "run.name=same"]) == 2
+        assert "is in use by another run (pid " in capsys.readouterr().err
+    finally:
+        first.release()
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: W&B has no key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    assert train.main([f"run.output_dir={tmp_path}", "run.name=tracked", "run.report_to=[wandb]"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # above it: the actors' logs (this Ray shows them)
+    assert last.startswith("error: run.report_to: wandb could not start: UsageError: ") and "WANDB_MODE=offline" in last
+    assert not (tmp_path / "tracked").exists()
+
+
+def test_a_sampler_actor_that_cannot_be_built_is_named_before_the_run_starts(ray_local, tmp_path, capsys):
+    """Issue 22: a T5 adapter that passes the driver's file checks but does not fit the UNet
+    killed every sampler actor at construction; the run ended, after its retries, with
+    `validation: no sampler actor answered (ActorDiedError, ActorDiedError)`. The actors are
+    now built and waited for before the run directory exists: exit 2 with their own error."""
+    from longalign_rl.encoding.t5 import TextAdapter
+
+    TextAdapter(in_dim=32, int_dim=8, out_dim=7).save_pretrained(tmp_path / "adapter")  # the tiny T5 is 32 wide
+    code = train.main([f"run.output_dir={tmp_path}", "run.name=t5", "t5.encoder=tiny", f"t5.adapter={tmp_path / 'adapter'}"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # above it: the actors' logs (this Ray shows them)
+    assert code == 2
+    assert last.startswith("error: sampler: a sampler actor could not be built: ValueError: t5.adapter: ")
+    assert "maps 32 -> 7" in last and not (tmp_path / "t5").exists()
+
+
 def test_a_reward_that_fails_mid_run_ends_with_one_clear_line(ray_local, tmp_path, capsys):
     """The probe passes, the reward raises at its second call in the workers: exit 1 with the
     worker's error and how to continue, and the step-1 checkpoint kept."""

@@ -85,7 +85,7 @@ CRASHING = "reward.name=tests.plugins.my_reward:Crashing"
 
 @pytest.mark.parametrize("how, expected", [
     # the process dies on every call: restarted reward.max_restarts times, then the cause
-    ("die", r"reward actors died 2 times scoring one batch \(reward.max_restarts.*ActorDiedError"),
+    ("die", r"reward actors died 2 times scoring one batch \(reward.max_restarts: each actor is restarted that often\): \w+"),
     # the call never returns: the key that bounds it
     ("block", r"reward.timeout_s: no reward actor returned the scores of a batch within 8 s"),
     # sys.exit in the reward: its own error, not an actor death that Ray would restart

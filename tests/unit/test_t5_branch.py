@@ -204,3 +204,35 @@ def test_full_fine_tuning_exports_the_unet_without_the_adapter(t5_parts, tmp_pat
     for k, v in adapter.state_dict().items():
         assert torch.equal(v, state[f"text_adapter.{k}"])
     assert getattr(parts.unet, ADAPTER) is parts.t5.adapter  # still attached after the export
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_weights", "has no weights"),
+    ("bad_json", "t5.encoder: .*config.json is not valid JSON"),
+    ("truncated", r"t5.encoder: .*model.safetensors: \d+ bytes, but its header describes"),
+    ("wide_adapter", "takes 24-wide inputs, but the T5 encoder .* gives 32"),
+])
+def test_the_driver_names_a_broken_t5_folder_or_an_adapter_that_does_not_fit(tmp_path, damage, message):
+    """Issue 22: these passed the driver's check; the sampler actors then died, and the run
+    ended after its retries with `no sampler actor answered (ActorDiedError, ...)`."""
+    from longalign_rl import train
+    from longalign_rl.encoding.t5 import TextAdapter
+
+    tokenizer, encoder = load_t5("tiny")
+    folder = tmp_path / "t5"
+    encoder.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    overrides = [f"t5.encoder={folder}", "model.pretrained=tiny"]
+    if damage == "no_weights":
+        (folder / "model.safetensors").unlink()
+    elif damage == "bad_json":
+        (folder / "config.json").write_text('{"d_model": 32,')
+    elif damage == "truncated":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[:-64])
+    else:
+        TextAdapter(in_dim=24, int_dim=8, out_dim=32).save_pretrained(tmp_path / "adapter")
+        overrides.append(f"t5.adapter={tmp_path / 'adapter'}")
+    assert encoder.config.d_model == 32
+    with pytest.raises(ConfigError, match=message):
+        train.check_t5(load_config(None, overrides))
