@@ -318,6 +318,9 @@ class RunConfig:
     # summary); true brings back the libraries' and the workers' logs (Ray Train, DeepSpeed,
     # model loading), as they are forwarded to the driver.
     verbose: bool = False
+    # With RAY_ADDRESS set (a cluster to join), how long the driver tries to reach it
+    # before it stops with an error (Ray's own client retries for ever). Seconds.
+    connect_timeout_s: float = 30.0
     # Experiment trackers the driver logs the metrics, image grids and config to:
     # tensorboard (run_dir/tensorboard, offline), wandb, mlflow (longalign_rl/trackers.py).
     report_to: tuple[str, ...] = ("tensorboard",)
@@ -710,6 +713,8 @@ def validate(cfg: Config) -> None:
                        ("train.cpus_per_worker", t.cpus_per_worker), ("reward.num_actors", cfg.reward.num_actors),
                        ("reward.num_cpus", cfg.reward.num_cpus), ("reward.num_gpus", cfg.reward.num_gpus)]:
         _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(cfg.run.connect_timeout_s > 0, "run.connect_timeout_s",
+             f"must be > 0 seconds, got {cfg.run.connect_timeout_s}")
     _require(s.timeout_s > 0, "sampler.timeout_s", f"must be > 0 seconds, got {s.timeout_s}")
     _require(cfg.reward.timeout_s > 0, "reward.timeout_s", f"must be > 0 seconds, got {cfg.reward.timeout_s}")
     _require(cfg.reward.max_restarts >= 0, "reward.max_restarts", f"must be >= 0, got {cfg.reward.max_restarts}")

@@ -499,6 +499,8 @@ def connect(cfg: Config) -> str:
     address = os.environ.get("RAY_ADDRESS")
     dashboard = None
     if not ray.is_initialized():
+        if address:
+            check_reachable(address, cfg.run.connect_timeout_s)
         # the dashboard's Train view (Ray Train's run and worker states) needs this switch
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
         context = ray.init(address=address, log_to_driver=cfg.run.verbose,
@@ -511,6 +513,31 @@ def connect(cfg: Config) -> str:
         log.warning("resources: %s; waiting for the autoscaler to add nodes", shortfall)
     where = f"joined the cluster at {address}" if address else "a local instance"
     return where + (f", dashboard http://{dashboard}" if dashboard else "")
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """ConfigError unless something answers at RAY_ADDRESS's host and port within
+    `timeout_s` (run.connect_timeout_s): ray.init retries a cluster that is not there for
+    ever. 'auto' and 'local' are Ray's to resolve."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("auto", "local") or "://" in address and not address.startswith("ray://"):
+        return
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    if parts.hostname is None or parts.port is None:
+        raise ConfigError(f"RAY_ADDRESS={address!r}: expected host:port (or ray://host:port, or auto)")
+    deadline, error = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((parts.hostname, parts.port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as e:
+            error = e
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+    raise ConfigError(f"RAY_ADDRESS={address}: no Ray cluster answers there within run.connect_timeout_s="
+                      f"{timeout_s:g} s ({error.strerror if isinstance(error, OSError) and error.strerror else error}); "
+                      "start the cluster (ray start --head), or unset RAY_ADDRESS to run on a local instance")
 
 
 def start_reward_actors(cfg: Config, run_dir: Path | None = None):

@@ -224,14 +224,19 @@ def describe(error: BaseException, max_failures: int) -> str:
         failed: RunFailed = error.controller_failure
         return f"the run failed, not retried ({failed.reason}): {cause_line(failed.failure)}"
     if isinstance(error, WorkerGroupError) and error.worker_failures:
-        return f"the run failed after run.max_failures={max_failures} retries: " \
-               f"{cause_line(main_failure(error.worker_failures))}"
+        shown = main_failure(error.worker_failures)
+        rank = next(r for r, f in error.worker_failures.items() if f is shown)
+        return f"the run failed after run.max_failures={max_failures} retries: {cause_line(shown, rank)}"
     innermost = list(chain(error))[-1]
     return f"the run failed: {kind(innermost)}: {first_line(innermost)}"
 
 
-def cause_line(failure: BaseException) -> str:
+def cause_line(failure: BaseException, rank: int | None = None) -> str:
     if not isinstance(failure, WorkerFailure):
+        died = getattr(failure, "health_check_failure", None)  # Ray Train: the worker's process is gone
+        if died is not None:
+            return (f"the process of rank {rank} died ({actor_cause(died)}): a crash in native code, an out-of-memory "
+                    "kill or os._exit in the run's code (a reward, a hook); its Ray worker log has the rest")
         return f"{kind(failure)}: {first_line(failure)}"
     where = (f"full traceback in {failure.traceback_file}" if failure.traceback_file
              else "full traceback in the worker's log (Ray dashboard, Jobs / Actors)")

@@ -148,3 +148,13 @@ def test_a_reward_that_calls_sys_exit_raises_an_error_naming_it():
     reward = Crashing("exit", after=0)
     with pytest.raises(RuntimeError, match=r"reward tests.plugins.my_reward.Crashing called sys.exit\(3\)"):
         score(reward, torch.rand(2, 3, 8, 8), ["a", "b"])
+
+
+def test_a_worker_process_that_died_is_named_with_its_rank():
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    died = WorkerHealthCheckFailedError("A worker health check failed.", ray.exceptions.ActorDiedError())
+    peer = failure(rank=1, transient=True, kind="RuntimeError", message="Connection closed by peer")
+    line = describe(WorkerGroupError("...", {1: peer, 0: died}), 1)
+    assert line.startswith("the run failed after run.max_failures=1 retries: the process of rank 0 died "
+                           "(ActorDiedError: The actor died unexpectedly"), line

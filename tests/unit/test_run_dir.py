@@ -112,3 +112,18 @@ def test_config_yaml_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         write_atomic(path, "new: 2\n")
     monkeypatch.undo()
     assert path.read_text() == "old: 1\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_a_stale_ray_address_ends_in_bounded_time(tmp_path, capsys, monkeypatch):
+    """Issue 22: with RAY_ADDRESS naming no cluster, ray.init retried for ever."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    start = time.monotonic()
+    err = error_of(capsys, [f"run.output_dir={tmp_path}", "run.name=r", "run.connect_timeout_s=2"])
+    assert f"RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers there within run.connect_timeout_s=2 s" in err
+    assert time.monotonic() - start < 60 and not (tmp_path / "r").exists()
