@@ -296,3 +296,14 @@ def outputs(run_dir: Path, cfg: Config, last_checkpoint: str | None) -> list[str
     if (run_dir / "summary.md").is_file():
         rows.append(f"{'summary':<44} {run_dir / 'summary.md'}")
     return rows
+
+
+def actor_cause(error: BaseException, limit: int = 300) -> str:
+    """Why an actor call failed, in one line: the last 'SomeError: message' line of Ray's
+    text, which carries the actor's own traceback (an exception in its constructor, a
+    process killed for memory, an exit code); else its first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    found = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\w*: ", line)]
+    text = found[-1] if found else (lines[0] if lines else "")
+    text = f"{type(error).__name__}: {text}" if text and not found else (text or type(error).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

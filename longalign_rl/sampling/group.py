@@ -27,11 +27,10 @@ import ray
 import torch
 
 from longalign_rl.config import Config, ConfigError, from_dict, to_dict
-from longalign_rl.console import CUT_PROMPTS_LOGGER, WARNINGS_LOG, log_warnings_to
+from longalign_rl.console import CUT_PROMPTS_LOGGER, WARNINGS_LOG, actor_cause, log_warnings_to
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
 from longalign_rl.models import DTYPES, load_model
 from longalign_rl.sampling.sampler import build_sampler, generate_latents, sample_trajectory
-from longalign_rl.training.failures import actor_cause
 from longalign_rl.types import Rollout, Trajectory
 from longalign_rl.vae import decode
 

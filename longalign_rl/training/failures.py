@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import re
 import time
 import traceback
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ from pathlib import Path
 import ray.exceptions
 import torch.distributed
 from ray.train import UserCallback
+
+from longalign_rl.console import actor_cause
 
 ERRORS = "errors"  # run_dir/errors/rank<r>.txt: every failure of that rank, with its traceback
 
@@ -76,17 +77,6 @@ def transient(error: BaseException) -> bool:
         if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
             return True
     return False
-
-
-def actor_cause(error: BaseException, limit: int = 300) -> str:
-    """Why an actor call failed, in one line: the last 'SomeError: message' line of Ray's
-    text, which carries the actor's own traceback (an exception in its constructor, a
-    process killed for memory, an exit code); else its first line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    found = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\w*: ", line)]
-    text = found[-1] if found else (lines[0] if lines else "")
-    text = f"{type(error).__name__}: {text}" if text and not found else (text or type(error).__name__)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def first_line(error: BaseException, limit: int = 400) -> str:
