@@ -270,6 +270,11 @@ class TrainConfig:
     zero_stage: int = 2
     # Recompute UNet activations in backward (saves memory at gradient steps).
     activation_checkpointing: bool = True
+    # A step (sampling wait, update, logging, checkpoint, validation) that takes longer ends
+    # its worker's process, with where it was blocked in errors/rank<r>.txt: a reward or hook
+    # that never returns cannot be interrupted, and the other workers would wait for it in
+    # the next collective. Seconds.
+    step_timeout_s: float = 3600.0
     # Publish weights to the sampler actors every this many steps.
     sync_every: int = 1
     # Most optimiser steps a rollout's weights may lag the trainer's (1 = samplers work on
@@ -713,6 +718,7 @@ def validate(cfg: Config) -> None:
                        ("train.cpus_per_worker", t.cpus_per_worker), ("reward.num_actors", cfg.reward.num_actors),
                        ("reward.num_cpus", cfg.reward.num_cpus), ("reward.num_gpus", cfg.reward.num_gpus)]:
         _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(t.step_timeout_s > 0, "train.step_timeout_s", f"must be > 0 seconds, got {t.step_timeout_s}")
     _require(cfg.run.connect_timeout_s > 0, "run.connect_timeout_s",
              f"must be > 0 seconds, got {cfg.run.connect_timeout_s}")
     _require(s.timeout_s > 0, "sampler.timeout_s", f"must be > 0 seconds, got {s.timeout_s}")

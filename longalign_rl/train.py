@@ -793,7 +793,7 @@ def started(args: argparse.Namespace, cfg: Config, run_dir: Path, pairs, actors:
         from longalign_rl.training import failures
 
         print(f"{run_dir} keeps every checkpoint written before; after fixing the cause continue with --resume "
-              f"{run_dir}\nerror: {failures.describe(e, cfg.run.max_failures)}", file=sys.stderr)
+              f"{run_dir}\nerror: {failures.describe(e, cfg.run.max_failures, run_dir)}", file=sys.stderr)
         return 1
     stopped = run_dir / STOPPED
     if stopped.is_file():

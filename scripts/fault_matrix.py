@@ -34,9 +34,10 @@ class Exploit:
 
 def python(repo: Path, *args: str, env: dict | None = None, timeout: float = 300) -> tuple[int | str, float, str]:
     start = time.monotonic()
+    merged = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(repo), **(env or {})}
     try:
         done = subprocess.run([sys.executable, *args], cwd=repo, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(repo), **(env or {})})
+                              env={k: v for k, v in merged.items() if v is not None})  # None: unset
         code, out = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as e:
         code, out = f"killed at {timeout:g} s", (e.stdout or b"").decode() + (e.stderr or b"").decode()
@@ -160,7 +161,7 @@ def cases(repo: Path, work: Path, new: bool) -> dict:
             train(repo, "--resume", str(run), *a, timeout=t)))(copy_run(repo, work, name, damage))
     file = work / "a_file"
     file.write_text("not a folder")
-    no_key = {"HOME": str(work), "WANDB_API_KEY": "", "WANDB_MODE": "", "WANDB_CONFIG_DIR": str(work / "wandb_cfg")}
+    no_key = {"HOME": str(work), "WANDB_API_KEY": None, "WANDB_MODE": None, "WANDB_CONFIG_DIR": str(work / "wandb_cfg")}
     return {
         "generate --steps -5": gen("--steps", "-5", "--out", out),
         "generate --guidance nan": gen("--guidance", "nan", "--out", out),
@@ -201,6 +202,10 @@ def cases(repo: Path, work: Path, new: bool) -> dict:
             repo, "reward.name=tests.plugins.my_reward:Crashing", "reward.kwargs={how: exit, after: 1}",
             "train.steps=3", "run.validation_size=0", f"run.output_dir={work / 'runs'}", "run.name=worker_exit",
             timeout=t),
+        "train, reward blocks in a trainer worker": lambda t: train(
+            repo, "reward.name=tests.plugins.my_reward:Crashing", "reward.kwargs={how: block, after: 1}",
+            "train.steps=3", "run.validation_size=0", "run.max_failures=0", *(["train.step_timeout_s=30"] if new else []),
+            f"run.output_dir={work / 'runs'}", "run.name=worker_block", timeout=t),
         "train, a stale RAY_ADDRESS": lambda t: train(
             repo, *TINY, f"run.output_dir={work / 'runs'}", "run.name=stale", env={"RAY_ADDRESS": "127.0.0.1:6399"},
             timeout=t),

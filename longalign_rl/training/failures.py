@@ -117,6 +117,7 @@ class Attempt:
 
     step: int | None = None  # the step being worked on (1-based); None while setting up
     steps_done: int = 0      # steps finished since this start
+    watchdog: "Watchdog | None" = None  # stopped however the worker's life ends
 
 
 def write_traceback(run_dir: Path, rank: int, attempt: Attempt, error: BaseException) -> Path | None:
@@ -145,6 +146,67 @@ def reported(run_dir: Path, rank: int):
         path = write_traceback(run_dir, rank, attempt, e)
         raise WorkerFailure(kind(e), first_line(e), rank, attempt.step, attempt.steps_done, transient(e),
                             str(path) if path else None) from e
+    finally:
+        if attempt.watchdog is not None:
+            attempt.watchdog.disarm()
+
+
+WATCHDOG = "train.step_timeout_s"  # how an entry of errors/rank<r>.txt written by Watchdog starts its message
+
+
+class Watchdog:
+    """Ends this worker's process when one step takes longer than `seconds`
+    (train.step_timeout_s). A reward or metric hook that never returns cannot be
+    interrupted from Python, and the other workers would wait for this one in the next
+    collective, for as long as gloo or NCCL lets them. Before it ends the process it
+    appends to run_dir/errors/rank<r>.txt where the worker was blocked (the main thread's
+    stack); the driver's last line names the key and that file (`describe`)."""
+
+    def __init__(self, run_dir: Path, rank: int, seconds: float):
+        self.run_dir, self.rank, self.seconds = run_dir, rank, seconds
+        self.timer = None
+
+    def arm(self, step: int) -> None:
+        """Start the clock of `step` (and stop the previous step's)."""
+        import threading
+
+        self.disarm()
+        self.timer = threading.Timer(self.seconds, self._expire, args=(step, threading.main_thread().ident))
+        self.timer.daemon = True
+        self.timer.start()
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expire(self, step: int, thread_id: int) -> None:
+        import os
+        import sys
+
+        frame = sys._current_frames().get(thread_id)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)\n"
+        path = self.run_dir / ERRORS / f"rank{self.rank}.txt"
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}: rank {self.rank} ended by its watchdog at step "
+                        f"{step} ===\n{WATCHDOG}: step {step} took more than {self.seconds:g} s (a reward, hook or "
+                        f"actor call that does not return?)\nwhere the worker was:\n{stack}\n")
+        os._exit(3)
+
+
+def watchdog_note(run_dir: Path | None, rank: int | None) -> str | None:
+    """The watchdog's message, when the last entry of errors/rank<rank>.txt is its."""
+    if run_dir is None or rank is None:
+        return None
+    path = Path(run_dir) / ERRORS / f"rank{rank}.txt"
+    try:
+        last = path.read_text().rsplit("=== ", 1)[-1]
+    except OSError:
+        return None
+    lines = last.splitlines()
+    return f"{lines[1]}; where it was: {path}" if len(lines) > 1 and lines[1].startswith(WATCHDOG) else None
 
 
 def repeats(failures: dict[int, BaseException], previous: list[WorkerFailure] | None) -> str | None:
@@ -205,7 +267,7 @@ def main_failure(failures: dict[int, BaseException]) -> WorkerFailure | BaseExce
     raise ValueError("no failures")
 
 
-def describe(error: BaseException, max_failures: int) -> str:
+def describe(error: BaseException, max_failures: int, run_dir: Path | None = None) -> str:
     """What `fit()` raised, as the driver's last line: whether it was retried, and the cause
     (the exception, its message, where, and the file with its whole traceback)."""
     from ray.train import ControllerError, WorkerGroupError
@@ -216,14 +278,17 @@ def describe(error: BaseException, max_failures: int) -> str:
     if isinstance(error, WorkerGroupError) and error.worker_failures:
         shown = main_failure(error.worker_failures)
         rank = next(r for r, f in error.worker_failures.items() if f is shown)
-        return f"the run failed after run.max_failures={max_failures} retries: {cause_line(shown, rank)}"
+        return f"the run failed after run.max_failures={max_failures} retries: {cause_line(shown, rank, run_dir)}"
     innermost = list(chain(error))[-1]
     return f"the run failed: {kind(innermost)}: {first_line(innermost)}"
 
 
-def cause_line(failure: BaseException, rank: int | None = None) -> str:
+def cause_line(failure: BaseException, rank: int | None = None, run_dir: Path | None = None) -> str:
     if not isinstance(failure, WorkerFailure):
         died = getattr(failure, "health_check_failure", None)  # Ray Train: the worker's process is gone
+        note = watchdog_note(run_dir, rank) if died is not None else None
+        if note:
+            return f"rank {rank} was ended by its watchdog: {note}"
         if died is not None:
             return (f"the process of rank {rank} died ({actor_cause(died)}): a crash in native code, an out-of-memory "
                     "kill or os._exit in the run's code (a reward, a hook); its Ray worker log has the rest")

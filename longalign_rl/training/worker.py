@@ -297,8 +297,10 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
     checkpointed, record, nonfinite, stopped, cause = state.step, None, 0, None, None
     if rank == 0:
         (run_dir / STOPPED).unlink(missing_ok=True)
+    watchdog = attempt.watchdog = failures.Watchdog(run_dir, rank, cfg.train.step_timeout_s)
     for step in range(state.step, cfg.train.steps):
         attempt.step = step + 1
+        watchdog.arm(step + 1)
         t0 = time.perf_counter()
         out = body.step(step, state)
         if out is None:
@@ -356,6 +358,7 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
                        "message": f"interrupted after step {state.step}; the last checkpoint is of step {checkpointed}"}
             break
         attempt.steps_done += 1
+    watchdog.disarm()
     if cause and not stopped:  # the last step was tolerated, but its weights are not to be kept
         stopped = _stopped(state.step, cause, checkpointed, f"the last step's {cause} was not finite")
     if stopped:

@@ -158,3 +158,33 @@ def test_a_worker_process_that_died_is_named_with_its_rank():
     line = describe(WorkerGroupError("...", {1: peer, 0: died}), 1)
     assert line.startswith("the run failed after run.max_failures=1 retries: the process of rank 0 died "
                            "(ActorDiedError: The actor died unexpectedly"), line
+
+
+def test_the_watchdog_ends_a_blocked_worker_and_the_driver_names_it(tmp_path):
+    """train.step_timeout_s: a step that blocks (a reward that never returns) ends the
+    worker's process, after writing where it was; the driver's last line names the key."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from longalign_rl.training.failures import Watchdog
+        dog = Watchdog(Path({str(tmp_path)!r}), 1, 0.5)
+        dog.arm(7)
+        def a_reward_that_never_returns():
+            time.sleep(60)
+        a_reward_that_never_returns()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], timeout=50)
+    assert done.returncode == 3
+    text = (tmp_path / "errors" / "rank1.txt").read_text()
+    assert "train.step_timeout_s: step 7 took more than 0.5 s" in text and "a_reward_that_never_returns" in text
+    died = WorkerHealthCheckFailedError("A worker health check failed.", ray.exceptions.ActorDiedError())
+    line = describe(WorkerGroupError("...", {1: died}), 0, tmp_path)
+    assert line == ("the run failed after run.max_failures=0 retries: rank 1 was ended by its watchdog: "
+                    "train.step_timeout_s: step 7 took more than 0.5 s (a reward, hook or actor call that does not "
+                    f"return?); where it was: {tmp_path / 'errors' / 'rank1.txt'}"), line
