@@ -115,13 +115,14 @@ class RewardClient:
         self.actors, self.rank = actors, rank
         self.timeout_s, self.max_deaths = timeout_s, max_deaths
         self.next = rank % len(actors)
-        self.sent: dict[ray.ObjectRef, tuple] = {}  # score ref -> (images, prompts): to resend
+        self.sent: dict[ray.ObjectRef, tuple] = {}  # score ref -> (images, prompts, actor): to resend
 
     def submit(self, images, prompts: list[str]) -> ray.ObjectRef:
         """Score `images` (a tensor or the ObjectRef of one) of `prompts`; returns at once."""
-        ref = self.actors[self.next].score.remote(images, prompts)
+        actor = self.actors[self.next]
+        ref = actor.score.remote(images, prompts)
         self.next = (self.next + 1) % len(self.actors)
-        self.sent[ref] = (images, prompts)
+        self.sent[ref] = (images, prompts, actor)
         return ref
 
     def forget(self, ref: ray.ObjectRef) -> None:
@@ -131,10 +132,11 @@ class RewardClient:
     def get(self, ref: ray.ObjectRef) -> Scored:
         deadline, deaths = time.monotonic() + self.timeout_s, 0
         while True:
-            images, prompts = self.sent.pop(ref)
+            images, prompts, actor = self.sent.pop(ref)
             try:
                 return ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001))
             except ray.exceptions.GetTimeoutError:
+                ray.kill(actor, no_restart=False)  # stuck in the call: restarted (reward.max_restarts), fresh for a retry
                 raise RuntimeError(f"reward.timeout_s: no reward actor returned the scores of a batch within "
                                    f"{self.timeout_s:g} s (rank {self.rank}); the reward call blocks, or raise "
                                    "reward.timeout_s for a slow reward") from None

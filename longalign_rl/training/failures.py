@@ -59,8 +59,8 @@ def chain(error: BaseException):
         yield error
         if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
             error = error.cause
-        else:
-            error = error.__cause__ or error.__context__
+        else:  # `raise ... from None` hides the context on purpose: so does this
+            error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
 
 
 def transient(error: BaseException) -> bool:
