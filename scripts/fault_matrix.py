@@ -122,6 +122,11 @@ def last_lr(run: Path) -> str:
     return f"; metrics: lr {records[-1]['lr']:g} at step {records[-1]['step']}"
 
 
+def steps(run: Path) -> str:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return f"; metrics.jsonl steps: {[r['step'] for r in records]}"
+
+
 def config_line(repo: Path, run: Path, timeout: float):
     """`config --resume RUN`: its exit code, and the line of lora.rank it shows."""
     start = time.monotonic()
@@ -217,15 +222,15 @@ def cases(repo: Path, work: Path, new: bool) -> dict:
         "--resume RUN train.steps=2 (run at step 4)": resume("back", None, "train.steps=2"),
         "config --resume RUN (the run's lora.rank is 4)": lambda t: config_line(repo, tiny_run(repo, work), t),
         "--resume, metrics.jsonl's last line cut": resume("cut", lambda r: truncate(r / "metrics.jsonl", -40),
-                                                          "train.steps=6"),
+                                                          "train.steps=6", report=steps),
         "--resume, Ray's checkpoint record damaged": resume(
             "snap", lambda r: (r / "checkpoint_manager_snapshot.json").write_text('{"ray_version": "2.60.0", "chec'),
-            "train.steps=6"),
+            "train.steps=6", report=steps),
         "--resume, newest checkpoint folder deleted": resume(
-            "deleted", lambda r: shutil.rmtree(checkpoint(r, 4)), "train.steps=6"),
+            "deleted", lambda r: shutil.rmtree(checkpoint(r, 4)), "train.steps=6", report=steps),
         "--resume, config.yaml empty": resume("empty", lambda r: (r / "config.yaml").write_text(""), "train.steps=6"),
         "--resume, newest checkpoint verifies but is refused at load": resume(
-            "refused", refused_at_load, "train.steps=6"),
+            "refused", refused_at_load, "train.steps=6", report=steps),
     }
 
 
