@@ -91,7 +91,9 @@ def read_run_config(run_dir: Path) -> dict:
                 if (run_dir / "config.original.yaml").is_file() else "")
         if not on_disk(run_dir):
             hint = "the run never checkpointed: start it again with the same run.name"
-        raise ConfigError(f"--resume: {path} is {why}; {hint or 'write the run config back to resume it'}")
+        hint = hint or ("its checkpoints keep the weights but not the config: write the config the run started "
+                        "with back to config.yaml to resume it")
+        raise ConfigError(f"--resume: {path} is {why}; {hint}")
     for name in ("metrics.jsonl", VALIDATION_FILE):
         try:
             read_jsonl(run_dir / name)
