@@ -515,12 +515,18 @@ def test_the_run_joins_the_cluster_named_by_ray_address(monkeypatch, tmp_path):
         seen["address"] = address
         raise Joined
 
+    import socket
+
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fake_init)
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    with pytest.raises(Joined):
-        train.main([f"run.output_dir={tmp_path}", "run.name=joined"])
-    assert seen["address"] == "127.0.0.1:6379"
+    with socket.socket() as head:  # something answers there (the driver checks before ray.init)
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        with pytest.raises(Joined):
+            train.main([f"run.output_dir={tmp_path}", "run.name=joined"])
+    assert seen["address"] == address
     assert not (tmp_path / "joined").exists()  # the run directory is made once Ray is there and the run fits
 
 
