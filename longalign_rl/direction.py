@@ -42,14 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    reward_kwargs = args.reward_kwargs
     try:
         check_device(args.device)
         if args.out.is_dir():
             raise ValueError(f"--out {args.out}: is a folder; name the .safetensors file to write")
         check_output_folder(args.out.parent, "--out")
         prompts = load_prompts(args.prompts, key="--prompts")
-        reward = get_reward(args.reward, **reward_kwargs).to(args.device)
+        reward = get_reward(args.reward, **args.reward_kwargs).to(args.device)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the direction of reward {args.reward!r} over {len(prompts)} prompts holds NaN or infinite "
               "values (its text embeddings are not finite); nothing was written", file=sys.stderr)
         return 1
-    metadata = {"reward": args.reward, "reward_kwargs": json.dumps(reward_kwargs), "num_prompts": str(len(prompts))}
+    metadata = {"reward": args.reward, "reward_kwargs": json.dumps(args.reward_kwargs), "num_prompts": str(len(prompts))}
     save_file({"direction": direction.cpu().contiguous()}, args.out, metadata=metadata)
     print(f"wrote {args.out}: direction [{direction.numel()}] of reward {args.reward!r} over {len(prompts)} prompts")
     return 0

@@ -87,12 +87,13 @@ def read_run_config(run_dir: Path) -> dict:
     if not isinstance(saved, dict):
         from longalign_rl.training.checkpoint import on_disk
 
-        hint = (f"{run_dir / 'config.original.yaml'} holds the config the run started with"
-                if (run_dir / "config.original.yaml").is_file() else "")
         if not on_disk(run_dir):
             hint = "the run never checkpointed: start it again with the same run.name"
-        hint = hint or ("its checkpoints keep the weights but not the config: write the config the run started "
-                        "with back to config.yaml to resume it")
+        elif (run_dir / "config.original.yaml").is_file():
+            hint = f"{run_dir / 'config.original.yaml'} holds the config the run started with"
+        else:
+            hint = ("its checkpoints keep the weights but not the config: write the config the run started with "
+                    "back to config.yaml to resume it")
         raise ConfigError(f"--resume: {path} is {why}; {hint}")
     for name in ("metrics.jsonl", VALIDATION_FILE):
         try:
@@ -266,8 +267,10 @@ def check_t5(cfg: Config) -> None:
             log.warning("t5: no adapter weights (t5.adapter is empty and model.pretrained has no %s/): the TextAdapter "
                         "starts random%s", ADAPTER_FOLDER,
                         "; stage 2 keeps it frozen, so train it in stage 1 first" if cfg.stage == 2 else "")
-    except (OSError, ValueError) as e:
-        raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:  # a file check's message names the file
+        raise ConfigError(str(e)) from None
 
 
 def check_inputs(cfg: Config) -> list[Pair] | None:

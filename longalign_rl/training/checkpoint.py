@@ -205,8 +205,8 @@ def step_of(directory: Path) -> int | None:
 def on_disk(run_dir: Path) -> list[Path]:
     """The run's checkpoint folders that name their step (state.json), newest step first,
     whatever Ray Train's record of them says (it may be damaged or name a deleted folder)."""
-    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and step_of(p) is not None]
-    return sorted(found, key=lambda p: step_of(p), reverse=True)
+    steps = {p: step_of(p) for p in run_dir.glob("checkpoint_*") if p.is_dir()}
+    return sorted((p for p, step in steps.items() if step is not None), key=steps.get, reverse=True)
 
 
 def registered(run_dir: Path) -> list[Path]:

@@ -229,13 +229,9 @@ def _resume(ctx: WorkerContext) -> checkpoint.TrainerState:
     raise checkpoint.CheckpointError("no checkpoint of this run verifies and loads: " + "; ".join(problems))
 
 
-def all_agree(ok: bool, device: torch.device) -> bool:
-    """Whether `ok` holds on every worker (a MIN all-reduce; a lone process: itself)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    flag = torch.tensor([1 if ok else 0], device=device)
+def all_agree(ok: bool, device) -> bool:
+    """Whether `ok` holds on every worker (a MIN all-reduce)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
