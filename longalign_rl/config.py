@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from longalign_rl.registry import IMPORT_PATH
+from longalign_rl.registry import IMPORT_PATH, algorithm_of
 
 
 class ConfigError(ValueError):
@@ -179,21 +179,23 @@ class RewardConfig:
     max_restarts: int = 3
 
 
-ALGORITHMS = ("reward_backprop", "grpo", "ddpo")
-
-
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    """How stage 2 turns the samplers' images into updates (docs/algorithms.md).
+    """How stage 2 turns the samplers' images into updates (docs/algorithms.md). The
+    algorithms are registry.Algorithm records, found by name like rewards: the built-in
+    reward_backprop, grpo and ddpo (longalign_rl/algorithms/), or a third party's.
 
-    reward_backprop: LongAlign's reference (METHOD.md section 5): the reward's gradient
-    flows back through the decoder and the gradient steps; the reward must be differentiable.
+    reward_backprop: LongAlign's reference (docs/method.md): the reward's gradient flows
+    back through the decoder and the gradient steps; the reward must be differentiable.
     grpo | ddpo: policy gradients (PPO-clip on the log-probabilities of stochastic DDIM
-    steps); any reward, differentiable or not (a checker, a detector, OCR). The defaults
-    below are ddpo-pytorch's unless a comment says otherwise."""
+    steps); any reward, differentiable or not (a checker, a detector, OCR). The policy-
+    gradient defaults below are ddpo-pytorch's unless a comment says otherwise."""
 
-    # reward_backprop | grpo | ddpo (above).
+    # A registered algorithm (reward_backprop | grpo | ddpo, or an entry point in the group
+    # longalign_rl.algorithms) or an import path 'package.module:ALGORITHM'.
     name: str = "reward_backprop"
+    # A third-party algorithm's own keyword arguments (its record checks them).
+    kwargs: dict = field(default_factory=dict)
     # grpo: samples drawn per prompt; advantages are the rewards normalised within each
     # group. A group is sampled by one actor and trained by one worker, so
     # train.batch_size must be a multiple of it (Flow-GRPO: 12-24; here 4).
@@ -364,34 +366,17 @@ class Config:
         return self.train.num_workers * self.train.batch_size * self.train.grad_accum
 
     @property
-    def policy_gradient(self) -> bool:
-        """Whether stage 2 trains with policy gradients (grpo, ddpo) instead of reward backpropagation."""
-        return self.stage == 2 and self.algorithm.name != "reward_backprop"
-
-    @property
-    def trained_steps(self) -> int:
-        """Policy gradients: DDIM steps recorded and trained per sample."""
-        start, end = self.sde_steps
-        return max(1, round((end - start) * self.algorithm.timestep_fraction))
-
-    @property
-    def sde_steps(self) -> tuple[int, int]:
-        """Policy gradients: the DDIM steps start <= i < end that are stochastic (algorithm.sde_window)."""
-        start, end = self.algorithm.sde_window
-        return round(start * self.sampler.num_steps), round(end * self.sampler.num_steps)
-
-    @property
     def samples_per_start(self) -> int:
-        """Consecutive samples that share their starting noise (algorithm.shared_start: a
-        grpo group; 1 otherwise)."""
-        a = self.algorithm
-        return a.group_size if self.policy_gradient and a.name == "grpo" and a.shared_start else 1
+        """Consecutive samples that share their starting noise (a grpo group with
+        algorithm.shared_start; 1 otherwise)."""
+        algorithm = algorithm_of(self)
+        return algorithm.group_size(self) if algorithm.shared_start(self) else 1
 
     @property
     def prompts_per_batch(self) -> int:
-        """Distinct prompts in one worker's batch (grpo draws each group_size times)."""
-        t, a = self.train, self.algorithm
-        return t.batch_size // a.group_size if self.policy_gradient and a.name == "grpo" else t.batch_size
+        """Distinct prompts in one worker's batch (an algorithm that draws each prompt
+        several times, grpo's groups, draws fewer)."""
+        return self.train.batch_size // algorithm_of(self).group_size(self)
 
 
 # ---------------------------------------------------------------- the keys, documented
@@ -745,7 +730,10 @@ def validate(cfg: Config) -> None:
 
 def _validate_algorithm(cfg: Config) -> None:
     a, s = cfg.algorithm, cfg.sampler
-    _require(a.name in ALGORITHMS, "algorithm.name", f"must be one of {', '.join(ALGORITHMS)}, got {a.name!r}")
+    try:
+        algorithm = algorithm_of(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
     _require(s.eta >= 0, "sampler.eta", f"must be >= 0, got {s.eta}")
     _require(a.group_size >= 2, "algorithm.group_size",
              f"must be >= 2 (a lone sample has no group to be compared with), got {a.group_size}")
@@ -754,8 +742,6 @@ def _validate_algorithm(cfg: Config) -> None:
     start, end = a.sde_window
     _require(len(a.sde_window) == 2 and 0.0 <= start < end <= 1.0, "algorithm.sde_window",
              f"must be [start, end] with 0 <= start < end <= 1 (fractions of the DDIM steps), got {list(a.sde_window)}")
-    _require(cfg.sde_steps[1] > cfg.sde_steps[0], "algorithm.sde_window",
-             f"{list(a.sde_window)} holds none of the {s.num_steps} DDIM steps (sampler.num_steps); widen it")
     for key, value in [("algorithm.clip_range", a.clip_range), ("algorithm.advantage_clip", a.advantage_clip)]:
         _require(value > 0, key, f"must be > 0, got {value}")
     _require(a.kl_weight >= 0, "algorithm.kl_weight", f"must be >= 0, got {a.kl_weight}")
@@ -764,14 +750,9 @@ def _validate_algorithm(cfg: Config) -> None:
         _require(value >= 1, key, f"must be >= 1, got {value}")
     _require(a.min_count <= a.buffer_size, "algorithm.min_count",
              f"{a.min_count} rewards never fit a buffer of algorithm.buffer_size={a.buffer_size}")
-    _require(cfg.policy_gradient or cfg.reward.num_actors == 0 or cfg.stage == 1, "reward.num_actors",
-             "reward actors score without a gradient, for algorithm.name grpo or ddpo; reward backpropagation "
-             f"needs the reward's gradient in the trainer workers (got {cfg.reward.num_actors} actors)")
-    if not cfg.policy_gradient:
+    if cfg.stage == 1:
         return
-    _require(0.0 < s.eta <= 1.0, "sampler.eta",
-             f"{a.name} needs stochastic steps with a log-probability: eta in (0, 1], got {s.eta}")
-    if a.name == "grpo":
-        _require(cfg.train.batch_size % a.group_size == 0, "train.batch_size",
-                 f"grpo keeps each prompt's group on one worker: {cfg.train.batch_size} is not a multiple of "
-                 f"algorithm.group_size={a.group_size}")
+    _require(not algorithm.differentiable_reward or cfg.reward.num_actors == 0, "reward.num_actors",
+             f"reward actors score without a gradient; {a.name} needs the reward's gradient in the trainer workers "
+             f"(got {cfg.reward.num_actors} actors)")
+    algorithm.check(cfg)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from longalign_rl import validation
 from longalign_rl.config import Config
+from longalign_rl.registry import algorithm_of
 from longalign_rl.trackers import numbers
 
 WARNINGS_LOG = "warnings.log"
@@ -34,10 +35,9 @@ WARNINGS_LOG = "warnings.log"
 # prompts it knows before the run (train.warn_cut_prompts), once for the whole file.
 CUT_PROMPTS_LOGGER = "longalign_rl.encoding.encode"
 
-# Shown on the progress line, when a record has them (the reward's mean and the loss; a
-# policy-gradient run's health; stage 1's epoch).
-BASE_KEYS = {1: ("epoch", "loss"), 2: ("reward", "loss")}
-PG_KEYS = ("reward", "advantage_zero", "clip_fraction", "approx_kl")
+# Shown on the progress line, when a record has them: stage 1's epoch and loss; in stage 2
+# the algorithm's progress_keys (registry.Algorithm).
+STAGE1_KEYS = ("epoch", "loss")
 # Families of per-position metrics ("gt/shape/1".."gt/shape/4") are shown as their mean
 # ("gt/shape"), except these (per-sentence diagnostics, not the run's question).
 NOT_SHOWN = ("segment_score", "time", "ratio", "advantage")
@@ -105,7 +105,7 @@ def quiet_libraries(verbose: bool) -> None:
 
 def shown_keys(cfg: Config, record: dict) -> list[tuple[str, list[str]]]:
     """(label, record keys averaged into it) for the progress line."""
-    base = PG_KEYS if cfg.policy_gradient else BASE_KEYS[cfg.stage]
+    base = algorithm_of(cfg).progress_keys if cfg.stage == 2 else STAGE1_KEYS
     shown = [(k, [k]) for k in base if k in record]
     families: dict[str, list[str]] = {}
     for key in record:

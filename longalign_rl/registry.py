@@ -2,8 +2,8 @@
 plugin contract"; docs/architecture.md, "Extension points").
 
 A `Registry` holds one kind of plugin: rewards (entry-point group `longalign_rl.rewards`),
-models (`longalign_rl.models`, in models.py) and the built-in prompt sources (prompts.py,
-no group). A name is found
+algorithms (`longalign_rl.algorithms`), models (`longalign_rl.models`, in models.py) and the
+built-in prompt sources (prompts.py, no group). A name is found
 - among the kind's built-ins (the framework's own, such as the "tiny" architecture), or
 - registered in code with `register`, or
 - in the kind's entry-point group (read once, on the first lookup; the built-in rewards in
@@ -26,15 +26,18 @@ import re
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from longalign_rl.types import RewardOutput
 
-__all__ = ["Registry", "Reward", "RewardOutput", "Source", "REWARDS", "check_reward_kwargs", "find_reward", "get_reward",
-           "import_path",
-           "list_rewards", "register_reward", "resolve_source"]
+if TYPE_CHECKING:
+    from longalign_rl.config import Config
+
+__all__ = ["ALGORITHMS", "Algorithm", "Registry", "Reward", "RewardOutput", "Source", "REWARDS", "algorithm_of",
+           "check_reward_kwargs", "find_algorithm", "find_reward", "get_reward", "import_path", "list_rewards",
+           "register_reward", "resolve_source"]
 
 # "pkg.module:attr": dotted identifiers, one colon, an identifier. Nothing else is read as
 # an import path (so "C:\\data" or "runs/a:b" never is).
@@ -192,8 +195,10 @@ ENTRY_POINT_GROUP = REWARDS.group
 
 
 def _reset() -> None:
-    """Forget reward registrations and re-read the entry points on the next lookup (for tests)."""
+    """Forget reward and algorithm registrations and re-read the entry points on the next
+    lookup (for tests)."""
     REWARDS.reset()
+    ALGORITHMS.reset()
 
 
 def register_reward(name: str, factory: Factory) -> None:
@@ -322,3 +327,89 @@ def probe_reward(reward: Reward, name: str, prompts: list[str], resolution: int)
         if images.grad is None or not bool(torch.isfinite(images.grad).all()):
             raise ValueError(f"reward {name!r} says it is differentiable, but its gradient to the images is "
                              f"{'missing' if images.grad is None else 'not finite'}")
+
+
+# ---------------------------------------------------------------- algorithms
+
+
+class Algorithm:
+    """One way to turn the sampler actors' samples into updates (stage 2): everything the
+    framework outside the algorithm's own modules knows of it, so that nothing else branches
+    on which algorithm runs (docs/architecture.md, "How to add an algorithm").
+
+    Subclass it, set `name` and `body`, override what differs from these defaults (those of
+    reward backpropagation's shape: one deterministic rollout per prompt, one backward pass
+    per micro-step), and declare an instance in the entry-point group
+    `longalign_rl.algorithms`, or name it by import path (`algorithm.name: pkg.module:OBJ`).
+    The record is pure (torch only); the body is imported on the trainer workers alone.
+    Its own hyper-parameters come from `algorithm.kwargs` (checked by `check`), or from the
+    shared `algorithm.*` keys where they mean the same thing."""
+
+    # The name `algorithm.name` gives (entry-point name; the import path for one given by path).
+    name: str = ""
+    # The trainer workers' body, "pkg.module:Class" (training/worker.py's Body protocol).
+    body: str = ""
+    # True: the loss needs the reward's gradient to the images (a non-differentiable reward is
+    # refused, and reward actors cannot score); False: any reward, scored without gradient.
+    differentiable_reward: bool = False
+    # The fields of a step's record the driver's progress line shows, when present.
+    progress_keys: tuple[str, ...] = ("reward", "loss")
+
+    def sample(self, sampler: Any, prompts: list[str], seed: int, cfg: Config, policy_version: int) -> Any:
+        """What a sampler actor sends for one batch (run in the actor): by default a `Rollout`
+        (deterministic DDIM, the gradient steps' inputs recorded, sampling/sampler.py)."""
+        return sampler.sample(prompts, seed, policy_version=policy_version)
+
+    def group_size(self, cfg: Config) -> int:
+        """Samples drawn per prompt, side by side in one worker's batch (grpo: a group)."""
+        return 1
+
+    def shared_start(self, cfg: Config) -> bool:
+        """Whether the samples of one prompt's group start from the same noise."""
+        return False
+
+    def backward_passes(self, cfg: Config) -> int:
+        """engine.backward calls per micro-step (DeepSpeed divides each loss by their number)."""
+        return 1
+
+    def updates_per_step(self, cfg: Config) -> int:
+        """Optimiser updates per run step (the warm-up still counts run steps)."""
+        return 1
+
+    def check(self, cfg: Config) -> None:
+        """Checks of the keys this algorithm reads: raise config.ConfigError naming the key."""
+
+    def describe(self, cfg: Config) -> str:
+        """The run header's "algorithm" line."""
+        return self.name
+
+    def describe_sampling(self, cfg: Config) -> str:
+        """What the samplers' DDIM chain records, for the run header's "samplers" line."""
+        return f"{cfg.sampler.num_grad_steps} with gradient"
+
+
+ALGORITHMS = Registry("algorithm", "longalign_rl.algorithms")
+
+
+def find_algorithm(name: str) -> Algorithm:
+    """The algorithm `name` names: a registered name or an import path "pkg.module:OBJ" to an
+    `Algorithm` instance (or a class, instantiated here); ValueError naming it otherwise."""
+    if ":" in name:
+        found = import_path(name, "algorithm.name")
+    elif name in ALGORITHMS:
+        found = ALGORITHMS.find(name)
+    else:
+        raise ValueError(f"algorithm.name: unknown algorithm {name!r}; known algorithms: "
+                         f"{', '.join(ALGORITHMS.names()) or '(none)'}; or give an import path 'package.module:ALGORITHM'")
+    algorithm = found() if isinstance(found, type) and issubclass(found, Algorithm) else found
+    if not isinstance(algorithm, Algorithm):
+        what = f"the class {found.__name__}" if isinstance(found, type) else f"a {type(found).__name__}"
+        raise TypeError(f"algorithm.name: {name!r} is {what}, not a longalign_rl.registry.Algorithm")
+    if not IMPORT_PATH.match(algorithm.body or ""):
+        raise TypeError(f"algorithm.name: algorithm {name!r} has no body 'package.module:Class' (got {algorithm.body!r})")
+    return algorithm
+
+
+def algorithm_of(cfg: Config) -> Algorithm:
+    """The algorithm a stage-2 config trains with (`algorithm.name`)."""
+    return find_algorithm(cfg.algorithm.name)

@@ -18,8 +18,8 @@ says *how big* is swapped:
 - stage 1's data, when its file does not exist here: a handful of generated image-caption
   pairs, in a manifest of the same kind; prompt files that do not exist here: the demo prompts;
 - workers, actors and their resources: 2 trainer workers ("real": 1), one sampler actor and
-  at most one reward actor, on the CPU, train.steps 2, train.batch_size 2 ("real": 1; grpo: one
-  group), at most 10 DDIM steps (the gradient steps kept, up to 10) and 2 validation prompts.
+  at most one reward actor, on the CPU, train.steps 2, train.batch_size 2 ("real": 1; an
+  algorithm that draws each prompt several times, grpo: one group), at most 10 DDIM steps (the gradient steps kept, up to 10) and 2 validation prompts.
 
 It runs `python -m longalign_rl.train` itself (train.main, in this process), prints the
 overrides it used, so that the same run can be repeated by hand, and the peak memory of each
@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from longalign_rl.config import Config, ConfigError, load_config, to_dict
+from longalign_rl.registry import algorithm_of
 
 SIZES = ("tiny", "real")
 # Every key a smoke run may change (`shrink`): the sizes. Every other key runs as the file says.
@@ -156,14 +157,16 @@ def shrink(cfg: Config, size: str, folder: Path) -> dict:
     only the keys whose value changes; files the stand-ins need are written under `folder`."""
     if size not in SIZES:
         raise ConfigError(f"--size: must be one of {', '.join(SIZES)}, got {size!r}")
-    s, t, r, a = cfg.sampler, cfg.train, cfg.reward, cfg.algorithm
+    s, t, r = cfg.sampler, cfg.train, cfg.reward
     real = size == "real"
     workers = 1 if real else 2
     actors, reward_actors = min(s.num_actors, 1), min(r.num_actors, 1)  # every worker draws from actor 0
     # Every process an equal share of CPUS (in quarters), or less where the config asks for
     # less; stage 1's Ray Data tasks, which read the images, count as one more.
     share = math.floor(CPUS / (workers + (actors + reward_actors if cfg.stage == 2 else 1)) * 4) / 4
-    batch = a.group_size if cfg.policy_gradient and a.name == "grpo" else (1 if real else 2)
+    # one prompt per worker (grpo: one group of algorithm.group_size samples)
+    repeats = algorithm_of(cfg).group_size(cfg) if cfg.stage == 2 else 1
+    batch = repeats if repeats > 1 else (1 if real else 2)
     new = {"train.steps": min(t.steps, 2), "train.use_gpu": False, "train.num_workers": workers,
            "train.cpus_per_worker": min(t.cpus_per_worker, share), "train.batch_size": batch}
     if cfg.stage == 2:  # stage 1 has no actors

@@ -29,6 +29,7 @@ from longalign_rl.data import Pair, check_source
 from longalign_rl.hooks import load_metric_hooks, probe_metric_hooks
 from longalign_rl.outputs import STOP_REQUEST, STOPPED, write_atomic
 from longalign_rl.prompts import load_prompts
+from longalign_rl.registry import algorithm_of
 from longalign_rl.summary import read_summary
 from longalign_rl.validation import validation_set
 
@@ -179,7 +180,8 @@ def check_reward(cfg: Config, prompts: list[str]) -> None:
     prompts (registry.probe_reward: shapes, finite values, a gradient when it claims one)."""
     from transformers.utils import logging as transformers_logging
 
-    from longalign_rl.registry import check_reward_kwargs, find_reward, get_reward, probe_reward
+    from longalign_rl.registry import (ALGORITHMS, check_reward_kwargs, find_algorithm, find_reward, get_reward,
+                                       probe_reward)
 
     transformers_logging.disable_progress_bar()  # the driver's console says what matters only
     try:
@@ -199,10 +201,11 @@ def check_reward(cfg: Config, prompts: list[str]) -> None:
     except Exception as e:  # a plugin's factory may raise anything: name the key and the plugin
         message = str(e) if str(e).startswith("reward ") else f"reward {cfg.reward.name!r}: {type(e).__name__}: {e}"
         raise ConfigError(f"reward: {message}") from e
-    if not reward.differentiable and not cfg.policy_gradient:
-        raise ConfigError(f"reward.name: reward {cfg.reward.name!r} is not differentiable; "
-                          "reward backpropagation needs gradients from the reward to the image "
-                          "(algorithm.name: grpo or ddpo optimises any reward)")
+    if not reward.differentiable and algorithm_of(cfg).differentiable_reward:
+        others = [name for name in ALGORITHMS.names() if not find_algorithm(name).differentiable_reward]
+        raise ConfigError(f"reward.name: reward {cfg.reward.name!r} is not differentiable; algorithm "
+                          f"{cfg.algorithm.name} needs gradients from the reward to the image "
+                          f"(algorithm.name: {' or '.join(others) or 'another algorithm'} optimises any reward)")
     try:
         probe_reward(reward, cfg.reward.name, prompts, cfg.sampler.resolution)
     except (TypeError, ValueError) as e:
@@ -334,6 +337,7 @@ def check_trackers(cfg: Config) -> None:
 def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str:
     s, t = cfg.sampler, cfg.train
     trains = f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "the whole UNet"
+    algorithm = algorithm_of(cfg)
     if cfg.stage == 1:
         d = cfg.data
         if pairs is None:
@@ -357,27 +361,14 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
         f"model              {cfg.model.pretrained}   reward {cfg.reward.name} {cfg.reward.kwargs}"
         + (f", scored by {cfg.reward.num_actors} reward actors ({cfg.reward.num_cpus:g} CPU, "
            f"{cfg.reward.num_gpus:g} GPU each)" if cfg.reward.num_actors else "") + "\n"
-        f"algorithm          {algorithm_line(cfg)}\n"
-        f"samplers           {s.num_actors} actors, {s.num_steps} DDIM steps ("
-        + (f"eta {s.eta}" + ("" if cfg.sde_steps == (0, s.num_steps) else
-                              f" on steps {cfg.sde_steps[0]}-{cfg.sde_steps[1] - 1}, deterministic elsewhere")
-           + f", {cfg.trained_steps} trained" if cfg.policy_gradient else f"{s.num_grad_steps} with gradient")
-        + f"), guidance {s.guidance_scale}, {s.resolution} px\n"
+        f"algorithm          {algorithm.describe(cfg)}\n"
+        f"samplers           {s.num_actors} actors, {s.num_steps} DDIM steps ({algorithm.describe_sampling(cfg)}), "
+        f"guidance {s.guidance_scale}, {s.resolution} px\n"
         f"trainers           {t.num_workers} workers x {t.batch_size} prompts x {t.grad_accum} accumulation "
         f"= {cfg.global_batch} samples per step, ZeRO-{t.zero_stage}, {t.precision}\n"
         f"steps              {t.steps} -> {t.steps * cfg.global_batch} samples; weights to samplers every "
         f"{t.sync_every} step(s), policy lag <= {t.max_policy_lag}"
     )
-
-
-def algorithm_line(cfg: Config) -> str:
-    a = cfg.algorithm
-    if not cfg.policy_gradient:
-        return "reward backpropagation through the decoder and the gradient steps"
-    advantages = (f"{a.group_size} samples per prompt, normalised per group" if a.name == "grpo"
-                  else f"per-prompt statistics of the last {a.buffer_size} rewards")
-    return (f"{a.name}: {advantages}; PPO clip {a.clip_range}, {a.inner_epochs} update(s) per batch"
-            + (f", KL weight {a.kl_weight}" if a.kl_weight else ""))
 
 
 # What a resume may not change: what the checkpoint's weights, optimiser state or random
@@ -618,6 +609,7 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
 
     from longalign_rl.training import checkpoint
     from longalign_rl.training.failures import FailFast
+    from longalign_rl.training.worker import train_func
 
     if not ray.is_initialized():
         connect(cfg)
@@ -643,8 +635,8 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
         if not cfg.run.verbose:
             ray.data.DataContext.get_current().enable_progress_bars = False
         trainer = TorchTrainer(
-            denoising.train_func,
-            train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir)},
+            train_func,
+            train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "body": denoising.BODY},
             datasets={"train": denoising.build_dataset(cfg.data, cfg.train.seed, pairs)},
             dataset_config=IngestConfig(datasets_to_split=["train"]),  # an equal shard per worker
             **common,
@@ -653,15 +645,15 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
             return fit(trainer)
 
     from longalign_rl.sampling.group import SamplerGroup
-    from longalign_rl.training import policy_gradient, reward_backprop
 
     if rewards is None:
         rewards = start_reward_actors(cfg, run_dir)
     if samplers is None:
         samplers = SamplerGroup(cfg, run_dir)
     trainer = TorchTrainer(
-        (policy_gradient if cfg.policy_gradient else reward_backprop).train_func,
-        train_loop_config={"config": to_dict(cfg), "samplers": samplers, "rewards": rewards, "run_dir": str(run_dir)},
+        train_func,
+        train_loop_config={"config": to_dict(cfg), "samplers": samplers, "rewards": rewards, "run_dir": str(run_dir),
+                           "body": algorithm_of(cfg).body},
         **common,
     )
     try:

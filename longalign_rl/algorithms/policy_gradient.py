@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from longalign_rl.registry import Algorithm
 from longalign_rl.sampling.ddim import dropout_seed, guided_eps, replay_dropout
 from longalign_rl.sampling.stochastic import gaussian_kl, step_log_prob, step_mean
 from longalign_rl.types import Trajectory
@@ -125,3 +126,100 @@ def policy_step_loss(unet, traj: Trajectory, k: int, advantages: torch.Tensor, g
         loss = loss + kl_weight * kl.mean()
         stats["kl"] = kl.detach().float()
     return loss, stats
+
+
+# ---------------------------------------------------------------- the records (registry.Algorithm)
+
+
+def sde_steps(cfg) -> tuple[int, int]:
+    """The DDIM steps start <= i < end that are stochastic (algorithm.sde_window)."""
+    start, end = cfg.algorithm.sde_window
+    return round(start * cfg.sampler.num_steps), round(end * cfg.sampler.num_steps)
+
+
+def trained_steps(cfg) -> int:
+    """DDIM steps recorded and trained per sample (algorithm.timestep_fraction of the window)."""
+    start, end = sde_steps(cfg)
+    return max(1, round((end - start) * cfg.algorithm.timestep_fraction))
+
+
+class PolicyGradient(Algorithm):
+    """PPO-clip on the log-probabilities of stochastic DDIM steps, any reward, differentiable or
+    not (docs/algorithms.md; training/policy_gradient.py). GRPO and DDPO differ only in their
+    advantages: `per_prompt_statistics` (DDPO) or groups of one prompt's samples (GRPO)."""
+
+    body = "longalign_rl.training.policy_gradient:PolicyGradientBody"
+    progress_keys = ("reward", "advantage_zero", "clip_fraction", "approx_kl")
+    per_prompt_statistics = False
+
+    def sample(self, sampler, prompts, seed, cfg, policy_version):
+        """Stochastic DDIM (sampler.eta) with the trained steps' log-probabilities: a Trajectory."""
+        from longalign_rl.sampling.sampler import sample_trajectory  # the actor's, which has it loaded
+
+        return sample_trajectory(sampler, prompts, seed, cfg.sampler.eta, trained_steps(cfg),
+                                 shared_start=self.group_size(cfg) if self.shared_start(cfg) else 1,
+                                 policy_version=policy_version, window=sde_steps(cfg))
+
+    def backward_passes(self, cfg) -> int:
+        """One per trained DDIM step (as ddpo-pytorch accumulates them), so each step's
+        activations are freed before the next."""
+        return trained_steps(cfg)
+
+    def updates_per_step(self, cfg) -> int:
+        return cfg.algorithm.inner_epochs
+
+    def check(self, cfg) -> None:
+        from longalign_rl.config import ConfigError
+
+        if not 0.0 < cfg.sampler.eta <= 1.0:
+            raise ConfigError(f"sampler.eta: {self.name} needs stochastic steps with a log-probability: eta in (0, 1], "
+                              f"got {cfg.sampler.eta}")
+        start, end = sde_steps(cfg)
+        if end <= start:
+            raise ConfigError(f"algorithm.sde_window: {list(cfg.algorithm.sde_window)} holds none of the "
+                              f"{cfg.sampler.num_steps} DDIM steps (sampler.num_steps); widen it")
+
+    def describe(self, cfg) -> str:
+        a = cfg.algorithm
+        return (f"{self.name}: {self.advantages_line(cfg)}; PPO clip {a.clip_range}, {a.inner_epochs} update(s) per "
+                "batch" + (f", KL weight {a.kl_weight}" if a.kl_weight else ""))
+
+    def advantages_line(self, cfg) -> str:
+        raise NotImplementedError
+
+    def describe_sampling(self, cfg) -> str:
+        window, steps = sde_steps(cfg), cfg.sampler.num_steps
+        where = "" if window == (0, steps) else f" on steps {window[0]}-{window[1] - 1}, deterministic elsewhere"
+        return f"eta {cfg.sampler.eta}{where}, {trained_steps(cfg)} trained"
+
+
+class GRPO(PolicyGradient):
+    name = "grpo"
+
+    def group_size(self, cfg) -> int:
+        return cfg.algorithm.group_size
+
+    def shared_start(self, cfg) -> bool:
+        return cfg.algorithm.shared_start
+
+    def check(self, cfg) -> None:
+        from longalign_rl.config import ConfigError
+
+        super().check(cfg)
+        if cfg.train.batch_size % cfg.algorithm.group_size:
+            raise ConfigError(f"train.batch_size: grpo keeps each prompt's group on one worker: {cfg.train.batch_size} "
+                              f"is not a multiple of algorithm.group_size={cfg.algorithm.group_size}")
+
+    def advantages_line(self, cfg) -> str:
+        return f"{cfg.algorithm.group_size} samples per prompt, normalised per group"
+
+
+class DDPO(PolicyGradient):
+    name = "ddpo"
+    per_prompt_statistics = True
+
+    def advantages_line(self, cfg) -> str:
+        return f"per-prompt statistics of the last {cfg.algorithm.buffer_size} rewards"
+
+
+GRPO_ALGORITHM, DDPO_ALGORITHM = GRPO(), DDPO()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from longalign_rl.registry import check_reward_output
+from longalign_rl.registry import Algorithm, check_reward_output
 from longalign_rl.sampling.ddim import dropout_seed, guided_eps, replay_dropout
 from longalign_rl.types import RewardOutput, Rollout
 from longalign_rl.vae import decode
@@ -102,3 +102,18 @@ def reward_backprop_step(unet, vae, reward, rollout: Rollout, guidance_scale: fl
     if out.segment_scores is not None:
         stats.update(segment_score_stats(out.segment_scores))
     return reward_loss(out), stats
+
+
+class RewardBackprop(Algorithm):
+    """LongAlign's reference: the reward's gradient flows back through the decoder and the
+    gradient steps of a deterministic DDIM rollout (training/reward_backprop.py)."""
+
+    name = "reward_backprop"
+    body = "longalign_rl.training.reward_backprop:RewardBackpropBody"
+    differentiable_reward = True
+
+    def describe(self, cfg) -> str:
+        return "reward backpropagation through the decoder and the gradient steps"
+
+
+REWARD_BACKPROP = RewardBackprop()

@@ -30,7 +30,8 @@ from longalign_rl.config import Config, ConfigError, from_dict, to_dict
 from longalign_rl.console import CUT_PROMPTS_LOGGER, WARNINGS_LOG, actor_cause, log_warnings_to
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
 from longalign_rl.models import DTYPES, load_model
-from longalign_rl.sampling.sampler import build_sampler, generate_latents, sample_trajectory
+from longalign_rl.registry import algorithm_of
+from longalign_rl.sampling.sampler import build_sampler, generate_latents
 from longalign_rl.types import Rollout, Trajectory
 from longalign_rl.vae import decode
 
@@ -54,15 +55,12 @@ class SamplerActor:
         # With reward actors the images leave from here (sample_images), decoded in the sampler's precision.
         self.vae = parts.vae.to(device, DTYPES[self.cfg.sampler.precision]) if self.cfg.reward.num_actors else None
         self.version = 0  # optimiser steps behind the weights held now
+        self.algorithm = algorithm_of(self.cfg)
 
     def sample(self, prompts: list[str], seed: int) -> Rollout | Trajectory:
-        """Reward backpropagation: deterministic DDIM reduced to a Rollout. Policy gradients:
-        stochastic DDIM (sampler.eta) with the trained steps' log-probabilities."""
-        if not self.cfg.policy_gradient:
-            return self.sampler.sample(prompts, seed, policy_version=self.version)
-        return sample_trajectory(self.sampler, prompts, seed, self.cfg.sampler.eta, self.cfg.trained_steps,
-                                 shared_start=self.cfg.samples_per_start, policy_version=self.version,
-                                 window=self.cfg.sde_steps)
+        """What the run's algorithm asks for (registry.Algorithm.sample): a Rollout of
+        deterministic DDIM, or a Trajectory of stochastic DDIM with log-probabilities."""
+        return self.algorithm.sample(self.sampler, prompts, seed, self.cfg, self.version)
 
     @ray.method(num_returns=2)
     def sample_images(self, prompts: list[str], seed: int) -> tuple[Trajectory, torch.Tensor]:

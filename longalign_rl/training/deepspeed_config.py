@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from longalign_rl.config import Config
+from longalign_rl.registry import algorithm_of
 
 
 def backward_passes_per_update(cfg: Config) -> int:
-    """engine.backward calls per optimiser update: one per micro-step, and with policy
-    gradients one per trained DDIM step of each (as ddpo-pytorch accumulates them), so each
-    step's activations are freed before the next. DeepSpeed divides every loss by it."""
-    return cfg.train.grad_accum * (cfg.trained_steps if cfg.policy_gradient else 1)
+    """engine.backward calls per optimiser update: the algorithm's per micro-step (policy
+    gradients: one per trained DDIM step, as ddpo-pytorch accumulates them, so each step's
+    activations are freed before the next; stage 1: one). DeepSpeed divides every loss by it."""
+    return cfg.train.grad_accum * (algorithm_of(cfg).backward_passes(cfg) if cfg.stage == 2 else 1)
 
 
 def updates_per_step(cfg: Config) -> int:
     """Optimiser updates per run step (policy gradients: algorithm.inner_epochs over each batch)."""
-    return cfg.algorithm.inner_epochs if cfg.policy_gradient else 1
+    return algorithm_of(cfg).updates_per_step(cfg) if cfg.stage == 2 else 1
 
 
 def deepspeed_config(cfg: Config) -> dict:

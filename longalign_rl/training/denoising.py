@@ -45,7 +45,7 @@ from longalign_rl.lora import ADAPTER, export_adapter, load_trainable_state_dict
 from longalign_rl.models import DTYPES, Components, load_components, make_scheduler, save_model_folder, vae_scale_factor
 from longalign_rl.sampling.sampler import Sampler, generate_latents
 from longalign_rl.training.checkpoint import TrainerState
-from longalign_rl.training.worker import StepOutput, WorkerContext, micro_seed, run_worker
+from longalign_rl.training.worker import StepOutput, WorkerContext, micro_seed
 from longalign_rl.vae import decode, encode
 
 log = logging.getLogger(__name__)
@@ -219,5 +219,5 @@ class Denoising:
         log.info("wrote the merged model %s", self.ctx.run_dir / "model")
 
 
-def train_func(loop_config: dict) -> None:
-    run_worker(loop_config, Denoising)
+# Stage 1's body, as train.py hands it to worker.train_func.
+BODY = f"{__name__}:{Denoising.__name__}"

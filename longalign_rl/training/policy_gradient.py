@@ -28,37 +28,40 @@ import ray
 import torch
 import torch.distributed as dist
 
-from longalign_rl.algorithms.policy_gradient import PerPromptStatTracker, grpo_advantages, policy_step_loss
+from longalign_rl.algorithms.policy_gradient import (PerPromptStatTracker, grpo_advantages, policy_step_loss,
+                                                     sde_steps, trained_steps)
 from longalign_rl.algorithms.reward_backprop import score
 from longalign_rl.models import Components, make_scheduler
 from longalign_rl.sampling.stochastic import stochastic_coefficients
 from longalign_rl.training.checkpoint import TrainerState
 from longalign_rl.training.stage2 import SamplerFed
-from longalign_rl.training.worker import StepOutput, WorkerContext, run_worker
+from longalign_rl.training.worker import StepOutput, WorkerContext
 from longalign_rl.types import Trajectory
 from longalign_rl.vae import decode
 
 
 def check_trained_steps(cfg, scheduler_config) -> None:
-    """The sampler can record cfg.trained_steps stochastic steps of this model's schedule (a
+    """The sampler can record trained_steps(cfg) stochastic steps of this model's schedule (a
     scheduler with set_alpha_to_one makes the last DDIM step deterministic: no density)."""
     scheduler = make_scheduler(scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing, final=cfg.sampler.final)
     scheduler.set_timesteps(cfg.sampler.num_steps)
-    stochastic = int((stochastic_coefficients(scheduler, cfg.sampler.eta, cfg.sde_steps)[2] > 0).sum())
-    if stochastic < cfg.trained_steps:
-        raise ValueError(f"algorithm.timestep_fraction: {cfg.trained_steps} trained steps asked for, but only "
+    stochastic = int((stochastic_coefficients(scheduler, cfg.sampler.eta, sde_steps(cfg))[2] > 0).sum())
+    if stochastic < trained_steps(cfg):
+        raise ValueError(f"algorithm.timestep_fraction: {trained_steps(cfg)} trained steps asked for, but only "
                          f"{stochastic} of the {cfg.sampler.num_steps} DDIM steps are stochastic with this "
                          "scheduler and algorithm.sde_window; lower the fraction")
 
 
-class PolicyGradient(SamplerFed):
+class PolicyGradientBody(SamplerFed):
+    """The body of every algorithm.PolicyGradient record (grpo, ddpo): `self.algorithm`."""
+
     log_keys = ("reward", "loss", "advantage_zero", "clip_fraction", "approx_kl")
 
     def __init__(self, ctx: WorkerContext, parts: Components, loop_config: dict):
         super().__init__(ctx, parts, loop_config)
         a = self.cfg.algorithm
         check_trained_steps(self.cfg, parts.scheduler_config)
-        self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count) if a.name == "ddpo" else None
+        self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count) if self.algorithm.per_prompt_statistics else None
         # Built before the checkpoint loads: the reference is the model the run started from.
         self.reference = self._make_reference() if a.kl_weight > 0 else None
 
@@ -80,13 +83,13 @@ class PolicyGradient(SamplerFed):
 
     def start(self, state: TrainerState) -> None:
         super().start(state)
-        if self.tracker is not None and "ddpo" in state.algorithm:
-            self.tracker.load_state_dict(state.algorithm["ddpo"])
+        if self.tracker is not None and self.algorithm.name in state.algorithm:
+            self.tracker.load_state_dict(state.algorithm[self.algorithm.name])
 
     def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
-        if self.tracker is None:  # grpo: a batch is prompts_per_batch groups of `repeats` samples
+        if self.tracker is None:  # a batch is prompts_per_batch groups of `repeats` samples
             return grpo_advantages(rewards, torch.arange(len(prompts)) // self.repeats)
-        # ddpo: every worker adds every worker's rewards, in rank order, so all trackers agree
+        # per-prompt statistics: every worker adds every worker's rewards, in rank order, so all trackers agree
         gathered: list = [None] * self.ctx.world
         dist.all_gather_object(gathered, (prompts, rewards.tolist()))
         all_prompts = [p for g in gathered for p in g[0]]
@@ -159,7 +162,7 @@ class PolicyGradient(SamplerFed):
         times.update(self.sync(step))
         state.prompt_position = self.prompt_position((step + 1) * accum)
         if self.tracker is not None:
-            state.algorithm = {"ddpo": self.tracker.state_dict()}  # saved with the checkpoint
+            state.algorithm = {self.algorithm.name: self.tracker.state_dict()}  # saved with the checkpoint
         ratios = torch.cat(ratios)
         return StepOutput(stats, {
             # max |ratio - 1| where it must be 0 (trainer and sampler disagree on the same weights
@@ -171,7 +174,3 @@ class PolicyGradient(SamplerFed):
             **times,
             **({"time/reward_actor": self.reward_actor_seconds} if self.reward is None else {}),
         })
-
-
-def train_func(loop_config: dict) -> None:
-    run_worker(loop_config, PolicyGradient)

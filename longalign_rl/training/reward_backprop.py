@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from longalign_rl.algorithms.reward_backprop import reward_backprop_step
+from longalign_rl.algorithms.reward_backprop import REWARD_BACKPROP, reward_backprop_step
 from longalign_rl.training.checkpoint import TrainerState
 from longalign_rl.training.stage2 import SamplerFed
-from longalign_rl.training.worker import StepOutput, run_worker
+from longalign_rl.training.worker import StepOutput
 from longalign_rl.types import Rollout
 
 
@@ -34,8 +34,8 @@ def update(engine, vae, reward, rollout: Rollout, guidance_scale: float, train_m
     return stats
 
 
-class RewardBackprop(SamplerFed):
-    log_keys = ("reward", "loss")
+class RewardBackpropBody(SamplerFed):
+    log_keys = REWARD_BACKPROP.progress_keys
     summary_keys = ["reward", "text_relevant", "text_irrelevant"]
 
     def step(self, step: int, state: TrainerState) -> StepOutput:
@@ -72,7 +72,3 @@ class RewardBackprop(SamplerFed):
             "time/train": train_time,
             **timings,
         })
-
-
-def train_func(loop_config: dict) -> None:
-    run_worker(loop_config, RewardBackprop)

@@ -1,4 +1,4 @@
-"""What every stage-2 body (reward backpropagation, GRPO, DDPO) shares: the sampler actors
+"""What every stage-2 body (reward backpropagation, the policy gradients, a plug-in's) shares: the sampler actors
 that feed it, the prompts it asks them for, the reward, the metric hooks and image grids,
 and the weight sync. A body subclasses `SamplerFed` and writes its own `step`.
 
@@ -20,7 +20,7 @@ from longalign_rl.hooks import load_metric_hooks, run_metric_hooks
 from longalign_rl.models import DTYPES, Components
 from longalign_rl.outputs import save_image_grid
 from longalign_rl.prompts import PromptOrder, load_prompts
-from longalign_rl.registry import get_reward
+from longalign_rl.registry import algorithm_of, get_reward
 from longalign_rl.sampling.group import SamplerGroup
 from longalign_rl.training.checkpoint import TrainerState
 from longalign_rl.training.worker import WorkerContext, micro_seed
@@ -28,11 +28,12 @@ from longalign_rl.vae import decode
 
 
 def build_reward(cfg: Config, device: torch.device):
-    """The run's reward on `device`; reward backpropagation refuses one without gradients."""
+    """The run's reward on `device`; an algorithm that needs the reward's gradient refuses one
+    without."""
     reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
-    if not reward.differentiable and not cfg.policy_gradient:
-        raise ValueError(f"reward {cfg.reward.name!r} is not differentiable; reward backpropagation "
-                         "needs gradients from the reward to the image (algorithm.name: grpo or ddpo does not)")
+    if not reward.differentiable and algorithm_of(cfg).differentiable_reward:
+        raise ValueError(f"reward {cfg.reward.name!r} is not differentiable; {cfg.algorithm.name} needs gradients "
+                         "from the reward to the image")
     return reward.to(device) if hasattr(reward, "to") else reward
 
 
@@ -46,6 +47,7 @@ class SamplerFed:
     def __init__(self, ctx: WorkerContext, parts: Components, loop_config: dict):
         cfg = self.cfg = ctx.cfg
         self.ctx = ctx
+        self.algorithm = algorithm_of(cfg)  # its record (registry.Algorithm)
         del parts.text_encoder  # prompts arrive encoded in the samples
         self.vae = parts.vae.to(ctx.device, DTYPES[cfg.train.precision])
         # With reward actors (reward.num_actors) the reward lives there; this worker never builds it.
@@ -57,8 +59,8 @@ class SamplerFed:
         self.client = self.samplers.client(ctx.rank, pool.client(ctx.rank) if pool is not None else None)
         self.order = PromptOrder(load_prompts(cfg.prompts.source), seed=cfg.train.seed, shuffle=cfg.prompts.shuffle)
         self.prefetch = cfg.train.max_policy_lag >= cfg.train.sync_every  # overlap sampling with training
-        # grpo draws each prompt group_size times, side by side in one batch of one worker
-        self.repeats = cfg.train.batch_size // cfg.prompts_per_batch
+        # an algorithm with groups (grpo) draws each prompt group_size times, side by side in one batch
+        self.repeats = self.algorithm.group_size(cfg)
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
 
     def start(self, state: TrainerState) -> None:

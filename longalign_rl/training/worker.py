@@ -1,7 +1,9 @@
 """The one worker skeleton: what every algorithm's Ray Train worker does, around the body
 that is the algorithm's own.
 
-`TorchTrainer.fit()` runs `run_worker(loop_config, Body)` on every worker, and it reads:
+`TorchTrainer.fit(train_func)` runs `run_worker(loop_config, Body)` on every worker, with the
+body loop_config["body"] names (the algorithm's record, registry.Algorithm, says which), and
+it reads:
 
     SET UP   context (rank, device, run directory); the UNet with what trains in a DeepSpeed
              engine (training/engine.py); the body builds the rest (VAE, reward, encoder ...)
@@ -24,8 +26,8 @@ that is the algorithm's own.
 
 A body is a class `Body(ctx, parts, loop_config)` with `start(state)`, `step(step, state)
 -> StepOutput | None` (None: its data ended), `export()`, `log_keys` and `summary_keys`. Adding an
-algorithm means writing its body (training/<name>.py) and its pure loss
-(algorithms/<name>.py), nothing else (docs/architecture.md).
+algorithm means writing its body, its pure loss and its record (registry.Algorithm),
+nothing else (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from longalign_rl.data import is_generator
 from longalign_rl.lora import export_adapter, export_for_diffusers, trainable_state_dict
 from longalign_rl.models import Components
 from longalign_rl.outputs import STOP_REQUEST, STOPPED, MetricsLog, write_atomic
+from longalign_rl.registry import import_path
 from longalign_rl.summary import write_summary
 from longalign_rl.training import checkpoint, failures
 from longalign_rl.training.engine import apply_optimizer_settings, build_trainable, grad_norm
@@ -252,11 +255,20 @@ def _format(record: dict, keys: tuple[str, ...]) -> str:
     return f"step {record['step']}: {' '.join(shown)} ({record['time/step']:.2f}s)"
 
 
-def run_worker(loop_config: dict, make_body: type) -> None:
-    """The skeleton above, with the body `make_body(ctx, parts, loop_config)`. An exception
-    is kept with its traceback in run_dir/errors/rank<r>.txt and reaches the driver as a
-    failures.WorkerFailure, which tells whether a retry would meet it again."""
+def train_func(loop_config: dict) -> None:
+    """Ray Train's function on every worker: the skeleton with the body named by
+    loop_config["body"], "pkg.module:Class" (imported here, on the worker)."""
+    run_worker(loop_config, loop_config["body"])
+
+
+def run_worker(loop_config: dict, make_body: type | str) -> None:
+    """The skeleton above, with the body `make_body(ctx, parts, loop_config)` (a class, or its
+    import path). An exception is kept with its traceback in run_dir/errors/rank<r>.txt and
+    reaches the driver as a failures.WorkerFailure, which tells whether a retry would meet
+    it again."""
     with failures.reported(Path(loop_config["run_dir"]), ray.train.get_context().get_world_rank()) as attempt:
+        if isinstance(make_body, str):
+            make_body = import_path(make_body, "the algorithm's body")
         _run_worker(loop_config, make_body, attempt)
 
 

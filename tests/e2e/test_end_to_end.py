@@ -193,12 +193,19 @@ def test_exported_lora_loads_into_a_diffusers_pipeline(tiny_run):
     assert (base - tuned).abs().max() > 1e-4
 
 
-def test_third_party_reward_plugins_drive_a_run(ray_local, tmp_path):
-    """An entry-point plugin and an import-path plugin drive one real (short) run, as the two
-    parts of the built-in weighted_sum (one run instead of one each: CI time)."""
+def test_a_third_party_algorithm_trains_on_third_party_rewards(ray_local, tmp_path, capsys):
+    """Plug-ins of both kinds drive one real (short) run, with no line of longalign_rl/ changed:
+    - the algorithm tests/plugins/best_of_group.py (reward-ranked fine-tuning on the best of
+      each prompt's group, its own record and body), by import path;
+    - an entry-point reward and an import-path reward, as the two parts of the built-in
+      weighted_sum (one run for all three: CI time)."""
     parts = "[{name: redness}, {name: 'thirdparty_rewards:Darkness', weight: 0.5, kwargs: {weight: 2.0}}]"
     run_main(tmp_path, "train.steps=2", "run.checkpoint_every=2", "reward.name=weighted_sum",
-             f"reward.kwargs={{rewards: {parts}}}", "run.name=p")
+             f"reward.kwargs={{rewards: {parts}}}", "run.name=p", "algorithm.name=tests.plugins.best_of_group:BEST_OF_GROUP",
+             "algorithm.kwargs={group_size: 2}", "train.batch_size=4")
+    out = capsys.readouterr().out
+    assert "algorithm          best_of_group: denoising loss on the best of 2 samples per prompt" in out, out
+    assert "best_reward" in out  # the progress line shows the algorithm's own keys
     metrics = read_metrics(tmp_path / "p")
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
@@ -206,6 +213,10 @@ def test_third_party_reward_plugins_drive_a_run(ray_local, tmp_path):
         # weight 2: darkness = 2 * (1 - brightness) lies in [0, 2]
         assert 0.0 <= m["thirdparty_rewards:Darkness"] <= 2.0
         assert m["reward"] == pytest.approx(m["redness"] + 0.5 * m["thirdparty_rewards:Darkness"], abs=1e-6)
+        # the best of each group is at least the mean of all; the update moved the weights
+        assert m["best_reward"] >= m["reward"] - 1e-6 and m["best_reward"] > m["reward"] - 1.0
+        assert m["loss"] > 0 and m["grad_norm"] > 0 and m["weights_spread"] == 0.0
+    assert (tmp_path / "p" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_bad_config_fails_before_starting_anything(tmp_path, capsys):

@@ -464,14 +464,28 @@ def test_algorithm_errors_name_the_key(overrides, key):
 
 
 def test_policy_gradient_batches_hold_whole_groups():
+    from longalign_rl.algorithms.policy_gradient import trained_steps
+    from longalign_rl.registry import algorithm_of
+
     rb = load_config(None, ["train.batch_size=8"])
-    assert not rb.policy_gradient and rb.prompts_per_batch == 8
+    assert algorithm_of(rb).differentiable_reward and rb.prompts_per_batch == 8
     grpo = load_config(None, ["algorithm.name=grpo", "train.batch_size=8", "algorithm.group_size=4",
                               "sampler.num_steps=10", "algorithm.timestep_fraction=0.45"])
-    assert grpo.policy_gradient and grpo.prompts_per_batch == 2 and grpo.trained_steps == 4
+    assert grpo.prompts_per_batch == 2 and trained_steps(grpo) == 4 and grpo.samples_per_start == 1
+    assert load_config(None, ["algorithm.name=grpo", "algorithm.shared_start=true"]).samples_per_start == 4
     ddpo = load_config(None, ["algorithm.name=ddpo", "train.batch_size=6", "algorithm.group_size=4"])
-    assert ddpo.prompts_per_batch == 6 and ddpo.trained_steps == 50  # group_size is grpo's only
-    assert not load_config(None, ["stage=1", "data.source=x:y", "algorithm.name=grpo"]).policy_gradient
+    assert ddpo.prompts_per_batch == 6 and trained_steps(ddpo) == 50  # group_size is grpo's only
+
+
+def test_an_unknown_algorithm_lists_the_known_ones_and_an_import_path_must_name_a_record():
+    with pytest.raises(ConfigError, match=r"^algorithm.name: unknown algorithm 'ppo'; known algorithms: ddpo, grpo, "
+                                          r"reward_backprop"):
+        load_config(None, ["algorithm.name=ppo"])
+    with pytest.raises(ConfigError, match=r"^algorithm.name: 'longalign_rl.config:Config' is the class Config, not a "
+                                          r"longalign_rl.registry.Algorithm"):
+        load_config(None, ["algorithm.name=longalign_rl.config:Config"])
+    with pytest.raises(ConfigError, match=r"^algorithm.name 'nowhere.at_all:X': cannot import module 'nowhere.at_all'"):
+        load_config(None, ["algorithm.name=nowhere.at_all:X"])
 
 
 def test_unknown_keys_get_the_closest_known_one():

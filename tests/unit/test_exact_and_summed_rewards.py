@@ -68,7 +68,7 @@ def test_reward_backprop_refuses_a_non_differentiable_reward_on_the_driver(tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "reward 'shapes_exact' is not differentiable" in err, err
     assert not (tmp_path / "r").exists()
-    assert "algorithm.name: grpo or ddpo" in err  # and says what would take it
+    assert "algorithm.name: ddpo or grpo optimises any reward" in err  # and says what would take it
 
 
 def test_policy_gradients_accept_a_non_differentiable_reward_on_the_driver():

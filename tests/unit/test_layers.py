@@ -155,3 +155,42 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     assert layer_of("longalign_rl.training.worker") == "distributed"
     assert layer_of("longalign_rl.sampling.bad") is None and layer_of("longalign_rl.sampling.sampler") == "maths"
     assert _code_strings(ast.parse(bad.read_text())) == ["shapesworld.plugin:captions"]
+
+
+# An algorithm's own modules: its record and pure loss (algorithms/) and its body (training/).
+ALGORITHM_MODULES = {"longalign_rl.algorithms.reward_backprop", "longalign_rl.algorithms.policy_gradient",
+                     "longalign_rl.training.reward_backprop", "longalign_rl.training.policy_gradient"}
+ALGORITHM_WORDS = ("reward_backprop", "grpo", "ddpo", "policy_gradient")
+
+
+def _names_an_algorithm(tree: ast.AST) -> list[str]:
+    """Code (not comments or docstrings) that names a particular algorithm: a string, an
+    identifier or attribute, or an import of another algorithm's module."""
+    found = [s for s in _code_strings(tree) if any(w in s.lower() for w in ALGORITHM_WORDS)]
+    for node in ast.walk(tree):
+        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+        if name and any(w in name.lower() for w in ALGORITHM_WORDS):
+            found.append(name)
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(m for m in FRAMEWORK if m not in ALGORITHM_MODULES))
+def test_no_code_outside_an_algorithm_names_one(module):
+    """Algorithms are registry.Algorithm records found by name (entry points), never branched
+    on: outside their own modules (and the algorithms' entry points in setup.cfg) no code
+    names grpo, ddpo, reward backpropagation or policy gradients, nor imports their modules.
+    What is allowed: the default of algorithm.name, and the pure helpers other algorithms
+    reuse (`score` and the denoising loss), until issue 23's reward contract moves `score`."""
+    allowed = {("longalign_rl.config", "reward_backprop"),  # AlgorithmConfig.name's default
+               ("longalign_rl.reward_actors", "reward_backprop")}  # `score` (issue 23, item 3)
+    tree = ast.parse(FRAMEWORK[module].read_text())
+    named = [n for n in _names_an_algorithm(tree) if (module, n) not in allowed]
+    imported = sorted(n for n in imports(FRAMEWORK[module], module) if n in ALGORITHM_MODULES
+                      and (module, n.rpartition(".")[2]) not in allowed)
+    assert named == [] and imported == [], f"{module} names an algorithm: {named + imported}"
+
+
+def test_the_algorithm_check_catches_what_it_is_for():
+    tree = ast.parse('"""grpo in a docstring is fine."""\n# and ddpo in a comment\n'
+                     "def f(cfg):\n    return cfg.policy_gradient or cfg.algorithm.name == 'grpo'\n")
+    assert sorted(_names_an_algorithm(tree)) == ["grpo", "policy_gradient"]

@@ -180,11 +180,12 @@ def test_outside_the_sde_window_the_chain_is_deterministic_ddim(tiny_parts):
 
 
 def test_trained_steps_count_the_window():
+    from longalign_rl.algorithms.policy_gradient import sde_steps, trained_steps
     from longalign_rl.config import ConfigError, load_config
 
     cfg = load_config(None, ["algorithm.name=grpo", "sampler.num_steps=10", "algorithm.sde_window=[0, 0.5]",
                              "algorithm.timestep_fraction=0.4"])
-    assert cfg.sde_steps == (0, 5) and cfg.trained_steps == 2
+    assert sde_steps(cfg) == (0, 5) and trained_steps(cfg) == 2
     with pytest.raises(ConfigError, match="algorithm.sde_window"):
         load_config(None, ["algorithm.name=grpo", "algorithm.sde_window=[0.6, 0.2]"])
 
@@ -309,13 +310,13 @@ def test_the_kl_reference_is_the_starting_model(tiny_parts, lora):
 
     from longalign_rl.config import LoRAConfig
     from longalign_rl.lora import make_trainable
-    from longalign_rl.training.policy_gradient import PolicyGradient
+    from longalign_rl.training.policy_gradient import PolicyGradientBody
 
     unet = copy.deepcopy(tiny_parts.unet)
     make_trainable(unet, LoRAConfig(enabled=lora, rank=4, alpha=4.0, dropout=0.0))
     body = SimpleNamespace(ctx=SimpleNamespace(engine=SimpleNamespace(module=unet)),
                            cfg=SimpleNamespace(lora=SimpleNamespace(enabled=lora)))
-    reference = PolicyGradient._make_reference(body)
+    reference = PolicyGradientBody._make_reference(body)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor(500)
     context = torch.randn(1, 77, unet.config.cross_attention_dim)
     before = unet(x, t, encoder_hidden_states=context).sample.detach()

@@ -20,12 +20,12 @@ def fresh_registry():
     registry._reset()
 
 
-def fake_distribution(root, entry_points: str) -> None:
+def fake_distribution(root, entry_points: str, group: str = "longalign_rl.rewards") -> None:
     """An installed distribution "fake-plugin" whose only content is its entry points."""
     info = root / "fake_plugin-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[longalign_rl.rewards]\n" + entry_points)
+    (info / "entry_points.txt").write_text(f"[{group}]\n" + entry_points)
 
 
 def test_built_ins_are_found_through_entry_points():
@@ -194,3 +194,52 @@ def test_the_probe_names_a_reward_that_breaks_the_contract(how, error):
 def test_the_probe_passes_working_rewards():
     registry.probe_reward(get_reward("tests.plugins.my_reward:broken"), "ok", ["a", "b", "c"], 16)
     registry.probe_reward(get_reward("tiny_clip"), "tiny_clip", ["a red cube. a blue ball."], 32)
+
+
+# ---------------------------------------------------------------- algorithms
+
+
+def test_built_in_algorithms_are_records_found_through_entry_points():
+    from longalign_rl.config import load_config
+    from longalign_rl.training.deepspeed_config import backward_passes_per_update, updates_per_step
+
+    assert {"reward_backprop", "grpo", "ddpo"} <= set(registry.ALGORITHMS.names())
+    rb, grpo, ddpo = (registry.find_algorithm(n) for n in ("reward_backprop", "grpo", "ddpo"))
+    assert rb.differentiable_reward and not grpo.differentiable_reward and not ddpo.differentiable_reward
+    assert rb.body.endswith(":RewardBackpropBody") and grpo.body == ddpo.body
+    cfg = load_config(None, ["algorithm.name=grpo", "sampler.num_steps=10", "algorithm.group_size=2",
+                             "algorithm.inner_epochs=3", "train.grad_accum=2", "algorithm.shared_start=true"])
+    assert (grpo.group_size(cfg), ddpo.group_size(cfg), rb.group_size(cfg)) == (2, 1, 1)
+    assert (grpo.shared_start(cfg), ddpo.shared_start(cfg)) == (True, False)
+    assert backward_passes_per_update(cfg) == 2 * 10 and updates_per_step(cfg) == 3
+    assert "2 samples per prompt" in grpo.describe(cfg) and "eta 1.0, 10 trained" == grpo.describe_sampling(cfg)
+
+
+def test_a_third_party_algorithm_by_entry_point_or_import_path():
+    """tests/plugins/best_of_group.py's record: found by name once a distribution declares it,
+    and by import path; its own checks name the key; the framework reads its numbers."""
+    from longalign_rl.config import ConfigError, load_config
+    from longalign_rl.console import shown_keys
+    from tests.plugins.best_of_group import BEST_OF_GROUP
+
+    path = "algorithm.name=tests.plugins.best_of_group:BEST_OF_GROUP"
+    cfg = load_config(None, [path, "algorithm.kwargs={group_size: 4}", "train.batch_size=8"])
+    assert registry.algorithm_of(cfg) is BEST_OF_GROUP and cfg.prompts_per_batch == 2
+    assert [k for k, _ in shown_keys(cfg, {"reward": 0.1, "best_reward": 0.2, "loss": 1.0, "advantage_zero": 0.5})] \
+        == ["reward", "best_reward", "loss"]
+    with pytest.raises(ConfigError, match=r"^train.batch_size: 6 is not a multiple of algorithm.kwargs.group_size=4"):
+        load_config(None, [path, "algorithm.kwargs={group_size: 4}", "train.batch_size=6"])
+    with pytest.raises(ConfigError, match=r"^algorithm.kwargs.size: best_of_group takes only group_size"):
+        load_config(None, [path, "algorithm.kwargs={size: 4}"])
+
+
+def test_an_algorithm_entry_point_of_another_distribution(tmp_path, monkeypatch):
+    from tests.plugins.best_of_group import BEST_OF_GROUP
+
+    fake_distribution(tmp_path, "best_of_group = tests.plugins.best_of_group:BEST_OF_GROUP\n"
+                      "no_body = tests.plugins.my_reward:MyReward\n", group="longalign_rl.algorithms")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry._reset()
+    assert "best_of_group" in registry.ALGORITHMS.names() and registry.find_algorithm("best_of_group") is BEST_OF_GROUP
+    with pytest.raises(TypeError, match="algorithm.name: 'no_body' is the class MyReward, not a longalign_rl.registry.Algorithm"):
+        registry.find_algorithm("no_body")
