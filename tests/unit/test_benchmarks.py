@@ -23,8 +23,8 @@ def test_gpu_benchmark_runs_at_tiny_size_on_cpu(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, module, None)  # `import ray` now raises ImportError
     out = tmp_path / "gpu.json"
     monkeypatch.setattr(sys, "argv", [
-        "gpu_benchmark.py", "--model", "tiny", "--resolution", "64", "--steps", "4", "--grad-steps", "2",
-        "--batch", "2", "--reward", "tiny", "--dtype", "fp32", "--rounds", "1", "--out", str(out)])
+        "gpu_benchmark.py", "--model", "tiny", "--resolution", "32", "--steps", "2", "--grad-steps", "1",
+        "--batch", "1", "--train-batch", "1", "--reward", "tiny", "--dtype", "fp32", "--rounds", "1", "--out", str(out)])
     runpy.run_path(str(BENCHMARKS / "gpu_benchmark.py"), run_name="__main__")
     results = json.loads(out.read_text())
     assert results["sampling"]["images_per_s"]["ours"] > 0 and results["sampling"]["images_per_s"]["diffusers"] > 0

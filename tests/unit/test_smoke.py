@@ -41,7 +41,8 @@ def test_models_that_need_no_download_are_kept(tmp_path):
     assert "model.pretrained" not in changes and "reward.name" not in changes
     _, changes = shrunk(tmp_path, None, "model.pretrained=sd15-random")
     assert changes["model.pretrained"] == "tiny"  # the built-in full-size architecture is a size too
-    _, changes = shrunk(tmp_path, None, "model.pretrained=sd15-random", size="real")
+    # (a reward that needs no stand-in: the default's, at size "real", is a random ViT-H-14, 17 s to build)
+    _, changes = shrunk(tmp_path, None, "model.pretrained=sd15-random", "reward.name=tiny_clip", size="real")
     assert "model.pretrained" not in changes and changes["train.num_workers"] == 1
 
 
