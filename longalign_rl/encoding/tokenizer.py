@@ -18,10 +18,18 @@ TokenCounter = Callable[[str], int]
 
 @lru_cache(maxsize=1)
 def _clip_bpe() -> tuple[dict, list]:
-    """CLIP's byte-level BPE vocabulary and merges, from the file open_clip ships."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    """CLIP's byte-level BPE vocabulary and merges, from the file open_clip ships (found
+    without importing open_clip, which costs every sampler and worker 2 s; transformers has
+    the same byte table)."""
+    from importlib.util import find_spec
+    from pathlib import Path
 
-    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spec = find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open_clip_torch is not installed: its CLIP vocabulary file builds the offline tokenizer")
+    with gzip.open(Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz", "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     byte_chars = list(bytes_to_unicode().values())
