@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 
 from longalign_rl.arguments import Parser, at_least, finite, json_object
+from longalign_rl.uncertainty import mean_and_error
 
 
 def build_parser(prog: str = "python -m longalign_rl.evaluate") -> argparse.ArgumentParser:
@@ -86,17 +86,6 @@ def check_scores(images: torch.Tensor, values: dict[str, torch.Tensor], label: s
                                "nothing was written")
 
 
-def _stats(values: list[float]) -> tuple[float, float | None]:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return math.nan, None
-    mean = sum(finite) / len(finite)
-    if len(finite) < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
-    return mean, 2 * math.sqrt(var / len(finite))
-
-
 def format_table(result: dict) -> str:
     """Each key's mean ± 2 standard errors; with --against, the paired change."""
     from longalign_rl.summary import verdict
@@ -110,7 +99,7 @@ def format_table(result: dict) -> str:
     lines = [f"{result['prompts']} prompts; mean ± 2 standard errors" +
              (f"; change = {labels[0]} - {labels[1]}, paired by prompt" if comparison else "")]
     for key, vals in values.items():
-        mean, se = _stats(vals)
+        mean, se = mean_and_error(vals)
         line = f"  {key:<{width}}  {labels[0]} {mean:8.4f}" + (f" ± {se:.4f}" if se is not None else "")
         if key in comparison:
             r = comparison[key]

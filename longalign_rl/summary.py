@@ -12,12 +12,12 @@ not as progress. Pure: no ray.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
 from longalign_rl.outputs import read_jsonl
+from longalign_rl.uncertainty import difference_and_error
 
 FILE = "summary.json"
 MARKDOWN = "summary.md"
@@ -39,10 +39,9 @@ def summarize(records: list[dict], keys: list[str] | tuple[str, ...], samples_pe
         a, b = a[np.isfinite(a)], b[np.isfinite(b)]
         if len(a) == 0 or len(b) == 0:
             continue
-        spread = (2 * math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
-                  if len(a) > 1 and len(b) > 1 else None)
-        rows.append({"key": key, "first": float(a.mean()), "last": float(b.mean()),
-                     "change": float(b.mean() - a.mean()), "uncertainty": spread})
+        change, spread = difference_and_error(a, b)
+        rows.append({"key": key, "first": float(a.mean()), "last": float(b.mean()), "change": change,
+                     "uncertainty": spread})
     return {"steps": len(records), "window": n, "samples_per_window": n * samples_per_step,
             "first_steps": [first[0]["step"], first[-1]["step"]] if first else [],
             "last_steps": [last[0]["step"], last[-1]["step"]] if last else [], "rows": rows}

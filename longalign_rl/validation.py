@@ -34,6 +34,7 @@ from longalign_rl.outputs import read_jsonl, save_images, write_prompt_list
 from longalign_rl.prompts import load_prompts
 from longalign_rl.registry import check_reward_output
 from longalign_rl.types import RewardOutput
+from longalign_rl.uncertainty import mean_and_error
 
 FILE = "validation.jsonl"
 FOLDER = "validation"
@@ -208,8 +209,7 @@ def compare(records: list[dict]) -> dict | None:
         pairs = np.array([(a, b) for a, b in zip(before, after) if math.isfinite(a) and math.isfinite(b)], dtype=float)
         if len(pairs) == 0:
             continue
-        diff = pairs[:, 1] - pairs[:, 0]
-        spread = 2 * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else None
+        change, spread = mean_and_error(pairs[:, 1] - pairs[:, 0])
         rows.append({"key": key, "first": float(pairs[:, 0].mean()), "last": float(pairs[:, 1].mean()),
-                     "change": float(diff.mean()), "uncertainty": spread})
+                     "change": change, "uncertainty": spread})
     return {"first_step": first["step"], "last_step": last["step"], "prompts": last["prompts"], "rows": rows}

@@ -80,11 +80,14 @@ def plugin_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local(plugin_dir):
-    """A local Ray instance (2 CPUs, no dashboard, no auth) for one test module, whose
-    workers see this checkout and the plugin package, as `runtime_env` would give them
-    on a cluster. Afterwards the environment, sys.path and the registries are as before."""
+    """One local Ray instance (2 CPUs, no dashboard, no auth) for the whole session (starting
+    and stopping one costs ~12 s: it used to be one per test module), whose workers see this
+    checkout and the plugin package, as `runtime_env` would give them on a cluster.
+    Afterwards the environment, sys.path and the registries are as before. A process that a
+    test starts (`python -m longalign_rl.train`, `ray start`) starts its own: `ray.init()`
+    joins only an instance named by RAY_ADDRESS or started by `ray start`."""
     import ray
     import ray.data
 

@@ -57,3 +57,22 @@ def test_written_next_to_the_metrics_and_read_back(tmp_path):
     text = read_summary(tmp_path)
     assert "steps 1-2 vs 7-8" in text and "0.150" in text and "0.750" in text
     assert format_summary(summarize([], ["reward"], 16)) == "summary: no steps were logged"
+
+
+def test_the_one_uncertainty_formula_against_numpy():
+    """mean ± 2 standard errors (ddof 1), of one sample and of a difference of two; non-finite
+    values left out; one value has no spread."""
+    import math
+
+    import numpy as np
+
+    from longalign_rl.uncertainty import difference_and_error, mean_and_error
+
+    x = np.array([1.0, 2.0, 4.0, np.nan])
+    mean, err = mean_and_error(x)
+    assert mean == pytest.approx(7 / 3) and err == pytest.approx(2 * np.std([1, 2, 4], ddof=1) / math.sqrt(3))
+    assert mean_and_error([5.0]) == (5.0, None) and math.isnan(mean_and_error([math.inf])[0])
+    change, err = difference_and_error([1.0, 3.0], [2.0, 6.0, 7.0])
+    assert change == pytest.approx(5.0 - 2.0)
+    assert err == pytest.approx(2 * math.sqrt(np.var([1, 3], ddof=1) / 2 + np.var([2, 6, 7], ddof=1) / 3))
+    assert difference_and_error([1.0], [2.0, 3.0]) == (1.5, None)
