@@ -58,7 +58,7 @@ def plain_step_fn(cfg: Config, rollout):
     reward = get_reward(cfg.reward.name, **cfg.reward.kwargs, sync_direction=False)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(cfg.train.warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(cfg.train.warmup_steps, cfg.train.warmup_from_zero))
 
     def step():
         loss, _ = reward_backprop_step(unet, parts.vae, reward, rollout, cfg.sampler.guidance_scale)

@@ -1,7 +1,7 @@
 """The run configuration: typed, frozen dataclasses with every default in one place.
 
-Defaults are the reference values of LongAlign's stage 2 (METHOD.md section 5) unless a
-comment says otherwise; `stage: 1` with a `data` section runs stage 1 (METHOD.md section
+Defaults are the reference values of LongAlign's stage 2 (docs/method.md section 3) unless a
+comment says otherwise; `stage: 1` with a `data` section runs stage 1 (docs/method.md section
 4, supervised long-text fine-tuning; its reference values are in configs/sd15_stage1.yaml).
 YAML files under `configs/` hold overrides only; the command line adds dotted overrides
 (`train.lr=1e-5`). Unknown keys and wrong types are errors that name the key's full path.
@@ -60,6 +60,11 @@ class DataConfig:
     # Training image side in pixels: the shorter side is resized to it, then centre-cropped
     # (latents are resolution / 8).
     resolution: int = 512
+    # How images are resized to `resolution`: "bicubic" (PIL, the long side rounded) or
+    # "bilinear" (the reference's torchvision Resize(resolution, bilinear) + CenterCrop on the
+    # PIL image: PIL's bilinear, antialiased when it shrinks, the long side truncated).
+    # Reference: bilinear. data.py to_training_image.
+    resize: str = "bicubic"
     # Probability that a caption is replaced by the empty prompt's encoding, so the model
     # keeps the unconditional branch classifier-free guidance needs (reference: 0.1).
     caption_dropout: float = 0.1
@@ -87,6 +92,13 @@ class PromptConfig:
     # (the reference code's rule: at . and ?, also inside numbers, each piece + "."; a piece
     # over 75 tokens cut by the tokenizer). encoding/segments.py; docs/reference_mode.md.
     split: str = "sentences"
+    # Clean every CLIP segment before it is tokenised as the reference's CLIP tokenizer
+    # (transformers' slow one, with ftfy) did: ftfy.fix_text (mojibake, HTML entities such as
+    # &amp;, curly quotes), then runs of whitespace to one space, stripped. transformers 5's
+    # CLIPTokenizer does only the whitespace part. After the split, as the reference (with
+    # split: sentences an entity's ";" ends a sentence first). Reference: true.
+    # encoding/tokenizer.py clip_clean.
+    clean_text: bool = False
     # Reshuffle the prompts every pass over them (seeded by train.seed).
     shuffle: bool = True
 
@@ -264,6 +276,10 @@ class TrainConfig:
     eps: float = 1e-8
     # Linear warm-up to lr over this many steps, then constant.
     warmup_steps: int = 2000
+    # true: update k (from 0) runs at lr * k / warmup_steps, so the first runs at lr 0, as the
+    # reference's LambdaLR (diffusers' constant_with_warmup); false: at lr * (k + 1) /
+    # warmup_steps, the first at lr / warmup_steps. Reference: true. training/engine.py warmup.
+    warmup_from_zero: bool = False
     # Global gradient-norm clip.
     grad_clip: float = 0.3
     # Trainer precision: fp32 | bf16 | fp16.
@@ -345,8 +361,8 @@ REFERENCE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
 
 @dataclass(frozen=True)
 class Config:
-    # 1 = supervised long-text fine-tuning with the denoising loss on `data` (METHOD.md
-    # section 4); 2 = reward fine-tuning with sampler actors and `reward` (section 5).
+    # 1 = supervised long-text fine-tuning with the denoising loss on `data` (docs/method.md
+    # section 4); 2 = reward fine-tuning with sampler actors and `reward` (section 3).
     stage: int = 2
     model: ModelConfig = field(default_factory=ModelConfig)
     # Stage 1's image-caption pairs.
@@ -654,6 +670,7 @@ def validate(cfg: Config) -> None:
     _require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution",
              f"must be a positive multiple of 8, got {d.resolution}")
     _require(0.0 <= d.caption_dropout <= 1.0, "data.caption_dropout", f"must be in [0, 1], got {d.caption_dropout}")
+    _require(d.resize in ("bicubic", "bilinear"), "data.resize", f"must be bicubic or bilinear, got {d.resize!r}")
     for key, value in [("sampler.num_actors", s.num_actors), ("sampler.num_steps", s.num_steps),
                        ("sampler.num_grad_steps", s.num_grad_steps), ("train.steps", t.steps),
                        ("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),

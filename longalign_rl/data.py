@@ -18,7 +18,7 @@ checked on the driver, before a run directory exists: bad lines are reported tog
 their file and line number, and every image must exist. Images are decoded later, on Ray
 Data workers, a batch at a time.
 
-Pure python/numpy/PIL: the Ray Data pipeline that streams the pairs is
+Pure python/numpy/PIL (torchvision for `data.resize: bilinear`): the Ray Data pipeline that streams the pairs is
 training/denoising.py's `build_dataset`.
 """
 
@@ -200,11 +200,21 @@ def check_pair(item, index: int, source: str) -> tuple[np.ndarray, str]:
 # ---------------------------------------------------------------- images
 
 
-def to_training_image(image: np.ndarray, resolution: int) -> np.ndarray:
+def to_training_image(image: np.ndarray, resolution: int, resize: str = "bicubic") -> np.ndarray:
     """uint8 [H, W, 3] -> float32 [3, resolution, resolution] in [0, 1]: the shorter side
-    resized to `resolution` (bicubic), then the centre cropped."""
+    resized to `resolution`, then the centre cropped. `resize` (data.resize): "bicubic", or
+    "bilinear": the reference's own transforms, torchvision's Resize(resolution, bilinear)
+    and CenterCrop on the PIL image, so that its rounding of sizes and offsets is kept too."""
     from PIL import Image
 
+    if resize == "bilinear":
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        pil = TF.resize(Image.fromarray(image), resolution, InterpolationMode.BILINEAR)
+        return np.asarray(TF.center_crop(pil, resolution), dtype=np.float32).transpose(2, 0, 1) / 255.0
+    if resize != "bicubic":
+        raise ValueError(f"resize must be bicubic or bilinear, got {resize!r}")
     h, w = image.shape[:2]
     scale = resolution / min(h, w)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
@@ -227,17 +237,18 @@ def read_image(path: str) -> np.ndarray:
         raise DataSourceError(f"image {path}: cannot be read ({e})") from None
 
 
-def _rows(images: list[np.ndarray], captions: list[str], resolution: int) -> dict[str, np.ndarray]:
-    return {"image": np.stack([to_training_image(im, resolution) for im in images]),
+def _rows(images: list[np.ndarray], captions: list[str], resolution: int, resize: str) -> dict[str, np.ndarray]:
+    return {"image": np.stack([to_training_image(im, resolution, resize) for im in images]),
             "caption": np.array(captions, dtype=object)}
 
 
-def load_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
+def load_batch(batch: dict[str, np.ndarray], resolution: int, resize: str = "bicubic") -> dict[str, np.ndarray]:
     """Ray Data UDF: {"path", "caption"} rows -> {"image" float32 [B, 3, R, R], "caption"}."""
-    return _rows([read_image(str(p)) for p in batch["path"]], [str(c) for c in batch["caption"]], resolution)
+    return _rows([read_image(str(p)) for p in batch["path"]], [str(c) for c in batch["caption"]], resolution, resize)
 
 
-def generate_batches(_: dict, source: str, kwargs: dict, resolution: int) -> Iterator[dict[str, np.ndarray]]:
+def generate_batches(_: dict, source: str, kwargs: dict, resolution: int,
+                     resize: str = "bicubic") -> Iterator[dict[str, np.ndarray]]:
     """Ray Data UDF: runs the generator on a Ray worker and yields its pairs as training rows,
     ROWS_PER_BATCH at a time (the input, one dummy row, starts it)."""
     images, captions = [], []
@@ -246,10 +257,10 @@ def generate_batches(_: dict, source: str, kwargs: dict, resolution: int) -> Ite
         images.append(image)
         captions.append(caption)
         if len(images) == ROWS_PER_BATCH:
-            yield _rows(images, captions, resolution)
+            yield _rows(images, captions, resolution, resize)
             images, captions = [], []
     if images:
-        yield _rows(images, captions, resolution)
+        yield _rows(images, captions, resolution, resize)
 
 
 # ---------------------------------------------------------------- checks on the driver

@@ -1,4 +1,4 @@
-"""Compute the corpus direction v of a CLIP-type reward (METHOD.md 3, direction = corpus).
+"""Compute the corpus direction v of a CLIP-type reward (docs/method.md 2.3, direction = corpus).
 
     python -m longalign_rl.direction --reward hpsv2 --prompts prompts.jsonl --out hps_direction.safetensors
 

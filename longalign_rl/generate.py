@@ -6,8 +6,9 @@
 RUN is a run directory (its lora/, unet/ or model/, or --checkpoint) or a model
 (model.pretrained: "shapesworld-partial", a diffusers folder, a hub id). Prompt i is drawn
 from seed --seed + i with deterministic DDIM (longalign_rl.pipeline), so the same command
-gives the same images. Writes DIR/000.png ..., DIR/prompts.txt (index, seed, prompt) and
-DIR/grid.png.
+gives the same images; a model folder's sampling.json may set other defaults (an imported
+reference model: the authors' UniPC, 25 steps). Writes DIR/000.png ..., DIR/prompts.txt
+(index, seed, prompt) and DIR/grid.png.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def build_parser(prog: str = "python -m longalign_rl.generate") -> argparse.Argu
                         help="more prompts: a .txt / .jsonl file or 'pkg.module:function' (as prompts.source)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the images")
     parser.add_argument("--seed", type=at_least(0), default=0, help="prompt i is drawn from seed SEED + i (default 0)")
-    parser.add_argument("--steps", type=at_least(1), help="DDIM steps (default: the run's sampler.num_steps)")
+    parser.add_argument("--steps", type=at_least(1),
+                        help="sampling steps (default: the run's sampler.num_steps, or the model folder's sampling.json)")
     parser.add_argument("--guidance", type=finite(minimum=1.0),
                         help="guidance scale, >= 1 (default: the run's sampler.guidance_scale)")
     parser.add_argument("--resolution", type=multiple_of(8),
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.gene
     write_prompt_list(args.out / "prompts.txt", prompts, seeds)
     save_image_grid(images, prompts, args.out / "grid.png")
     d = pipe.longalign
-    print(f"{len(prompts)} image(s) from {args.run} ({d['weights']} weights; {args.steps or d['num_steps']} DDIM steps, "
+    print(f"{len(prompts)} image(s) from {args.run} ({d['weights']} weights; "
+          f"{args.steps or d['num_steps']} {d['scheduler']} steps, "
           f"guidance {d['guidance_scale'] if args.guidance is None else args.guidance}, max_tokens {d['max_tokens']}) "
           f"in {args.out}")
     return 0

@@ -137,7 +137,7 @@ def export_adapter(unet, directory: str | Path) -> Path | None:
 
 def merge_lora(unet) -> None:
     """Fold the LoRA adapter into the base weights and remove its layers, in place, so the
-    next stage starts from a plain UNet (METHOD.md section 4: the stage-1 LoRA is merged
+    next stage starts from a plain UNet (docs/method.md section 4: the stage-1 LoRA is merged
     before stage 2). Afterwards the state dict has a plain UNet's keys and no adapter
     remains, so `make_trainable` can add a fresh one.
 

@@ -13,6 +13,9 @@ What `load` assembles from a run directory (its config.yaml):
   run's `lora/` (`load_lora_weights`) or full fine-tune `unet/`; `checkpoint=` takes a
   checkpoint's weights instead (a run in progress; the newest when nothing is exported yet);
 - the scheduler: DDIM on the model's noise schedule with the run's `sampler.timestep_spacing`;
+- a model folder with a sampling.json (`longalign-rl import-reference` writes the authors'
+  sample.py's: UniPC, 25 steps, their split): its scheduler and its sampler, prompts and t5
+  settings as the defaults of the model alone;
 - the segment encoder: the run's `prompts.max_tokens` and `prompts.pack_segments`, and its
   T5 branch (`t5` section; stage 1's trained adapter, text_adapter/) when it had one;
 - the defaults of `generate`: the run's `sampler.num_steps`, `guidance_scale`, `resolution`.
@@ -26,13 +29,14 @@ diffusers: no ray, no deepspeed; it runs on a GPU machine without Ray.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
 
-from longalign_rl.config import Config, ModelConfig, load_config
+from longalign_rl.config import Config, ConfigError, from_dict, load_config
 from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.encoding.t5 import ADAPTER_FOLDER, build_t5_branch
 from longalign_rl.lora import load_trainable_state_dict, make_trainable, remove_adapter
@@ -40,6 +44,11 @@ from longalign_rl.models import load_components, make_scheduler
 from longalign_rl.sampling.sampler import initial_noise
 
 log = logging.getLogger(__name__)
+
+# A model folder's own sampling defaults: {"scheduler": ddim | unipc, "config": {sampler,
+# prompts and t5 keys}}; reference_import writes the authors' sample.py's.
+SAMPLING_FILE = "sampling.json"
+SCHEDULERS = ("ddim", "unipc")
 
 
 class LongPromptPipeline(StableDiffusionPipeline):
@@ -75,7 +84,8 @@ class LongPromptPipeline(StableDiffusionPipeline):
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  resolution: int | None = None, negative_prompt: str | list[str] | None = None,
                  batch_size: int = 8, output_type: str = "pil"):
-        """Prompt i from its own seed (seeds[i]; by default 0, 1, 2 ...) with deterministic DDIM;
+        """Prompt i from its own seed (seeds[i]; by default 0, 1, 2 ...) with the pipeline's
+        scheduler (deterministic DDIM unless the model folder names another);
         the run's steps, guidance and resolution unless given. Returns PIL images
         (output_type "pil"), or a tensor [B, 3, H, W] in [0, 1] ("pt"), or the final latents
         ("latent")."""
@@ -120,8 +130,8 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
     overrides the run's. `like`: another run directory whose sampling and encoding
     settings (sampler.*, prompts.*; for a model, its t5 branch too) this pipeline takes, to
     compare a model with a run on equal terms. A model without a run samples at its UNet's
-    native size (SD v1.5: 512 px) with the defaults of config.py (50 DDIM steps, guidance
-    7.5, 240 tokens). `t5`: the
+    native size (SD v1.5: 512 px) with the defaults of its folder's sampling.json, else
+    of config.py (50 DDIM steps, guidance 7.5, 240 tokens). `t5`: the
     T5 encoder (t5.encoder: "tiny", a folder, a hub id) of a model that has a T5 branch,
     whose adapter is the model folder's text_adapter/; a run directory names its own."""
     source = str(source)
@@ -134,20 +144,26 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
         run_dir = Path(source)
         cfg = load_config(run_dir / "config.yaml")
         weights, model = _run_weights(run_dir, cfg, checkpoint)
+        scheduler = "ddim"
     else:
         if checkpoint is not None:
             raise ValueError(f"checkpoint= needs a run directory; {source!r} is a model (no config.yaml and metrics.jsonl)")
-        cfg = Config(model=ModelConfig(pretrained=source))
+        scheduler, recorded = read_sampling_defaults(source)
+        try:
+            cfg = from_dict({**recorded, "model": {"pretrained": source}})
+        except ConfigError as e:
+            raise ValueError(f"{Path(source) / SAMPLING_FILE}: {e}") from None
         weights, model = ("base", None), source
         if t5 is not None:
             cfg = dataclasses.replace(cfg, t5=dataclasses.replace(cfg.t5, encoder=t5))
         elif other is not None and other.t5.encoder:  # a run's base: encoded as the run is
             cfg = dataclasses.replace(cfg, t5=other.t5)
-        elif (Path(source) / ADAPTER_FOLDER / "config.json").is_file():
+        elif not cfg.t5.encoder and (Path(source) / ADAPTER_FOLDER / "config.json").is_file():
             raise ValueError(f"{source} has a T5 branch ({ADAPTER_FOLDER}/): pass its T5 encoder as t5= "
                              "(the reference's: google-t5/t5-large)")
-    if other is not None:
+    if other is not None:  # sampled as that run's validation samples
         cfg = dataclasses.replace(cfg, sampler=other.sampler, prompts=other.prompts)
+        scheduler = "ddim"
     check_weights(*weights)
     parts = load_components(model, seed=cfg.model.random_seed, revision=cfg.model.revision)
     kind, where = weights
@@ -170,8 +186,7 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
         parts.unet = UNet2DConditionModel.from_pretrained(where, torch_dtype=torch.float32).eval()
     pipe = LongPromptPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=make_scheduler(parts.scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing,
-                                 final=cfg.sampler.final),
+        scheduler=_scheduler(scheduler, parts.scheduler_config, cfg),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     if kind == "lora":
@@ -191,14 +206,43 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
     t5_branch = parts.t5.to(pipe.device, pipe.text_encoder.dtype) if parts.t5 is not None else None
     pipe.segment_encoder = SegmentEncoder(pipe.tokenizer, pipe.text_encoder, max_tokens=max_tokens or cfg.prompts.max_tokens,
                                           pack_segments=cfg.prompts.pack_segments, split=cfg.prompts.split,
-                                          t5=t5_branch)
+                                          clean_text=cfg.prompts.clean_text, t5=t5_branch)
     native = kind == "base" and like is None  # a model alone: its own size
     pipe.longalign = {"source": source, "weights": kind, "from": str(where) if where else None,
-                      "num_steps": cfg.sampler.num_steps, "guidance_scale": cfg.sampler.guidance_scale,
+                      "scheduler": scheduler, "num_steps": cfg.sampler.num_steps,
+                      "guidance_scale": cfg.sampler.guidance_scale,
                       "resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor if native
                       else cfg.sampler.resolution, "max_tokens": pipe.segment_encoder.max_tokens,
                       "t5": t5_cfg.encoder or None, "t5_tokens": t5_branch.max_tokens if t5_branch is not None else 0}
     return pipe
+
+
+def read_sampling_defaults(model: str) -> tuple[str, dict]:
+    """(scheduler, config sections) of a model folder's sampling.json, ("ddim", {}) when it
+    has none: how the model is meant to be sampled when it is loaded alone."""
+    path = Path(model) / SAMPLING_FILE
+    if not path.is_file():
+        return "ddim", {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("scheduler") not in SCHEDULERS or \
+            not isinstance(data.get("config", {}), dict) or set(data.get("config", {})) - {"sampler", "prompts", "t5"}:
+        raise ValueError(f"{path}: expected {{\"scheduler\": {' | '.join(SCHEDULERS)}, \"config\": {{sampler, prompts, "
+                         f"t5 sections}}}}, got {str(data)[:200]}")
+    return data["scheduler"], data.get("config", {})
+
+
+def _scheduler(name: str, scheduler_config: dict, cfg: Config):
+    """DDIM (the run's sampler settings), or diffusers' UniPC on the model's noise schedule with
+    `sampler.timestep_spacing`, as the reference's sample.py builds it."""
+    if name == "ddim":
+        return make_scheduler(scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing, final=cfg.sampler.final)
+    from diffusers import UniPCMultistepScheduler
+
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    return UniPCMultistepScheduler.from_config({**config, "timestep_spacing": cfg.sampler.timestep_spacing})
 
 
 def check_weights(kind: str, where: Path | None) -> None:

@@ -19,7 +19,9 @@ The reference's formats, as documented by its authors:
 DIR receives lora/ (what `pipe.load_lora_weights(DIR / "lora")` loads: peft names, float32,
 rank = alpha so the scale stays 1), text_adapter/ (safetensors), with --merge model/ (the
 base with the LoRA merged into its UNet, plus model/text_adapter/: the imported adapter,
-else the base folder's own; a model folder for `model.pretrained`), and import.json. A
+else the base folder's own, and model/sampling.json: the authors' sample.py's sampler and
+prompt handling, the defaults of `longalign-rl generate`; a model folder for
+`model.pretrained`), and import.json. A
 pickle is only ever read with `torch.load(weights_only=True)`. Pure torch, diffusers and
 peft: no ray, no deepspeed.
 """
@@ -43,11 +45,20 @@ from longalign_rl.encoding.t5 import ADAPTER_FOLDER, TextAdapter
 from longalign_rl.lora import export_for_diffusers, load_trainable_state_dict, make_trainable, merge_lora
 from longalign_rl.lora import trainable_state_dict
 from longalign_rl.models import load_components, save_model_folder
+from longalign_rl.pipeline import SAMPLING_FILE
 
 # The classes under which the reference's injector wraps every Linear and Conv2d
 # ("CrossAttention" is the name of diffusers' attention class before 0.15).
 REFERENCE_BLOCKS = ("ResnetBlock2D", "CrossAttention", "Attention", "GEGLU")
 LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
+# How the authors' sample.py samples (pipeline.py reads it from model/sampling.json): diffusers'
+# UniPCMultistepScheduler.from_config of SD v1.5's scheduler, which names no timestep spacing,
+# so UniPC's own linspace (999, 959, ..., 40); 25 steps, guidance 7.5; prompts split by its
+# rule and cleaned by its tokenizer, 240 CLIP tokens; with an adapter, T5-large's 240 tokens.
+REFERENCE_SAMPLING = {"scheduler": "unipc", "config": {
+    "sampler": {"num_steps": 25, "guidance_scale": 7.5, "timestep_spacing": "linspace"},
+    "prompts": {"split": "reference", "clean_text": True, "max_tokens": 240}}}
+REFERENCE_T5 = {"encoder": "google-t5/t5-large", "max_tokens": 240}
 
 
 def reference_lora_layers(unet) -> list[tuple[str, torch.nn.Module]]:
@@ -216,6 +227,9 @@ def import_reference(base: str, out: str | Path, *, lora: str | Path | None = No
             save_model_folder(parts, tmp / "model")  # as stage 1 writes its model/
             if model_adapter is not None:
                 model_adapter.save_pretrained(tmp / "model" / ADAPTER_FOLDER, safe_serialization=True)
+            sampling = {**REFERENCE_SAMPLING, "config": {**REFERENCE_SAMPLING["config"],
+                                                         **({"t5": REFERENCE_T5} if model_adapter is not None else {})}}
+            (tmp / "model" / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2) + "\n")
         (tmp / "import.json").write_text(json.dumps(summary, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)

@@ -1,5 +1,5 @@
-"""Plugins by name, and the one resolver of what a config value names (DESIGN.md, "Reward
-plugin contract"; docs/architecture.md, "Extension points").
+"""Plugins by name, and the one resolver of what a config value names (docs/architecture.md,
+"Extension points").
 
 A `Registry` holds one kind of plugin: rewards (entry-point group `longalign_rl.rewards`),
 algorithms (`longalign_rl.algorithms`), models (`longalign_rl.models`, in models.py) and the

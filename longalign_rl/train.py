@@ -314,7 +314,8 @@ def warn_cut_prompts(cfg: Config, key: str, prompts: list[str], what: str = "pro
 
     p = cfg.prompts
     measured = prompts[:limit]
-    lengths = encoded_lengths(measured, build_clip_tokenizer(), pack_segments=p.pack_segments, split=p.split)
+    lengths = encoded_lengths(measured, build_clip_tokenizer(), pack_segments=p.pack_segments, split=p.split,
+                              clean_text=p.clean_text)
     cut = sum(n > p.max_tokens for n in lengths)
     if not cut:
         return

@@ -68,7 +68,7 @@ def load_hf_clip(model: str, processor: str) -> HFClipBackend:
 
 
 def clip(model: str = "openai/clip-vit-large-patch14", **kwargs) -> ClipTypeReward:
-    """CLIP score (METHOD.md 2); `kwargs` go to ClipTypeReward (text_irrelevant_weight, ...)."""
+    """CLIP score (docs/method.md 2.1); `kwargs` go to ClipTypeReward (text_irrelevant_weight, ...)."""
     return ClipTypeReward(load_hf_clip(model, model), **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""Segment-aware CLIP-type rewards with the decomposed, reweighted score (METHOD.md 2-3).
+"""Segment-aware CLIP-type rewards with the decomposed, reweighted score (docs/method.md section 2).
 
 `ClipTypeReward` turns any CLIP-type model (CLIP, PickScore, HPSv2: a `ClipBackend`) into a
 reward for long prompts:
@@ -10,7 +10,7 @@ reward for long prompts:
   `text_irrelevant_weight` (w): total = f·(t - (t·v)v) + w (t·v)(f·v).
 
 For a paper-exact run, `split="reference"` and `crop="reference"` score as the reference
-code's stage 2 does (its prompt split, truncated at 77 tokens; its random 504/512 crop).
+code's stage 2 does (its prompt split, truncated at 77 tokens; its random 504 px crop).
 
 Pure torch (no ray, no deepspeed). The text and image towers are frozen; gradients flow
 from the reward to the images.
@@ -35,15 +35,17 @@ DIRECTIONS = ("batch", "corpus")
 SEGMENT_POOLINGS = ("mean", "mean_renorm")
 # How images are cropped to the model's input: CLIP's own centre crop, or the reference's.
 CROPS = ("center", "reference")
-# The reference crops 504 px of its 512 px images (a small random shift); as a fraction of
-# the shorter side, so that any image size gets the same relative crop.
+# The reference crops a random 504 px square (of its 512 px images: a small random shift),
+# whatever the image size. An image under 504 px, where its RandomCrop would raise, gets the
+# same fraction of its shorter side instead, 504/512 (the tiny paper-exact run's 64 px: 63).
+REFERENCE_CROP = 504
 REFERENCE_CROP_FRACTION = 504 / 512
 
 
 def decomposed_score(
     image_emb: torch.Tensor, text_emb: torch.Tensor, direction: torch.Tensor, text_irrelevant_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, text_relevant, text_irrelevant), each [B] (METHOD.md 3).
+    """(total, text_relevant, text_irrelevant), each [B] (docs/method.md 2.2).
 
     image_emb f [B,D] L2-normalised; text_emb t [B,D]; direction v [D] a unit vector.
     text_relevant = f·(t - (t·v)v); text_irrelevant = (t·v)(f·v), unweighted;
@@ -144,19 +146,21 @@ class ClipBackend(torch.nn.Module):
 
     def reference_crop(self, images: torch.Tensor) -> torch.Tensor:
         """The reference's torchvision RandomCrop((504, 504)) then Resize(model size) on a
-        batch: one square crop of side round(504/512 of the shorter side) at one random
-        offset for the whole batch, drawn by torchvision from torch's global RNG (so a seed
-        gives the reference's offsets), then a bilinear antialiased resize."""
+        batch: one 504 px square crop (under 504 px, where the reference's would raise: a side
+        of round(504/512 of the shorter side)) at one random offset for the whole batch,
+        drawn by torchvision from torch's global RNG (so a seed gives the reference's
+        offsets), then a bilinear antialiased resize."""
         from torchvision.transforms import RandomCrop
 
-        side = round(min(images.shape[-2:]) * REFERENCE_CROP_FRACTION)
+        short = min(images.shape[-2:])
+        side = REFERENCE_CROP if short >= REFERENCE_CROP else round(short * REFERENCE_CROP_FRACTION)
         top, left, _, _ = RandomCrop.get_params(images, (side, side))
         x = images[..., top : top + side, left : left + side]
         return F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
 
 
 class ClipTypeReward(Reward):
-    """A CLIP-type preference model as a segment-aware, decomposed reward (METHOD.md 2-3).
+    """A CLIP-type preference model as a segment-aware, decomposed reward (docs/method.md section 2).
 
     text_irrelevant_weight: w in total = text_relevant + w * text_irrelevant; 0.3 is the
         reference value, 1 gives the plain score f·t.
@@ -171,9 +175,9 @@ class ClipTypeReward(Reward):
         (`split_reference`); the text encoder's truncation at 77 tokens then drops the tail
         of a piece over 75 tokens, as in the reference.
     crop: how images become the model's input. "center": CLIP's image processor (resize,
-        centre crop). "reference": the reference's random crop of 504/512 of the shorter
-        side, one offset per call from torch's global RNG, then a bilinear resize
-        (`ClipBackend.reference_crop`).
+        centre crop). "reference": the reference's random 504 px crop (of an image under
+        504 px: 504/512 of its shorter side), one offset per call from torch's global RNG,
+        then a bilinear resize (`ClipBackend.reference_crop`).
     sync_direction: with direction="batch", all-reduce v over the trainer workers (True,
         the reference). False for a reward that one process calls alone inside a
         distributed program (evaluation on rank 0), where an all-reduce would hang.

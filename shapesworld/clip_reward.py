@@ -3,7 +3,7 @@
 A transformers CLIPModel trained from scratch by `python -m shapesworld.clip_train`
 (see docs/shapesworld_clip.md for how well it does), shipped in fp16 under
 shapesworld/weights/shapes_clip/, and used through the same segment-aware, decomposed
-ClipTypeReward as the `clip`, `pickscore` and `hpsv2` presets (METHOD.md 2-3).
+ClipTypeReward as the `clip`, `pickscore` and `hpsv2` presets (docs/method.md section 2).
 """
 
 from __future__ import annotations

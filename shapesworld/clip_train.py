@@ -7,7 +7,7 @@
 The model is a transformers CLIPModel (the class of the `clip` and `pickscore` presets)
 with the real CLIP tokenizer, trained from scratch on freshly generated scenes, so that
 `shapesworld/clip_reward.py` can put it behind the same decomposed ClipTypeReward as the
-real presets (METHOD.md 2-3).
+real presets (docs/method.md section 2).
 
 What the reward computes is f·t with t = the mean of the L2-normalised embeddings of the
 caption's segments (the preamble and one sentence per cell). So the objective is

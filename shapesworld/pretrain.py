@@ -20,7 +20,7 @@ order, each frozen before the next:
    conditioned on the plain 77-token encoding of the caption in its natural order, caption
    dropout 0.1. The colours and shapes of the last two cells are past token 77, so this
    UNet has never seen them in its conditioning.
-4. Stage 1 (METHOD.md section 4): the base UNet fine-tuned with the same loss on
+4. Stage 1 (docs/method.md section 4): the base UNet fine-tuned with the same loss on
    segment-encoded captions (all cells visible), full fine-tuning.
 """
 

@@ -1,4 +1,4 @@
-"""Stage 1: supervised long-text fine-tuning with the denoising loss (METHOD.md section 4).
+"""Stage 1: supervised long-text fine-tuning with the denoising loss (docs/method.md section 4).
 
 Pure torch/diffusers: no ray, no deepspeed. The reference trains a LoRA on the UNet with
 the standard epsilon-MSE loss on long-caption image pairs whose captions are segment

@@ -1,4 +1,4 @@
-"""Reward backpropagation by trajectory replay (METHOD.md section 5). Pure torch.
+"""Reward backpropagation by trajectory replay (docs/method.md section 3). Pure torch.
 
 The reference runs the whole 50-step chain in the trainer, with gradient at 5 steps whose
 UNet *inputs* are detached. Because those inputs are detached and every DDIM update is

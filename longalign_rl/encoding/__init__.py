@@ -1,4 +1,4 @@
-"""Segment-level prompt encoding (METHOD.md section 1) and the offline CLIP tokenizer.
+"""Segment-level prompt encoding (docs/method.md section 1) and the offline CLIP tokenizer.
 Pure torch: no ray, no deepspeed."""
 
 from longalign_rl.encoding.encode import SegmentEncoder, TruncatedEncoder, encode_prompts, pad_vector

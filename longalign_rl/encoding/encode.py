@@ -1,4 +1,4 @@
-"""Segment-level encoding of long prompts through a CLIP text encoder (METHOD.md 1.2-1.5).
+"""Segment-level encoding of long prompts through a CLIP text encoder (docs/method.md 1.2-1.5).
 
 Every segment is encoded on its own (padded to 77 tokens, no attention mask, as SD v1.5's
 pipeline calls its encoder); the per-segment hidden states are concatenated keeping each
@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from longalign_rl.encoding.segments import MAX_SEGMENT_TOKENS, SPLITS, split_segments
-from longalign_rl.encoding.tokenizer import token_counter
+from longalign_rl.encoding.tokenizer import TokenCounter, clip_clean, token_counter
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,27 @@ def pad_vector(tokenizer, text_encoder) -> torch.Tensor:
     return _run_encoder(text_encoder, ids)[0, PAD_POSITIONS].mean(dim=0)
 
 
+def prompt_segments(prompt: str, count: TokenCounter, *, pack_segments: bool = False, split: str = "sentences",
+                    clean_text: bool = False) -> list[str]:
+    """`split_segments` of the prompt, as they are tokenised: with `clean_text`
+    (prompts.clean_text) each segment cleaned after the split, as the reference's tokenizer
+    cleaned each piece it got (tokenizer.clip_clean), and measured cleaned."""
+    if not clean_text:
+        return split_segments(prompt, count, pack_segments=pack_segments, split=split)
+    pieces = split_segments(prompt, lambda s: count(clip_clean(s)), pack_segments=pack_segments, split=split)
+    return [clip_clean(piece) for piece in pieces]
+
+
 def encoded_lengths(prompts: Sequence[str], tokenizer, *, pack_segments: bool = False,
-                    split: str = "sentences") -> list[int]:
+                    split: str = "sentences", clean_text: bool = False) -> list[int]:
     """How many states `encode_prompts` gives each prompt before it cuts at `max_tokens`:
     per segment its <sot> and up to 75 word tokens (a prompt without segments: 1). Needs
     only the tokenizer, and counts each distinct sentence once, so the driver measures a
     whole prompt file in seconds."""
     count = functools.lru_cache(maxsize=1 << 16)(token_counter(tokenizer))
     return [sum(1 + min(count(s), MAX_SEGMENT_TOKENS)
-                for s in split_segments(prompt, count, pack_segments=pack_segments, split=split) or [""])
+                for s in prompt_segments(prompt, count, pack_segments=pack_segments, split=split,
+                                         clean_text=clean_text) or [""])
             for prompt in prompts]
 
 
@@ -62,11 +74,12 @@ def encode_prompts(
     pack_segments: bool = False,
     pad: torch.Tensor | None = None,
     split: str = "sentences",
+    clean_text: bool = False,
 ) -> torch.Tensor:
     """Encode prompts by segments: `[B, max_tokens, hidden]`.
 
     `split`: "sentences" (this project's) or "reference" (the reference code's rule,
-    segments.split_reference), see segments.py.
+    segments.split_reference), see segments.py. `clean_text`: see `prompt_segments`.
 
     `pad` is the pad vector; pass a cached one (see `SegmentEncoder`) to save one
     encoder call. The empty prompt gives <sot> followed by pad vectors: the
@@ -79,7 +92,8 @@ def encode_prompts(
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompt {i} is a {type(prompt).__name__}, not a str")
-        per_prompt.append(split_segments(prompt, count, pack_segments=pack_segments, split=split) or [""])
+        per_prompt.append(prompt_segments(prompt, count, pack_segments=pack_segments, split=split,
+                                          clean_text=clean_text) or [""])
 
     flat = [segment for segments in per_prompt for segment in segments]
     ids = tokenizer(
@@ -116,7 +130,7 @@ class SegmentEncoder:
     The adapter runs in the caller's grad mode (stage 1 trains it), the encoders never do."""
 
     def __init__(self, tokenizer, text_encoder, *, max_tokens: int = 240, pack_segments: bool = False,
-                 split: str = "sentences", t5=None):
+                 split: str = "sentences", clean_text: bool = False, t5=None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.tokenizer = tokenizer
@@ -124,6 +138,7 @@ class SegmentEncoder:
         self.max_tokens = max_tokens
         self.pack_segments = pack_segments
         self.split = split
+        self.clean_text = clean_text
         self.t5 = t5
         self.pad = pad_vector(tokenizer, text_encoder)
         self._uncond_clip = self.clip([""])
@@ -134,6 +149,7 @@ class SegmentEncoder:
         return encode_prompts(
             prompts, self.tokenizer, self.text_encoder,
             max_tokens=self.max_tokens, pack_segments=self.pack_segments, pad=self.pad, split=self.split,
+            clean_text=self.clean_text,
         )
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -150,7 +166,8 @@ class SegmentEncoder:
         return uncond.expand(batch_size, -1, -1)
 
     def segments(self, prompt: str) -> list[str]:
-        return split_segments(prompt, token_counter(self.tokenizer), pack_segments=self.pack_segments, split=self.split)
+        return prompt_segments(prompt, token_counter(self.tokenizer), pack_segments=self.pack_segments,
+                               split=self.split, clean_text=self.clean_text)
 
 
 class TruncatedEncoder:

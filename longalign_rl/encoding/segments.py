@@ -1,6 +1,6 @@
 """Split a long prompt into segments that each fit one CLIP text-encoder call.
 
-METHOD.md section 1.1. The reference splits on "." and "?" only and truncates a sentence
+docs/method.md section 1.1. The reference splits on "." and "?" only and truncates a sentence
 longer than the encoder's window; we split on ". ! ? ;" and newlines, never inside a
 decimal number, and split an over-long sentence further (at commas, then at word and
 character boundaries) so that no text is silently lost. `split="reference"` reproduces

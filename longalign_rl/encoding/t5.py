@@ -1,4 +1,4 @@
-"""The T5 branch of the reference release (issue 13; METHOD.md 1, "optional extra").
+"""The T5 branch of the reference release (issue 13; docs/method.md 1.6, "optional extra").
 
 The LongAlign authors' released model conditions the UNet on 480 tokens: the 240
 segment-encoded CLIP tokens, followed by 240 tokens of the *whole* caption through a

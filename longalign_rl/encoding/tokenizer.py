@@ -8,6 +8,7 @@ without raising: `check_clip_tokenizer` catches it by the vocabulary size.
 from __future__ import annotations
 
 import gzip
+import re
 from functools import lru_cache
 from typing import Callable
 
@@ -57,6 +58,17 @@ def check_clip_tokenizer(tokenizer, where: str) -> None:
     """Offline, `from_pretrained` can return a useless 3-token tokenizer without raising."""
     if len(tokenizer) != CLIP_VOCAB_SIZE:
         raise ValueError(f"{where} has {len(tokenizer)} entries, not CLIP's {CLIP_VOCAB_SIZE}: it did not load")
+
+
+def clip_clean(text: str) -> str:
+    """The text cleaning of the CLIP tokenizer the reference used (transformers' slow
+    CLIPTokenizer with ftfy installed, as OpenAI's CLIP): ftfy.fix_text (mojibake, HTML
+    entities when the text holds no "<", curly quotes ...), then runs of whitespace to one
+    space, stripped. transformers 5's CLIPTokenizer does only the whitespace part, so
+    `prompts.clean_text` applies this to every segment before tokenising."""
+    import ftfy
+
+    return re.sub(r"\s+", " ", ftfy.fix_text(text)).strip()
 
 
 def token_counter(tokenizer) -> TokenCounter:

@@ -1,5 +1,5 @@
 """Deterministic DDIM with classifier-free guidance, and the linear maps that let a trainer
-replay a trajectory's gradient without re-running it (METHOD.md section 5).
+replay a trajectory's gradient without re-running it (docs/method.md section 3).
 
 With eta = 0 each DDIM update is linear in the latent and the noise prediction:
     x_{i+1} = a_i * x_i + b_i * eps_i

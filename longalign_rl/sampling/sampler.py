@@ -189,7 +189,7 @@ def build_sampler(cfg: SamplerConfig, parts: Components, *, prompts: PromptConfi
         t5 = parts.t5.to(device, dtype) if parts.t5 is not None else None
         encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder.to(device, dtype),
                                  max_tokens=prompts.max_tokens, pack_segments=prompts.pack_segments,
-                                 split=prompts.split, t5=t5)
+                                 split=prompts.split, clean_text=prompts.clean_text, t5=t5)
     scheduler = make_scheduler(parts.scheduler_config, timestep_spacing=cfg.timestep_spacing, final=cfg.final)
     return Sampler(unet, encoder, scheduler, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                    resolution=cfg.resolution, num_grad_steps=cfg.num_grad_steps,

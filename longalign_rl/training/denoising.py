@@ -1,4 +1,4 @@
-"""Stage 1, supervised long-text fine-tuning (METHOD.md section 4): the body of the worker
+"""Stage 1, supervised long-text fine-tuning (docs/method.md section 4): the body of the worker
 skeleton (training/worker.py) that streams image-caption pairs. One step reads:
 
     LOAD     train.grad_accum micro-batches of train.batch_size pairs from this worker's shard
@@ -67,13 +67,15 @@ def build_dataset(data: DataConfig, seed: int, pairs: list[Pair] | None = None):
     if is_generator(data.source):
         ds = ray.data.range(1).map_batches(
             generate_batches, batch_size=None,
-            fn_kwargs={"source": data.source, "kwargs": dict(data.kwargs), "resolution": data.resolution})
+            fn_kwargs={"source": data.source, "kwargs": dict(data.kwargs), "resolution": data.resolution,
+                       "resize": data.resize})
         return ds.random_shuffle(seed=shuffle_seed) if data.shuffle else ds
     pairs = pairs if pairs is not None else check_source(data)
     ds = ray.data.from_items([{"path": p.image, "caption": p.caption} for p in pairs])
     if data.shuffle:  # shuffle the paths, before the (much larger) images exist
         ds = ds.random_shuffle(seed=shuffle_seed)
-    return ds.map_batches(load_batch, batch_size=ROWS_PER_BATCH, fn_kwargs={"resolution": data.resolution})
+    return ds.map_batches(load_batch, batch_size=ROWS_PER_BATCH,
+                          fn_kwargs={"resolution": data.resolution, "resize": data.resize})
 
 
 def micro_batches(shard, cfg: Config, start_epoch: int, skip: int) -> Iterator[tuple[int, dict]]:
@@ -137,7 +139,7 @@ class Denoising:
             t5.encoder.to(ctx.device, dtype)
         self.encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder.to(ctx.device, dtype),
                                       max_tokens=cfg.prompts.max_tokens, pack_segments=cfg.prompts.pack_segments,
-                                      split=cfg.prompts.split, t5=t5)
+                                      split=cfg.prompts.split, clean_text=cfg.prompts.clean_text, t5=t5)
         self.scheduler = DDPMScheduler.from_config(parts.scheduler_config)
         self.scheduler_config = parts.scheduler_config  # validation's DDIM: the model's own settings
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None

@@ -38,9 +38,22 @@ def prepare_unet(cfg: Config, unet, device: torch.device, adapter=None) -> list[
     return params
 
 
-def warmup(steps: int):
-    """LambdaLR factor: linear warm-up to the full lr over `steps` optimiser steps, then constant."""
-    return lambda s: min(1.0, (s + 1) / steps) if steps > 0 else 1.0
+def warmup(steps: int, from_zero: bool = False):
+    """LambdaLR factor of the update after `s` updates: linear warm-up to the full lr over
+    `steps` updates, then constant. `from_zero` (train.warmup_from_zero): s / steps, the
+    reference's (diffusers' constant_with_warmup), whose first update runs at lr 0; else
+    (s + 1) / steps, so that no update is wasted."""
+    if steps <= 0:
+        return lambda s: 1.0
+    return (lambda s: min(1.0, s / steps)) if from_zero else (lambda s: min(1.0, (s + 1) / steps))
+
+
+def make_schedule(cfg: Config, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """The warm-up schedule of `cfg.train` on `optimizer`; it advances once per optimiser
+    update, and the warm-up is counted in run steps."""
+    t = cfg.train
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(t.warmup_steps * updates_per_step(cfg),
+                                                               t.warmup_from_zero))
 
 
 def make_engine(cfg: Config, unet, params: list[torch.nn.Parameter]):
@@ -56,8 +69,7 @@ def make_engine(cfg: Config, unet, params: list[torch.nn.Parameter]):
         groups = [{"params": [p for p in params if id(p) not in own]},
                   {"params": [p for p in params if id(p) in own], "lr": cfg.t5.adapter_lr or t.lr}]
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, eps=t.eps)
-    # The scheduler advances once per optimiser update; the warm-up is counted in run steps.
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(t.warmup_steps * updates_per_step(cfg)))
+    schedule = make_schedule(cfg, optimizer)
     engine, _, _, schedule = deepspeed.initialize(
         model=unet, optimizer=optimizer, lr_scheduler=schedule,
         config=deepspeed_config(cfg), dist_init_required=False,

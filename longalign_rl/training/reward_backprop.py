@@ -1,4 +1,4 @@
-"""Stage 2, reward backpropagation (METHOD.md section 5): the body of the worker skeleton
+"""Stage 2, reward backpropagation (docs/method.md section 3): the body of the worker skeleton
 (training/worker.py) that the sampler actors feed. One step reads:
 
     SAMPLE   this worker's rollouts from its sampler actor (requested one step ahead when

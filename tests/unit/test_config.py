@@ -1,4 +1,4 @@
-"""The run configuration: reference defaults (METHOD.md section 5), YAML and dotted
+"""The run configuration: reference defaults (docs/method.md section 3), YAML and dotted
 overrides, errors that name the key, and a lossless YAML round trip."""
 
 import dataclasses
@@ -431,7 +431,7 @@ def test_shipped_sd15_stage1_config_is_the_reference():
     t, d = cfg.train, cfg.data
     assert cfg.stage == 1 and cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert d.source  # a placeholder to fill in
-    # METHOD.md section 4: AdamW lr 3e-5, weight decay 1e-2, 2000 warm-up steps, clip 0.3,
+    # docs/method.md section 4: AdamW lr 3e-5, weight decay 1e-2, 2000 warm-up steps, clip 0.3,
     # global batch 192, two epochs, caption dropout 0.1, 512 px, LoRA, 240 tokens
     assert t.lr == 3e-5 and t.weight_decay == 1e-2 and t.warmup_steps == 2000 and t.grad_clip == 0.3
     assert cfg.global_batch == 192 and t.num_workers * t.batch_size * t.grad_accum == 192

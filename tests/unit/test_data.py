@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from longalign_rl.config import DataConfig
+from longalign_rl.config import ConfigError, DataConfig, load_config
 from longalign_rl.data import (
     DataSourceError, check_pair, check_source, generate_batches, load_batch, read_pairs, to_training_image,
 )
@@ -214,6 +214,42 @@ def test_training_image_resizes_the_shorter_side_and_crops_the_centre():
     assert np.allclose(out[:, :, 2:6], 1.0, atol=0.02)
     tall = to_training_image(np.full((50, 10, 3), 128, np.uint8), 16)
     assert tall.shape == (3, 16, 16) and np.allclose(tall, 128 / 255, atol=1 / 255)
+
+
+def old_training_image(image, resolution):
+    """to_training_image as it was before data.resize existed, to check the default is unchanged."""
+    h, w = image.shape[:2]
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    pil = Image.fromarray(image)
+    if pil.size != size:
+        pil = pil.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    pil = pil.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+def test_bilinear_resize_is_the_references_torchvision_transform(tmp_path):
+    """data.resize: bilinear gives the reference's stage-1 transform exactly (Resize(R,
+    bilinear), CenterCrop(R), ToTensor on the PIL image); 30 x 50 -> 16: its long side is
+    truncated to 26 px where bicubic rounds to 27."""
+    from torchvision import transforms
+
+    image = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    reference = transforms.Compose([transforms.Resize(16, interpolation=transforms.InterpolationMode.BILINEAR),
+                                    transforms.CenterCrop(16), transforms.ToTensor()])
+    expected = reference(Image.fromarray(image)).numpy()
+    got = to_training_image(image, 16, "bilinear")
+    assert got.shape == (3, 16, 16) and got.dtype == np.float32
+    assert np.array_equal(got, expected)
+    default = to_training_image(image, 16)
+    assert np.array_equal(default, old_training_image(image, 16))  # unchanged
+    assert np.abs(default - expected).max() > 0.05
+    Image.fromarray(image).save(tmp_path / "a.png")  # lossless: the same pixels
+    rows = load_batch({"path": np.array([str(tmp_path / "a.png")]), "caption": np.array(["x"])}, 16, "bilinear")
+    assert np.array_equal(rows["image"][0], expected)
+    with pytest.raises(ConfigError, match="data.resize"):
+        load_config(None, ["data.resize=nearest"])
 
 
 def test_load_batch_reads_files_and_names_an_unreadable_one(tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m longalign_rl.direction` and the reward's direction="corpus" (METHOD.md 3)."""
+"""`python -m longalign_rl.direction` and the reward's direction="corpus" (docs/method.md 2.3)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Segment-level encoding of long prompts (METHOD.md section 1): splitting, the offline CLIP
+"""Segment-level encoding of long prompts (docs/method.md section 1): splitting, the offline CLIP
 tokenizer, merging per-segment hidden states, the pad vector, the unconditional embedding,
 and the merged tensor as a diffusers pipeline's prompt_embeds."""
 

@@ -243,3 +243,51 @@ def test_the_command(reference, tmp_path, capsys):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert "'nosuchorg/nosuchmodel' is not a local folder, not in the hub cache" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_imported_model_samples_as_the_authors_sample_py(reference, tmp_path):
+    """model/sampling.json records sample.py's sampler, which `load` (and so `generate`) takes:
+    UniPC as UniPCMultistepScheduler.from_config(SD v1.5's PNDMScheduler) builds it, 25 steps,
+    guidance 7.5, the reference's split and text cleaning, 240 CLIP + 240 T5 tokens. Without
+    the file the model samples as any model folder does."""
+    import inspect
+
+    from diffusers import DDIMScheduler, PNDMScheduler, UniPCMultistepScheduler
+
+    from longalign_rl.models import _read_config
+    from longalign_rl.pipeline import SAMPLING_FILE, load
+
+    TextAdapter(in_dim=32, int_dim=24, out_dim=32).save_pretrained(tmp_path / "adapter")  # the tiny T5's width
+    import_reference("tiny", tmp_path / "out", lora=reference["lora"], adapter=tmp_path / "adapter", merge=True)
+    model = tmp_path / "out" / "model"
+    recorded = json.loads((model / SAMPLING_FILE).read_text())
+    assert recorded["config"]["t5"] == {"encoder": "google-t5/t5-large", "max_tokens": 240}
+    pipe = load(str(model), t5="tiny", device="cpu")  # the tiny T5 stands in for T5-large (no download here)
+
+    # the reference: StableDiffusionPipeline.from_pretrained(SD v1.5) holds a PNDMScheduler, then
+    sd15 = {**_read_config("tiny", "scheduler"), "skip_prk_steps": True}  # SD v1.5's scheduler_config.json
+    theirs = UniPCMultistepScheduler.from_config(PNDMScheduler.from_config(sd15).config)
+    assert type(pipe.scheduler) is UniPCMultistepScheduler
+    keys = [k for k in inspect.signature(UniPCMultistepScheduler.__init__).parameters if k != "self"]
+    assert {k: pipe.scheduler.config[k] for k in keys} == {k: theirs.config[k] for k in keys}
+    pipe.scheduler.set_timesteps(25)
+    theirs.set_timesteps(25)
+    assert torch.equal(pipe.scheduler.timesteps, theirs.timesteps) and pipe.scheduler.timesteps[0] == 999
+    d = pipe.longalign
+    assert (d["scheduler"], d["num_steps"], d["guidance_scale"], d["max_tokens"], d["t5_tokens"]) == \
+        ("unipc", 25, 7.5, 240, 240)
+    assert (pipe.segment_encoder.split, pipe.segment_encoder.clean_text) == ("reference", True)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    images = pipe.generate(["A cat &amp; a dog. On a mat?"], seeds=[0], output_type="pt")
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all() and len(calls) == 25
+
+    (model / SAMPLING_FILE).unlink()  # a model folder without it: as before
+    plain = load(str(model), t5="tiny", device="cpu")
+    assert type(plain.scheduler) is DDIMScheduler and plain.longalign["num_steps"] == 50
+    assert (plain.segment_encoder.split, plain.segment_encoder.clean_text) == ("sentences", False)
+    for content, message in [({"scheduler": "euler"}, "expected"),
+                             ({"scheduler": "unipc", "config": {"sampler": {"num_steps": 0}}}, "sampler.num_steps")]:
+        (model / SAMPLING_FILE).write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=f"{SAMPLING_FILE}.*{message}"):
+            load(str(model), t5="tiny", device="cpu")

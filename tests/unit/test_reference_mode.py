@@ -3,7 +3,7 @@ code does, and the encoding of those segments is the reference's merge; in the d
 mode (`sentences`) each documented difference from it holds. `sampler.final: pred_x0` (what
 the reference decodes) is checked against the full chain in test_replay.py.
 
-The oracle below is written from the documented behaviour (METHOD.md 1.1, issue 13): the
+The oracle below is written from the documented behaviour (docs/method.md 1.1, issue 13): the
 reference's pattern splits at ".", "?" and the literal sequences '"!' and ';"', keeps every
 non-empty piece (whitespace-only ones too) with "." appended, and falls back to the whole
 caption; the CLIP tokenizer then truncates every piece at 77 tokens."""
@@ -59,15 +59,16 @@ def test_reference_split_quirks_are_kept():
     assert split_reference(".") == ["."] and split_reference("") == [""]
 
 
-def reference_encoding(prompts, tokenizer, text_encoder, max_tokens):
+def reference_encoding(prompts, tokenizer, text_encoder, max_tokens, tokenize=None):
     """The merge as documented: every piece through CLIP (77 tokens, truncated), the states
     whose token is neither padding nor <eot>, concatenated, cut or padded with the mean state
-    of positions 17..76 of the empty prompt."""
+    of positions 17..76 of the empty prompt. `tokenize`: pieces -> [N, 77] ids, by default
+    `tokenizer`'s."""
     pad = pad_vector(tokenizer, text_encoder)
     rows = []
     for prompt in prompts:
         ids = tokenizer(oracle_split(prompt), max_length=77, padding="max_length", truncation=True,
-                        return_tensors="pt").input_ids
+                        return_tensors="pt").input_ids if tokenize is None else tokenize(oracle_split(prompt))
         states = text_encoder(ids)[0]
         keep = (ids != tokenizer.pad_token_id) & (ids != tokenizer.eos_token_id)
         merged = states.reshape(-1, states.shape[-1])[keep.reshape(-1)][:max_tokens]
@@ -171,8 +172,13 @@ def test_pred_x0_mode_is_ddim_whose_last_step_returns_the_predicted_clean_latent
 # the reference's value; the reward's kwargs separately (their preset differs by size).
 REFERENCE_KEYS = {
     ("prompts", "split"): "reference",
+    ("prompts", "clean_text"): True,
     ("lora", "target_modules"): tuple(REFERENCE_LORA_TARGETS),
     ("lora", "dropout"): 0.1,
+    ("train", "warmup_from_zero"): True,
+}
+STAGE1_KEYS = {
+    ("data", "resize"): "bilinear",
 }
 STAGE2_KEYS = {
     ("sampler", "final"): "pred_x0",
@@ -190,7 +196,7 @@ def test_the_paper_exact_configs_select_every_reference_choice(name, stage, full
     tests/e2e/test_reference_mode.py) set the same reference choices; only sizes differ."""
     cfg = load_config(f"configs/{name}")
     assert cfg.stage == stage
-    for (section, key), value in {**REFERENCE_KEYS, **(STAGE2_KEYS if stage == 2 else {})}.items():
+    for (section, key), value in {**REFERENCE_KEYS, **(STAGE2_KEYS if stage == 2 else STAGE1_KEYS)}.items():
         assert getattr(getattr(cfg, section), key) == value, f"{name}: {section}.{key}"
     assert cfg.t5.encoder == ("google-t5/t5-large" if full else "tiny")
     assert cfg.lora.alpha == cfg.lora.rank  # the reference's LoRA scale is 1
@@ -202,3 +208,83 @@ def test_the_paper_exact_configs_select_every_reference_choice(name, stage, full
         assert cfg.t5.adapter == ""  # stage 1's model folder's text_adapter/
     elif full:
         assert cfg.global_batch == 192 and cfg.t5.adapter_lr == cfg.train.lr == 3e-5
+
+
+# --- issue 23: the warm-up, the tokenizer's text cleaning ------------------------------------
+
+
+def test_warmup_from_zero_runs_the_first_update_at_lr_0_as_the_references_schedule():
+    """The reference's LambdaLR (diffusers' constant_with_warmup) multiplies lr by step / warmup
+    with step 0 at the first update; the default starts one step further on."""
+    from diffusers.optimization import get_constant_schedule_with_warmup
+
+    from longalign_rl.training.engine import make_schedule
+
+    def lrs(make):  # the lr each of 6 updates runs at, and whether the first moved the weight
+        weight = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([weight], lr=0.1, weight_decay=1e-2)
+        schedule, seen = make(optimizer), []
+        for update in range(6):
+            seen.append(optimizer.param_groups[0]["lr"])
+            weight.grad = torch.ones(3)
+            optimizer.step()
+            schedule.step()
+            if update == 0:
+                moved = not torch.equal(weight.detach(), torch.ones(3))
+        return [round(lr, 12) for lr in seen], moved
+
+    reference = load_config(None, ["train.warmup_steps=4", "train.warmup_from_zero=true"])
+    default = load_config(None, ["train.warmup_steps=4"])
+    assert default.train.warmup_from_zero is False
+    ours, moved = lrs(lambda o: make_schedule(reference, o))
+    theirs, _ = lrs(lambda o: get_constant_schedule_with_warmup(o, num_warmup_steps=4))
+    assert ours == theirs == [0.0, 0.025, 0.05, 0.075, 0.1, 0.1] and not moved
+    ours, moved = lrs(lambda o: make_schedule(default, o))
+    assert ours == [0.025, 0.05, 0.075, 0.1, 0.1, 0.1] and moved  # unchanged
+    with pytest.raises(ConfigError, match="train.warmup_from_zero"):
+        load_config(None, ["train.warmup_from_zero=1"])
+
+
+# Double spaces, a newline inside a sentence, an HTML entity, mojibake (UTF-8 read as
+# Latin-1) and curly quotes.
+DIRTY = "Salt &amp; pepper  on a\ntable. A caf\u00c3\u00a9 sign says \u201copen\u201d?   "
+
+
+def openai_ids(pieces):
+    """The oracle: OpenAI's CLIP tokenizer as open_clip ships it (ftfy, HTML unescaping,
+    whitespace cleaning, lower case, the same BPE), 75 word tokens at most, padded to 77."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    simple = SimpleTokenizer()
+    sot, eot = simple.sot_token_id, simple.eot_token_id
+    rows = [[sot, *simple.encode(piece)[:75], eot] for piece in pieces]
+    return torch.tensor([row + [eot] * (77 - len(row)) for row in rows])
+
+
+@torch.no_grad()
+def test_clean_text_tokenises_every_segment_as_the_references_clip_tokenizer(tiny):
+    from longalign_rl.encoding.tokenizer import clip_clean
+
+    pieces = oracle_split(DIRTY)
+    raw = tiny.tokenizer(pieces, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    clean = tiny.tokenizer([clip_clean(p) for p in pieces], max_length=77, padding="max_length", truncation=True,
+                           return_tensors="pt").input_ids
+    assert torch.equal(clean, openai_ids(pieces))
+    assert not torch.equal(raw, clean)  # transformers 5's tokenizer alone: &amp; and the mojibake stay
+    assert clip_clean(DIRTY) == 'Salt & pepper on a table. A caf\u00e9 sign says "open"?'
+    # whitespace alone changes no token: transformers 5 already collapses it
+    assert tiny.tokenizer("a  red\ncat ").input_ids == tiny.tokenizer("a red cat").input_ids
+
+    encoder = SegmentEncoder(tiny.tokenizer, tiny.text_encoder, max_tokens=64, split="reference", clean_text=True)
+    expected = reference_encoding([DIRTY], tiny.tokenizer, tiny.text_encoder, 64, tokenize=openai_ids)
+    assert torch.equal(encoder([DIRTY]), expected)
+    assert encoder.segments(DIRTY) == [clip_clean(p) for p in pieces]
+    default = encode_prompts([DIRTY], tiny.tokenizer, tiny.text_encoder, max_tokens=64, split="reference")
+    assert torch.equal(default, reference_encoding([DIRTY], tiny.tokenizer, tiny.text_encoder, 64))  # unchanged
+    assert (default - expected).abs().max() > 1e-3
+    # with the default split too, each segment is cleaned after the split (so the ";" of
+    # "&amp;" has ended a sentence first)
+    assert SegmentEncoder(tiny.tokenizer, tiny.text_encoder, clean_text=True).segments(DIRTY) == [
+        "Salt &", "pepper on a", "table.", 'A caf\u00e9 sign says "open"?']
+    with pytest.raises(ConfigError, match="prompts.clean_text"):
+        load_config(None, ["prompts.clean_text=yes please"])

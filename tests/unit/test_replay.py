@@ -1,4 +1,4 @@
-"""Trajectory replay (METHOD.md section 5): the trainer's replayed x0 equals the sampler's,
+"""Trajectory replay (docs/method.md section 3): the trainer's replayed x0 equals the sampler's,
 and its gradient equals the gradient of the reference chain, which runs every step in one
 graph with gradient at the chosen steps on detached inputs."""
 

@@ -113,6 +113,30 @@ def test_on_512_px_the_reference_crop_is_torchvisions_504_crop():
     torch.testing.assert_close(got, hand)
 
 
+def test_from_504_px_up_the_reference_crop_is_torchvisions_fixed_504_crop():
+    """The reference crops 504 px whatever the image size: on 520 x 700 (where 504/512 of the
+    short side would be 512) the crop equals torchvision's RandomCrop((504, 504)) under the
+    same seed; under 504 px it keeps 504/512 of the short side (the tests above: 63 of 64)."""
+    from torchvision import transforms
+
+    reference = transforms.Compose([
+        transforms.RandomCrop((504, 504)),
+        transforms.Resize((32, 32)),
+        transforms.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    ])
+    x = images(size=(520, 700))
+    torch.manual_seed(5)
+    expected = reference(x)
+    torch.manual_seed(5)
+    got = pixel_backend(32).preprocess(x, crop="reference")
+    torch.testing.assert_close(got, expected)
+    hand, offset = reference_pixels(x, seed=5, side=504, size=32)
+    assert offset != (0, 0)
+    torch.testing.assert_close(got, hand)
+    proportional, _ = reference_pixels(x, seed=5, side=512, size=32)  # what 504/512 of 520 px gives
+    assert (got - proportional).abs().max() > 1e-2
+
+
 def test_the_default_crop_is_unchanged():
     backend = pixel_backend(32)
     for size in [(32, 32), (48, 64), (100, 30), (16, 16)]:

@@ -1,4 +1,4 @@
-"""CLIP-type rewards (METHOD.md 2-3): the decomposed score, segments, gradients, presets."""
+"""CLIP-type rewards (docs/method.md section 2): the decomposed score, segments, gradients, presets."""
 
 import json
 
