@@ -87,7 +87,7 @@ def measure(model: str, resolution: int, steps: int, batch: int, lr: float) -> d
     result["floor_bf16"] = max_error(trainer(half, False), rollout_bf16, guidance, train_mode=False)
 
     # One AdamW step on the reward-backprop loss of this rollout, then replay it again.
-    reward = get_reward("tiny_clip", sync_direction=False)
+    reward = get_reward("tiny_clip")
     unet = trainer(plain, False)
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr, weight_decay=1e-2)
     loss, _ = reward_backprop_step(unet, parts.vae, reward, rollout_eval, guidance)

@@ -55,7 +55,7 @@ def plain_step_fn(cfg: Config, rollout):
     params = make_trainable(unet, cfg.lora)
     unet.train()
     # One process alone: its batch direction must not wait for the other worker.
-    reward = get_reward(cfg.reward.name, **cfg.reward.kwargs, sync_direction=False)
+    reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(cfg.train.warmup_steps, cfg.train.warmup_from_zero))
@@ -83,7 +83,7 @@ def _worker(config: dict) -> None:
     from longalign_rl.config import from_dict
     from longalign_rl.training.engine import build_trainable
     from longalign_rl.training.reward_backprop import update
-    from longalign_rl.training.stage2 import build_reward
+    from longalign_rl.scoring import build_reward
 
     torch.set_num_threads(1)
     cfg, rollout = from_dict(config["config"]), config["rollout"]

@@ -32,10 +32,10 @@ from pathlib import Path
 import ray
 import torch
 
-from longalign_rl.algorithms.reward_backprop import score
 from longalign_rl.config import Config, ConfigError, from_dict, to_dict
 from longalign_rl.console import WARNINGS_LOG, actor_cause, log_warnings_to
 from longalign_rl.registry import get_reward, probe_reward
+from longalign_rl.scoring import score
 from longalign_rl.types import RewardOutput
 
 log = logging.getLogger(__name__)

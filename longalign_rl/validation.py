@@ -20,7 +20,6 @@ validation rows (summary.py).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch
 from longalign_rl.hooks import run_metric_hooks
 from longalign_rl.outputs import read_jsonl, save_images, write_prompt_list
 from longalign_rl.prompts import load_prompts
-from longalign_rl.registry import check_reward_output
+from longalign_rl.scoring import score
 from longalign_rl.types import RewardOutput
 from longalign_rl.uncertainty import mean_and_error
 
@@ -70,33 +69,14 @@ def reward_values(out: RewardOutput) -> dict[str, torch.Tensor]:
     return values
 
 
-@contextlib.contextmanager
-def alone(reward):
-    """The reward called by one process of a distributed program (rank 0 validates alone):
-    a reward whose call is a collective over the trainer workers (a decomposed reward's
-    batch direction, all-reduced) exposes `sync_direction`, which is off meanwhile (in
-    every part of a composite reward); its direction then comes from the validation batch
-    itself."""
-    parts = list(reward.modules()) if isinstance(reward, torch.nn.Module) else [reward]  # a weighted sum's too
-    synced = [part for part in parts if getattr(part, "sync_direction", False)]
-    for part in synced:
-        part.sync_direction = False
-    try:
-        yield reward
-    finally:
-        for part in synced:
-            part.sync_direction = True
-
-
 def score_images(reward, hooks, images: torch.Tensor, prompts: list[str],
                  scored: RewardOutput | None = None) -> dict[str, torch.Tensor]:
     """The values a validation (or `longalign_rl.evaluate`) records for one batch: the
     reward's total and parts (`reward` may be None; `scored`: its output computed elsewhere,
     by the reward actors) and every metric hook's, [B] each."""
     if scored is None and reward is not None:
-        with alone(reward), torch.no_grad():
-            scored = reward(images, prompts)
-        check_reward_output(scored, len(prompts), f"{type(reward).__module__}.{type(reward).__qualname__}")
+        with torch.no_grad():  # a reward is a pure function: rank 0 may call it alone (scoring.py)
+            scored, _ = score(reward, images, prompts)
     values = reward_values(scored) if scored is not None else {}
     values.update(run_metric_hooks(hooks, images, prompts, reserved=values))
     return values

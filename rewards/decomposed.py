@@ -57,18 +57,12 @@ def decomposed_score(
     return text_relevant + text_irrelevant_weight * text_irrelevant, text_relevant, text_irrelevant
 
 
-def batch_direction(text_emb: torch.Tensor, all_workers: bool = True) -> torch.Tensor:
-    """v = the normalised mean of the batch's text embeddings, over all workers.
-
-    With `all_workers` and torch.distributed initialised (the trainer workers' process
-    group) the sum of t is all-reduced first, so every worker gets the same v; every
-    worker must then call the reward the same number of times. The count need not be
-    reduced: normalising the sum gives the same unit vector as normalising the mean.
-    """
-    total = text_emb.sum(0)
-    if all_workers and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)  # SUM
-    return F.normalize(total, dim=0)
+def batch_direction(text_sum: torch.Tensor) -> torch.Tensor:
+    """v = the normalised sum (so the normalised mean) of a batch's text embeddings [D]. Over
+    the trainer workers' global batch the caller adds up every worker's sum first
+    (`ClipTypeReward.batch_statistics`, scoring.py): the reward itself never communicates.
+    The count need not be added: normalising the sum gives the unit vector of the mean."""
+    return F.normalize(text_sum, dim=0)
 
 
 def load_direction(path: str | Path, dim: int) -> torch.Tensor:
@@ -165,8 +159,10 @@ class ClipTypeReward(Reward):
     text_irrelevant_weight: w in total = text_relevant + w * text_irrelevant; 0.3 is the
         reference value, 1 gives the plain score f·t.
     direction: where v comes from. "batch" (reference): the normalised mean text embedding
-        of this call's prompts, all-reduced over trainer workers; with a single prompt
-        t·v v = t, so text_relevant is 0. "corpus": a fixed v read from `direction_path`.
+        of the batch's prompts: of this call's, or of the whole global batch when the caller
+        hands in `statistics` (the sum of every worker's `batch_statistics`, as the trainer
+        workers do); with a single prompt t·v v = t, so text_relevant is 0. "corpus": a fixed
+        v read from `direction_path`.
     direction_path: a .safetensors file with key "direction" [D], from
         `python -m longalign_rl.direction`; only with direction="corpus".
     segment_pooling: "mean" (reference) or "mean_renorm" (the mean, L2-normalised).
@@ -178,9 +174,6 @@ class ClipTypeReward(Reward):
         centre crop). "reference": the reference's random 504 px crop (of an image under
         504 px: 504/512 of its shorter side), one offset per call from torch's global RNG,
         then a bilinear resize (`ClipBackend.reference_crop`).
-    sync_direction: with direction="batch", all-reduce v over the trainer workers (True,
-        the reference). False for a reward that one process calls alone inside a
-        distributed program (evaluation on rank 0), where an all-reduce would hang.
     """
 
     differentiable = True
@@ -193,7 +186,6 @@ class ClipTypeReward(Reward):
         direction: str = "batch",
         direction_path: str | None = None,
         segment_pooling: str = "mean",
-        sync_direction: bool = True,
         split: str = "sentences",
         crop: str = "center",
     ):
@@ -220,7 +212,6 @@ class ClipTypeReward(Reward):
         self.text_irrelevant_weight = float(text_irrelevant_weight)
         self.direction = direction
         self.segment_pooling = segment_pooling
-        self.sync_direction = bool(sync_direction)
         self.split = split
         self.crop = crop
         if direction == "corpus":
@@ -257,7 +248,15 @@ class ClipTypeReward(Reward):
         dtype = next(self.backend.parameters()).dtype
         return self.backend.encode_images(self.backend.preprocess(images, self.crop).to(dtype)).float()
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+    def batch_statistics(self, prompts: list[str]) -> dict[str, torch.Tensor] | None:
+        """direction="batch": the sum of the prompts' text embeddings, which the caller adds up
+        over the global batch and hands to forward (scoring.py); "corpus" needs nothing."""
+        return {"text_sum": self.text_embeddings(prompts).sum(0)} if self.direction == "batch" else None
+
+    def forward(self, images: torch.Tensor, prompts: list[str],
+                statistics: dict[str, torch.Tensor] | None = None) -> RewardOutput:
+        """`statistics`: `batch_statistics` summed over the global batch; without them, over
+        this call's prompts."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B,3,H,W], got shape {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
@@ -265,7 +264,10 @@ class ClipTypeReward(Reward):
         segment_emb, counts = self._segment_embeddings(prompts)
         t = self._pool(segment_emb, counts)
         f = self.image_embeddings(images)
-        v = self.corpus_direction if self.direction == "corpus" else batch_direction(t, self.sync_direction)
+        if self.direction == "corpus":
+            v = self.corpus_direction
+        else:
+            v = batch_direction((statistics["text_sum"] if statistics is not None else t.sum(0)).to(t.device, t.dtype))
         total, text_relevant, text_irrelevant = decomposed_score(f, t, v, self.text_irrelevant_weight)
         # Logged only: cut from the graph so that logging keeps no activations alive.
         segment_scores = [f_b.detach() @ seg.T for f_b, seg in zip(f, segment_emb.split(counts))]

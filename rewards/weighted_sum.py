@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from longalign_rl.registry import Reward, RewardOutput, get_reward
+from longalign_rl.scoring import batch_statistics
 
 
 class WeightedSum(Reward):
@@ -39,10 +40,20 @@ class WeightedSum(Reward):
         self.parts = torch.nn.ModuleList([p if isinstance(p, torch.nn.Module) else _Wrapped(p) for p in parts])
         self.differentiable = all(p.differentiable for p in parts)
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+    def batch_statistics(self, prompts: list[str]) -> dict[str, torch.Tensor] | None:
+        """Every part's batch statistics, under "<part index>/<key>" (scoring.py)."""
+        found = {}
+        for i, part in enumerate(self.parts):
+            stats = batch_statistics(part, prompts)
+            found.update({f"{i}/{k}": v for k, v in (stats or {}).items()})
+        return found or None
+
+    def forward(self, images: torch.Tensor, prompts: list[str],
+                statistics: dict[str, torch.Tensor] | None = None) -> RewardOutput:
         total, components = 0.0, {}
-        for name, weight, part in zip(self.names, self.weights, self.parts):
-            out = part(images, prompts)
+        for i, (name, weight, part) in enumerate(zip(self.names, self.weights, self.parts)):
+            mine = {k.split("/", 1)[1]: v for k, v in (statistics or {}).items() if k.split("/", 1)[0] == str(i)}
+            out = part(images, prompts, statistics=mine) if mine else part(images, prompts)
             total = total + weight * out.total
             components[name] = out.total.detach()
             components.update({f"{name}/{k}": v for k, v in out.components.items()})
@@ -56,8 +67,11 @@ class _Wrapped(torch.nn.Module):
         super().__init__()
         self.reward, self.differentiable = reward, reward.differentiable
 
-    def forward(self, images, prompts):
-        return self.reward(images, prompts)
+    def batch_statistics(self, prompts):
+        return batch_statistics(self.reward, prompts)
+
+    def forward(self, images, prompts, **statistics):
+        return self.reward(images, prompts, **statistics)
 
 
 def weighted_sum(**kwargs) -> WeightedSum:

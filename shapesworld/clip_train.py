@@ -299,7 +299,7 @@ def evaluate(weights: str | Path, n: int = 500, world: WorldConfig = WorldConfig
     from longalign_rl.registry import get_reward
 
     torch.set_num_threads(1)
-    reward = get_reward("shapes_clip", weights=str(weights), text_irrelevant_weight=weight, sync_direction=False)
+    reward = get_reward("shapes_clip", weights=str(weights), text_irrelevant_weight=weight)
     data = make_dataset(world, n, seed=EVAL_SEED)
     images = torch.stack([to_tensor(image) for image, _, _ in data])
     captions = [text for _, text, _ in data]

@@ -233,7 +233,7 @@ def decomposition(reward_name: str, pool: dict, pairs: torch.Tensor | None = Non
     the plain score agrees with the raters."""
     from longalign_rl.registry import get_reward
 
-    reward = get_reward(reward_name, text_irrelevant_weight=1.0, sync_direction=False, **reward_kwargs)
+    reward = get_reward(reward_name, text_irrelevant_weight=1.0, **reward_kwargs)
     t = reward.text_embeddings(list(pool["captions"]))
     v = F.normalize(t.mean(0), dim=0)
     f = torch.cat([reward.image_embeddings(chunk) for chunk in pool["images"].split(256)])

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from longalign_rl.registry import Algorithm, check_reward_output
+from longalign_rl.registry import Algorithm
 from longalign_rl.sampling.ddim import dropout_seed, guided_eps, replay_dropout
+from longalign_rl.scoring import score
 from longalign_rl.types import RewardOutput, Rollout
 from longalign_rl.vae import decode
 
@@ -42,32 +43,10 @@ def replay_final_latents(unet, rollout: Rollout, guidance_scale: float, train_mo
     return latents
 
 
-def score(reward, images: torch.Tensor, prompts: list[str]) -> tuple[RewardOutput, torch.Tensor]:
-    """The reward of `images`, and which samples got a finite one; a reward that returns
-    the wrong shapes is an error naming its class, and so is a reward that calls sys.exit
-    (which would end the trainer worker or reward actor silently, leaving its peers to fail
-    with a broken connection or Ray to restart the actor for ever).
-
-    A sample whose reward is NaN or infinite sends no gradient back at all (its image
-    gradient is zeroed: masking the loss alone would still let 0 * NaN through).
-    """
-    name = f"{type(reward).__module__}.{type(reward).__qualname__}"
-    try:
-        out = reward(images, prompts)
-    except SystemExit as e:
-        raise RuntimeError(f"reward {name} called sys.exit({e.code!r})") from e
-    check_reward_output(out, len(prompts), name)
-    finite = torch.isfinite(out.total).detach()
-    if images.requires_grad and not bool(finite.all()):
-        mask = finite.view(-1, *([1] * (images.dim() - 1)))
-        images.register_hook(lambda g: torch.where(mask, g, torch.zeros_like(g)))
-    return out, finite
-
-
 def reward_loss(out: RewardOutput) -> torch.Tensor:
     """The reference loss: 0.5 * (1 - mean reward). A cosine reward lies in [-1, 1].
 
-    Samples whose reward is NaN or infinite are left out of the mean (see `score`).
+    Samples whose reward is NaN or infinite are left out of the mean (see scoring.score).
     """
     finite = torch.isfinite(out.total)
     total = torch.where(finite, out.total, torch.zeros_like(out.total))
@@ -89,13 +68,15 @@ def segment_score_stats(segment_scores: list[torch.Tensor] | None) -> dict[str, 
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in stats.items()}
 
 
-def reward_backprop_step(unet, vae, reward, rollout: Rollout, guidance_scale: float, train_mode: bool = False):
+def reward_backprop_step(unet, vae, reward, rollout: Rollout, guidance_scale: float, train_mode: bool = False,
+                         statistics=None):
     """Loss (with graph) and per-sample statistics for one rollout. `replay_error`, the
     largest |replayed - recorded| final latent, is what the policy lag (and the precision
-    of the two sides' arithmetic) changed: dropout is the sampler's, draw for draw."""
+    of the two sides' arithmetic) changed: dropout is the sampler's, draw for draw.
+    `statistics`: the reward's batch statistics summed over every worker (scoring.score)."""
     latents = replay_final_latents(unet, rollout, guidance_scale, train_mode)
     replay_error = (latents.detach() - rollout.final_latents.to(latents.device)).abs().max()
-    out, finite = score(reward, decode(vae, latents), rollout.prompts)
+    out, finite = score(reward, decode(vae, latents), rollout.prompts, statistics)
     stats = {"reward": out.total.detach().float()[finite], "replay_error": replay_error.reshape(1).float(),
              "reward_nonfinite": (~finite).float()}
     stats.update({k: v.detach().float() for k, v in out.components.items()})

@@ -30,9 +30,9 @@ import torch.distributed as dist
 
 from longalign_rl.algorithms.policy_gradient import (PerPromptStatTracker, grpo_advantages, policy_step_loss,
                                                      sde_steps, trained_steps)
-from longalign_rl.algorithms.reward_backprop import score
 from longalign_rl.models import Components, make_scheduler
 from longalign_rl.sampling.stochastic import stochastic_coefficients
+from longalign_rl.scoring import score
 from longalign_rl.training.checkpoint import TrainerState
 from longalign_rl.training.stage2 import SamplerFed
 from longalign_rl.training.worker import StepOutput, WorkerContext
@@ -106,7 +106,7 @@ class PolicyGradientBody(SamplerFed):
         else:
             with torch.no_grad():
                 images = decode(self.vae, traj.final_latents.to(self.ctx.device))
-                out, _ = score(self.reward, images, traj.prompts)
+                out, _ = score(self.reward, images, traj.prompts, self.reward_statistics(traj.prompts))
         rewards = out.total.detach().float().cpu()
         finite = torch.isfinite(rewards)
         stats = {"reward": rewards[finite], "reward_nonfinite": (~finite).float()}

@@ -20,21 +20,12 @@ from longalign_rl.hooks import load_metric_hooks, run_metric_hooks
 from longalign_rl.models import DTYPES, Components
 from longalign_rl.outputs import save_image_grid
 from longalign_rl.prompts import PromptOrder, load_prompts
-from longalign_rl.registry import algorithm_of, get_reward
+from longalign_rl.registry import algorithm_of
+from longalign_rl.scoring import Statistics, batch_statistics, build_reward
 from longalign_rl.sampling.group import SamplerGroup
 from longalign_rl.training.checkpoint import TrainerState
 from longalign_rl.training.worker import WorkerContext, micro_seed
 from longalign_rl.vae import decode
-
-
-def build_reward(cfg: Config, device: torch.device):
-    """The run's reward on `device`; an algorithm that needs the reward's gradient refuses one
-    without."""
-    reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
-    if not reward.differentiable and algorithm_of(cfg).differentiable_reward:
-        raise ValueError(f"reward {cfg.reward.name!r} is not differentiable; {cfg.algorithm.name} needs gradients "
-                         "from the reward to the image")
-    return reward.to(device) if hasattr(reward, "to") else reward
 
 
 class SamplerFed:
@@ -62,6 +53,18 @@ class SamplerFed:
         # an algorithm with groups (grpo) draws each prompt group_size times, side by side in one batch
         self.repeats = self.algorithm.group_size(cfg)
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
+
+    def reward_statistics(self, prompts: list[str]) -> Statistics | None:
+        """The reward's batch statistics (scoring.py) summed over every worker's micro-batch:
+        the one collective of the reward contract, explicit here, so every worker calls it
+        once per micro-step it scores (None, and no collective, for a reward that needs none)."""
+        local = batch_statistics(self.reward, prompts)
+        if local is None:
+            return None
+        total = {k: v.detach().to(self.ctx.device, torch.float32).clone() for k, v in sorted(local.items())}
+        for v in total.values():
+            dist.all_reduce(v)  # SUM
+        return total
 
     def start(self, state: TrainerState) -> None:
         self.start_micro = state.step * self.cfg.train.grad_accum

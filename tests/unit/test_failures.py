@@ -142,7 +142,7 @@ def test_a_worker_whose_process_died_is_shown_before_the_peers_broken_collective
 
 
 def test_a_reward_that_calls_sys_exit_raises_an_error_naming_it():
-    from longalign_rl.algorithms.reward_backprop import score
+    from longalign_rl.scoring import score
     from tests.plugins.my_reward import Crashing
 
     reward = Crashing("exit", after=0)

@@ -3,7 +3,7 @@ inside functions) of longalign_rl/, rewards/ and shapesworld/:
 
     foundations   config, types, registry, hub, encoding, models, vae, lora, prompts, data,
                   outputs, summary, hooks, direction, console, trackers, validation, arguments,
-                  uncertainty
+                  uncertainty, scoring
     maths         sampling.ddim, sampling.stochastic, sampling.sampler, algorithms
     inference     pipeline, generate, evaluate, reference_import   (no ray: they run where Ray is not installed)
     distributed   sampling.group, reward_actors, training   (the only ones that import ray/deepspeed)
@@ -24,7 +24,7 @@ from tests import REPO
 LAYERS = {
     "foundations": ["config", "types", "registry", "hub", "encoding", "models", "vae", "lora", "prompts", "data",
                     "outputs", "summary", "hooks", "direction", "console", "trackers", "validation", "arguments",
-                    "uncertainty"],
+                    "uncertainty", "scoring"],
     "maths": ["sampling.ddim", "sampling.stochastic", "sampling.sampler", "algorithms"],
     "inference": ["pipeline", "generate", "evaluate", "reference_import"],
     "distributed": ["sampling.group", "reward_actors", "training"],
@@ -181,10 +181,8 @@ def test_no_code_outside_an_algorithm_names_one(module):
     """Algorithms are registry.Algorithm records found by name (entry points), never branched
     on: outside their own modules (and the algorithms' entry points in setup.cfg) no code
     names grpo, ddpo, reward backpropagation or policy gradients, nor imports their modules.
-    What is allowed: the default of algorithm.name, and the pure helpers other algorithms
-    reuse (`score` and the denoising loss), until issue 23's reward contract moves `score`."""
-    allowed = {("longalign_rl.config", "reward_backprop"),  # AlgorithmConfig.name's default
-               ("longalign_rl.reward_actors", "reward_backprop")}  # `score` (issue 23, item 3)
+    What is allowed: the default of algorithm.name."""
+    allowed = {("longalign_rl.config", "reward_backprop")}  # AlgorithmConfig.name's default
     tree = ast.parse(FRAMEWORK[module].read_text())
     named = [n for n in _names_an_algorithm(tree) if (module, n) not in allowed]
     imported = sorted(n for n in imports(FRAMEWORK[module], module) if n in ALGORITHM_MODULES

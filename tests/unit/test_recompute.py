@@ -110,7 +110,7 @@ def test_reward_backprop_update(tiny_parts, dropout, train_mode, checkpointing, 
     unet = trainer_unet(cfg, tiny_parts)
     rollout = sampler_like(cfg, tiny_parts, unet).sample(PROMPTS, seed=3)
     vae = copy.deepcopy(tiny_parts.vae).to(DTYPES[cfg.train.precision])
-    reward = get_reward("tiny_clip", sync_direction=False)
+    reward = get_reward("tiny_clip")
 
     def loss():
         value, stats = reward_backprop_step(unet, vae, reward, rollout, cfg.sampler.guidance_scale, train_mode)
@@ -170,7 +170,7 @@ def test_a_replay_with_dropout_switched_the_wrong_way_is_an_error_not_a_silent_m
     rollout = sampler_like(cfg, tiny_parts, unet).sample(PROMPTS, seed=3)
     set_dropout(unet, True)  # something turned the trainer's dropout on: its masks are not the sampler's
     with pytest.raises(RuntimeError, match=r"dropout layers of the trainer's UNet are on.*set_dropout\(unet, False\)"):
-        reward_backprop_step(unet, tiny_parts.vae, get_reward("tiny_clip", sync_direction=False), rollout, 5.0, False)
+        reward_backprop_step(unet, tiny_parts.vae, get_reward("tiny_clip"), rollout, 5.0, False)
 
 
 def test_sampling_switches_dropout_only_without_a_graph(tiny_parts):

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from longalign_rl.algorithms.reward_backprop import reward_loss, score
+from longalign_rl.algorithms.reward_backprop import reward_loss
+from longalign_rl.scoring import score
 from longalign_rl.registry import RewardOutput
 
 

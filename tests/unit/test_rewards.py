@@ -67,24 +67,39 @@ def test_parts_depend_on_the_right_components():
 
 def test_batch_direction_is_the_unit_mean():
     _, t, _ = embeddings()
-    v = batch_direction(t)
+    v = batch_direction(t.sum(0))
     torch.testing.assert_close(v.norm(), torch.tensor(1.0))
     torch.testing.assert_close(v, F.normalize(t.mean(0), dim=0))
 
 
-def test_batch_direction_sums_over_workers(monkeypatch):
-    """Under a process group, v comes from the all-reduced sum of every worker's t."""
-    _, t, _ = embeddings(seed=0)
-    _, t_other_worker, _ = embeddings(seed=1, b=3)
+def test_a_reward_never_communicates_and_takes_the_global_batch_direction_it_is_handed(monkeypatch):
+    """No hidden collective (issue 23, item 4): under a process group the reward calls no
+    torch.distributed function; the caller adds up every worker's batch_statistics (here two
+    workers' prompts) and hands the sum in, which gives the direction of the whole batch."""
+    from longalign_rl.registry import get_reward
+    from longalign_rl.scoring import batch_statistics, score
 
-    def all_reduce(tensor):  # what the other worker contributes to the SUM
-        tensor += t_other_worker.sum(0)
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the reward called a collective")
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    torch.testing.assert_close(batch_direction(t), F.normalize(torch.cat([t, t_other_worker]).mean(0), dim=0))
-    # A reward used by one process alone (sync_direction=False) keeps to its own batch.
-    torch.testing.assert_close(batch_direction(t, all_workers=False), F.normalize(t.mean(0), dim=0))
+    for name in ("all_reduce", "all_gather", "broadcast", "barrier"):
+        monkeypatch.setattr(torch.distributed, name, forbidden)
+    reward = get_reward("tiny_clip")
+    mine, theirs = ["a red cube. a blue ball.", "a green square."], ["two yellow stars.", "a cat.", "a dog."]
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    summed = {k: batch_statistics(reward, mine)[k] + batch_statistics(reward, theirs)[k] for k in ("text_sum",)}
+    out, finite = score(reward, images[:2], mine, summed)
+    whole = reward(images, mine + theirs)  # one call over the whole batch: its own direction
+    torch.testing.assert_close(out.total, whole.total[:2])
+    assert bool(finite.all())
+    alone = reward(images[:2], mine)  # without statistics: this call's own batch
+    assert not torch.allclose(alone.total, out.total)
+    weighted = get_reward("weighted_sum", rewards=[{"name": "tiny_clip", "weight": 2.0}, {"name": "tiny_clip"}])
+    stats = batch_statistics(weighted, mine)
+    assert sorted(stats) == ["0/text_sum", "1/text_sum"]
+    both = {k: v + batch_statistics(weighted, theirs)[k] for k, v in stats.items()}
+    torch.testing.assert_close(weighted(images[:2], mine, statistics=both).total, 3 * whole.total[:2])
 
 
 # --- the tiny CLIP-type rewards ------------------------------------------------------------

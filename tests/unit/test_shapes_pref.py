@@ -20,7 +20,7 @@ WORLD = WorldConfig()
 
 @pytest.fixture(scope="module")
 def pref():
-    return get_reward("shapes_pref", text_irrelevant_weight=1.0, sync_direction=False)
+    return get_reward("shapes_pref", text_irrelevant_weight=1.0)
 
 
 def test_found_by_name_and_decomposed_like_the_presets(pref):

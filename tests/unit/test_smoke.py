@@ -101,7 +101,7 @@ def test_a_real_size_clip_stand_in_is_the_preset_itself_on_random_weights(tmp_pa
     assert name == "denscore" and kwargs["split"] == "reference" and kwargs["model"] == kwargs["processor"]
     from longalign_rl.registry import get_reward
 
-    reward = get_reward(name, **kwargs, sync_direction=False)
+    reward = get_reward(name, **kwargs)
     out = reward(torch.rand(2, 3, 64, 64), ["a red cube. a blue ball.", "a green square."])
     assert out.total.shape == (2,) and bool(torch.isfinite(out.total).all())
     assert json.loads((tmp_path / "denscore-random" / "config.json").read_text())["projection_dim"] == 32

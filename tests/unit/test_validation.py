@@ -97,31 +97,19 @@ def test_compare_pairs_each_prompt_with_itself():
     assert row["uncertainty"] == pytest.approx(2 * float(diffs.std()) / math.sqrt(3))
 
 
-class Synced(torch.nn.Module):
-    """A reward part that would all-reduce over the trainer workers."""
-
-    def __init__(self):
-        super().__init__()
-        self.sync_direction = True
-        self.seen = []
-
+class Brightness(torch.nn.Module):
     def forward(self, images, prompts):
-        self.seen.append(self.sync_direction)
         return RewardOutput(total=images.mean((1, 2, 3)), components={"part": images.amax((1, 2, 3))})
 
 
-def test_rank_0_scores_alone_with_the_reward_collective_off_and_the_hooks():
-    inner = Synced()
-    composite = torch.nn.ModuleDict({"inner": inner})
-    with validation.alone(composite):
-        assert inner.sync_direction is False
-    assert inner.sync_direction is True
+def test_rank_0_scores_the_reward_and_the_hooks():
+    """A reward is a pure function (scoring.py): rank 0 calls it alone, with no flag to flip."""
+    inner = Brightness()
 
     def hook(imgs, prompts):
         return {"gt/brightness": imgs.mean((1, 2, 3)) * 2}
 
     values = validation.score_images(inner, [("hook", hook)], images(2, 0.25), ["a", "b"])
-    assert inner.seen == [False] and inner.sync_direction is True
     assert set(values) == {"reward", "part", "gt/brightness"}
     assert values["gt/brightness"].tolist() == pytest.approx([0.5, 0.5])
     assert set(validation.score_images(None, [("hook", hook)], images(2, 0.25), ["a", "b"])) == {"gt/brightness"}
