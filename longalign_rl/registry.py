@@ -26,14 +26,11 @@ import re
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
 from longalign_rl.types import RewardOutput
-
-if TYPE_CHECKING:
-    from longalign_rl.config import Config
 
 __all__ = ["ALGORITHMS", "Algorithm", "Registry", "Reward", "RewardOutput", "Source", "REWARDS", "algorithm_of",
            "check_reward_kwargs", "find_algorithm", "find_reward", "get_reward", "import_path", "list_rewards",
@@ -342,6 +339,7 @@ class Algorithm:
     per micro-step), and declare an instance in the entry-point group
     `longalign_rl.algorithms`, or name it by import path (`algorithm.name: pkg.module:OBJ`).
     The record is pure (torch only); the body is imported on the trainer workers alone.
+    Every method takes the run's config (a config.Config, which imports this module).
     Its own hyper-parameters come from `algorithm.kwargs` (checked by `check`), or from the
     shared `algorithm.*` keys where they mean the same thing."""
 
@@ -355,35 +353,35 @@ class Algorithm:
     # The fields of a step's record the driver's progress line shows, when present.
     progress_keys: tuple[str, ...] = ("reward", "loss")
 
-    def sample(self, sampler: Any, prompts: list[str], seed: int, cfg: Config, policy_version: int) -> Any:
+    def sample(self, sampler: Any, prompts: list[str], seed: int, cfg, policy_version: int) -> Any:
         """What a sampler actor sends for one batch (run in the actor): by default a `Rollout`
         (deterministic DDIM, the gradient steps' inputs recorded, sampling/sampler.py)."""
         return sampler.sample(prompts, seed, policy_version=policy_version)
 
-    def group_size(self, cfg: Config) -> int:
+    def group_size(self, cfg) -> int:
         """Samples drawn per prompt, side by side in one worker's batch (grpo: a group)."""
         return 1
 
-    def shared_start(self, cfg: Config) -> bool:
+    def shared_start(self, cfg) -> bool:
         """Whether the samples of one prompt's group start from the same noise."""
         return False
 
-    def backward_passes(self, cfg: Config) -> int:
+    def backward_passes(self, cfg) -> int:
         """engine.backward calls per micro-step (DeepSpeed divides each loss by their number)."""
         return 1
 
-    def updates_per_step(self, cfg: Config) -> int:
+    def updates_per_step(self, cfg) -> int:
         """Optimiser updates per run step (the warm-up still counts run steps)."""
         return 1
 
-    def check(self, cfg: Config) -> None:
+    def check(self, cfg) -> None:
         """Checks of the keys this algorithm reads: raise config.ConfigError naming the key."""
 
-    def describe(self, cfg: Config) -> str:
+    def describe(self, cfg) -> str:
         """The run header's "algorithm" line."""
         return self.name
 
-    def describe_sampling(self, cfg: Config) -> str:
+    def describe_sampling(self, cfg) -> str:
         """What the samplers' DDIM chain records, for the run header's "samplers" line."""
         return f"{cfg.sampler.num_grad_steps} with gradient"
 
@@ -410,6 +408,6 @@ def find_algorithm(name: str) -> Algorithm:
     return algorithm
 
 
-def algorithm_of(cfg: Config) -> Algorithm:
+def algorithm_of(cfg) -> Algorithm:
     """The algorithm a stage-2 config trains with (`algorithm.name`)."""
     return find_algorithm(cfg.algorithm.name)
