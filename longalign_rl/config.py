@@ -605,19 +605,38 @@ def _dotted(overrides: list[str]) -> dict:
     return tree
 
 
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping, over the files its `include:` names (a path or a list of
+    paths, relative to the file; each included in order, the later over the earlier, and the
+    file's own keys over them all, merged as command-line overrides are), so that a fact
+    shared by several configs is written once."""
+    path = Path(path)
+    if not path.is_file():
+        where = f" (include: of {str(_chain[-1])!r})" if _chain else ""
+        raise ConfigError(f"config file {str(path)!r} does not exist{where}")
+    if path.resolve() in _chain:
+        raise ConfigError("include: a config includes itself: " + " -> ".join(str(p) for p in (*_chain, path)))
+    try:
+        data = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    includes = data.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"include: in {str(path)!r} must be a path or a list of paths, got {includes!r}")
+    merged: dict = {}
+    for name in includes:
+        merged = _merge_layers(merged, read_config_file(path.parent / name, (*_chain, path.resolve())))
+    return _merge_layers(merged, data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file's overrides, then dotted command-line overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = load_yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    """Defaults, then the YAML file's overrides (with the files it includes), then dotted
+    command-line overrides."""
+    data = read_config_file(path) if path is not None else {}
     data = _merge_layers(data, _dotted(overrides or []))
     cfg = _build(Config, data, "")
     validate(cfg)

@@ -552,3 +552,41 @@ def test_the_longalign_rl_command(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     assert capsys.readouterr().out.startswith("usage: longalign-rl generate")
+
+
+def test_a_config_includes_others_relative_to_itself_in_order(tmp_path):
+    """`include:` (a path or a list): the included files in order, the later over the earlier,
+    the file's own keys over them; naming another reward starts from its own kwargs."""
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "a.yaml").write_text("train:\n  lr: 1.0e-4\n  steps: 7\nreward:\n  name: tiny_clip\n"
+                                               "  kwargs: {text_irrelevant_weight: 0.5}\n")
+    (tmp_path / "parts" / "b.yaml").write_text("include: a.yaml\ntrain:\n  lr: 2.0e-4\n")
+    (tmp_path / "run.yaml").write_text("include: [parts/b.yaml]\ntrain:\n  steps: 9\n")
+    cfg = load_config(tmp_path / "run.yaml", ["train.batch_size=3"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.train.batch_size) == (2e-4, 9, 3)
+    assert cfg.reward.kwargs == {"text_irrelevant_weight": 0.5}
+    assert "include" not in to_dict(cfg)  # a run's config.yaml is resolved: no includes
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"run.yaml": "include: missing.yaml\n"}, r"config file '.*missing.yaml' does not exist \(include: of '.*run.yaml'\)"),
+    ({"run.yaml": "include: b.yaml\n", "b.yaml": "include: run.yaml\n"}, r"include: a config includes itself: .*run.yaml"),
+    ({"run.yaml": "include: {a: 1}\n"}, r"include: in '.*run.yaml' must be a path or a list of paths"),
+])
+def test_a_bad_include_names_the_file(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "run.yaml")
+
+
+def test_the_reference_configs_write_each_fact_once():
+    """The tiny paper-exact configs include the full-size ones, which include the keys both
+    stages share: the reference LoRA layers are written in one YAML file."""
+    from tests import REPO
+
+    configs = REPO / "configs"
+    holders = [p.relative_to(configs) for p in sorted(configs.rglob("*.yaml")) if "conv_shortcut" in p.read_text()]
+    assert [str(p) for p in holders] == ["include/reference.yaml"]
+    assert "include: longalign_reference.yaml" in (configs / "tiny_reference.yaml").read_text()
+    assert "include: longalign_reference_stage1.yaml" in (configs / "tiny_reference_stage1.yaml").read_text()
