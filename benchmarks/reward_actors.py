@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from longalign_rl.outputs import read_metrics
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -37,7 +39,7 @@ def run(overrides: list[str], out: Path, name: str) -> list[dict]:
         done = subprocess.run(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {done.returncode}); see {log}")
-    return [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(out / name)
 
 
 def main(argv: list[str] | None = None) -> dict:

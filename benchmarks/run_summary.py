@@ -9,9 +9,10 @@ first weight sync). Times are medians over the remaining steps, in seconds per s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+from longalign_rl.outputs import read_metrics
 
 KEYS = [
     ("time/step", "whole step (rank 0)"),
@@ -24,7 +25,7 @@ KEYS = [
 
 
 def summarise(run_dir: Path, skip: int) -> str:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][skip:]
+    records = read_metrics(run_dir)[skip:]
     if not records:
         raise SystemExit(f"{run_dir}: no steps after skipping {skip}")
     lines = [f"{run_dir.name}: {len(records)} steps (after skipping {skip})",

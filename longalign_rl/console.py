@@ -29,6 +29,7 @@ from longalign_rl import validation
 from longalign_rl.config import Config
 from longalign_rl.registry import algorithm_of
 from longalign_rl.trackers import numbers
+from longalign_rl.outputs import LORA, METRICS, UNET
 
 WARNINGS_LOG = "warnings.log"
 # Where encode_prompts says that it cut a prompt at max_tokens: the driver measures the
@@ -165,7 +166,7 @@ class Progress:
         self.step = start_step
         self.start_step = start_step
         self.seconds: collections.deque[float] = collections.deque(maxlen=20)  # the ETA's recent steps
-        self.offsets = {"metrics.jsonl": 0, WARNINGS_LOG: 0, validation.FILE: 0}
+        self.offsets = {METRICS: 0, WARNINGS_LOG: 0, validation.FILE: 0}
         self.validated: dict[int, dict] = {}  # step -> validation record seen
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="progress", daemon=True)
@@ -212,7 +213,7 @@ class Progress:
     def poll(self) -> None:
         for line in self._new_lines(WARNINGS_LOG):
             self._write(f"warning: {line}")
-        for line in self._new_lines("metrics.jsonl"):
+        for line in self._new_lines(METRICS):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -281,7 +282,7 @@ def outputs(run_dir: Path, cfg: Config, last_checkpoint: str | None) -> list[str
     """Where the run's results are: the exported weights, the last checkpoint, the logs."""
     run_dir = Path(run_dir)
     rows = []
-    for name, what in (("lora", "LoRA for diffusers (pipe.load_lora_weights)"), ("unet", "fine-tuned UNet"),
+    for name, what in ((LORA, "LoRA for diffusers (pipe.load_lora_weights)"), (UNET, "fine-tuned UNet"),
                        ("text_adapter", "trained T5 adapter (TextAdapter)"),
                        ("model", "the whole pipeline (from_pretrained)")):
         if (run_dir / name).is_dir():

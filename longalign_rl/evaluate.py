@@ -24,6 +24,7 @@ import torch
 
 from longalign_rl.arguments import Parser, at_least, finite, json_object
 from longalign_rl.uncertainty import mean_and_error
+from longalign_rl.outputs import CONFIG
 
 
 def build_parser(prog: str = "python -m longalign_rl.evaluate") -> argparse.ArgumentParser:
@@ -57,7 +58,7 @@ def run_config(source: str):
     from longalign_rl.config import load_config
     from longalign_rl.pipeline import is_run_dir
 
-    return load_config(Path(source) / "config.yaml") if is_run_dir(source) else None
+    return load_config(Path(source) / CONFIG) if is_run_dir(source) else None
 
 
 def score_model(pipe, prompts: list[str], seeds: list[int], reward, hooks, args) -> tuple[torch.Tensor, dict]:

@@ -1,5 +1,6 @@
-"""What a run writes besides checkpoints: metrics.jsonl, image grids with their prompts, and
-stopped.json when the run was stopped."""
+"""What a run writes besides checkpoints: the run directory's names in one place (every
+module, ShapesWorld and the tests read them from here), metrics.jsonl, image grids with
+their prompts, and stopped.json when the run was stopped."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+# ---------------------------------------------------------------- the run directory
+# runs/<name>/ holds, besides checkpoint_<step>/ (training/checkpoint.py), validation.jsonl
+# (validation.FILE), summary.json (summary.FILE) and warnings.log (console.WARNINGS_LOG):
+CONFIG = "config.yaml"      # the resolved config the run trains with (rewritten by a resume)
+METRICS = "metrics.jsonl"   # one JSON record per step, cut back to the checkpoint on resume
+LORA = "lora"               # the exported LoRA for diffusers (pipe.load_lora_weights)
+UNET = "unet"               # the exported UNet, when lora.enabled is false
+MODEL = "model"             # stage 1: the LoRA merged into a complete diffusers folder
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The run's metrics.jsonl records (a last line cut short left out; see read_jsonl)."""
+    return read_jsonl(Path(run_dir) / METRICS)
 
 
 # Written into the run directory when the non-finite guard stops a run (training/worker.py):
@@ -62,7 +78,7 @@ class MetricsLog:
     """Appends one JSON object per step to run_dir/metrics.jsonl (flushed every line)."""
 
     def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:

@@ -42,6 +42,7 @@ from longalign_rl.encoding.t5 import ADAPTER_FOLDER, build_t5_branch
 from longalign_rl.lora import load_trainable_state_dict, make_trainable, remove_adapter
 from longalign_rl.models import load_components, make_scheduler
 from longalign_rl.sampling.sampler import initial_noise
+from longalign_rl.outputs import CONFIG, LORA, METRICS, MODEL, UNET
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class LongPromptPipeline(StableDiffusionPipeline):
 
 
 def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.yaml").is_file() and (Path(path) / "metrics.jsonl").exists()
+    return (Path(path) / CONFIG).is_file() and (Path(path) / METRICS).exists()
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
@@ -139,10 +140,10 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
     if like is not None:
         if not is_run_dir(like):
             raise ValueError(f"like={str(like)!r} is not a run directory (no config.yaml and metrics.jsonl)")
-        other = load_config(Path(like) / "config.yaml")
+        other = load_config(Path(like) / CONFIG)
     if is_run_dir(source):
         run_dir = Path(source)
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run_dir / CONFIG)
         weights, model = _run_weights(run_dir, cfg, checkpoint)
         scheduler = "ddim"
     else:
@@ -271,12 +272,12 @@ def _run_weights(run_dir: Path, cfg: Config, checkpoint) -> tuple[tuple[str, Pat
         if not (folder / "weights.safetensors").is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint!r}: no weights.safetensors in {folder}")
         return ("checkpoint", folder), cfg.model.pretrained
-    if cfg.stage == 1 and (run_dir / "model").is_dir():
+    if cfg.stage == 1 and (run_dir / MODEL).is_dir():
         return ("merged", run_dir / "model"), str(run_dir / "model")
-    if (run_dir / "lora").is_dir():
-        return ("lora", run_dir / "lora"), cfg.model.pretrained
-    if (run_dir / "unet").is_dir():
-        return ("unet", run_dir / "unet"), cfg.model.pretrained
+    if (run_dir / LORA).is_dir():
+        return ("lora", run_dir / LORA), cfg.model.pretrained
+    if (run_dir / UNET).is_dir():
+        return ("unet", run_dir / UNET), cfg.model.pretrained
     newest = newest_checkpoint(run_dir)
     if newest is None:
         raise FileNotFoundError(f"{run_dir}: the run exported nothing (lora/, unet/, model/) and has no checkpoint yet")

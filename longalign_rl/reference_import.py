@@ -46,6 +46,7 @@ from longalign_rl.lora import export_for_diffusers, load_trainable_state_dict, m
 from longalign_rl.lora import trainable_state_dict
 from longalign_rl.models import load_components, save_model_folder
 from longalign_rl.pipeline import SAMPLING_FILE
+from longalign_rl.outputs import LORA, MODEL
 
 # The classes under which the reference's injector wraps every Linear and Conv2d
 # ("CrossAttention" is the name of diffusers' attention class before 0.15).
@@ -204,9 +205,9 @@ def import_reference(base: str, out: str | Path, *, lora: str | Path | None = No
     summary = {"base": base, "lora_source": str(lora) if lora is not None else None,
                "adapter_source": str(adapter) if adapter is not None else None,
                "layers": len(layers) if state else None, "rank": rank,
-               "lora": str(out / "lora") if state else None,
+               "lora": str(out / LORA) if state else None,
                "text_adapter": str(out / ADAPTER_FOLDER) if text_adapter is not None else None,
-               "model": str(out / "model") if merge else None}
+               "model": str(out / MODEL) if merge else None}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
@@ -218,18 +219,18 @@ def import_reference(base: str, out: str | Path, *, lora: str | Path | None = No
             if names != set(state):
                 raise RuntimeError(f"peft names these LoRA weights differently: {sorted(names ^ set(state))[:3]}")
             load_trainable_state_dict(parts.unet, state, cfg)
-            export_for_diffusers(parts.unet, cfg, tmp / "lora")
+            export_for_diffusers(parts.unet, cfg, tmp / LORA)
         if text_adapter is not None:
             text_adapter.save_pretrained(tmp / ADAPTER_FOLDER, safe_serialization=True)
         if merge:
             if state:
                 merge_lora(parts.unet)
-            save_model_folder(parts, tmp / "model")  # as stage 1 writes its model/
+            save_model_folder(parts, tmp / MODEL)  # as stage 1 writes its model/
             if model_adapter is not None:
-                model_adapter.save_pretrained(tmp / "model" / ADAPTER_FOLDER, safe_serialization=True)
+                model_adapter.save_pretrained(tmp / MODEL / ADAPTER_FOLDER, safe_serialization=True)
             sampling = {**REFERENCE_SAMPLING, "config": {**REFERENCE_SAMPLING["config"],
                                                          **({"t5": REFERENCE_T5} if model_adapter is not None else {})}}
-            (tmp / "model" / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2) + "\n")
+            (tmp / MODEL / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2) + "\n")
         (tmp / "import.json").write_text(json.dumps(summary, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from longalign_rl.outputs import read_jsonl
+from longalign_rl.outputs import METRICS, read_jsonl
 from longalign_rl.uncertainty import difference_and_error
 
 FILE = "summary.json"
@@ -113,7 +113,7 @@ def write_summary(run_dir: str | Path, keys: list[str] | tuple[str, ...], sample
     from longalign_rl.validation import compare, read
 
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     records = read_jsonl(path)  # a cut last line is left out
     summary = summarize(records, keys, samples_per_step)
     validation = compare(read(run_dir))

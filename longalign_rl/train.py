@@ -27,7 +27,7 @@ from longalign_rl.config import Config, ConfigError, load_config, to_dict, to_ya
 from longalign_rl.console import Progress, outputs, quiet_libraries
 from longalign_rl.data import Pair, check_source
 from longalign_rl.hooks import load_metric_hooks, probe_metric_hooks
-from longalign_rl.outputs import STOP_REQUEST, STOPPED, write_atomic
+from longalign_rl.outputs import CONFIG, METRICS, STOPPED, STOP_REQUEST, write_atomic
 from longalign_rl.prompts import load_prompts
 from longalign_rl.registry import algorithm_of
 from longalign_rl.summary import read_summary
@@ -58,7 +58,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
         run_dir = Path(args.resume).resolve()
         saved = read_run_config(run_dir)
         # The run's location is where it is now, whatever the saved config says.
-        cfg = load_config(run_dir / "config.yaml", args.overrides + [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
+        cfg = load_config(run_dir / CONFIG, args.overrides + [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
         check_resume(saved, cfg, run_dir)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
@@ -76,7 +76,7 @@ def read_run_config(run_dir: Path) -> dict:
     from longalign_rl.outputs import read_jsonl
     from longalign_rl.validation import FILE as VALIDATION_FILE
 
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     if not path.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there, not a run directory")
     try:
@@ -96,7 +96,7 @@ def read_run_config(run_dir: Path) -> dict:
             hint = ("its checkpoints keep the weights but not the config: write the config the run started with "
                     "back to config.yaml to resume it")
         raise ConfigError(f"--resume: {path} is {why}; {hint}")
-    for name in ("metrics.jsonl", VALIDATION_FILE):
+    for name in (METRICS, VALIDATION_FILE):
         try:
             read_jsonl(run_dir / name)
         except ValueError as e:
@@ -111,9 +111,9 @@ def check_new_run_dir(run_dir: Path) -> None:
         return
     from longalign_rl.training.checkpoint import on_disk
 
-    config = run_dir / "config.yaml"
+    config = run_dir / CONFIG
     started = (config.is_file() and config.read_text().strip()) or on_disk(run_dir) or \
-        ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip())
+        ((run_dir / METRICS).is_file() and (run_dir / METRICS).read_text().strip())
     if started:
         raise ConfigError(f"run.name: {run_dir} already holds a run; pass --resume {run_dir} to continue it")
 
@@ -428,11 +428,11 @@ def keep_original_config(run_dir: Path, cfg: Config) -> list[str]:
     """Before a resume with other values rewrites config.yaml, the config the run started
     with is kept as config.original.yaml (once: later resumes keep the first). Returns the
     changes."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved = yaml.safe_load((run_dir / CONFIG).read_text())
     changes = config_changes(saved, to_dict(cfg))
     original = run_dir / "config.original.yaml"
     if changes and not original.exists():
-        write_atomic(original, (run_dir / "config.yaml").read_text())
+        write_atomic(original, (run_dir / CONFIG).read_text())
     return changes
 
 
@@ -707,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.config:
                     raise ConfigError(f"--config {args.config} with --resume: a run's config is its config.yaml")
                 read_run_config(Path(args.resume).resolve())
-                cfg = load_config(Path(args.resume) / "config.yaml", args.overrides)
+                cfg = load_config(Path(args.resume) / CONFIG, args.overrides)
             else:
                 cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
             print(describe_keys(cfg), end="")
@@ -766,7 +766,7 @@ def started(args: argparse.Namespace, cfg: Config, run_dir: Path, pairs, actors:
                       + "; ".join(changes), flush=True)
         else:
             check_new_run_dir(run_dir)  # again, under the lock: another run may have started and ended meanwhile
-            write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+            write_atomic(run_dir / CONFIG, to_yaml(cfg))
         trackers = open_trackers(cfg.run.report_to, run_dir, to_dict(cfg))
     except (ConfigError, TrackerError, OSError) as e:
         if not args.resume:  # a start that failed leaves no directory to block the name

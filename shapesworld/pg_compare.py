@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from longalign_rl.outputs import CONFIG, read_metrics
 from shapesworld.sweep import EVAL_SEED, START, Sweep, checkpoints, evaluate_weights, launch
 
 
@@ -119,8 +120,8 @@ def run_compare(c: Compare, out: Path, log=print) -> dict:
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
                 run_dir = train_run(method, seed, runs)
-            lora = yaml.safe_load((run_dir / "config.yaml").read_text())["lora"]
-            metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            lora = yaml.safe_load((run_dir / CONFIG).read_text())["lora"]
+            metrics = read_metrics(run_dir)
             held_out = {step: evaluate_weights(folder / "weights.safetensors", lora, c.sweep(), prompts)
                         for step, folder in checkpoints(run_dir).items()}
             own = {}

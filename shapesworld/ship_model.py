@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from longalign_rl.outputs import CONFIG, MODEL, read_metrics
 from shapesworld.plugin import SHIPPED_BASE, WEIGHTS_DIR
 
 EVAL_SEED = 12345  # held-out captions, as shapesworld.evaluate.evaluate_model draws them
@@ -53,14 +54,14 @@ def ship(run_dir: Path, name: str, n: int, out_dir: Path = WEIGHTS_DIR) -> dict:
     from shapesworld.evaluate import draw_captions, evaluate
     from shapesworld.world import WorldConfig
 
-    unet = UNet2DConditionModel.from_pretrained(run_dir / "model", subfolder="unet", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(run_dir / MODEL, subfolder="unet", torch_dtype=torch.float32)
     folder = out_dir / name
     unet.half().save_pretrained(folder / "unet", safe_serialization=True)
     # beside the base when shipping into shapesworld/weights; elsewhere (a test) the links reach the shipped base
     complete_folder(folder, out_dir / SHIPPED_BASE if (out_dir / SHIPPED_BASE).is_dir() else WEIGHTS_DIR / SHIPPED_BASE)
     report = {"made_by": f"python -m shapesworld.ship_model {run_dir} --name {name}",
-              "run_config": yaml.safe_load((run_dir / "config.yaml").read_text()),
-              "last_step": json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1]),
+              "run_config": yaml.safe_load((run_dir / CONFIG).read_text()),
+              "last_step": read_metrics(run_dir)[-1],
               "eval": {"captions": n, "seed": EVAL_SEED, "num_steps": 10, "guidance_scale": 5.0}}
     # What ships, loaded as the loader loads it: the complete folder (the base's parts, this UNet; float16 -> float32).
     parts = load_pretrained(str(folder))

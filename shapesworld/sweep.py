@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from longalign_rl.outputs import CONFIG, read_metrics
 from shapesworld.plugin import HELDOUT_SEED as EVAL_SEED  # held-out captions: no training or rater pool draws from it
 
 START = "shapesworld-partial"
@@ -133,8 +134,8 @@ def run_sweep(s: Sweep, out: Path, log=print) -> dict:
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
                 run_dir = train_run(s, reward, w, seed, runs)
-            lora = yaml.safe_load((run_dir / "config.yaml").read_text())["lora"]
-            metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            lora = yaml.safe_load((run_dir / CONFIG).read_text())["lora"]
+            metrics = read_metrics(run_dir)
             held_out = {step: evaluate_weights(folder / "weights.safetensors", lora, s, prompts)
                         for step, folder in checkpoints(run_dir).items()}
             results["runs"].append({"reward": reward, "w": w, "seed": seed, "metrics": metrics,
@@ -240,7 +241,7 @@ def figures(results: dict, out: Path) -> None:
     evaluate_weights(None, {}, s, prompts, grid=grids[0])
     for reward, w in s.conditions:
         run_dir = out / "runs" / run_name(reward, w, s.seeds[0])
-        lora = yaml.safe_load((run_dir / "config.yaml").read_text())["lora"]
+        lora = yaml.safe_load((run_dir / CONFIG).read_text())["lora"]
         step, folder = max(checkpoints(run_dir).items())
         grids.append(out / "grids" / f"{reward}_w{w:g}_step{step}.png")
         evaluate_weights(folder / "weights.safetensors", lora, s, prompts, grid=grids[-1])

@@ -47,6 +47,7 @@ from longalign_rl.sampling.sampler import Sampler, generate_latents
 from longalign_rl.training.checkpoint import TrainerState
 from longalign_rl.training.worker import StepOutput, WorkerContext, micro_seed
 from longalign_rl.vae import decode, encode
+from longalign_rl.outputs import MODEL
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +216,10 @@ class Denoising:
     def export(self) -> None:
         if self.validation and self.validated != self.step_done:
             self.validate(self.step_done)  # the data ended before train.steps
-        model_dir = save_merged_model(self.cfg, self.ctx.trainable_weights(), self.ctx.run_dir / "model")
+        model_dir = save_merged_model(self.cfg, self.ctx.trainable_weights(), self.ctx.run_dir / MODEL)
         # the trained T5 adapter, which a stage 2 from model/ takes (t5.adapter "" looks there)
         export_adapter(self.ctx.engine.module, model_dir / ADAPTER_FOLDER)
-        log.info("wrote the merged model %s", self.ctx.run_dir / "model")
+        log.info("wrote the merged model %s", self.ctx.run_dir / MODEL)
 
 
 # Stage 1's body, as train.py hands it to worker.train_func.

@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 
 from longalign_rl import validation
-from longalign_rl.config import Config
 from longalign_rl.hooks import load_metric_hooks, run_metric_hooks
 from longalign_rl.models import DTYPES, Components
 from longalign_rl.outputs import save_image_grid

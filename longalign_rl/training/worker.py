@@ -53,7 +53,7 @@ from longalign_rl.console import CUT_PROMPTS_LOGGER, WARNINGS_LOG, log_warnings_
 from longalign_rl.data import is_generator
 from longalign_rl.lora import export_adapter, export_for_diffusers, trainable_state_dict
 from longalign_rl.models import Components
-from longalign_rl.outputs import STOP_REQUEST, STOPPED, MetricsLog, write_atomic
+from longalign_rl.outputs import CONFIG, LORA, MetricsLog, STOPPED, STOP_REQUEST, UNET, write_atomic
 from longalign_rl.registry import import_path
 from longalign_rl.summary import write_summary
 from longalign_rl.training import checkpoint, failures
@@ -129,7 +129,7 @@ def micro_seed(cfg: Config, micro: int, rank: int) -> int:
 def require_run_dir(run_dir: Path, rank: int) -> None:
     """The driver wrote config.yaml before starting the workers: a worker that cannot see it
     runs on a node without the shared storage."""
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CONFIG).is_file():
         raise RuntimeError(
             f"rank {rank} on node {ray.get_runtime_context().get_node_id()[:8]} cannot see the run directory "
             f"{run_dir}: on a multi-node cluster run.output_dir must be shared storage (see cluster/README.md)")
@@ -298,7 +298,7 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
         metrics_log.truncate_after(state.step)
         # Only now that the checkpoint has loaded: a resume whose load fails leaves the run's
         # config as it was, so the run stays resumable.
-        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        write_atomic(run_dir / CONFIG, to_yaml(cfg))
     body.start(state)
 
     # ------------------------------------------------------------------ LOOP
@@ -379,7 +379,7 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
     # ------------------------------------------------------------------ EXPORT
     with ctx.master_precision():  # a bf16/fp16 run exports its fp32 master weights
         if rank == 0:
-            export_for_diffusers(engine.module, cfg.lora, run_dir / ("lora" if cfg.lora.enabled else "unet"))
+            export_for_diffusers(engine.module, cfg.lora, run_dir / (LORA if cfg.lora.enabled else UNET))
             export_adapter(engine.module, run_dir / "text_adapter")  # stage 1's trained T5 adapter, if any
             body.export()
     if rank == 0:

@@ -11,7 +11,6 @@ Before issue 21 the config a real user starts from (sd15_longalign.yaml) and the
 crashed at their first update, while the tests ran only the tiny configs, which turn dropout
 and checkpointing off."""
 
-import json
 import math
 
 import pytest
@@ -20,6 +19,7 @@ import yaml
 from longalign_rl import smoke
 from longalign_rl.config import load_config, to_dict
 from tests import REPO
+from longalign_rl.outputs import read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -63,7 +63,7 @@ def leaves(data: dict, prefix: str = "") -> dict:
 def test_a_shipped_config_runs_as_shipped_with_its_sizes_swapped(ray_local, tmp_path, config):
     code, run_dir, memory, used = smoke.run(config, "tiny", output_dir=tmp_path, name="smoke", work=tmp_path)
     assert code == 0, (run_dir / "errors").exists() and sorted((run_dir / "errors").iterdir())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics)
     assert (run_dir / ("lora" if "lora.enabled=false" not in used else "unet")).is_dir()
@@ -112,6 +112,6 @@ def test_a_paper_config_runs_at_real_size(ray_local, tmp_path, name):
                                             work=tmp_path)
     assert code == 0, (run_dir / "errors").exists() and sorted((run_dir / "errors").iterdir())
     assert "model.pretrained=sd15-random" in used and "sampler.resolution=256" in used
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
     print("\n".join(smoke.memory_lines(memory)))

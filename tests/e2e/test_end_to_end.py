@@ -12,6 +12,7 @@ import torch
 
 from longalign_rl import train
 from longalign_rl.prompts import load_prompts
+from longalign_rl.outputs import read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -19,10 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 def run_main(tmp_path, *args):
     code = train.main([*args, f"run.output_dir={tmp_path}"] if "--resume" not in args else list(args))
     assert code == 0
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,7 @@ PLUGIN_REWARDS = '''
 import os
 
 from longalign_rl.registry import Reward, RewardOutput
+from longalign_rl.outputs import read_metrics
 
 
 class Redness(Reward):
@@ -224,7 +225,7 @@ def test_ray_job_submit_runs_a_plugin_reward_on_a_started_cluster(ray_head, plug
     assert "started a local instance" not in output, diagnosis()
 
     run_dir = out / "job"
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2], diagnosis()
     assert all("red" in m and 0.0 <= m["red"] <= 1.0 for m in metrics), metrics[0].keys()  # the plugin's component
     checkpoints = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]

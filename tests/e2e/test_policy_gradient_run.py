@@ -8,14 +8,11 @@ import json
 import pytest
 
 from longalign_rl import train
+from longalign_rl.outputs import read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 BRIGHT = ["reward.name=tests.plugins.my_reward:BrightPixels", "reward.kwargs={threshold: 0.5}"]
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

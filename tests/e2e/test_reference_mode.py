@@ -19,15 +19,12 @@ from longalign_rl import train
 from longalign_rl.config import load_config
 from longalign_rl.encoding.t5 import TextAdapter, load_adapter
 from tests import REPO
+from longalign_rl.outputs import read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 STAGE1 = str(REPO / "configs" / "tiny_reference_stage1.yaml")
 STAGE2 = str(REPO / "configs" / "tiny_reference.yaml")
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,13 @@ from PIL import Image
 
 from longalign_rl import train
 from tests import REPO
+from longalign_rl.outputs import read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 CONFIG = str(REPO / "configs" / "tiny_stage1.yaml")
 # 32 pairs / (2 workers x 2 pairs x 2 accumulated) = 4 steps per epoch, 8 in the 2 epochs.
 SMALL = ["data.kwargs.n=32", "run.checkpoint_every=2", "train.warmup_steps=4"]
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
