@@ -33,7 +33,7 @@ from longalign_rl.outputs import LORA, METRICS, UNET
 
 WARNINGS_LOG = "warnings.log"
 # Where encode_prompts says that it cut a prompt at max_tokens: the driver measures the
-# prompts it knows before the run (train.warn_cut_prompts), once for the whole file.
+# prompts it knows before the run (preflight.warn_cut_prompts), once for the whole file.
 CUT_PROMPTS_LOGGER = "longalign_rl.encoding.encode"
 
 # Shown on the progress line, when a record has them: stage 1's epoch and loss; in stage 2

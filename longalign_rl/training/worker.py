@@ -205,7 +205,7 @@ def _resume(ctx: WorkerContext) -> checkpoint.TrainerState:
     then the run's other checkpoint folders on disk, newest step first (with a warning for
     each one skipped). A folder that verifies but does not load (a file DeepSpeed refuses)
     is skipped the same way, and so are the folders Ray Train's record no longer has (the
-    driver moves a damaged record aside: train.check_checkpoint_index). Each try's outcome is
+    driver moves a damaged record aside: resume.check_checkpoint_index). Each try's outcome is
     all-reduced, so every worker loads the same checkpoint or none."""
     ckpt = ray.train.get_checkpoint()
     with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext()) as d:

@@ -329,7 +329,7 @@ def test_a_second_run_of_the_same_name_and_a_tracker_that_cannot_start_leave_not
     directory; a W&B without an API key ended in a raw traceback and left a directory that
     blocked the name. Now the second run is refused by the first one's lock, and a tracker
     that cannot start is one line, exit 2, with nothing left."""
-    from longalign_rl.train import RunLock
+    from longalign_rl.resume import RunLock
 
     (tmp_path / "same").mkdir()
     first = RunLock(tmp_path / "same")  # the first run, still starting

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from longalign_rl.outputs import read_metrics
 from tests import REPO
 
 BIN = Path(sys.executable).parent  # the venv's bin (not resolved: that would leave the venv)
@@ -42,7 +43,6 @@ PLUGIN_REWARDS = '''
 import os
 
 from longalign_rl.registry import Reward, RewardOutput
-from longalign_rl.outputs import read_metrics
 
 
 class Redness(Reward):

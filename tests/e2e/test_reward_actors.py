@@ -176,7 +176,7 @@ def test_samplers_send_their_images_to_the_reward_actors(ray_local, tmp_path):
         vae = load_components(cfg.model.pretrained).vae
         assert torch.allclose(images, decode(vae, trajectory.final_latents), atol=1e-5)
         # the actor's warnings reach the run's warnings.log (the console), but not the prompt it cut:
-        # the driver measured every prompt and said so once (train.warn_cut_prompts)
+        # the driver measured every prompt and said so once (preflight.warn_cut_prompts)
         import logging
 
         def warn(actor, message):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from longalign_rl import train
+from longalign_rl import preflight, train
 from tests import REPO
 from longalign_rl.outputs import read_metrics
 
@@ -168,7 +168,7 @@ def test_describe_shows_the_stage_1_plan(tmp_path):
     from longalign_rl.data import Pair
 
     cfg = load_config(CONFIG)
-    text = train.describe(cfg, tmp_path, [Pair("x.png", "c")] * 100)
+    text = preflight.describe(cfg, tmp_path, [Pair("x.png", "c")] * 100)
     assert "stage 1" in text and "8 pairs per step" in text
     assert "100 pairs -> 12 steps per epoch" in text  # 100 // 2 workers // 2 per batch // 2 accumulated
     assert "after 2 epoch(s) or 8 steps" in text

@@ -3,11 +3,12 @@ non-differentiable reward, and a weighted sum of rewards with every part logged.
 backpropagation refuses a non-differentiable reward on the driver."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from longalign_rl import train
+from longalign_rl import preflight, train
 from longalign_rl.registry import get_reward, probe_reward
 from shapesworld import Cell, Scene, WorldConfig, caption, render, to_tensor
 
@@ -78,11 +79,11 @@ def test_policy_gradients_accept_a_non_differentiable_reward_on_the_driver():
     from longalign_rl.prompts import load_prompts
 
     cfg = load_config(train.DEFAULT_CONFIG, ["algorithm.name=grpo", "reward.name=shapes_exact", "reward.kwargs={}"])
-    train.check_reward(cfg, load_prompts(cfg.prompts.source)[:2])
-    text = train.describe(cfg, train.Path("/tmp/r"))
+    preflight.check_reward(cfg, load_prompts(cfg.prompts.source)[:2])
+    text = preflight.describe(cfg, Path("/tmp/r"))
     assert "grpo: 4 samples per prompt" in text and "eta 1.0, 10 trained" in text
     rb = load_config(train.DEFAULT_CONFIG, [])
-    assert "reward backpropagation" in train.describe(rb, train.Path("/tmp/r"))
+    assert "reward backpropagation" in preflight.describe(rb, Path("/tmp/r"))
 
 
 def test_the_exact_reward_can_count_only_some_sentence_positions():

@@ -4,7 +4,7 @@ item 1): exit code 2 and one line that names the key, the plugin or the line."""
 import pytest
 import torch
 
-from longalign_rl import train
+from longalign_rl import launch, preflight, resume, train
 
 
 def main(tmp_path, capsys, *overrides):
@@ -138,17 +138,17 @@ def test_a_run_that_cannot_fit_names_the_keys():
     from longalign_rl.config import load_config
 
     cfg = load_config(train.DEFAULT_CONFIG, ["train.num_workers=4", "sampler.num_actors=2"])
-    assert train.required_resources(cfg) == {"CPU": 3.0, "GPU": 0.0}  # 4 x 0.5 + 2 x 0.5
-    message = train.resource_shortfall(cfg, {"CPU": 2.0})
+    assert launch.required_resources(cfg) == {"CPU": 3.0, "GPU": 0.0}  # 4 x 0.5 + 2 x 0.5
+    message = launch.resource_shortfall(cfg, {"CPU": 2.0})
     assert "3 CPUs (has 2)" in message and "train.num_workers" in message and "sampler.num_actors" in message
-    assert train.resource_shortfall(cfg, {"CPU": 3.0}) is None
+    assert launch.resource_shortfall(cfg, {"CPU": 3.0}) is None
     gpu = load_config(None, ["train.num_workers=2", "sampler.num_actors=2", "sampler.num_gpus=0.5"])
-    assert train.required_resources(gpu)["GPU"] == 3.0
-    assert "3 GPUs (has 2)" in train.resource_shortfall(gpu, {"CPU": 64.0, "GPU": 2.0})
+    assert launch.required_resources(gpu)["GPU"] == 3.0
+    assert "3 GPUs (has 2)" in launch.resource_shortfall(gpu, {"CPU": 64.0, "GPU": 2.0})
     actors = load_config(None, ["algorithm.name=grpo", "train.num_workers=2", "sampler.num_actors=2",
                                 "sampler.num_gpus=0.5", "reward.num_actors=2", "reward.num_gpus=0.5"])
-    assert train.required_resources(actors) == {"CPU": 6.0, "GPU": 4.0}  # 2 x 1 + 2 x 1 + 2 x 1 CPUs
-    assert "reward.num_actors" in train.resource_shortfall(actors, {"CPU": 64.0, "GPU": 3.0})
+    assert launch.required_resources(actors) == {"CPU": 6.0, "GPU": 4.0}  # 2 x 1 + 2 x 1 + 2 x 1 CPUs
+    assert "reward.num_actors" in launch.resource_shortfall(actors, {"CPU": 64.0, "GPU": 3.0})
 
 
 def test_an_unwritable_or_non_directory_output_dir_exits_2(tmp_path, capsys):
@@ -178,14 +178,14 @@ def test_a_resume_with_other_values_keeps_the_original_config(tmp_path):
 
     cfg = load_config(train.DEFAULT_CONFIG, ["train.steps=4"])
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
-    assert train.keep_original_config(tmp_path, cfg) == []
+    assert resume.keep_original_config(tmp_path, cfg) == []
     assert not (tmp_path / "config.original.yaml").exists()  # nothing changed: nothing to keep
     longer = load_config(train.DEFAULT_CONFIG, ["train.steps=8", "reward.kwargs.text_irrelevant_weight=0.5"])
-    changes = train.keep_original_config(tmp_path, longer)
+    changes = resume.keep_original_config(tmp_path, longer)
     assert "train.steps: 4 -> 8" in changes and any(c.startswith("reward.kwargs: ") for c in changes)
     assert load_config(tmp_path / "config.original.yaml").train.steps == 4
     (tmp_path / "config.yaml").write_text(to_yaml(longer))  # what the workers write next
-    train.keep_original_config(tmp_path, load_config(train.DEFAULT_CONFIG, ["train.steps=12"]))
+    resume.keep_original_config(tmp_path, load_config(train.DEFAULT_CONFIG, ["train.steps=12"]))
     assert load_config(tmp_path / "config.original.yaml").train.steps == 4  # the first one stays
 
 
@@ -211,7 +211,7 @@ def test_prompts_longer_than_max_tokens_are_said_once_on_the_driver(tmp_path, ca
     cfg = load_config("configs/default.yaml", ["prompts.max_tokens=60", f"run.validation={held_out}",
                                                "run.validation_size=2"])
     with caplog.at_level(logging.WARNING, logger="longalign_rl"):
-        train.check_inputs(cfg)
+        preflight.check_inputs(cfg)
     said = [r.getMessage() for r in caplog.records if r.name == "longalign_rl"]
     assert len(said) == 2, said
     assert said[0].startswith("prompts.source: 4096 of 4096 prompts are longer than prompts.max_tokens=60 encoded "
@@ -221,9 +221,9 @@ def test_prompts_longer_than_max_tokens_are_said_once_on_the_driver(tmp_path, ca
     # 200 = 40 sentences x (<sot> + "a", "long", "one", ".")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="longalign_rl"):
-        train.check_inputs(load_config("configs/default.yaml"))  # ShapesWorld's captions fit its max_tokens
+        preflight.check_inputs(load_config("configs/default.yaml"))  # ShapesWorld's captions fit its max_tokens
     assert not [r for r in caplog.records if r.name == "longalign_rl"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="longalign_rl"):
-        train.warn_cut_prompts(cfg, "prompts.source", ["short.", "A long one. " * 40, "A long one. " * 40], limit=2)
+        preflight.warn_cut_prompts(cfg, "prompts.source", ["short.", "A long one. " * 40, "A long one. " * 40], limit=2)
     assert "prompts.source: 1 of the first 2 prompts are longer" in caplog.records[0].getMessage()

@@ -7,7 +7,7 @@ inside functions) of longalign_rl/, rewards/ and shapesworld/:
     maths         sampling.ddim, sampling.stochastic, sampling.sampler, algorithms
     inference     pipeline, generate, evaluate, reference_import   (no ray: they run where Ray is not installed)
     distributed   sampling.group, reward_actors, training   (the only ones that import ray/deepspeed)
-    entry         train, cli, smoke
+    entry         train (and its preflight, resume, launch), cli, smoke
 
 A module imports only from its own layer or those below; the framework and its rewards
 never import a world (shapesworld) nor name it in code; a world imports nothing from the
@@ -28,7 +28,7 @@ LAYERS = {
     "maths": ["sampling.ddim", "sampling.stochastic", "sampling.sampler", "algorithms"],
     "inference": ["pipeline", "generate", "evaluate", "reference_import"],
     "distributed": ["sampling.group", "reward_actors", "training"],
-    "entry": ["train", "cli", "smoke"],
+    "entry": ["train", "preflight", "resume", "launch", "cli", "smoke"],
 }
 ORDER = list(LAYERS)
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from longalign_rl import cli, train
+from longalign_rl import cli, resume, train
 from longalign_rl.config import ConfigError, load_config, to_yaml
 from longalign_rl.outputs import read_jsonl, write_atomic
 
@@ -71,10 +71,10 @@ def test_a_start_that_wrote_an_empty_config_does_not_block_the_name(tmp_path):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("")  # a full disk at start, before this version wrote atomically
-    train.check_new_run_dir(run_dir)  # no error: nothing of a run is there
+    resume.check_new_run_dir(run_dir)  # no error: nothing of a run is there
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ConfigError, match="already holds a run"):
-        train.check_new_run_dir(run_dir)
+        resume.check_new_run_dir(run_dir)
 
 
 def test_a_damaged_metrics_line_is_named_and_a_cut_last_line_is_left_out(tmp_path, capsys):
@@ -92,12 +92,12 @@ def test_a_damaged_metrics_line_is_named_and_a_cut_last_line_is_left_out(tmp_pat
 
 def test_a_run_directory_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path, capsys):
     run_dir = fake_run(tmp_path)
-    lock = train.RunLock(run_dir)
+    lock = resume.RunLock(run_dir)
     with pytest.raises(ConfigError, match=r"in use by another run \(pid \d+ on "):
-        train.RunLock(run_dir)
+        resume.RunLock(run_dir)
     assert "is in use by another run" in error_of(capsys, ["--resume", str(run_dir), "train.steps=20"])
     lock.release()  # as the kernel does when the owner dies, however it dies
-    train.RunLock(run_dir).release()
+    resume.RunLock(run_dir).release()
 
 
 def test_config_yaml_is_written_whole_or_not_at_all(tmp_path, monkeypatch):

@@ -63,7 +63,7 @@ def test_stage1_data_that_is_not_here_becomes_a_handful_of_generated_pairs_of_th
 
 
 def test_a_grpo_batch_holds_one_group_and_reward_actors_stay(tmp_path):
-    from longalign_rl.train import required_resources
+    from longalign_rl.launch import required_resources
 
     overrides = ["algorithm.name=grpo", "train.batch_size=8", "reward.num_actors=3", "reward.num_cpus=2",
                  "reward.name=tests.plugins.my_reward:BrightPixels", "reward.kwargs={}"]

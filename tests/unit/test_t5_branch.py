@@ -215,7 +215,7 @@ def test_full_fine_tuning_exports_the_unet_without_the_adapter(t5_parts, tmp_pat
 def test_the_driver_names_a_broken_t5_folder_or_an_adapter_that_does_not_fit(tmp_path, damage, message):
     """Issue 22: these passed the driver's check; the sampler actors then died, and the run
     ended after its retries with `no sampler actor answered (ActorDiedError, ...)`."""
-    from longalign_rl import train
+    from longalign_rl import preflight
     from longalign_rl.encoding.t5 import TextAdapter
 
     tokenizer, encoder = load_t5("tiny")
@@ -235,4 +235,4 @@ def test_the_driver_names_a_broken_t5_folder_or_an_adapter_that_does_not_fit(tmp
         overrides.append(f"t5.adapter={tmp_path / 'adapter'}")
     assert encoder.config.d_model == 32
     with pytest.raises(ConfigError, match=message):
-        train.check_t5(load_config(None, overrides))
+        preflight.check_t5(load_config(None, overrides))
