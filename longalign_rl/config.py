@@ -11,22 +11,14 @@ The resolved config is saved with every run (`to_yaml`).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from longalign_rl.registry import IMPORT_PATH, algorithm_of
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key."""
+from longalign_rl.typed_yaml import ConfigError, build, dotted, load_yaml, merge, plain
 
 
 @dataclass(frozen=True)
@@ -395,214 +387,16 @@ class Config:
         return self.train.batch_size // algorithm_of(self).group_size(self)
 
 
-# ---------------------------------------------------------------- the keys, documented
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Each field's meaning: the comment lines right above it in the class body (and a
-    comment after it on its line), as this module writes them; one source, no copy."""
-    import inspect
-
-    names = {f.name for f in dataclasses.fields(cls)}
-    docs, pending, previous = {}, [], ""
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            pending.append(stripped.lstrip("#").strip())
-            continue
-        match = re.match(r"^(\w+)\s*:", stripped)
-        if match and match.group(1) in names:
-            trailing = stripped.split("  # ", 1)[1].strip() if "  # " in stripped else ""
-            # a field right below another with no comment of its own shares the comment above both
-            docs[match.group(1)] = previous = " ".join(pending + ([trailing] if trailing else [])) or previous
-        else:
-            previous = ""
-        pending = []
-    return docs
-
-
-def describe_keys(cfg: "Config | None" = None) -> str:
-    """Every key: type, default, the value in `cfg` where it differs, and its meaning."""
-    def type_name(tp) -> str:
-        return getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp).replace("typing.", "")
-
-    def walk(cls, obj, prefix):
-        hints, docs = typing.get_type_hints(cls), field_docs(cls)
-        for f in dataclasses.fields(cls):
-            key, tp = f"{prefix}{f.name}", hints[f.name]
-            if dataclasses.is_dataclass(tp):
-                section_doc = inspect_doc(tp)
-                yield f"\n[{key}]" + (f"  {section_doc}" if section_doc else "")
-                yield from walk(tp, getattr(obj, f.name) if obj is not None else None, key + ".")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            line = f"{key}: {type_name(tp)} = {_show(default)}"
-            if obj is not None and getattr(obj, f.name) != default:
-                line += f"    (this config: {_show(getattr(obj, f.name))})"
-            yield line
-            yield from (f"    {text}" for text in _wrap(docs.get(f.name, "")))
-
-    return "\n".join(walk(Config, cfg, "")).lstrip("\n") + "\n"
-
-
-def inspect_doc(cls: type) -> str:
-    """The first paragraph of a config section's docstring, on one line."""
-    doc = cls.__doc__ or ""
-    if doc.startswith(f"{cls.__name__}("):  # dataclass's generated signature: no docstring
-        return ""
-    return " ".join(doc.strip().split("\n\n")[0].split())
-
-
-def _show(value) -> str:
-    return yaml.safe_dump(_plain(value), default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
-
-
-def _plain(v):
-    """Tuples as lists, recursively: what YAML and JSON write."""
-    if isinstance(v, tuple):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
-
-
-def _wrap(text: str, width: int = 92) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width) if text else []
-
-
-# ---------------------------------------------------------------- building from dicts
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2's booleans: only true / false. (YAML 1.1, PyYAML's default, also
-    reads yes, no, on, off, y, n as booleans: `train.use_gpu=yes` would pass unnoticed.)"""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-
-
-def load_yaml(text: str) -> Any:
-    """YAML as configs are read: YAML 1.2's booleans (true / false only)."""
-    return yaml.load(text, Loader=_Loader)
-
-
-class _Raw(str):
-    """A command-line value not parsed yet: a str field takes it as written ("2024" stays
-    a string), any other field parses it as YAML ("1e-5" -> 1e-05, "[a, b]" -> a list)."""
-
-
-def _parse_raw(value: Any) -> Any:
-    if isinstance(value, _Raw):
-        return load_yaml(value) if value.strip() else ""
-    if isinstance(value, dict):
-        return {k: _parse_raw(v) for k, v in value.items()}
-    return value
-
-
-def _check_value(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; return it converted (list -> tuple)."""
-    if isinstance(value, _Raw):
-        is_str = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
-        value = str(value) if is_str and value.strip().lower() not in ("null", "none", "~") else _parse_raw(value)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [o for o in options if o is not type(None)]
-        return _check_value(value, inner, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if args[-1] is Ellipsis:
-            return tuple(_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-        return tuple(_check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _parse_raw(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # PyYAML (YAML 1.1) reads "3e-5" as a string; a float field means a number.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is bool and type(value) is not bool:
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def _build(cls: type, data: dict, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        path = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
-        hint = f"; did you mean {(f'{prefix}.{close[0]}' if prefix else close[0])!r}?" if close else ""
-        raise ConfigError(f"unknown config key {path!r}{hint} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, _parse_raw(value) if isinstance(value, _Raw) else value, key)
-        else:
-            kwargs[name] = _check_value(value, tp, key)
-    return cls(**kwargs)
-
-
-def _merge(base: dict, override: dict) -> dict:
-    """Nested dict merge; an override replaces leaves and adds keys (reward.kwargs included)."""
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _merge_layers(base: dict, override: dict) -> dict:
-    """_merge, except that reward.kwargs belong to their reward and data.kwargs to their
+    """merge, except that reward.kwargs belong to their reward and data.kwargs to their
     generator: naming another reward (data source) starts from no kwargs instead of
     inheriting the previous one's."""
-    merged = _merge(base, override)
+    merged = merge(base, override)
     for section, name in (("reward", "name"), ("data", "source")):
         new, old = override.get(section) or {}, base.get(section) or {}
         if isinstance(new, dict) and isinstance(old, dict) and name in new and new[name] != old.get(name):
             merged[section] = {**merged[section], "kwargs": new.get("kwargs", {})}
     return merged
-
-
-def _dotted(overrides: list[str]) -> dict:
-    """["train.lr=1e-5", "reward.kwargs.direction=corpus"] -> nested dict (values parsed as YAML)."""
-    tree: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key.path=value")
-        path, raw = item.split("=", 1)
-        value = _Raw(raw)
-        node = tree
-        *parents, leaf = path.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[leaf] = value
-    return tree
 
 
 def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
@@ -637,21 +431,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file's overrides (with the files it includes), then dotted
     command-line overrides."""
     data = read_config_file(path) if path is not None else {}
-    data = _merge_layers(data, _dotted(overrides or []))
-    cfg = _build(Config, data, "")
+    data = _merge_layers(data, dotted(overrides or []))
+    cfg = build(Config, data, "")
     validate(cfg)
     return cfg
 
 
 def from_dict(data: dict) -> Config:
     """A config from a (resolved) dict, as saved in a run directory."""
-    cfg = _build(Config, data, "")
+    cfg = build(Config, data, "")
     validate(cfg)
     return cfg
 
 
 def to_dict(cfg: Config) -> dict:
-    return _plain(dataclasses.asdict(cfg))
+    return plain(dataclasses.asdict(cfg))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -61,7 +61,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.print_config:
-        from longalign_rl.config import describe_keys
+        from longalign_rl.config_docs import describe_keys
 
         try:
             if args.resume:  # the run's own values, with what a resume would change

@@ -3,7 +3,7 @@ inside functions) of longalign_rl/, rewards/ and shapesworld/:
 
     foundations   config, types, registry, hub, encoding, models, vae, lora, prompts, data,
                   outputs, summary, hooks, direction, console, trackers, validation, arguments,
-                  uncertainty, scoring
+                  uncertainty, scoring, typed_yaml, config_docs
     maths         sampling.ddim, sampling.stochastic, sampling.sampler, algorithms
     inference     pipeline, generate, evaluate, reference_import   (no ray: they run where Ray is not installed)
     distributed   sampling.group, reward_actors, training   (the only ones that import ray/deepspeed)
@@ -24,7 +24,7 @@ from tests import REPO
 LAYERS = {
     "foundations": ["config", "types", "registry", "hub", "encoding", "models", "vae", "lora", "prompts", "data",
                     "outputs", "summary", "hooks", "direction", "console", "trackers", "validation", "arguments",
-                    "uncertainty", "scoring"],
+                    "uncertainty", "scoring", "typed_yaml", "config_docs"],
     "maths": ["sampling.ddim", "sampling.stochastic", "sampling.sampler", "algorithms"],
     "inference": ["pipeline", "generate", "evaluate", "reference_import"],
     "distributed": ["sampling.group", "reward_actors", "training"],
