@@ -27,14 +27,14 @@ from pathlib import Path
 
 from longalign_rl import validation
 from longalign_rl.config import Config
+from longalign_rl.outputs import LORA, METRICS, UNET
 from longalign_rl.registry import algorithm_of
 from longalign_rl.trackers import numbers
-from longalign_rl.outputs import LORA, METRICS, UNET
 
 WARNINGS_LOG = "warnings.log"
-# Where encode_prompts says that it cut a prompt at max_tokens: the driver measures the
-# prompts it knows before the run (preflight.warn_cut_prompts), once for the whole file.
-CUT_PROMPTS_LOGGER = "longalign_rl.encoding.encode"
+# CUT_PROMPTS_LOGGER (encoding/encode.py) says that a prompt was cut at max_tokens: the
+# driver measures the prompts it knows before the run (preflight.warn_cut_prompts), once for
+# the whole file, so the workers' and actors' warnings.log leave it out.
 
 # Shown on the progress line, when a record has them: stage 1's epoch and loss; in stage 2
 # the algorithm's progress_keys (registry.Algorithm).

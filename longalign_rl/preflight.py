@@ -153,7 +153,7 @@ def warn_cut_prompts(cfg: Config, key: str, prompts: list[str], what: str = "pro
     """One warning on the driver for the prompts of `key` that are longer than
     prompts.max_tokens encoded states, which are cut where they are encoded (as the reference
     cuts its own): instead of a line for every cut prompt from every sampler and worker,
-    whose warnings.log leaves them out (console.CUT_PROMPTS_LOGGER). Measured with CLIP's
+    whose warnings.log leaves them out (encoding.encode.CUT_PROMPTS_LOGGER). Measured with CLIP's
     tokenizer (SD v1.5's), on the first `limit` prompts."""
     from longalign_rl.encoding import build_clip_tokenizer
     from longalign_rl.encoding.encode import encoded_lengths

@@ -20,6 +20,11 @@ from longalign_rl.encoding.segments import MAX_SEGMENT_TOKENS, SPLITS, split_seg
 from longalign_rl.encoding.tokenizer import TokenCounter, clip_clean, token_counter
 
 log = logging.getLogger(__name__)
+# The warning that a prompt was cut at max_tokens has a logger of its own, so that the
+# processes whose prompts the driver measured beforehand can leave it out of warnings.log
+# (console.log_warnings_to's `skip`) by this name, not by a copy of a module path.
+CUT_PROMPTS_LOGGER = f"{__name__}.cut_prompts"
+cut_log = logging.getLogger(CUT_PROMPTS_LOGGER)
 
 CLIP_WINDOW = MAX_SEGMENT_TOKENS + 2  # <sot> + 75 words + <eot>
 # The pad vector is the mean hidden state over these positions of the empty prompt
@@ -113,7 +118,7 @@ def encode_prompts(
         row += len(segments)
         if kept.shape[0] > max_tokens:
             prompt = prompts[b] if len(prompts[b]) <= 60 else prompts[b][:57] + "..."
-            log.warning(
+            cut_log.warning(
                 "prompt %r: %d of its %d encoded states are past max_tokens=%d and were cut (raise prompts.max_tokens)",
                 prompt, kept.shape[0] - max_tokens, kept.shape[0], max_tokens,
             )

@@ -28,7 +28,8 @@ import torch
 
 from longalign_rl.actor_pool import ActorPool, backoff
 from longalign_rl.config import Config, from_dict, to_dict
-from longalign_rl.console import CUT_PROMPTS_LOGGER, WARNINGS_LOG, actor_cause, log_warnings_to
+from longalign_rl.console import WARNINGS_LOG, actor_cause, log_warnings_to
+from longalign_rl.encoding.encode import CUT_PROMPTS_LOGGER
 from longalign_rl.lora import load_trainable_state_dict, make_trainable
 from longalign_rl.models import DTYPES, load_model
 from longalign_rl.registry import algorithm_of

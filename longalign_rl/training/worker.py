@@ -49,7 +49,8 @@ import torch
 import torch.distributed as dist
 
 from longalign_rl.config import Config, from_dict, to_yaml
-from longalign_rl.console import CUT_PROMPTS_LOGGER, WARNINGS_LOG, log_warnings_to
+from longalign_rl.console import WARNINGS_LOG, log_warnings_to
+from longalign_rl.encoding.encode import CUT_PROMPTS_LOGGER
 from longalign_rl.data import is_generator
 from longalign_rl.lora import export_adapter, export_for_diffusers, trainable_state_dict
 from longalign_rl.models import Components
