@@ -6,7 +6,6 @@ a start that failed leaves nothing. No Ray.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -107,18 +106,17 @@ def check_checkpoint_index(run_dir: Path) -> None:
     stops Ray's controller with a raw traceback. It is moved aside (kept, with a warning),
     and the workers resume from the newest checkpoint folder on disk that verifies
     (worker._resume)."""
-    path = run_dir / "checkpoint_manager_snapshot.json"
-    if not path.is_file():
-        return
+    from longalign_rl.training.checkpoint import RAY_SNAPSHOT, snapshot_names
+
+    path = run_dir / RAY_SNAPSHOT
     try:
-        snapshot = json.loads(path.read_text())
-        names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
-        latest = snapshot.get("latest_checkpoint_result")
-        names += [latest["checkpoint_dir_name"]] if latest else []
+        names = snapshot_names(run_dir)
+        if names is None:
+            return
         gone = sorted({n for n in names if not (run_dir / n).is_dir()})
         problem = f"it names {', '.join(gone)}, which is gone" if gone else None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        problem = f"it is damaged ({type(e).__name__}: {e})"
+    except ValueError as e:
+        problem = str(e)
     if problem:
         aside = path.with_name(f"{path.name}.damaged")
         path.replace(aside)
@@ -195,9 +193,9 @@ def remove_unregistered_checkpoints(run_dir: Path) -> None:
     when Ray's record of the registered ones exists, so nothing is guessed)."""
     import shutil
 
-    from longalign_rl.training.checkpoint import registered
+    from longalign_rl.training.checkpoint import RAY_SNAPSHOT, registered
 
-    if not (run_dir / "checkpoint_manager_snapshot.json").is_file():
+    if not (run_dir / RAY_SNAPSHOT).is_file():
         return
     kept = {p.name for p in registered(run_dir)}
     for folder in sorted(run_dir.glob("checkpoint_*")):

@@ -38,6 +38,30 @@ WEIGHTS = "weights.safetensors"
 STATE = "state.json"
 MANIFESTS = "manifest"
 DEEPSPEED_TAG = "state"  # not "latest": DeepSpeed writes a file of that name beside the tag
+# Ray Train's own record of the checkpoints it registered, in the run directory (read here
+# and by the driver's resume checks; Ray reads it when the run restarts).
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def folder_name(step: int) -> str:
+    """A checkpoint's folder in the run directory, named by its step (not Ray's timestamp)."""
+    return f"checkpoint_{step:06d}"
+
+
+def snapshot_names(run_dir: Path, latest: bool = True) -> list[str] | None:
+    """The checkpoint folder names Ray Train's record holds (its registered checkpoints, and
+    with `latest` the latest result's), None without a record; ValueError naming the damage
+    when it cannot be read."""
+    path = run_dir / RAY_SNAPSHOT
+    if not path.is_file():
+        return None
+    try:
+        snapshot = json.loads(path.read_text())
+        names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+        last = snapshot.get("latest_checkpoint_result") if latest else None
+        return names + ([last["checkpoint_dir_name"]] if last else [])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"it is damaged ({type(e).__name__}: {e})") from None
 
 
 @dataclass
@@ -211,9 +235,6 @@ def on_disk(run_dir: Path) -> list[Path]:
 
 def registered(run_dir: Path) -> list[Path]:
     """The checkpoint folders Ray Train registered for this run, newest step first."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
-        return []
-    names = [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])]
+    names = snapshot_names(run_dir, latest=False) or []
     folders = [run_dir / n for n in names if (run_dir / n).is_dir()]
     return sorted(folders, key=lambda p: step_of(p) or -1, reverse=True)

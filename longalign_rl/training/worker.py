@@ -248,7 +248,7 @@ def _report(ctx: WorkerContext, state: checkpoint.TrainerState, record: dict) ->
         checkpoint.save(Path(d), ctx.engine, weights, state, ctx.rank)
         # named by step (checkpoint_000024), not by Ray Train's timestamp
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_{state.step:06d}")
+                         checkpoint_dir_name=checkpoint.folder_name(state.step))
 
 
 def _format(record: dict, keys: tuple[str, ...]) -> str:

@@ -103,3 +103,22 @@ def test_registered_lists_what_ray_registered_newest_first(tmp_path):
     snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}, {"checkpoint_dir_name": "checkpoint_b"}]}
     (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
     assert [p.name for p in checkpoint.registered(tmp_path)] == ["checkpoint_b", "checkpoint_a"]
+
+
+def test_ray_trains_record_is_read_in_one_place_and_damage_is_named(tmp_path):
+    """snapshot_names reads Ray Train's record for the worker (registered) and the driver
+    (resume.check_checkpoint_index): the names, None without it, the damage named."""
+    from longalign_rl.resume import check_checkpoint_index
+
+    assert checkpoint.snapshot_names(tmp_path) is None
+    record = {"checkpoint_results": [{"checkpoint_dir_name": checkpoint.folder_name(2)}],
+              "latest_checkpoint_result": {"checkpoint_dir_name": checkpoint.folder_name(4)}}
+    (tmp_path / checkpoint.RAY_SNAPSHOT).write_text(json.dumps(record))
+    assert checkpoint.snapshot_names(tmp_path) == ["checkpoint_000002", "checkpoint_000004"]
+    assert checkpoint.snapshot_names(tmp_path, latest=False) == ["checkpoint_000002"]
+    check_checkpoint_index(tmp_path)  # names folders that are gone: moved aside
+    assert not (tmp_path / checkpoint.RAY_SNAPSHOT).exists()
+    assert (tmp_path / f"{checkpoint.RAY_SNAPSHOT}.damaged").is_file()
+    (tmp_path / checkpoint.RAY_SNAPSHOT).write_text("{not json")
+    with pytest.raises(ValueError, match="it is damaged"):
+        checkpoint.snapshot_names(tmp_path)
