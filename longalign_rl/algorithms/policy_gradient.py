@@ -19,7 +19,7 @@ import torch
 
 from longalign_rl.registry import Algorithm
 from longalign_rl.sampling.ddim import dropout_seed, guided_eps, replay_dropout
-from longalign_rl.sampling.stochastic import gaussian_kl, step_log_prob, step_mean
+from longalign_rl.sampling.stochastic import gaussian_kl, step_mean, stochastic_step
 from longalign_rl.types import Trajectory
 
 
@@ -113,8 +113,8 @@ def policy_step_loss(unet, traj: Trajectory, k: int, advantages: torch.Tensor, g
     cond, uncond = traj.cond.to(device), traj.uncond.to(device)
     a, b, sigma = float(traj.a[k]), float(traj.b[k]), float(traj.sigma[k])
     with replay_dropout(unet, dropout_seed(traj.seed, traj.indices[k]) if train_mode else None):
-        mean = step_mean(x, guided_eps(unet, x, t, cond, uncond, guidance_scale).float(), a, b)
-    log_prob = step_log_prob(x_next, mean, sigma)
+        eps = guided_eps(unet, x, t, cond, uncond, guidance_scale).float()
+    _, log_prob, mean = stochastic_step(x, eps, a, b, sigma, x_next=x_next)  # the sampler's step, scored
     loss, stats = ppo_clip_loss(log_prob, traj.log_probs[:, k].to(device), advantages.to(device), clip_range,
                                 advantage_clip)
     if kl_weight > 0:

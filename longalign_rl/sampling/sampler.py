@@ -18,7 +18,7 @@ from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.models import DTYPES, Components, make_scheduler, vae_scale_factor
 from longalign_rl.sampling.ddim import (dropout_masks, dropout_seed, grad_step_indices, guided_eps,
                                         replay_coefficients, step_coefficients)
-from longalign_rl.sampling.stochastic import step_log_prob, step_mean, stochastic_coefficients
+from longalign_rl.sampling.stochastic import stochastic_coefficients, stochastic_step
 from longalign_rl.types import Rollout, Trajectory
 
 
@@ -75,13 +75,14 @@ class Sampler:
         cond_d, uncond_d = cond.to(self.device), uncond.to(self.device)
 
         grad_latents, grad_eps = [], []
-        for i, t in enumerate(self.scheduler.timesteps):
-            with self.dropout(seed, i):
-                eps = guided_eps(self.unet, latents, t, cond_d, uncond_d, self.guidance_scale)
+
+        def step(i, t, x, eps):  # deterministic DDIM, the gradient steps' inputs recorded
             if i in indices:
-                grad_latents.append(latents.cpu())
+                grad_latents.append(x.cpu())
                 grad_eps.append(eps.cpu())
-            latents = self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
+            return self.scheduler.step(eps, t, x, eta=0.0).prev_sample
+
+        latents = denoise(self, latents, cond_d, uncond_d, step, seed)
 
         return Rollout(
             prompts=list(prompts),
@@ -97,6 +98,19 @@ class Sampler:
             seed=seed,
             seconds=time.perf_counter() - start,
         )
+
+
+def denoise(sampler: "Sampler", latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, step,
+            seed: int | None = None) -> torch.Tensor:
+    """The one DDIM loop: at every timestep of the sampler's schedule the guided noise
+    prediction, under the chain's dropout (`sampler.dropout(seed, i)`; none when `seed` is
+    None), then `step(i, t, latents, eps)` gives the next latents: deterministic DDIM or a
+    stochastic step, with whatever the caller records. Returns the final latents."""
+    for i, t in enumerate(sampler.scheduler.timesteps):
+        with sampler.dropout(seed, i) if seed is not None else dropout_masks(sampler.unet, None):
+            eps = guided_eps(sampler.unet, latents, t, cond, uncond, sampler.guidance_scale)
+        latents = step(i, t, latents, eps)
+    return latents
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -118,10 +132,8 @@ def generate_latents(sampler: "Sampler", prompts: list[str], seeds: list[int]) -
     uncond = sampler.encoder.uncond(1).to(sampler.device)
     shape = (sampler.unet.config.in_channels, sampler.latent_size, sampler.latent_size)
     latents = (initial_noise(seeds, shape) * sampler.scheduler.init_noise_sigma).to(sampler.device)
-    with dropout_masks(sampler.unet, None):  # validation and inference: never dropout
-        for t in sampler.scheduler.timesteps:
-            eps = guided_eps(sampler.unet, latents, t, cond, uncond, sampler.guidance_scale)
-            latents = sampler.scheduler.step(eps, t, latents, eta=0.0).prev_sample
+    latents = denoise(sampler, latents, cond, uncond,  # validation and inference: never dropout (seed None)
+                      lambda i, t, x, eps: sampler.scheduler.step(eps, t, x, eta=0.0).prev_sample)
     return latents.float().cpu()
 
 
@@ -154,17 +166,17 @@ def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: floa
     x = (start_noise.repeat_interleave(shared_start, 0) * sampler.scheduler.init_noise_sigma).to(sampler.device)
     cond_d, uncond_d = cond.to(sampler.device), uncond.to(sampler.device)
     inputs, outputs, log_probs = [], [], []
-    for i, t in enumerate(sampler.scheduler.timesteps):
-        with sampler.dropout(seed, i):
-            eps = guided_eps(sampler.unet, x, t, cond_d, uncond_d, sampler.guidance_scale).float()
-        mean = step_mean(x.float(), eps, float(a[i]), float(b[i]))
-        noise = torch.randn(shape, generator=generator).to(sampler.device)
-        x_next = mean + float(sigma[i]) * noise
+
+    def step(i, t, x, eps):  # stochastic DDIM (drawn here: no next state given), the trained steps recorded
+        x_next, log_prob, _ = stochastic_step(x.float(), eps.float(), float(a[i]), float(b[i]), float(sigma[i]),
+                                              generator=generator)
         if i in indices:
-            log_probs.append(step_log_prob(x_next, mean, float(sigma[i])).cpu())
+            log_probs.append(log_prob.cpu())
             inputs.append(x.float().cpu())
             outputs.append(x_next.cpu())
-        x = x_next.to(x.dtype)
+        return x_next.to(x.dtype)
+
+    x = denoise(sampler, x, cond_d, uncond_d, step, seed)
     return Trajectory(prompts=list(prompts), cond=cond.cpu(), uncond=uncond.cpu(), indices=indices,
                       timesteps=sampler.scheduler.timesteps[indices].clone(), latents=torch.stack(inputs, 1),
                       next_latents=torch.stack(outputs, 1), log_probs=torch.stack(log_probs, 1), a=a[indices],

@@ -11,7 +11,7 @@ import torch
 from longalign_rl.algorithms.policy_gradient import PerPromptStatTracker, grpo_advantages, ppo_clip_loss
 from longalign_rl.models import make_scheduler
 from longalign_rl.sampling.ddim import guided_eps, step_coefficients
-from longalign_rl.sampling.stochastic import (gaussian_kl, sample_step, step_log_prob, step_mean,
+from longalign_rl.sampling.stochastic import (gaussian_kl, step_log_prob, step_mean, stochastic_step,
                                               stochastic_coefficients)
 
 
@@ -55,7 +55,7 @@ def test_recomputed_log_prob_under_the_sampling_weights_equals_the_samplers(tiny
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps[:3]):
             eps = guided_eps(unet, x, t, cond, uncond, 5.0)
-            x_next, recorded = sample_step(x, eps, float(a[i]), float(b[i]), float(sigma[i]), g)
+            x_next, recorded, _ = stochastic_step(x, eps, float(a[i]), float(b[i]), float(sigma[i]), g)
             recomputed = step_log_prob(x_next, step_mean(x, guided_eps(unet, x, t, cond, uncond, 5.0),
                                                          float(a[i]), float(b[i])), float(sigma[i]))
             torch.testing.assert_close(recomputed, recorded)
@@ -330,3 +330,17 @@ def test_the_kl_reference_is_the_starting_model(tiny_parts, lora):
         torch.testing.assert_close(start(x, t, encoder_hidden_states=context).sample, before)
         assert not any(p.requires_grad for p in start.parameters()) or lora
     torch.testing.assert_close(unet(x, t, encoder_hidden_states=context).sample, moved)  # adapter back on
+
+
+def test_one_stochastic_step_draws_without_a_next_state_and_scores_with_one():
+    """stochastic_step (ddpo-pytorch's shape): what it draws it scores the same when handed that
+    state back, with a mean that carries the gradient of eps; a step without noise has no density."""
+    g = torch.Generator().manual_seed(3)
+    x, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g).requires_grad_()
+    drawn, log_prob, mean = stochastic_step(x, eps, 0.9, 0.3, 0.2, generator=torch.Generator().manual_seed(5))
+    same, scored, mean2 = stochastic_step(x, eps, 0.9, 0.3, 0.2, x_next=drawn)
+    assert same is drawn and torch.equal(scored, log_prob) and torch.equal(mean, mean2)
+    scored.sum().backward()
+    assert eps.grad is not None and bool(eps.grad.abs().sum() > 0)
+    _, none, _ = stochastic_step(x, eps.detach(), 0.9, 0.3, 0.0, generator=torch.Generator().manual_seed(5))
+    assert none is None
