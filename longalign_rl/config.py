@@ -236,10 +236,16 @@ class AlgorithmConfig:
 class LoRAConfig:
     # False = full fine-tuning of the UNet.
     enabled: bool = True
-    # Reference: rank 32 on every linear/conv of the resnet, attention and GEGLU blocks.
+    # LoRA rank of every adapted layer (reference: 32).
     rank: int = 32
+    # LoRA scale alpha / rank (reference: alpha = rank, a scale of 1).
     alpha: float = 32.0
+    # Dropout on each LoRA layer's input while training (reference: 0.1); the samplers use
+    # it too with sampler.train_mode.
     dropout: float = 0.1
+    # The layers adapted: names of Linear / Conv2d modules of the UNet (the default adds the
+    # transformer blocks' proj_in / proj_out and ff.net.2 to the reference's resnet,
+    # attention and GEGLU layers: config.REFERENCE_LORA_TARGETS, docs/reference_mode.md).
     target_modules: tuple[str, ...] = (
         "to_q", "to_k", "to_v", "to_out.0",      # attention
         "proj_in", "proj_out",                   # transformer block in/out
