@@ -157,7 +157,7 @@ class PolicyGradient(Algorithm):
         from longalign_rl.sampling.sampler import sample_trajectory  # the actor's, which has it loaded
 
         return sample_trajectory(sampler, prompts, seed, cfg.sampler.eta, trained_steps(cfg),
-                                 shared_start=self.group_size(cfg) if self.shared_start(cfg) else 1,
+                                 shared_start=cfg.samples_per_start,
                                  policy_version=policy_version, window=sde_steps(cfg))
 
     def backward_passes(self, cfg) -> int:

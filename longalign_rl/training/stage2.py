@@ -51,6 +51,7 @@ class SamplerFed:
         self.prefetch = cfg.train.max_policy_lag >= cfg.train.sync_every  # overlap sampling with training
         # an algorithm with groups (grpo) draws each prompt group_size times, side by side in one batch
         self.repeats = self.algorithm.group_size(cfg)
+        self.prompts_per_batch = cfg.prompts_per_batch  # read once: the property looks up the record
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
 
     def reward_statistics(self, prompts: list[str]) -> Statistics | None:
@@ -78,10 +79,10 @@ class SamplerFed:
 
     def prompt_position(self, micro: int) -> int:
         """Prompts handed out to all workers before micro-step `micro`."""
-        return self.start_position + (micro - self.start_micro) * self.ctx.world * self.cfg.prompts_per_batch
+        return self.start_position + (micro - self.start_micro) * self.ctx.world * self.prompts_per_batch
 
     def request(self, micro: int) -> None:
-        n = self.cfg.prompts_per_batch
+        n = self.prompts_per_batch
         prompts = self.order.batch(self.prompt_position(micro) + self.ctx.rank * n, n)
         prompts = [p for p in prompts for _ in range(self.repeats)]
         self.client.request(micro, prompts, micro_seed(self.cfg, micro, self.ctx.rank))

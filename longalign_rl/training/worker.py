@@ -1,9 +1,9 @@
 """The one worker skeleton: what every algorithm's Ray Train worker does, around the body
 that is the algorithm's own.
 
-`TorchTrainer.fit(train_func)` runs `run_worker(loop_config, Body)` on every worker, with the
-body loop_config["body"] names (the algorithm's record, registry.Algorithm, says which), and
-it reads:
+`TorchTrainer.fit()` runs `train_func(loop_config)` on every worker, with the body
+loop_config["body"] names (the algorithm's record, registry.Algorithm, says which), and it
+reads:
 
     SET UP   context (rank, device, run directory); the UNet with what trains in a DeepSpeed
              engine (training/engine.py); the body builds the rest (VAE, reward, encoder ...)
@@ -257,20 +257,12 @@ def _format(record: dict, keys: tuple[str, ...]) -> str:
 
 
 def train_func(loop_config: dict) -> None:
-    """Ray Train's function on every worker: the skeleton with the body named by
-    loop_config["body"], "pkg.module:Class" (imported here, on the worker)."""
-    run_worker(loop_config, loop_config["body"])
-
-
-def run_worker(loop_config: dict, make_body: type | str) -> None:
-    """The skeleton above, with the body `make_body(ctx, parts, loop_config)` (a class, or its
-    import path). An exception is kept with its traceback in run_dir/errors/rank<r>.txt and
-    reaches the driver as a failures.WorkerFailure, which tells whether a retry would meet
-    it again."""
+    """Ray Train's function on every worker: the skeleton above, with the body named by
+    loop_config["body"], "pkg.module:Class" (imported here, on the worker). An exception is
+    kept with its traceback in run_dir/errors/rank<r>.txt and reaches the driver as a
+    failures.WorkerFailure, which tells whether a retry would meet it again."""
     with failures.reported(Path(loop_config["run_dir"]), ray.train.get_context().get_world_rank()) as attempt:
-        if isinstance(make_body, str):
-            make_body = import_path(make_body, "the algorithm's body")
-        _run_worker(loop_config, make_body, attempt)
+        _run_worker(loop_config, import_path(loop_config["body"], "the algorithm's body"), attempt)
 
 
 def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -> None:
