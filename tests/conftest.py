@@ -16,6 +16,15 @@ from tests import REPO
 # start, in this process or a subprocess, inherits it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
+# Two pytest-xdist workers share 2 cores: each computes on one thread. With torch's default (a
+# thread per core in each) they fought over the cores: the unit tier took 2:02 and 224 s of CPU,
+# on one thread each 1:20 and 145 s (2 idle cores, 965 tests). Ray's processes get one thread
+# per CPU they reserve whatever this says (run with 0.5 CPU each: one).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "torch" in sys.modules:  # already imported by a plugin: its pool exists
+        sys.modules["torch"].set_num_threads(1)
+
 # A third-party package: two rewards, one of them declared as an entry point.
 PLUGIN = '''
 import torch
