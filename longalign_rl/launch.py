@@ -63,6 +63,10 @@ def connect(cfg: Config) -> str:
         context = ray.init(address=address, log_to_driver=cfg.run.verbose,
                            logging_level=logging.INFO if cfg.run.verbose else logging.ERROR)
         dashboard = getattr(context, "dashboard_url", None)
+    if not address:
+        # A local instance is one node that no autoscaler drains: Ray Train's preemption watcher
+        # (one more actor process per run, polling for drained nodes) has nothing to watch there.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     shortfall = resource_shortfall(cfg, ray.cluster_resources())
     if shortfall and not address:
         raise ConfigError(f"resources: {shortfall}; this local Ray instance can never place it")
