@@ -17,6 +17,12 @@ from longalign_rl.outputs import read_metrics
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+# For the runs that test something other than the default run's numbers (faults, plug-ins):
+# 2 prompts per worker instead of 8, 2 validation prompts instead of 16. The default config
+# itself runs as shipped in tiny_run.
+LIGHT = ("train.batch_size=2", "run.validation_size=2")
+
+
 def run_main(tmp_path, *args):
     code = train.main([*args, f"run.output_dir={tmp_path}"] if "--resume" not in args else list(args))
     assert code == 0
@@ -24,13 +30,14 @@ def run_main(tmp_path, *args):
 
 @pytest.fixture(scope="module")
 def tiny_run(ray_local, tmp_path_factory):
-    """4 steps with a checkpoint every 2, then --resume to 6 steps."""
+    """4 steps with a checkpoint every 2, then --resume to 6 steps with one every step, 4 kept:
+    the checkpoints at 2, 4, 5 and 6 give the damaged-resume test below three to damage."""
     out = tmp_path_factory.mktemp("runs")
     run_main(out, "train.steps=4", "run.checkpoint_every=2", "run.image_every=2", "run.eval_every=2", "run.name=tiny")
     run_dir = out / "tiny"
     first = read_metrics(run_dir)
     (run_dir / "validation_before_resume.jsonl").write_text((run_dir / "validation.jsonl").read_text())
-    run_main(out, "--resume", str(run_dir), "train.steps=6")
+    run_main(out, "--resume", str(run_dir), "train.steps=6", "run.checkpoint_every=1", "run.keep_checkpoints=4")
     return run_dir, first
 
 
@@ -55,7 +62,8 @@ def test_run_writes_metrics_images_config_and_checkpoints(tiny_run):
     assert (run_dir / "images" / "step_000002.txt").read_text().startswith("0: ")
     assert "pretrained: shapesworld-partial" in (run_dir / "config.yaml").read_text()
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert [p.name for p in checkpoints] == ["checkpoint_000002", "checkpoint_000004", "checkpoint_000006"]
+    assert [p.name for p in checkpoints] == ["checkpoint_000002", "checkpoint_000004", "checkpoint_000005",
+                                             "checkpoint_000006"]
     newest = checkpoints[-1]
     assert json.loads((newest / "state.json").read_text())["step"] == 6
     assert (newest / "weights.safetensors").is_file()
@@ -199,7 +207,7 @@ def test_a_third_party_algorithm_trains_on_third_party_rewards(ray_local, tmp_pa
     parts = "[{name: redness}, {name: 'thirdparty_rewards:Darkness', weight: 0.5, kwargs: {weight: 2.0}}]"
     run_main(tmp_path, "train.steps=2", "run.checkpoint_every=2", "reward.name=weighted_sum",
              f"reward.kwargs={{rewards: {parts}}}", "run.name=p", "algorithm.name=tests.plugins.best_of_group:BEST_OF_GROUP",
-             "algorithm.kwargs={group_size: 2}", "train.batch_size=4")
+             "algorithm.kwargs={group_size: 2}", "train.batch_size=4", "run.validation_size=2")
     out = capsys.readouterr().out
     assert "algorithm          best_of_group: denoising loss on the best of 2 samples per prompt" in out, out
     assert "best_reward" in out  # the progress line shows the algorithm's own keys
@@ -231,7 +239,7 @@ def test_bad_config_fails_before_starting_anything(tmp_path, capsys):
 def test_a_reward_that_turns_nan_stops_the_run_keeping_the_last_finite_checkpoint(ray_local, tmp_path, capsys):
     """Step 1 is finite and checkpointed; steps 2 and 3 have NaN rewards everywhere: with
     run.max_nonfinite_steps=1 the run stops at step 3, exports nothing and exits 1."""
-    code = train.main(["train.steps=6", "run.checkpoint_every=1", "run.max_nonfinite_steps=1",
+    code = train.main(["train.steps=6", "run.checkpoint_every=1", "run.max_nonfinite_steps=1", "train.batch_size=2",
                        "reward.name=tests.plugins.my_reward:broken", "reward.kwargs={how: nan_after, after: 1}",
                        "run.validation_size=0",  # its reward calls count the workers' only
                        f"run.output_dir={tmp_path}", "run.name=nan"])
@@ -247,47 +255,21 @@ def test_a_reward_that_turns_nan_stops_the_run_keeping_the_last_finite_checkpoin
     assert not (run_dir / "lora").exists() and not (run_dir / "summary.json").exists()
 
 
-def test_a_corrupt_newest_checkpoint_falls_back_and_partial_ones_are_removed(tiny_run, tmp_path):
-    """The module's run (checkpoints at steps 2, 4 and 6), copied elsewhere: a moved run
-    resumes where it is now. Its newest checkpoint's optimiser state is truncated and a
-    never-registered folder holds a crafted pickle. --resume to 8 steps: it resumes from step
-    4 (steps 5-6 redone, no metric row lost or doubled), removes the partial folder and
-    never runs its code."""
-    import pickle
-    import shutil
-
-    run_dir = tmp_path / "fb"
-    shutil.copytree(tiny_run[0], run_dir)
-    by_step = {json.loads((p / "state.json").read_text())["step"]: p for p in run_dir.glob("checkpoint_*") if p.is_dir()}
-    assert sorted(by_step) == [2, 4, 6]
-    optim = next((by_step[6] / "deepspeed").rglob("*optim_states.pt"))
-    optim.write_bytes(optim.read_bytes()[:1000])
-    partial = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
-    (partial / "rng").mkdir(parents=True)
-    marker = tmp_path / "marker"
-
-    class Exploit:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    (partial / "rng" / "rank0.pt").write_bytes(pickle.dumps(Exploit()))
-    run_main(tmp_path, "--resume", str(run_dir), "train.steps=8")
-    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert not partial.exists() and not marker.exists()
-    newest = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()),
-                 key=lambda p: json.loads((p / "state.json").read_text())["step"])
-    assert json.loads((newest / "state.json").read_text())["step"] == 8
-    assert (newest / "manifest" / "rank0.json").is_file() and (newest / "manifest" / "rank1.json").is_file()
-    assert len(read_metrics(tiny_run[0])) == 6  # the original run was not touched
-
-
 def test_a_resume_applies_its_changes_and_gets_past_every_damaged_file(tiny_run, tmp_path, capsys, caplog):
-    """Issue 22: each of these needed hand repair (or was silently wrong) before. The module's
-    run (checkpoints at 2, 4, 6), copied: the newest checkpoint folder deleted (Ray Train's
-    record still names it), step 4's optimiser state replaced by a crafted pickle with its
-    manifest updated (it verifies, and DeepSpeed's load refuses it), metrics.jsonl's last
-    line cut. `--resume train.steps=7 train.lr=5e-4` moves the record aside, falls back to
-    step 2, runs steps 3-7 at the new lr, and logs each step once."""
+    """Issue 22: each of these needed hand repair (or was silently wrong, or ran a stranger's
+    code) before. The module's run (checkpoints at 2, 4, 5, 6), copied elsewhere: a moved run
+    resumes where it is now. Damaged, newest first:
+    - checkpoint 6's folder deleted (Ray Train's record still names it): the record is moved aside;
+    - checkpoint 5's optimiser state truncated: its manifest no longer verifies;
+    - checkpoint 4's optimiser state a crafted pickle with its manifest updated: it verifies,
+      and DeepSpeed's weights-only load refuses it;
+    - a folder Ray Train never registered, holding a crafted pickle: its code is never run
+      (with the record moved aside nothing says it is unregistered, so it stays and fails
+      verification; the removal with a record: unit/test_checkpoint_safety.py);
+    - metrics.jsonl's last line cut.
+    `--resume train.steps=7 train.lr=5e-4` falls back to step 2, runs steps 3-7 at the new lr
+    (no metric row lost or doubled) and leaves the original run untouched. (One resume for all
+    of them: each resume is half a minute of the test command.)"""
     import hashlib
     import pickle
     import shutil
@@ -295,32 +277,46 @@ def test_a_resume_applies_its_changes_and_gets_past_every_damaged_file(tiny_run,
     run_dir = tmp_path / "damaged"
     shutil.copytree(tiny_run[0], run_dir)
     by_step = {json.loads((p / "state.json").read_text())["step"]: p for p in run_dir.glob("checkpoint_*") if p.is_dir()}
-    shutil.rmtree(by_step[6])
-    optim = next((by_step[4] / "deepspeed").rglob("*optim_states.pt"))
+    assert sorted(by_step) == [2, 4, 5, 6]
     marker = tmp_path / "marker"
 
     class Exploit:
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    optim.write_bytes(pickle.dumps({"optimizer_state_dict": Exploit()}))
-    name = str(optim.relative_to(by_step[4]))
+    shutil.rmtree(by_step[6])
+    truncated = next((by_step[5] / "deepspeed").rglob("*optim_states.pt"))
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    crafted = next((by_step[4] / "deepspeed").rglob("*optim_states.pt"))
+    crafted.write_bytes(pickle.dumps({"optimizer_state_dict": Exploit()}))
+    name = str(crafted.relative_to(by_step[4]))
     for manifest in (by_step[4] / "manifest").glob("rank*.json"):
         data = json.loads(manifest.read_text())
         if name in data["files"]:
-            data["files"][name] = {"bytes": optim.stat().st_size, "sha256": hashlib.sha256(optim.read_bytes()).hexdigest()}
+            data["files"][name] = {"bytes": crafted.stat().st_size, "sha256": hashlib.sha256(crafted.read_bytes()).hexdigest()}
             manifest.write_text(json.dumps(data))
+    partial = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
+    (partial / "rng").mkdir(parents=True)
+    (partial / "rng" / "rank0.pt").write_bytes(pickle.dumps(Exploit()))
     metrics = (run_dir / "metrics.jsonl").read_text()
     (run_dir / "metrics.jsonl").write_text(metrics[: metrics.rstrip().rfind("\n") + 30])  # step 6's line, cut
-    run_main(tmp_path, "--resume", str(run_dir), "train.steps=7", "train.lr=5e-4")
+
+    run_main(tmp_path, "--resume", str(run_dir), "train.steps=7", "train.lr=5e-4", "run.checkpoint_every=10")
     console = capsys.readouterr()
     assert "names checkpoint_000006, which is gone; moved aside" in caplog.text  # the driver's warning
-    assert "checkpoint checkpoint_000004 cannot be resumed" in console.out + console.err  # rank 0's, via warnings.log
-    assert (run_dir / "checkpoint_manager_snapshot.json.damaged").is_file() and not marker.exists()
+    for step in (5, 4):  # rank 0's, via warnings.log
+        assert f"checkpoint checkpoint_00000{step} cannot be resumed" in console.out + console.err, step
+    assert (run_dir / "checkpoint_manager_snapshot.json.damaged").is_file()
+    assert partial.exists() and not marker.exists()
     records = read_metrics(run_dir)
     assert [m["step"] for m in records] == [1, 2, 3, 4, 5, 6, 7]
     assert [m["lr"] for m in records[2:]] == pytest.approx([5e-4] * 5)  # applied, not the checkpoint's 3e-3
     assert "lr: 0.0005" in (run_dir / "config.yaml").read_text()
+    newest = max((p for p in run_dir.glob("checkpoint_*") if (p / "state.json").is_file()),
+                 key=lambda p: json.loads((p / "state.json").read_text())["step"])
+    assert json.loads((newest / "state.json").read_text())["step"] == 7
+    assert (newest / "manifest" / "rank0.json").is_file() and (newest / "manifest" / "rank1.json").is_file()
+    assert len(read_metrics(tiny_run[0])) == 6  # the original run was not touched
 
 
 def test_a_second_run_of_the_same_name_and_a_tracker_that_cannot_start_leave_nothing(ray_local, tmp_path, capsys,
@@ -366,7 +362,7 @@ def test_a_sampler_actor_that_cannot_be_built_is_named_before_the_run_starts(ray
 def test_a_reward_that_fails_mid_run_ends_with_one_clear_line(ray_local, tmp_path, capsys):
     """The probe passes, the reward raises at its second call in the workers: exit 1 with the
     worker's error and how to continue, and the step-1 checkpoint kept."""
-    code = train.main(["train.steps=4", "run.checkpoint_every=1", "run.max_failures=0",
+    code = train.main(["train.steps=4", "run.checkpoint_every=1", "run.max_failures=0", "train.batch_size=2",
                        "reward.name=tests.plugins.my_reward:broken", "reward.kwargs={how: raise_after, after: 1}",
                        "run.validation_size=0",  # its reward calls count the workers' only
                        f"run.output_dir={tmp_path}", "run.name=raises"])
@@ -389,7 +385,7 @@ def test_an_error_that_a_retry_would_repeat_is_not_retried(ray_local, tmp_path, 
     fails in step 1, before finishing a step. A retry would start from the same place and
     fail the same way: the run ends at once, not after run.max_failures=3 restarts, and the
     console's last line is the cause (whatever Ray cut of its text) with its traceback file."""
-    code = train.main(["train.steps=4", "run.max_failures=3", "run.validation_size=2",
+    code = train.main(["train.steps=4", "run.max_failures=3", "run.validation_size=2", "train.batch_size=2",
                        "reward.name=tests.plugins.my_reward:broken", "reward.kwargs={how: raise_after, after: 1}",
                        f"run.output_dir={tmp_path}", "run.name=first"])
     err = capsys.readouterr().err
@@ -442,7 +438,7 @@ def test_a_killed_trainer_worker_is_recovered_from_the_last_checkpoint(ray_local
 
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
-    run_main(tmp_path, "train.steps=8", "run.checkpoint_every=2", "run.max_failures=1", "run.name=killed")
+    run_main(tmp_path, "train.steps=8", "run.checkpoint_every=2", "run.max_failures=1", "run.name=killed", *LIGHT)
     killer.join(timeout=5)
     assert killed, "no worker was killed"
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 9))  # none lost, none doubled

@@ -105,6 +105,22 @@ def test_registered_lists_what_ray_registered_newest_first(tmp_path):
     assert [p.name for p in checkpoint.registered(tmp_path)] == ["checkpoint_b", "checkpoint_a"]
 
 
+def test_a_resume_removes_the_folders_ray_train_never_registered_only_when_its_record_says_so(tmp_path, caplog):
+    """resume.remove_unregistered_checkpoints: a folder a killed run began and Ray Train never
+    registered is deleted, with a warning; without Ray Train's record nothing is guessed."""
+    from longalign_rl.resume import remove_unregistered_checkpoints
+
+    for name in (checkpoint.folder_name(2), "checkpoint_2099-01-01_00-00-00.000000"):
+        (tmp_path / name).mkdir()
+    remove_unregistered_checkpoints(tmp_path)  # no record: both stay
+    assert len(list(tmp_path.glob("checkpoint_*"))) == 2
+    record = {"checkpoint_results": [{"checkpoint_dir_name": checkpoint.folder_name(2)}]}
+    (tmp_path / checkpoint.RAY_SNAPSHOT).write_text(json.dumps(record))
+    remove_unregistered_checkpoints(tmp_path)
+    assert [p.name for p in tmp_path.glob("checkpoint_*") if p.is_dir()] == [checkpoint.folder_name(2)]
+    assert "removing checkpoint_2099-01-01_00-00-00.000000: a checkpoint that was never completed" in caplog.text
+
+
 def test_ray_trains_record_is_read_in_one_place_and_damage_is_named(tmp_path):
     """snapshot_names reads Ray Train's record for the worker (registered) and the driver
     (resume.check_checkpoint_index): the names, None without it, the damage named."""
