@@ -1,7 +1,8 @@
 """Ctrl-C on the driver (issue 10, item 4): the run finishes its step, checkpoints it, says how
 to continue and exits 130; --resume continues from that step with no metric row lost or
-doubled; and so after a SIGKILL of the driver. The run is a real `python -m longalign_rl.train`
-process with its own Ray."""
+doubled; and so after a SIGKILL of the driver. The interrupted runs are real
+`python -m longalign_rl.train` processes with their own Ray; the last resume runs in this
+process, on the session's Ray (conftest.ray_local)."""
 
 import json
 import os
@@ -12,8 +13,9 @@ import time
 
 import pytest
 
-from tests import REPO
+from longalign_rl import train
 from longalign_rl.outputs import read_metrics
+from tests import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -38,16 +40,19 @@ def wait_for(run_dir, proc, n):
     assert len(rows(run_dir)) >= n, f"the run did not reach step {n} (exit code {proc.poll()})"
 
 
-def test_sigint_checkpoints_the_step_and_a_killed_driver_loses_nothing_on_resume(tmp_path):
+def test_sigint_checkpoints_the_step_and_a_killed_driver_loses_nothing_on_resume(ray_local, tmp_path, capsys):
     """One run, interrupted twice (one cold start instead of two: each costs about a minute).
     1. Ctrl-C after step 2, with no checkpoint due before step 100: the run finishes its
        step, checkpoints it, says how to continue and exits 130.
     2. --resume with a checkpoint every 2 steps; SIGKILL to the driver and its local Ray
        (its process group) mid-step, after the checkpoint of step 4.
     3. --resume again: it continues from the last checkpoint; the metrics rows written after
-       it are redone, not doubled, and none is lost."""
+       it are redone, not doubled, and none is lost.
+    The default config with 2 prompts per worker and 2 validation prompts (its 8 and 16 are
+    not what is tested here)."""
     run_dir = tmp_path / "int"
-    proc = start("train.steps=60", "run.checkpoint_every=100", f"run.output_dir={tmp_path}", "run.name=int")
+    proc = start("train.steps=60", "run.checkpoint_every=100", "train.batch_size=2", "run.validation_size=2",
+                 f"run.output_dir={tmp_path}", "run.name=int")
     try:
         wait_for(run_dir, proc, 2)
         proc.send_signal(signal.SIGINT)
@@ -71,9 +76,6 @@ def test_sigint_checkpoints_the_step_and_a_killed_driver_loses_nothing_on_resume
     logged = len(rows(run_dir))
     assert [m["step"] for m in rows(run_dir)] == list(range(1, logged + 1))
 
-    resumed = subprocess.run([sys.executable, "-m", "longalign_rl.train", "--resume", str(run_dir),
-                              f"train.steps={logged + 2}"], cwd=REPO, env=ENV, capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert train.main(["--resume", str(run_dir), f"train.steps={logged + 2}"]) == 0, capsys.readouterr().err[-3000:]
     assert [m["step"] for m in rows(run_dir)] == list(range(1, logged + 3))
     assert not (run_dir / "stopped.json").exists() and (run_dir / "lora").is_dir()

@@ -12,7 +12,8 @@ from longalign_rl.outputs import read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-BRIGHT = ["reward.name=tests.plugins.my_reward:BrightPixels", "reward.kwargs={threshold: 0.5}"]
+BRIGHT = ["reward.name=tests.plugins.my_reward:BrightPixels", "reward.kwargs={threshold: 0.5}",
+          "run.validation_size=2"]  # 2 validation prompts, not the default's 16: validation is tested elsewhere
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +67,10 @@ def test_grpo_run_exports_its_lora_and_summary(grpo_run):
 
 
 def test_ddpo_resume_continues_its_per_prompt_statistics(ray_local, tmp_path):
-    """2 steps, checkpoint, resume to 4: the statistics hold all 4 steps' rewards (16 per step),
-    not only the 2 after the resume."""
-    common = ["algorithm.name=ddpo", *BRIGHT, "algorithm.buffer_size=64", "algorithm.min_count=64",
-              "algorithm.timestep_fraction=0.2", "run.checkpoint_every=2"]
+    """2 steps, checkpoint, resume to 4: the statistics hold all 4 steps' rewards (4 per step:
+    2 workers x 2 prompts), not only the 2 after the resume."""
+    common = ["algorithm.name=ddpo", *BRIGHT, "train.batch_size=2", "algorithm.buffer_size=16",
+              "algorithm.min_count=16", "algorithm.timestep_fraction=0.2", "run.checkpoint_every=2"]
     assert train.main([*common, "train.steps=2", f"run.output_dir={tmp_path}", "run.name=ddpo"]) == 0
     run_dir = tmp_path / "ddpo"
     assert train.main(["--resume", str(run_dir), "train.steps=4"]) == 0
@@ -81,7 +82,7 @@ def test_ddpo_resume_continues_its_per_prompt_statistics(ray_local, tmp_path):
             if state["step"] == step:
                 return sum(len(b) for b in state["algorithm"]["ddpo"]["buffers"].values())
 
-    assert rewards_tracked(2) == 32 and rewards_tracked(4) == 64
+    assert rewards_tracked(2) == 8 and rewards_tracked(4) == 16
 
 
 def test_grpo_with_reward_actors_in_their_own_runtime_env(grpo_run, tmp_path):
@@ -92,6 +93,7 @@ def test_grpo_with_reward_actors_in_their_own_runtime_env(grpo_run, tmp_path):
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("from tests.plugins.my_reward import BrightPixels as Bright\n")
     code = train.main(["algorithm.name=grpo", "reward.name=actor_only_rewards:Bright", "reward.kwargs={threshold: 0.5}",
+                       "run.validation_size=2",
                        "reward.num_actors=2", "reward.num_cpus=0",
                        f"reward.runtime_env={{py_modules: ['local://{package.parent}']}}", "train.steps=2",
                        "algorithm.timestep_fraction=0.3", "run.checkpoint_every=2", f"run.output_dir={tmp_path}",
