@@ -64,7 +64,7 @@ def test_algorithm_throughput_times_both_algorithms_side_by_side(tmp_path, monke
     out = tmp_path / "throughput.json"
     monkeypatch.setattr(sys, "argv", [
         "algorithm_throughput.py", "--model", "tiny", "--prompts", "demo", "--reward", "tiny_clip", "--batch", "4",
-        "--resolution", "64", "--steps", "4", "--grad-steps", "2", "--fractions", "0.5", "1.0", "--rounds", "1",
+        "--resolution", "32", "--steps", "2", "--grad-steps", "1", "--fractions", "0.5", "1.0", "--rounds", "1",
         "--max-tokens", "240", "--out", str(out)])
     runpy.run_path(str(BENCHMARKS / "algorithm_throughput.py"), run_name="__main__")
     setups = json.loads(out.read_text())["setups"]
@@ -80,7 +80,8 @@ def test_algorithm_throughput_times_both_algorithms_side_by_side(tmp_path, monke
 def test_replay_error_benchmark_separates_the_causes(monkeypatch, capsys):
     """With the same weights the replay is exact (fp32, bf16, dropout as sampled); dropout
     drawn afresh and one optimiser step are not."""
-    monkeypatch.setattr(sys, "argv", ["replay_error.py", "--model", "tiny", "--resolution", "64", "--lr", "1e-3"])
+    monkeypatch.setattr(sys, "argv", ["replay_error.py", "--model", "tiny", "--resolution", "32", "--steps", "4",
+                                      "--batch", "1", "--lr", "1e-3"])  # the smallest size: CI time
     runpy.run_path(str(BENCHMARKS / "replay_error.py"), run_name="__main__")
     out = capsys.readouterr().out
     result = json.loads(out[: out.index("\n}\n") + 2])
