@@ -1,4 +1,4 @@
-"""Tests in two tiers: unit/ (no Ray cluster, no DeepSpeed engine; about a minute) and
+"""Tests in two tiers: unit/ (no Ray cluster, no DeepSpeed engine; about 1.5 minutes) and
 e2e/ (Ray, DeepSpeed, `ray job submit`, the scripts). Shared fixtures: conftest.py."""
 
 from pathlib import Path
