@@ -13,14 +13,9 @@ import torch
 from longalign_rl import train
 from longalign_rl.prompts import load_prompts
 from longalign_rl.outputs import read_metrics
+from tests import LIGHT
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-# For the runs that test something other than the default run's numbers (faults, plug-ins):
-# 2 prompts per worker instead of 8, 2 validation prompts instead of 16. The default config
-# itself runs as shipped in tiny_run.
-LIGHT = ("train.batch_size=2", "run.validation_size=2")
 
 
 def run_main(tmp_path, *args):
@@ -385,7 +380,7 @@ def test_an_error_that_a_retry_would_repeat_is_not_retried(ray_local, tmp_path, 
     fails in step 1, before finishing a step. A retry would start from the same place and
     fail the same way: the run ends at once, not after run.max_failures=3 restarts, and the
     console's last line is the cause (whatever Ray cut of its text) with its traceback file."""
-    code = train.main(["train.steps=4", "run.max_failures=3", "run.validation_size=2", "train.batch_size=2",
+    code = train.main(["train.steps=4", "run.max_failures=3", *LIGHT,
                        "reward.name=tests.plugins.my_reward:broken", "reward.kwargs={how: raise_after, after: 1}",
                        f"run.output_dir={tmp_path}", "run.name=first"])
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ import pytest
 
 from longalign_rl import train
 from longalign_rl.outputs import read_metrics
-from tests import REPO
+from tests import LIGHT, REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -48,11 +48,9 @@ def test_sigint_checkpoints_the_step_and_a_killed_driver_loses_nothing_on_resume
        (its process group) mid-step, after the checkpoint of step 4.
     3. --resume again: it continues from the last checkpoint; the metrics rows written after
        it are redone, not doubled, and none is lost.
-    The default config with 2 prompts per worker and 2 validation prompts (its 8 and 16 are
-    not what is tested here)."""
+    The default config at tests.LIGHT's sizes."""
     run_dir = tmp_path / "int"
-    proc = start("train.steps=60", "run.checkpoint_every=100", "train.batch_size=2", "run.validation_size=2",
-                 f"run.output_dir={tmp_path}", "run.name=int")
+    proc = start("train.steps=60", "run.checkpoint_every=100", *LIGHT, f"run.output_dir={tmp_path}", "run.name=int")
     try:
         wait_for(run_dir, proc, 2)
         proc.send_signal(signal.SIGINT)

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from longalign_rl.outputs import read_metrics
-from tests import REPO
+from tests import LIGHT, REPO
 
 BIN = Path(sys.executable).parent  # the venv's bin (not resolved: that would leave the venv)
 RAY = BIN / "ray"
@@ -195,7 +195,7 @@ def test_ray_job_submit_runs_a_plugin_reward_on_a_started_cluster(ray_head, plug
         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
         "python", "-m", "longalign_rl.train", "train.steps=2", "run.checkpoint_every=2",
         f"run.output_dir={out}", "run.name=job", "reward.name=myplugin.rewards:Redness",
-        "train.batch_size=2", "run.validation_size=2",  # the default's 8 and 16 are not what is tested here
+        *LIGHT,
     ]
     start = time.monotonic()
     try:
