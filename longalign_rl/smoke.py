@@ -244,25 +244,33 @@ def _role(cmdline: list[str]) -> str | None:
 @dataclass
 class PeakMemory:
     """Polls the peak resident memory of this process and every Ray worker process below it
-    (a local Ray instance's workers are its grandchildren) while a run lasts."""
+    (a local Ray instance's workers are its grandchildren) while a run lasts. A process that
+    already had a role when the measuring began belongs to an earlier run on the same Ray
+    instance (an actor of a finished run can take a moment to exit) and is not counted."""
 
     interval: float = 0.5
     peaks: dict = field(default_factory=dict)  # pid -> [role, peak bytes]
+    earlier: set = field(default_factory=set)  # pids of an earlier run's actors
 
-    def poll(self) -> None:
+    def _children(self):
+        """(pid, role) of the Ray worker processes below this one."""
         import os
 
         import psutil
 
-        me = psutil.Process(os.getpid())
-        self._record(me.pid, "driver")
-        for child in me.children(recursive=True):
+        for child in psutil.Process(os.getpid()).children(recursive=True):
             try:
-                role = _role(child.cmdline())
+                yield child.pid, _role(child.cmdline())
             except psutil.Error:
                 continue
-            if role is not None or child.pid in self.peaks:
-                self._record(child.pid, role)
+
+    def poll(self) -> None:
+        import os
+
+        self._record(os.getpid(), "driver")
+        for pid, role in self._children():
+            if pid not in self.earlier and (role is not None or pid in self.peaks):
+                self._record(pid, role)
 
     def _record(self, pid: int, role: str | None) -> None:
         peak = _peak_rss(pid)
@@ -273,6 +281,7 @@ class PeakMemory:
         entry[1] = max(entry[1], peak)
 
     def __enter__(self):
+        self.earlier = {pid for pid, role in self._children() if role is not None}
         self._stop = threading.Event()
 
         def loop():

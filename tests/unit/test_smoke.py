@@ -113,3 +113,32 @@ def test_peak_memory_is_read_for_this_process():
         block[::4096] = b"x" * len(block[::4096])
     count, gb = memory.by_role()["driver"]
     assert count == 1 and gb > 64 / 1024
+
+
+def test_peak_memory_counts_only_the_actors_that_start_while_it_measures():
+    """On a Ray instance shared by runs, an actor of the previous run can still be exiting
+    when the next run's measuring begins: it is not one of the new run's processes."""
+    import subprocess
+    import time
+
+    def actor():  # a process whose command line reads as Ray's does for a trainer worker
+        return subprocess.Popen(["bash", "-c", 'exec -a "ray::RayTrainWorker.run" sleep 30'])
+
+    def started(proc):
+        import psutil
+
+        while psutil.Process(proc.pid).cmdline()[:1] != ["ray::RayTrainWorker.run"]:
+            time.sleep(0.01)
+
+    leftover = actor()
+    try:
+        started(leftover)
+        with smoke.PeakMemory(interval=0.05) as memory:
+            new = actor()
+            started(new)
+            time.sleep(0.2)
+        new.kill()
+        assert memory.by_role()["trainer worker"][0] == 1
+        assert new.pid in memory.peaks and leftover.pid not in memory.peaks
+    finally:
+        leftover.kill()
