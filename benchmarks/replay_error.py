@@ -75,7 +75,7 @@ def measure(model: str, resolution: int, steps: int, batch: int, lr: float) -> d
     rollout = seeded.sample(prompts, seed=0)
     unet = trainer(seeded, train_mode=True)
     result["floor_fp32_train_mode"] = max_error(unet, rollout, guidance, train_mode=True)
-    other_masks = dataclasses.replace(rollout, seed=rollout.seed + 1)  # the masks of another draw
+    other_masks = dataclasses.replace(rollout, seeds=[s + 1 for s in rollout.seeds])  # the masks of another draw
     result["dropout_unseeded"] = max_error(unet, other_masks, guidance, train_mode=True)
 
     plain = sampler_for("fp32", train_mode=False)

@@ -70,7 +70,7 @@ def score_model(pipe, prompts: list[str], seeds: list[int], reward, hooks, args)
         chunk = pipe.generate(prompts[i:i + args.batch_size], seeds[i:i + args.batch_size],
                               num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="pt").float()
         images.append(chunk.cpu())
-        extend(values, score_images(reward, hooks, chunk, prompts[i:i + args.batch_size]))
+        extend(values, score_images(reward, hooks, chunk, prompts[i:i + args.batch_size], batch_prompts=prompts))
     return torch.cat(images), values
 
 

@@ -353,10 +353,14 @@ class Algorithm:
     # The fields of a step's record the driver's progress line shows, when present.
     progress_keys: tuple[str, ...] = ("reward", "loss")
 
-    def sample(self, sampler: Any, prompts: list[str], seed: int, cfg, policy_version: int) -> Any:
+    def sample(self, sampler: Any, prompts: list[str], seed: int, cfg, policy_version: int,
+               seeds: list[int] | None = None) -> Any:
         """What a sampler actor sends for one batch (run in the actor): by default a `Rollout`
-        (deterministic DDIM, the gradient steps' inputs recorded, sampling/sampler.py)."""
-        return sampler.sample(prompts, seed, policy_version=policy_version)
+        (deterministic DDIM, the gradient steps' inputs recorded, sampling/sampler.py).
+        `seed`: the step's, for choices shared by its whole global batch (which steps are
+        trained); `seeds`: each sample's own, from its place in the global batch, so that a
+        sample does not depend on the worker or actor that draws it (docs/scaling.md)."""
+        return sampler.sample(prompts, seed, policy_version=policy_version, seeds=seeds)
 
     def group_size(self, cfg) -> int:
         """Samples drawn per prompt, side by side in one worker's batch (grpo: a group)."""

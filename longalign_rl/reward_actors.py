@@ -36,7 +36,7 @@ from longalign_rl.actor_pool import ActorPool, backoff
 from longalign_rl.config import Config, from_dict, to_dict
 from longalign_rl.console import WARNINGS_LOG, actor_cause, log_warnings_to
 from longalign_rl.registry import get_reward, probe_reward
-from longalign_rl.scoring import score
+from longalign_rl.scoring import batch_statistics, score
 from longalign_rl.types import RewardOutput
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,14 @@ class RewardActor:
         """The driver's probe (registry.probe_reward), run where the reward lives."""
         probe_reward(self.reward, self.cfg.reward.name, prompts, resolution)
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> Scored:
+    def score(self, images: torch.Tensor, prompts: list[str], batch_prompts: list[str] | None = None) -> Scored:
+        """The reward of `images`; `batch_prompts`: every prompt of the step's global batch,
+        whose batch statistics (scoring.batch_statistics) the reward then uses, as the
+        trainer workers do, whatever share of the batch this call scores."""
         start = time.perf_counter()
+        statistics = batch_statistics(self.reward, batch_prompts) if batch_prompts is not None else None
         with torch.no_grad():
-            out, _ = score(self.reward, images.to(self.device), prompts)
+            out, _ = score(self.reward, images.to(self.device), prompts, statistics)
         cpu = RewardOutput(total=out.total.detach().float().cpu(),
                            components={k: v.detach().float().cpu() for k, v in out.components.items()})
         return Scored(cpu, time.perf_counter() - start)
@@ -110,12 +114,13 @@ class RewardClient:
         self.next = rank % len(actors)
         self.sent: dict[ray.ObjectRef, tuple] = {}  # score ref -> (images, prompts, actor): to resend
 
-    def submit(self, images, prompts: list[str]) -> ray.ObjectRef:
-        """Score `images` (a tensor or the ObjectRef of one) of `prompts`; returns at once."""
+    def submit(self, images, prompts: list[str], batch_prompts: list[str] | None = None) -> ray.ObjectRef:
+        """Score `images` (a tensor or the ObjectRef of one) of `prompts`, with the batch
+        statistics of `batch_prompts` (RewardActor.score); returns at once."""
         actor = self.actors[self.next]
-        ref = actor.score.remote(images, prompts)
+        ref = actor.score.remote(images, prompts, batch_prompts)
         self.next = (self.next + 1) % len(self.actors)
-        self.sent[ref] = (images, prompts, actor)
+        self.sent[ref] = (images, prompts, batch_prompts, actor)
         return ref
 
     def forget(self, ref: ray.ObjectRef) -> None:
@@ -125,7 +130,7 @@ class RewardClient:
     def get(self, ref: ray.ObjectRef) -> Scored:
         deadline, deaths = time.monotonic() + self.timeout_s, 0
         while True:
-            images, prompts, actor = self.sent.pop(ref)
+            images, prompts, batch_prompts, actor = self.sent.pop(ref)
             try:
                 return ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001))
             except ray.exceptions.GetTimeoutError:
@@ -141,4 +146,4 @@ class RewardClient:
                 log.warning("rank %d: reward actor failed (%s); sending the batch to the next one", self.rank,
                             actor_cause(e))
                 backoff(deaths, deadline)
-                ref = self.submit(images, prompts)
+                ref = self.submit(images, prompts, batch_prompts)

@@ -27,7 +27,8 @@ class Rollout:
     coeffs: torch.Tensor         # [K] float64, c_k = d final_latents / d eps_k
     final_latents: torch.Tensor  # [B, C, h, w] the chain's output (before the VAE)
     policy_version: int          # optimiser steps behind the weights that sampled this
-    seed: int                    # seed of the initial noise and of the gradient-step offset
+    seed: int                    # the batch-wide choice: which DDIM steps are gradient steps
+    seeds: list[int]             # [B] each sample's own: its initial noise (the first's: dropout masks)
     seconds: float               # wall time the actor spent sampling
 
     def __len__(self) -> int:
@@ -55,7 +56,8 @@ class Trajectory:
     sigma: torch.Tensor          # [K] float64, all > 0
     final_latents: torch.Tensor  # [B, C, h, w]
     policy_version: int
-    seed: int
+    seed: int                    # the batch-wide choice: which DDIM steps are recorded
+    seeds: list[int]             # [B] each sample's own: its noise (the first's: dropout masks)
     seconds: float
 
     def __len__(self) -> int:

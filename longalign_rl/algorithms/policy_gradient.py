@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from longalign_rl.registry import Algorithm
-from longalign_rl.sampling.ddim import dropout_seed, guided_eps, replay_dropout
+from longalign_rl.sampling.ddim import batch_dropout_seed, dropout_seed, guided_eps, replay_dropout
 from longalign_rl.sampling.stochastic import gaussian_kl, step_mean, stochastic_step
 from longalign_rl.types import Trajectory
 
@@ -112,7 +112,7 @@ def policy_step_loss(unet, traj: Trajectory, k: int, advantages: torch.Tensor, g
     t = traj.timesteps[k]
     cond, uncond = traj.cond.to(device), traj.uncond.to(device)
     a, b, sigma = float(traj.a[k]), float(traj.b[k]), float(traj.sigma[k])
-    with replay_dropout(unet, dropout_seed(traj.seed, traj.indices[k]) if train_mode else None):
+    with replay_dropout(unet, dropout_seed(batch_dropout_seed(traj.seeds), traj.indices[k]) if train_mode else None):
         eps = guided_eps(unet, x, t, cond, uncond, guidance_scale).float()
     _, log_prob, mean = stochastic_step(x, eps, a, b, sigma, x_next=x_next)  # the sampler's step, scored
     loss, stats = ppo_clip_loss(log_prob, traj.log_probs[:, k].to(device), advantages.to(device), clip_range,
@@ -152,13 +152,13 @@ class PolicyGradient(Algorithm):
     progress_keys = ("reward", "advantage_zero", "clip_fraction", "approx_kl")
     per_prompt_statistics = False
 
-    def sample(self, sampler, prompts, seed, cfg, policy_version):
+    def sample(self, sampler, prompts, seed, cfg, policy_version, seeds=None):
         """Stochastic DDIM (sampler.eta) with the trained steps' log-probabilities: a Trajectory."""
         from longalign_rl.sampling.sampler import sample_trajectory  # the actor's, which has it loaded
 
         return sample_trajectory(sampler, prompts, seed, cfg.sampler.eta, trained_steps(cfg),
                                  shared_start=cfg.samples_per_start,
-                                 policy_version=policy_version, window=sde_steps(cfg))
+                                 policy_version=policy_version, window=sde_steps(cfg), seeds=seeds)
 
     def backward_passes(self, cfg) -> int:
         """One per trained DDIM step (as ddpo-pytorch accumulates them), so each step's

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from longalign_rl.registry import Algorithm
-from longalign_rl.sampling.ddim import dropout_seed, guided_eps, replay_dropout
+from longalign_rl.sampling.ddim import batch_dropout_seed, dropout_seed, guided_eps, replay_dropout
 from longalign_rl.scoring import score
 from longalign_rl.types import RewardOutput, Rollout
 from longalign_rl.vae import decode
@@ -35,7 +35,7 @@ def replay_final_latents(unet, rollout: Rollout, guidance_scale: float, train_mo
     latents = rollout.final_latents.to(device)
     for k, t in enumerate(rollout.grad_timesteps.tolist()):
         x_k = rollout.grad_latents[:, k].to(device)  # a recorded tensor: no graph behind it
-        seed = dropout_seed(rollout.seed, rollout.grad_indices[k]) if train_mode else None
+        seed = dropout_seed(batch_dropout_seed(rollout.seeds), rollout.grad_indices[k]) if train_mode else None
         with replay_dropout(unet, seed):
             eps_k = guided_eps(unet, x_k, t, cond, uncond, guidance_scale)
         recorded = rollout.grad_eps[:, k].to(device)

@@ -24,6 +24,13 @@ def dropout_seed(sample_seed: int, step: int) -> int:
     return (int(sample_seed) * 1_000_003 + int(step)) % (2**63 - 1)
 
 
+def batch_dropout_seed(seeds: list[int]) -> int:
+    """The seed of a batch's dropout masks (sampler.train_mode): its first sample's. Masks are
+    drawn for the batch as a whole, so, unlike the noise, they depend on how the global batch
+    is split (docs/scaling.md)."""
+    return int(seeds[0])
+
+
 def dropout_layers(module) -> list[torch.nn.Dropout]:
     return [m for m in module.modules() if isinstance(m, torch.nn.Dropout)]
 

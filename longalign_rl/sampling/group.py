@@ -59,16 +59,18 @@ class SamplerActor:
         self.version = 0  # optimiser steps behind the weights held now
         self.algorithm = algorithm_of(self.cfg)
 
-    def sample(self, prompts: list[str], seed: int) -> Rollout | Trajectory:
+    def sample(self, prompts: list[str], seed: int, seeds: list[int] | None = None) -> Rollout | Trajectory:
         """What the run's algorithm asks for (registry.Algorithm.sample): a Rollout of
-        deterministic DDIM, or a Trajectory of stochastic DDIM with log-probabilities."""
-        return self.algorithm.sample(self.sampler, prompts, seed, self.cfg, self.version)
+        deterministic DDIM, or a Trajectory of stochastic DDIM with log-probabilities.
+        `seed`: the step's; `seeds`: each sample's own."""
+        return self.algorithm.sample(self.sampler, prompts, seed, self.cfg, self.version, seeds=seeds)
 
     @ray.method(num_returns=2)
-    def sample_images(self, prompts: list[str], seed: int) -> tuple[Trajectory, torch.Tensor]:
+    def sample_images(self, prompts: list[str], seed: int, seeds: list[int] | None = None
+                      ) -> tuple[Trajectory, torch.Tensor]:
         """`sample`, and its final latents decoded: two objects, so that the images' ref can
         go to a reward actor (reward_actors.py) before the worker fetches either."""
-        trajectory = self.sample(prompts, seed)
+        trajectory = self.sample(prompts, seed, seeds)
         start = time.perf_counter()
         with torch.no_grad():
             images = decode(self.vae, trajectory.final_latents.to(self.sampler.device)).cpu()
@@ -167,7 +169,7 @@ class RolloutClient:
         self.actors, self.max_policy_lag, self.rank, self.rewards = actors, max_policy_lag, rank, rewards
         self.timeout_s = timeout_s
         self.choice = rank % len(actors)
-        self.asked: dict[int, tuple[list[str], int]] = {}  # micro -> (prompts, seed)
+        self.asked: dict[int, tuple] = {}  # micro -> (prompts, seed, seeds, batch_prompts)
         self.pending: dict[int, ray.ObjectRef] = {}
         self.scoring: dict[int, tuple[ray.ObjectRef, ray.ObjectRef]] = {}  # micro -> (images, their score)
 
@@ -175,17 +177,20 @@ class RolloutClient:
     def actor(self):
         return self.actors[self.choice]
 
-    def request(self, micro: int, prompts: list[str], seed: int) -> None:
-        """Ask for micro-step `micro`'s rollout now (a no-op if it is already asked for)."""
+    def request(self, micro: int, prompts: list[str], seed: int, seeds: list[int] | None = None,
+                batch_prompts: list[str] | None = None) -> None:
+        """Ask for micro-step `micro`'s rollout now (a no-op if it is already asked for):
+        `seed` the step's, `seeds` each sample's (SamplerActor.sample); with reward actors,
+        `batch_prompts` the step's global batch, for the reward's batch statistics."""
         if micro not in self.pending:
-            self.asked[micro] = (prompts, seed)
+            self.asked[micro] = (prompts, seed, seeds, batch_prompts)
             if self.rewards is None:
-                self.pending[micro] = self.actor.sample.remote(prompts, seed)
+                self.pending[micro] = self.actor.sample.remote(prompts, seed, seeds)
             else:
                 if micro in self.scoring:  # resampled: the earlier images' score is not wanted
                     self.rewards.forget(self.scoring.pop(micro)[1])
-                self.pending[micro], images = self.actor.sample_images.remote(prompts, seed)
-                self.scoring[micro] = (images, self.rewards.submit(images, prompts))
+                self.pending[micro], images = self.actor.sample_images.remote(prompts, seed, seeds)
+                self.scoring[micro] = (images, self.rewards.submit(images, prompts, batch_prompts))
 
     def scores(self, micro: int) -> tuple["Scored", ray.ObjectRef]:
         """The reward actors' score of `micro`'s samples (after `get(micro)`), and the ref of

@@ -16,8 +16,8 @@ import torch
 from longalign_rl.config import PromptConfig, SamplerConfig
 from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.models import DTYPES, Components, make_scheduler, vae_scale_factor
-from longalign_rl.sampling.ddim import (dropout_masks, dropout_seed, grad_step_indices, guided_eps,
-                                        replay_coefficients, step_coefficients)
+from longalign_rl.sampling.ddim import (batch_dropout_seed, dropout_masks, dropout_seed, grad_step_indices,
+                                        guided_eps, replay_coefficients, step_coefficients)
 from longalign_rl.sampling.stochastic import stochastic_coefficients, stochastic_step
 from longalign_rl.types import Rollout, Trajectory
 
@@ -59,8 +59,14 @@ class Sampler:
         return dropout_masks(self.unet, dropout_seed(seed, step) if self.train_mode else None)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seed: int, policy_version: int = 0) -> Rollout:
+    def sample(self, prompts: list[str], seed: int, policy_version: int = 0, seeds: list[int] | None = None
+               ) -> Rollout:
+        """Deterministic DDIM of `prompts`, the gradient steps' inputs recorded. `seed`: the
+        batch-wide choice (which steps carry the gradient); `seeds`: each sample's own (its
+        initial noise; by default derived from `seed`). A sample is a function of its own
+        seed and `seed` only, whatever batch it is drawn in (docs/scaling.md)."""
         start = time.perf_counter()
+        seeds = sample_seeds(seed, len(prompts)) if seeds is None else [int(s) for s in seeds]
         generator = torch.Generator().manual_seed(seed)
         stride = self.num_steps // self.num_grad_steps
         offset = int(torch.randint(stride, (1,), generator=generator))
@@ -68,10 +74,8 @@ class Sampler:
 
         cond = self.encoder(prompts).float()
         uncond = self.encoder.uncond(1).float()
-        channels = self.unet.config.in_channels
-        shape = (len(prompts), channels, self.latent_size, self.latent_size)
-        latents = torch.randn(shape, generator=generator) * self.scheduler.init_noise_sigma
-        latents = latents.to(self.device)
+        shape = (self.unet.config.in_channels, self.latent_size, self.latent_size)
+        latents = (initial_noise(seeds, shape) * self.scheduler.init_noise_sigma).to(self.device)
         cond_d, uncond_d = cond.to(self.device), uncond.to(self.device)
 
         grad_latents, grad_eps = [], []
@@ -82,7 +86,7 @@ class Sampler:
                 grad_eps.append(eps.cpu())
             return self.scheduler.step(eps, t, x, eta=0.0).prev_sample
 
-        latents = denoise(self, latents, cond_d, uncond_d, step, seed)
+        latents = denoise(self, latents, cond_d, uncond_d, step, batch_dropout_seed(seeds))
 
         return Rollout(
             prompts=list(prompts),
@@ -96,6 +100,7 @@ class Sampler:
             final_latents=latents.float().cpu(),
             policy_version=policy_version,
             seed=seed,
+            seeds=seeds,
             seconds=time.perf_counter() - start,
         )
 
@@ -111,6 +116,17 @@ def denoise(sampler: "Sampler", latents: torch.Tensor, cond: torch.Tensor, uncon
             eps = guided_eps(sampler.unet, latents, t, cond, uncond, sampler.guidance_scale)
         latents = step(i, t, latents, eps)
     return latents
+
+
+def sample_seeds(seed: int, count: int) -> list[int]:
+    """`count` samples' own seeds derived from one batch seed: for a caller that draws one
+    batch and does not care how its samples would be drawn in another (tests, benchmarks)."""
+    return [dropout_seed(seed, 1_000_000 + i) for i in range(count)]
+
+
+def noise_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One generator per sample for its stochastic steps' noise, apart from its initial noise."""
+    return [torch.Generator().manual_seed(dropout_seed(s, 2_000_000)) for s in seeds]
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -139,16 +155,19 @@ def generate_latents(sampler: "Sampler", prompts: list[str], seeds: list[int]) -
 
 @torch.no_grad()
 def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: float, num_recorded: int | None = None,
-                      shared_start: int = 1, policy_version: int = 0, window: tuple[int, int] | None = None
-                      ) -> Trajectory:
+                      shared_start: int = 1, policy_version: int = 0, window: tuple[int, int] | None = None,
+                      seeds: list[int] | None = None) -> Trajectory:
     """Stochastic DDIM (eta > 0) over `sampler`'s UNet, encoder and scheduler, recording
-    `num_recorded` steps (all by default) for policy-gradient training: which ones, the
-    initial noise and every step's noise come from `seed`, so a trajectory is a pure
-    function of (weights, prompts, seed). `shared_start`: runs of that many consecutive
-    samples (a GRPO group) start from the same noise, so that within a group only the
-    steps' noise, which the policy gradient credits, tells the samples apart. `window`
-    (start, end): only those steps are stochastic, and recorded; the others deterministic."""
+    `num_recorded` steps (all by default) for policy-gradient training. Which steps comes
+    from `seed` (the batch-wide choice); each sample's initial noise and every step's noise
+    from its own seed in `seeds` (by default derived from `seed`), so a trajectory is a pure
+    function of (weights, prompt, its seed, `seed`), whatever batch it is drawn in.
+    `shared_start`: runs of that many consecutive samples (a GRPO group) start from the
+    noise of the run's first seed, so that within a group only the steps' noise, which the
+    policy gradient credits, tells the samples apart. `window` (start, end): only those
+    steps are stochastic, and recorded; the others deterministic."""
     start = time.perf_counter()
+    seeds = sample_seeds(seed, len(prompts)) if seeds is None else [int(s) for s in seeds]
     generator = torch.Generator().manual_seed(seed)
     a, b, sigma = stochastic_coefficients(sampler.scheduler, eta, window)
     trainable = [i for i in range(len(sigma)) if sigma[i] > 0]  # a step without noise has no density
@@ -159,29 +178,30 @@ def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: floa
     indices = [trainable[int(i)] for i in chosen]
     cond = sampler.encoder(prompts).float()
     uncond = sampler.encoder.uncond(1).float()
-    shape = (len(prompts), sampler.unet.config.in_channels, sampler.latent_size, sampler.latent_size)
+    shape = (sampler.unet.config.in_channels, sampler.latent_size, sampler.latent_size)
     if len(prompts) % shared_start:
         raise ValueError(f"{len(prompts)} samples do not split into runs of {shared_start} with a shared start")
-    start_noise = torch.randn((len(prompts) // shared_start, *shape[1:]), generator=generator)
+    start_noise = initial_noise(seeds[::shared_start], shape)
     x = (start_noise.repeat_interleave(shared_start, 0) * sampler.scheduler.init_noise_sigma).to(sampler.device)
     cond_d, uncond_d = cond.to(sampler.device), uncond.to(sampler.device)
+    generators = noise_generators(seeds)
     inputs, outputs, log_probs = [], [], []
 
     def step(i, t, x, eps):  # stochastic DDIM (drawn here: no next state given), the trained steps recorded
         x_next, log_prob, _ = stochastic_step(x.float(), eps.float(), float(a[i]), float(b[i]), float(sigma[i]),
-                                              generator=generator)
+                                              generator=generators)
         if i in indices:
             log_probs.append(log_prob.cpu())
             inputs.append(x.float().cpu())
             outputs.append(x_next.cpu())
         return x_next.to(x.dtype)
 
-    x = denoise(sampler, x, cond_d, uncond_d, step, seed)
+    x = denoise(sampler, x, cond_d, uncond_d, step, batch_dropout_seed(seeds))
     return Trajectory(prompts=list(prompts), cond=cond.cpu(), uncond=uncond.cpu(), indices=indices,
                       timesteps=sampler.scheduler.timesteps[indices].clone(), latents=torch.stack(inputs, 1),
                       next_latents=torch.stack(outputs, 1), log_probs=torch.stack(log_probs, 1), a=a[indices],
                       b=b[indices], sigma=sigma[indices], final_latents=x.float().cpu(), policy_version=policy_version,
-                      seed=seed, seconds=time.perf_counter() - start)
+                      seed=seed, seeds=seeds, seconds=time.perf_counter() - start)
 
 
 def build_sampler(cfg: SamplerConfig, parts: Components, *, prompts: PromptConfig | None = None,

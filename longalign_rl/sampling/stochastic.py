@@ -61,17 +61,21 @@ def step_log_prob(x_next: torch.Tensor, mean: torch.Tensor, sigma: float) -> tor
 
 
 def stochastic_step(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, sigma: float,
-                    generator: torch.Generator | None = None, x_next: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                    generator: torch.Generator | list[torch.Generator] | None = None,
+                    x_next: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One stochastic DDIM step, as ddpo-pytorch's ddim_step_with_logprob: with no `x_next`
-    it draws one (the sampler; noise from `generator`, on the CPU, drawn even where sigma is
+    it draws one (the sampler; noise from `generator`, or from one generator per sample so
+    that a sample's noise does not depend on its batch, on the CPU, drawn even where sigma is
     0, so that a chain's noise does not depend on its window), with `x_next` it scores that
     one (the trainer's recompute). Returns (x_next, its log-probability [B] (None for a step
     without noise: no density), the step's mean, differentiable in eps)."""
     mean = step_mean(x, eps, a, b)
     if x_next is None:
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-        x_next = mean + sigma * noise
+        if isinstance(generator, list):
+            noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator])
+        else:
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
+        x_next = mean + sigma * noise.to(x.device)
     return x_next, step_log_prob(x_next, mean, sigma) if sigma > 0 else None, mean
 
 

@@ -10,7 +10,8 @@ One step reads:
                run's metric hooks
     ADVANTAGE  grpo: within each prompt's group (a batch holds whole groups, so a group never
                spans actors or workers); ddpo: against each prompt's running statistics,
-               updated with every worker's rewards so that all workers hold the same
+               updated once per step with the whole global batch's rewards in sample order,
+               so that all workers hold the same, whatever the split
     UPDATE     algorithm.inner_epochs times: for every batch and every recorded step, the
                PPO-clip loss of the ratio of its probability under the current weights to
                the sampling weights' (+ kl_weight x KL to the starting model), one backward
@@ -86,19 +87,23 @@ class PolicyGradientBody(SamplerFed):
         if self.tracker is not None and self.algorithm.name in state.algorithm:
             self.tracker.load_state_dict(state.algorithm[self.algorithm.name])
 
-    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+    def advantages(self, step: int, batches: list[tuple[list[str], torch.Tensor]]) -> list[torch.Tensor]:
+        """The advantages of this worker's batches of step `step` ((prompts, rewards) each)."""
         if self.tracker is None:  # a batch is prompts_per_batch groups of `repeats` samples
-            return grpo_advantages(rewards, torch.arange(len(prompts)) // self.repeats)
-        # per-prompt statistics: every worker adds every worker's rewards, in rank order, so all trackers agree
+            return [grpo_advantages(rewards, torch.arange(len(prompts)) // self.repeats) for prompts, rewards in batches]
+        # per-prompt statistics: every worker adds the global batch's rewards in sample order, so
+        # all trackers agree, and agree with any other split of the same global batch
+        chunks = [self.chunk(step * self.cfg.train.grad_accum + j)[1] for j in range(len(batches))]
         gathered: list = [None] * self.ctx.world
-        dist.all_gather_object(gathered, (prompts, rewards.tolist()))
-        all_prompts = [p for g in gathered for p in g[0]]
-        all_rewards = torch.tensor([r for g in gathered for r in g[1]])
-        start = self.ctx.rank * len(prompts)
-        return self.tracker.update(all_prompts, all_rewards)[start:start + len(prompts)]
+        dist.all_gather_object(gathered, [(c, p, r.tolist()) for c, (p, r) in zip(chunks, batches)])
+        ordered = sorted(batch for worker in gathered for batch in worker)
+        advantages = self.tracker.update([p for _, prompts, _ in ordered for p in prompts],
+                                          torch.tensor([r for _, _, rewards in ordered for r in rewards]))
+        size = len(batches[0][0])
+        return [advantages[c * size:(c + 1) * size] for c in chunks]
 
     def score(self, step: int, j: int, traj: Trajectory) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The batch's advantages and its per-sample statistics (reward, components, hooks)."""
+        """The batch's rewards and its per-sample statistics (reward, components, hooks)."""
         if self.reward is None:  # reward actors scored the sampler's images while it sampled on
             scored, images_ref = self.client.scores(step * self.cfg.train.grad_accum + j)
             out, images = scored.output, lambda: ray.get(images_ref)
@@ -106,16 +111,14 @@ class PolicyGradientBody(SamplerFed):
         else:
             with torch.no_grad():
                 images = decode(self.vae, traj.final_latents.to(self.ctx.device))
-                out, _ = score(self.reward, images, traj.prompts, self.reward_statistics(traj.prompts))
+                out, _ = score(self.reward, images, traj.prompts, self.reward_statistics(step))
         rewards = out.total.detach().float().cpu()
         finite = torch.isfinite(rewards)
         stats = {"reward": rewards[finite], "reward_nonfinite": (~finite).float()}
         stats.update({k: v.detach().float().cpu() for k, v in out.components.items()})
         self.summary_keys += [k for k in out.components if k not in self.summary_keys]
         self.observe(step, j, traj.final_latents, traj.prompts, stats, images=images)
-        advantages = self.advantages(traj.prompts, rewards)
-        stats.update(advantage=advantages, advantage_abs=advantages.abs(), advantage_zero=(advantages == 0).float())
-        return advantages, stats
+        return rewards, stats
 
     def step(self, step: int, state: TrainerState) -> StepOutput:
         cfg, ctx, a, accum = self.cfg, self.ctx, self.cfg.algorithm, self.cfg.train.grad_accum
@@ -131,13 +134,22 @@ class PolicyGradientBody(SamplerFed):
             times["time/sample_actor"] += traj.seconds            # actor time spent sampling them
             lags.append(step - traj.policy_version)
 
-            # SCORE, ADVANTAGE
+            # SCORE
             t = time.perf_counter()
-            advantages, batch_stats = self.score(step, j, traj)
+            rewards, batch_stats = self.score(step, j, traj)
             times["time/score"] += time.perf_counter() - t
-            batches.append((traj, advantages))
+            batches.append((traj, rewards))
             for k, v in batch_stats.items():
                 stats.setdefault(k, []).append(v)
+
+        # ADVANTAGE, over the step's whole global batch
+        t = time.perf_counter()
+        advantages = self.advantages(step, [(traj.prompts, rewards) for traj, rewards in batches])
+        batches = [(traj, adv) for (traj, _), adv in zip(batches, advantages)]
+        for adv in advantages:
+            for k, v in dict(advantage=adv, advantage_abs=adv.abs(), advantage_zero=(adv == 0).float()).items():
+                stats.setdefault(k, []).append(v)
+        times["time/score"] += time.perf_counter() - t
 
         # UPDATE: backward per (batch, recorded step); the engine updates after the last of each epoch
         t = time.perf_counter()

@@ -55,7 +55,7 @@ class RewardBackpropBody(SamplerFed):
             # UPDATE
             t = time.perf_counter()
             step_stats = update(ctx.engine, self.vae, self.reward, rollout, cfg.sampler.guidance_scale,
-                                cfg.sampler.train_mode, self.reward_statistics(rollout.prompts))
+                                cfg.sampler.train_mode, self.reward_statistics(step))
             train_time += time.perf_counter() - t
             replay_errors.append(step_stats.pop("replay_error"))
             self.observe(step, j, rollout.final_latents, rollout.prompts, step_stats)

@@ -2,9 +2,13 @@
 that feed it, the prompts it asks them for, the reward, the metric hooks and image grids,
 and the weight sync. A body subclasses `SamplerFed` and writes its own `step`.
 
-A micro-step's prompts and noise seed are pure functions of (micro-step, rank) and of
-where the run (re)started, so a resumed run asks for exactly what the killed run would
-have asked for, even with another worker count.
+A step's global batch is the same whatever its split over workers, micro-steps and actors
+(docs/scaling.md): its prompts are the next `global batch` of the prompt order, its
+samples are numbered in that order, and each sample's noise comes from (train.seed, step,
+its number) alone; the reward's batch statistics are those of the whole global batch,
+computed from its prompts by every worker alike (no collective). Worker `rank`'s micro-step
+j holds the samples of chunk j * world + rank. A resumed run therefore asks for exactly
+what the killed run would have asked for, with any worker count.
 """
 
 from __future__ import annotations
@@ -23,8 +27,15 @@ from longalign_rl.registry import algorithm_of
 from longalign_rl.scoring import Statistics, batch_statistics, build_reward
 from longalign_rl.sampling.group import SamplerGroup
 from longalign_rl.training.checkpoint import TrainerState
-from longalign_rl.training.worker import WorkerContext, micro_seed
+from longalign_rl.training.worker import WorkerContext
 from longalign_rl.vae import decode
+
+
+def sample_seed(cfg, step: int, index: int) -> int:
+    """The seed of sample `index` of step `step`'s global batch (its initial noise and, for
+    a stochastic sampler, every step's noise), whichever worker and actor draw it. Index -1:
+    the step's own seed, for the choices its whole batch shares (which steps are trained)."""
+    return ((cfg.train.seed * 1_000_003 + step) * 1_000_033 + index) % (2**63 - 1)
 
 
 class SamplerFed:
@@ -53,18 +64,36 @@ class SamplerFed:
         self.repeats = self.algorithm.group_size(cfg)
         self.prompts_per_batch = cfg.prompts_per_batch  # read once: the property looks up the record
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
+        self._step_prompts: dict[int, list[str]] = {}
+        self._statistics: dict[int, Statistics | None] = {}
 
-    def reward_statistics(self, prompts: list[str]) -> Statistics | None:
-        """The reward's batch statistics (scoring.py) summed over every worker's micro-batch:
-        the one collective of the reward contract, explicit here, so every worker calls it
-        once per micro-step it scores (None, and no collective, for a reward that needs none)."""
-        local = batch_statistics(self.reward, prompts)
-        if local is None:
+    def step_prompts(self, step: int) -> list[str]:
+        """The prompts of step `step`'s whole global batch, in sample order (each prompt
+        `repeats` times, side by side): the same on every worker."""
+        if step not in self._step_prompts:
+            accum = self.cfg.train.grad_accum
+            n = self.prompts_per_batch * self.ctx.world * accum
+            prompts = self.order.batch(self.prompt_position(step * accum), n)
+            self._step_prompts = {step: [p for p in prompts for _ in range(self.repeats)],
+                                  **{s: v for s, v in self._step_prompts.items() if s > step - 2}}
+        return self._step_prompts[step]
+
+    def reward_statistics(self, step: int) -> Statistics | None:
+        """The reward's batch statistics (scoring.py) over step `step`'s whole global batch,
+        computed by every worker from the step's prompts (a text-only statistic): no
+        collective, and the same sums whatever the split (None for a reward that needs none)."""
+        if self.reward is None:
             return None
-        total = {k: v.detach().to(self.ctx.device, torch.float32).clone() for k, v in sorted(local.items())}
-        for v in total.values():
-            dist.all_reduce(v)  # SUM
-        return total
+        if step not in self._statistics:
+            stats = batch_statistics(self.reward, self.step_prompts(step))
+            self._statistics = {step: None if stats is None else
+                                {k: v.detach().to(self.ctx.device, torch.float32) for k, v in stats.items()}}
+        return self._statistics[step]
+
+    def chunk(self, micro: int) -> tuple[int, int]:
+        """(step, which chunk of the step's global batch) micro-step `micro` of this worker holds."""
+        step, j = divmod(micro, self.cfg.train.grad_accum)
+        return step, j * self.ctx.world + self.ctx.rank
 
     def start(self, state: TrainerState) -> None:
         self.start_micro = state.step * self.cfg.train.grad_accum
@@ -82,10 +111,14 @@ class SamplerFed:
         return self.start_position + (micro - self.start_micro) * self.ctx.world * self.prompts_per_batch
 
     def request(self, micro: int) -> None:
-        n = self.prompts_per_batch
-        prompts = self.order.batch(self.prompt_position(micro) + self.ctx.rank * n, n)
-        prompts = [p for p in prompts for _ in range(self.repeats)]
-        self.client.request(micro, prompts, micro_seed(self.cfg, micro, self.ctx.rank))
+        """Ask this worker's sampler actor for micro-step `micro`'s chunk of the global batch."""
+        step, chunk = self.chunk(micro)
+        size = self.prompts_per_batch * self.repeats
+        everyone = self.step_prompts(step)
+        first = chunk * size
+        seeds = [sample_seed(self.cfg, step, first + i) for i in range(size)]
+        self.client.request(micro, everyone[first:first + size], sample_seed(self.cfg, step, -1), seeds,
+                            everyone if self.reward is None else None)
 
     def fetch(self, step: int, micro: int):
         """Micro-step `micro`'s samples (a Rollout or a Trajectory); the same micro-step of the
@@ -149,8 +182,9 @@ class SamplerFed:
             scored = None
             if self.reward is None:  # the reward lives in the reward actors
                 rewards = self.client.rewards
-                scored = rewards.get(rewards.submit(chunk.cpu(), prompts)).output
-            validation.extend(values, validation.score_images(self.reward, self.hooks, chunk, prompts, scored))
+                scored = rewards.get(rewards.submit(chunk.cpu(), prompts, vset.prompts)).output
+            validation.extend(values, validation.score_images(self.reward, self.hooks, chunk, prompts, scored,
+                                                              batch_prompts=vset.prompts))
         return validation.save(ctx.run_dir, step, images.cpu(), vset, values)
 
     def export(self) -> None:

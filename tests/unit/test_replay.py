@@ -87,7 +87,7 @@ def test_replay_matches_reference_chain_value_and_gradient(parts, final):
         prompts=PROMPTS, cond=cond, uncond=uncond, grad_indices=indices,
         grad_timesteps=scheduler.timesteps[indices], grad_latents=torch.stack(grad_latents, 1),
         grad_eps=torch.stack(grad_eps, 1), coeffs=replay_coefficients(sampler.a, sampler.b, indices),
-        final_latents=latents, policy_version=0, seed=3, seconds=0.0,
+        final_latents=latents, policy_version=0, seed=3, seeds=[3, 4], seconds=0.0,
     )
 
     weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)

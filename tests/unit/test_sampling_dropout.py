@@ -85,7 +85,7 @@ def test_train_mode_sampling_replays_exactly_with_its_dropout(tiny_parts):
 
     # The cause measured apart: replaying the same rollout with other masks is off.
     with torch.no_grad():
-        other = replay_final_latents(unet, dataclasses.replace(rollout, seed=rollout.seed + 1), 5.0, train_mode=True)
+        other = replay_final_latents(unet, dataclasses.replace(rollout, seeds=[s + 1 for s in rollout.seeds]), 5.0, train_mode=True)
     assert (other - rollout.final_latents).abs().max() > 1e-3
 
 
@@ -108,7 +108,7 @@ def test_policy_gradient_ratio_is_one_under_the_sampling_weights(tiny_parts, tra
         _, stats = policy_step_loss(sampler.unet, traj, k, advantages, 5.0, 1e-4, 5.0, train_mode=train_mode)
         torch.testing.assert_close(stats["ratio"], torch.ones(2), rtol=0, atol=2e-5)
     if train_mode:  # recomputed with other masks than the sampler's, the ratio is not 1
-        other = dataclasses.replace(traj, seed=traj.seed + 1)
+        other = dataclasses.replace(traj, seeds=[s + 1 for s in traj.seeds])
         with torch.no_grad():
             _, stats = policy_step_loss(sampler.unet, other, 0, advantages, 5.0, 1e-4, 5.0, train_mode=True)
         assert (stats["ratio"] - 1).abs().max() > 1e-3
