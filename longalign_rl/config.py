@@ -137,9 +137,11 @@ class SamplerConfig:
     # Image side in pixels (latents are resolution / the VAE's scale factor, 8 for SD's).
     resolution: int = 512
     # Steps whose UNet call gets a gradient: every (num_steps // num_grad_steps)-th step
-    # from a random offset (reference: 5 of 50, every 10th).
+    # from a random offset (reference: 5 of 50, every 10th), drawn once per optimiser step
+    # for its whole global batch.
     num_grad_steps: int = 5
-    # Sampler precision: fp32 | bf16 | fp16.
+    # Sampler precision: fp32 | bf16 | fp16. Another split of the global batch changes the
+    # order of sums: fp32 keeps runs the same to ~1e-5, 16 bits to ~1e-2 (docs/scaling.md).
     precision: str = "bf16"
     # DDIM's eta for policy-gradient algorithms (algorithm.name grpo | ddpo): each step adds
     # eta-scaled noise, which makes it a Gaussian with a log-probability (ddpo-pytorch: 1.0).
@@ -153,6 +155,8 @@ class SamplerConfig:
     # Sample with the LoRA's dropout active (train mode), as the reference's chain does; the
     # dropout masks of a UNet call are drawn from a seed of the rollout and the step, which
     # the trainer replays, so the replay stays exact. false = dropout off (eval mode).
+    # Masks are drawn per batch, so with true a run is not the same on another split of its
+    # global batch (docs/scaling.md).
     train_mode: bool = False
 
 
@@ -208,7 +212,7 @@ class AlgorithmConfig:
     # initialisation), so their rewards differ only through the steps' noise, which is what
     # the policy gradient credits; false = independent starts (ddpo-pytorch, Flow-GRPO).
     shared_start: bool = False
-    # Fraction of the stochastic steps (sde_window) trained, drawn per batch from its seed
+    # Fraction of the stochastic steps (sde_window) trained, drawn per step from its seed
     # (ddpo-pytorch: 1.0; Flow-GRPO trains about 0.6 of them). Only those are recorded.
     timestep_fraction: float = 1.0
     # The part of the chain sampled stochastically, [start, end) as fractions of the DDIM
@@ -296,7 +300,9 @@ class TrainConfig:
     # Most optimiser steps a rollout's weights may lag the trainer's (1 = samplers work on
     # the next batch while the trainer updates; 0 = fully on-policy, no overlap).
     max_policy_lag: int = 1
-    # Seeds prompt order, noise and LoRA dropout.
+    # Seeds prompt order, noise and LoRA dropout. A sample's noise comes from (seed, step,
+    # its place in the global batch): the same run with any num_workers x batch_size x
+    # grad_accum of the same product, any number of actors (docs/scaling.md).
     seed: int = 0
 
 

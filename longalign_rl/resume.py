@@ -148,6 +148,14 @@ def check_resume(saved: dict, cfg: Config, run_dir: Path | None = None) -> None:
     if changed:
         raise ConfigError(f"--resume: the checkpoint was trained with other values of {', '.join(changed)}; "
                           "start a new run to change them")
+    workers = _get(saved, "train.num_workers") if _has(saved, "train.num_workers") else _get(defaults, "train.num_workers")
+    if cfg.train.zero_stage > 0 and workers != cfg.train.num_workers:
+        # DeepSpeed stores a ZeRO optimiser state as one partition per worker and refuses to
+        # load it into another count; the samples would be the same (docs/scaling.md)
+        raise ConfigError(f"train.num_workers: the checkpoint's optimiser state is split over {workers} workers "
+                          f"(ZeRO stage {cfg.train.zero_stage}), which DeepSpeed cannot load into "
+                          f"{cfg.train.num_workers}; resume with train.num_workers={workers} (train.batch_size and "
+                          "train.grad_accum may change, keeping the global batch: the same run, docs/scaling.md)")
     if run_dir is not None:
         from longalign_rl.training.checkpoint import on_disk, step_of
 

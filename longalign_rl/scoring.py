@@ -5,9 +5,9 @@ A reward is a pure function of its images and prompts: it never talks to other p
 so any process may call it alone, any number of times. Where its value needs a statistic
 of the whole global batch (the decomposed reward's batch direction: the mean text
 embedding over every worker's prompts), it says so with `batch_statistics(prompts)`, a
-dict of sums over its prompts; the caller adds those up over the workers explicitly
-(training/stage2.py `SamplerFed.reward_statistics`, one all-reduce per micro-step) and
-hands the sums to `score`. A caller that passes none gets the reward over its own batch.
+dict of sums over its prompts; the caller computes them over the whole global batch
+(training/stage2.py `SamplerFed.reward_statistics`: from the step's prompts, which every
+worker knows, so no collective) and hands the sums to `score`. A caller that passes none gets the reward over its own batch.
 
 Pure: torch and the registry, no ray, no deepspeed.
 """

@@ -27,7 +27,7 @@ from longalign_rl.types import Rollout
 def update(engine, vae, reward, rollout: Rollout, guidance_scale: float, train_mode: bool = False,
            statistics=None) -> dict[str, torch.Tensor]:
     """One micro-step of reward backpropagation through the DeepSpeed engine; `statistics`:
-    the reward's batch statistics over every worker (SamplerFed.reward_statistics)."""
+    the reward's batch statistics over the step's global batch (SamplerFed.reward_statistics)."""
     loss, stats = reward_backprop_step(engine, vae, reward, rollout, guidance_scale, train_mode, statistics)
     engine.backward(loss)
     engine.step()

@@ -43,3 +43,15 @@ def test_reward_actors_times_a_slow_reward_in_the_workers_and_in_reward_actors()
     rows = dict(re.findall(r"^(reward in [\w ]+?)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M))
     assert set(rows) == {"reward in the trainer workers", "reward in 2 reward actors"}
     assert all(float(v) > 0 for v in rows.values())
+
+
+@pytest.mark.slow  # nine runs through the product (6-7 min); the default tier compares two splits in test_end_to_end.py
+def test_topology_compares_splits_of_one_global_batch_for_both_algorithms():
+    import json
+
+    out = run_script("topology.py", "--steps", "2")
+    results = json.loads(out[out.index("{\n"):])["results"]
+    assert {name.split(":")[0] for name in results} == {"reward_backprop", "grpo"}
+    assert len(results) == 4 + 3  # against the first split; 4x1 cannot hold grpo's groups of 2
+    for name, row in results.items():
+        assert row["reward"] < 1e-3 and row["weights apart / moved"] < 0.05, (name, row)

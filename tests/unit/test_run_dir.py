@@ -38,6 +38,11 @@ def test_a_resume_refuses_what_it_cannot_apply(tmp_path, capsys):
         capsys, ["--resume", str(run_dir), "--config", "configs/tiny.yaml", "train.steps=20"])
     for key, value in [("train.seed", "7"), ("train.precision", "bf16"), ("train.zero_stage", "1")]:
         assert f"other values of {key}" in error_of(capsys, ["--resume", str(run_dir), "train.steps=20", f"{key}={value}"])
+    # a ZeRO optimiser state is one partition per worker: said on the driver, not after every
+    # checkpoint failed to load in the workers
+    assert "train.num_workers: the checkpoint's optimiser state is split over 2 workers (ZeRO stage 2)" in error_of(
+        capsys, ["--resume", str(run_dir), "train.steps=20", "train.num_workers=1", "train.batch_size=16",
+                         "sampler.num_actors=1"])
     assert (run_dir / "config.yaml").read_text() == saved and not (run_dir / "config.original.yaml").exists()
 
 
