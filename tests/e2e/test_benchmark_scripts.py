@@ -50,7 +50,7 @@ def test_topology_compares_splits_of_one_global_batch_for_both_algorithms():
     import json
 
     out = run_script("topology.py", "--steps", "2")
-    results = json.loads(out[out.index("{\n"):])["results"]
+    results = json.loads(out[out.rindex("\n{\n") + 1:])["results"]  # the last thing printed
     assert {name.split(":")[0] for name in results} == {"reward_backprop", "grpo"}
     assert len(results) == 4 + 3  # against the first split; 4x1 cannot hold grpo's groups of 2
     for name, row in results.items():
