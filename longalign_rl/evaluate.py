@@ -63,14 +63,16 @@ def run_config(source: str):
 
 def score_model(pipe, prompts: list[str], seeds: list[int], reward, hooks, args) -> tuple[torch.Tensor, dict]:
     """Images [N, 3, H, W] and values {key: Tensor[N]} of one model."""
+    from longalign_rl.scoring import batch_statistics
     from longalign_rl.validation import extend, score_images
 
     images, values = [], {}
+    statistics = batch_statistics(reward, prompts) if reward is not None else None  # of the whole set, once
     for i in range(0, len(prompts), args.batch_size):
         chunk = pipe.generate(prompts[i:i + args.batch_size], seeds[i:i + args.batch_size],
                               num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="pt").float()
         images.append(chunk.cpu())
-        extend(values, score_images(reward, hooks, chunk, prompts[i:i + args.batch_size], batch_prompts=prompts))
+        extend(values, score_images(reward, hooks, chunk, prompts[i:i + args.batch_size], statistics=statistics))
     return torch.cat(images), values
 
 

@@ -142,13 +142,16 @@ def _get(data: dict, dotted: str):
 def check_resume(saved: dict, cfg: Config, run_dir: Path | None = None) -> None:
     """A resume keeps what the checkpoint's state means (FIXED_ON_RESUME), and has steps left."""
     new = to_dict(cfg)
-    defaults = to_dict(Config())  # a key the saved config lacks (an older version) had its default
-    changed = [f"{k} ({_get(saved, k)!r} -> {_get(new, k)!r})" for k in FIXED_ON_RESUME
-               if (_get(saved, k) if _has(saved, k) else _get(defaults, k)) != _get(new, k)]
+    defaults = to_dict(Config())
+
+    def was(key: str):  # a key the saved config lacks (an older version) had its default
+        return _get(saved, key) if _has(saved, key) else _get(defaults, key)
+
+    changed = [f"{k} ({_get(saved, k)!r} -> {_get(new, k)!r})" for k in FIXED_ON_RESUME if was(k) != _get(new, k)]
     if changed:
         raise ConfigError(f"--resume: the checkpoint was trained with other values of {', '.join(changed)}; "
                           "start a new run to change them")
-    workers = _get(saved, "train.num_workers") if _has(saved, "train.num_workers") else _get(defaults, "train.num_workers")
+    workers = was("train.num_workers")
     if cfg.train.zero_stage > 0 and workers != cfg.train.num_workers:
         # DeepSpeed stores a ZeRO optimiser state as one partition per worker and refuses to
         # load it into another count; the samples would be the same (docs/scaling.md)

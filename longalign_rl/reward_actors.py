@@ -61,17 +61,27 @@ class RewardActor:
         self.device = torch.device("cuda" if r.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         reward = get_reward(r.name, **r.kwargs)
         self.reward = reward.to(self.device) if hasattr(reward, "to") else reward
+        self._statistics: tuple = (None, None)  # (a step's prompts, their batch statistics)
 
     def check(self, prompts: list[str], resolution: int) -> None:
         """The driver's probe (registry.probe_reward), run where the reward lives."""
         probe_reward(self.reward, self.cfg.reward.name, prompts, resolution)
+
+    def statistics(self, batch_prompts: list[str] | None):
+        """`batch_statistics` of a step's prompts, kept for the step's other batches."""
+        if batch_prompts is None:
+            return None
+        key = tuple(batch_prompts)
+        if self._statistics[0] != key:
+            self._statistics = (key, batch_statistics(self.reward, batch_prompts))
+        return self._statistics[1]
 
     def score(self, images: torch.Tensor, prompts: list[str], batch_prompts: list[str] | None = None) -> Scored:
         """The reward of `images`; `batch_prompts`: every prompt of the step's global batch,
         whose batch statistics (scoring.batch_statistics) the reward then uses, as the
         trainer workers do, whatever share of the batch this call scores."""
         start = time.perf_counter()
-        statistics = batch_statistics(self.reward, batch_prompts) if batch_prompts is not None else None
+        statistics = self.statistics(batch_prompts)
         with torch.no_grad():
             out, _ = score(self.reward, images.to(self.device), prompts, statistics)
         cpu = RewardOutput(total=out.total.detach().float().cpu(),

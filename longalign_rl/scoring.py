@@ -7,7 +7,8 @@ of the whole global batch (the decomposed reward's batch direction: the mean tex
 embedding over every worker's prompts), it says so with `batch_statistics(prompts)`, a
 dict of sums over its prompts; the caller computes them over the whole global batch
 (training/stage2.py `SamplerFed.reward_statistics`: from the step's prompts, which every
-worker knows, so no collective) and hands the sums to `score`. A caller that passes none gets the reward over its own batch.
+worker knows, so no collective) and hands the sums to `score`. A caller that passes none
+gets the reward over its own batch.
 
 Pure: torch and the registry, no ray, no deepspeed.
 """

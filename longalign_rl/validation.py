@@ -31,7 +31,7 @@ import torch
 from longalign_rl.hooks import run_metric_hooks
 from longalign_rl.outputs import read_jsonl, save_images, write_prompt_list
 from longalign_rl.prompts import load_prompts
-from longalign_rl.scoring import batch_statistics, score
+from longalign_rl.scoring import Statistics, score
 from longalign_rl.types import RewardOutput
 from longalign_rl.uncertainty import mean_and_error
 
@@ -70,14 +70,13 @@ def reward_values(out: RewardOutput) -> dict[str, torch.Tensor]:
 
 
 def score_images(reward, hooks, images: torch.Tensor, prompts: list[str],
-                 scored: RewardOutput | None = None, batch_prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
+                 scored: RewardOutput | None = None, statistics: Statistics | None = None) -> dict[str, torch.Tensor]:
     """The values a validation (or `longalign_rl.evaluate`) records for one batch: the
     reward's total and parts (`reward` may be None; `scored`: its output computed elsewhere,
-    by the reward actors) and every metric hook's, [B] each. `batch_prompts`: every prompt
-    scored (the whole validation set), whose batch statistics the reward uses, so that a
-    value does not depend on the batch size it was scored at."""
+    by the reward actors) and every metric hook's, [B] each. `statistics`: the reward's
+    batch statistics of every prompt scored (`batch_statistics(reward, all prompts)`, once
+    for the whole set), so that a value does not depend on the batch size it was scored at."""
     if scored is None and reward is not None:
-        statistics = batch_statistics(reward, batch_prompts) if batch_prompts is not None else None
         with torch.no_grad():  # a reward is a pure function: rank 0 may call it alone (scoring.py)
             scored, _ = score(reward, images, prompts, statistics)
     values = reward_values(scored) if scored is not None else {}

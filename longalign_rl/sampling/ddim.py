@@ -18,10 +18,15 @@ import contextlib
 import torch
 
 
+def derive_seed(seed: int, index: int) -> int:
+    """A seed of its own for the `index`-th use of `seed`."""
+    return (int(seed) * 1_000_003 + int(index)) % (2**63 - 1)
+
+
 def dropout_seed(sample_seed: int, step: int) -> int:
     """The seed of the dropout masks of one chain's UNet call at DDIM step `step`: the same in
     the sampler that drew the chain and in the trainer that replays the step."""
-    return (int(sample_seed) * 1_000_003 + int(step)) % (2**63 - 1)
+    return derive_seed(sample_seed, step)
 
 
 def batch_dropout_seed(seeds: list[int]) -> int:

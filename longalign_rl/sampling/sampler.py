@@ -16,8 +16,8 @@ import torch
 from longalign_rl.config import PromptConfig, SamplerConfig
 from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.models import DTYPES, Components, make_scheduler, vae_scale_factor
-from longalign_rl.sampling.ddim import (batch_dropout_seed, dropout_masks, dropout_seed, grad_step_indices,
-                                        guided_eps, replay_coefficients, step_coefficients)
+from longalign_rl.sampling.ddim import (batch_dropout_seed, derive_seed, dropout_masks, dropout_seed,
+                                        grad_step_indices, guided_eps, replay_coefficients, step_coefficients)
 from longalign_rl.sampling.stochastic import stochastic_coefficients, stochastic_step
 from longalign_rl.types import Rollout, Trajectory
 
@@ -121,12 +121,12 @@ def denoise(sampler: "Sampler", latents: torch.Tensor, cond: torch.Tensor, uncon
 def sample_seeds(seed: int, count: int) -> list[int]:
     """`count` samples' own seeds derived from one batch seed: for a caller that draws one
     batch and does not care how its samples would be drawn in another (tests, benchmarks)."""
-    return [dropout_seed(seed, 1_000_000 + i) for i in range(count)]
+    return [derive_seed(seed, 1_000_000 + i) for i in range(count)]
 
 
 def noise_generators(seeds: list[int]) -> list[torch.Generator]:
     """One generator per sample for its stochastic steps' noise, apart from its initial noise."""
-    return [torch.Generator().manual_seed(dropout_seed(s, 2_000_000)) for s in seeds]
+    return [torch.Generator().manual_seed(derive_seed(s, 2_000_000)) for s in seeds]
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:

@@ -74,8 +74,9 @@ class SamplerFed:
             accum = self.cfg.train.grad_accum
             n = self.prompts_per_batch * self.ctx.world * accum
             prompts = self.order.batch(self.prompt_position(step * accum), n)
-            self._step_prompts = {step: [p for p in prompts for _ in range(self.repeats)],
-                                  **{s: v for s, v in self._step_prompts.items() if s > step - 2}}
+            # kept for the step asked ahead (prefetch) and the one in progress
+            self._step_prompts = {s: v for s, v in self._step_prompts.items() if s >= step - 1}
+            self._step_prompts[step] = [p for p in prompts for _ in range(self.repeats)]
         return self._step_prompts[step]
 
     def reward_statistics(self, step: int) -> Statistics | None:
@@ -177,6 +178,8 @@ class SamplerFed:
             images = torch.cat([decode(self.vae, latents[i:i + batch].to(ctx.device)).float()
                                 for i in range(0, len(latents), batch)])
         values: dict[str, torch.Tensor] = {}
+        # the whole set's batch statistics, once: a value does not depend on the batch size
+        statistics = batch_statistics(self.reward, vset.prompts) if self.reward is not None else None
         for i in range(0, len(images), batch):
             chunk, prompts = images[i:i + batch], vset.prompts[i:i + batch]
             scored = None
@@ -184,7 +187,7 @@ class SamplerFed:
                 rewards = self.client.rewards
                 scored = rewards.get(rewards.submit(chunk.cpu(), prompts, vset.prompts)).output
             validation.extend(values, validation.score_images(self.reward, self.hooks, chunk, prompts, scored,
-                                                              batch_prompts=vset.prompts))
+                                                              statistics))
         return validation.save(ctx.run_dir, step, images.cpu(), vset, values)
 
     def export(self) -> None:
