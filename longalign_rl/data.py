@@ -1,5 +1,5 @@
-"""Stage 1's image-caption pairs: reading and checking a source, and the per-batch functions
-that the Ray Data pipeline (training/denoising.py's `build_dataset`) runs.
+"""Stage 1's image-caption pairs: reading and checking a source, the order every step's
+global batch takes them in (`GlobalOrder`), and loading a batch of them as training rows.
 
 `data.source` is one of
     a folder          every image (.png .jpg .jpeg .webp .bmp, subfolders included) with a
@@ -7,7 +7,8 @@ that the Ray Data pipeline (training/denoising.py's `build_dataset`) runs.
     a .jsonl file     one {"image": "a.png", "caption": "..."} object per line
     a .csv file       a header row naming the image and caption columns, one pair per row
     "pkg.module:fn"   fn(**data.kwargs) returns an iterable of (uint8 [H, W, 3] image, caption)
-                      pairs (a world's generator, say); it runs on a Ray Data worker.
+                      pairs (a world's generator, say); it runs once per run, in one Ray
+                      task (`generate_rows`), and its rows are shared through the object store.
                       On the driver its kwargs are bound to its signature, and a function
                       with a `validate` attribute gets `fn.validate(**data.kwargs)` too (a
                       cheap check that raises ValueError), so bad kwargs fail before the run
@@ -15,11 +16,14 @@ that the Ray Data pipeline (training/denoising.py's `build_dataset`) runs.
 Column names are `data.image_column` / `data.caption_column`; image paths in a manifest are
 relative to the manifest's folder. Everything that can be checked without decoding images is
 checked on the driver, before a run directory exists: bad lines are reported together with
-their file and line number, and every image must exist. Images are decoded later, on Ray
-Data workers, a batch at a time.
+their file and line number, and every image must exist. Images are decoded later, by the
+trainer worker that trains on them, a micro-batch at a time (training/denoising.py).
 
-Pure python/numpy/PIL (torchvision for `data.resize: bilinear`): the Ray Data pipeline that streams the pairs is
-training/denoising.py's `build_dataset`.
+Which pairs a step trains on is a function of (train.seed, epoch, global position) alone
+(`GlobalOrder`), never of a worker's rank or the number of workers: the same global batch
+split another way trains on the same pairs (docs/scaling.md).
+
+Pure python/numpy/PIL (torchvision for `data.resize: bilinear`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -37,8 +41,6 @@ from longalign_rl.config import DataConfig
 from longalign_rl.registry import resolve_source
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# Rows per batch when decoding images or collecting a generator's output on Ray Data workers.
-ROWS_PER_BATCH = 32
 
 
 class DataSourceError(ValueError):
@@ -242,25 +244,58 @@ def _rows(images: list[np.ndarray], captions: list[str], resolution: int, resize
             "caption": np.array(captions, dtype=object)}
 
 
-def load_batch(batch: dict[str, np.ndarray], resolution: int, resize: str = "bicubic") -> dict[str, np.ndarray]:
-    """Ray Data UDF: {"path", "caption"} rows -> {"image" float32 [B, 3, R, R], "caption"}."""
-    return _rows([read_image(str(p)) for p in batch["path"]], [str(c) for c in batch["caption"]], resolution, resize)
+def load_pairs(pairs: list[Pair], resolution: int, resize: str = "bicubic") -> dict[str, np.ndarray]:
+    """Pairs of files -> {"image" float32 [B, 3, R, R], "caption" [B]}: decoded and cropped."""
+    return _rows([read_image(p.image) for p in pairs], [p.caption for p in pairs], resolution, resize)
 
 
-def generate_batches(_: dict, source: str, kwargs: dict, resolution: int,
-                     resize: str = "bicubic") -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data UDF: runs the generator on a Ray worker and yields its pairs as training rows,
-    ROWS_PER_BATCH at a time (the input, one dummy row, starts it)."""
+def generate_rows(source: str, kwargs: dict, resolution: int, resize: str = "bicubic") -> dict[str, np.ndarray]:
+    """Every pair a generator gives, as training rows {"image" float32 [N, 3, R, R],
+    "caption" [N]} (each item checked; an error names the first bad one)."""
     images, captions = [], []
     for index, item in enumerate(find_generator(source)(**kwargs)):
         image, caption = check_pair(item, index, source)
         images.append(image)
         captions.append(caption)
-        if len(images) == ROWS_PER_BATCH:
-            yield _rows(images, captions, resolution, resize)
-            images, captions = [], []
-    if images:
-        yield _rows(images, captions, resolution, resize)
+    if not images:
+        raise DataSourceError(f"data source {source!r} gave no pairs")
+    return _rows(images, captions, resolution, resize)
+
+
+# ---------------------------------------------------------------- the global order
+
+
+class GlobalOrder:
+    """Which of `n` pairs each step trains on, for a global batch of `global_batch` pairs.
+
+    Epoch e is a permutation of the pairs (seeded by (seed, e) when shuffled, in source
+    order otherwise) cut into `steps_per_epoch = n // global_batch` global batches; the
+    last n % global_batch pairs of each epoch's order are not trained on that epoch (with
+    shuffling, other ones each epoch). Step s is global batch s % steps_per_epoch of epoch
+    s // steps_per_epoch, and its pairs are numbered 0 .. global_batch - 1 in that order:
+    the same for any split of the batch over workers and micro-steps."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, shuffle: bool):
+        self.n, self.global_batch, self.seed, self.shuffle = n, global_batch, seed, shuffle
+        self.steps_per_epoch = n // global_batch
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != epoch:
+            order = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
+                     else np.arange(self.n))
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+    def pairs(self, step: int, first: int, count: int) -> list[int]:
+        """The indices of pairs `first` .. `first + count - 1` of step `step`'s global batch."""
+        if first < 0 or first + count > self.global_batch:
+            raise IndexError(f"pairs {first}..{first + count - 1} of a global batch of {self.global_batch}")
+        start = (step % self.steps_per_epoch) * self.global_batch + first
+        return [int(i) for i in self.order(self.epoch_of(step))[start:start + count]]
 
 
 # ---------------------------------------------------------------- checks on the driver

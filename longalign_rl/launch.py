@@ -160,7 +160,6 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
     actors, unless `samplers` and `rewards` hold them already); block until done. `pairs`:
     check_inputs' result, so a stage-1 manifest is not read twice."""
     import ray
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -185,17 +184,12 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
         ),
     )
     if cfg.stage == 1:
-        from ray.train import DataConfig as IngestConfig
-
         from longalign_rl.training import denoising
 
-        if not cfg.run.verbose:
-            ray.data.DataContext.get_current().enable_progress_bars = False
         trainer = TorchTrainer(
             train_func,
-            train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "body": denoising.BODY},
-            datasets={"train": denoising.build_dataset(cfg.data, cfg.train.seed, pairs)},
-            dataset_config=IngestConfig(datasets_to_split=["train"]),  # an equal shard per worker
+            train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "body": denoising.BODY,
+                               "data": denoising.source_spec(cfg.data, pairs)},
             **common,
         )
         with Progress(run_dir, cfg, start_step, trackers=trackers):

@@ -162,7 +162,7 @@ def shrink(cfg: Config, size: str, folder: Path) -> dict:
     workers = 1 if real else 2
     actors, reward_actors = min(s.num_actors, 1), min(r.num_actors, 1)  # every worker draws from actor 0
     # Every process an equal share of CPUS (in quarters), or less where the config asks for
-    # less; stage 1's Ray Data tasks, which read the images, count as one more.
+    # less; in stage 1 the generator's task, which renders the pairs, counts as one more.
     share = math.floor(CPUS / (workers + (actors + reward_actors if cfg.stage == 2 else 1)) * 4) / 4
     # one prompt per worker (grpo: one group of algorithm.group_size samples)
     repeats = algorithm_of(cfg).group_size(cfg) if cfg.stage == 2 else 1

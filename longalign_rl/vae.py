@@ -17,12 +17,13 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def encode(vae, images: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """Images `[B, 3, H, W]` in [0, 1] -> latents scaled by the VAE's scaling factor.
 
     A *sample* of the posterior, not its mode, as diffusers' text-to-image training scripts
     (and SD's own training) do: the posterior's spread is small and acts as a slight
-    augmentation, and it is what the UNet was trained to denoise.
+    augmentation, and it is what the UNet was trained to denoise. With a list of generators,
+    each sample's draw comes from its own (diffusers' `randn_tensor`).
     """
     if images.min() < 0 or images.max() > 1:
         raise ValueError(f"images must lie in [0, 1], got [{float(images.min()):.3g}, {float(images.max()):.3g}]")

@@ -16,18 +16,29 @@ import torch.nn.functional as F
 CAPTION_DROPOUT = 0.1
 
 
-def _draw_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
-    """Random numbers are drawn where the generator lives (a CUDA generator cannot fill CPU tensors)."""
-    return generator.device if generator is not None else fallback
+# One generator for the whole batch, or one per sample (so that a sample's draws do not
+# depend on the batch it is in: training/denoising.py, docs/scaling.md), or None.
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def _draw(generator: Generators, n: int, fallback: torch.device, draw) -> torch.Tensor:
+    """`draw(generator, count, device)` for `n` samples: once from one generator, or once per
+    sample from each of `n` generators. Random numbers are drawn where the generator lives (a
+    CUDA generator cannot fill CPU tensors)."""
+    if isinstance(generator, list):
+        if len(generator) != n:
+            raise ValueError(f"{len(generator)} generators for a batch of {n}")
+        return torch.cat([draw(g, 1, g.device) for g in generator])
+    return draw(generator, n, generator.device if generator is not None else fallback)
 
 
 def caption_dropout(cond: torch.Tensor, uncond: torch.Tensor, p: float,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: Generators = None) -> torch.Tensor:
     """Each sample's conditioning `[B, L, H]` replaced by `uncond` (`[B, L, H]` or `[L, H]`)
     with probability `p`; a new tensor, `cond` is left alone."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"caption dropout probability must lie in [0, 1], got {p}")
-    u = torch.rand(cond.shape[0], generator=generator, device=_draw_device(generator, cond.device))
+    u = _draw(generator, cond.shape[0], cond.device, lambda g, k, d: torch.rand(k, generator=g, device=d))
     drop = (u < p).to(cond.device).view(-1, *([1] * (cond.dim() - 1)))
     return torch.where(drop, uncond.to(cond.dtype).expand_as(cond), cond)
 
@@ -53,20 +64,20 @@ def denoising_loss_at(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor
     return F.mse_loss(pred.float(), target.float())  # the mean in float32 whatever the UNet's dtype
 
 
-def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor,
-                   generator: torch.Generator | None = None):
+def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: Generators = None):
     """Loss (with graph) and statistics for one batch of latents `[B, 4, h, w]` (already
     scaled by the VAE's scaling factor) and conditioning `[B, L, H]` (after dropout).
 
     Timesteps are uniform integers in [0, num_train_timesteps) and the noise N(0, 1), both
-    drawn from `generator`, so a seeded generator gives the same loss.
+    drawn from `generator` (or each sample's from its own), so seeded generators give the
+    same loss.
     Statistics are 1-D tensors as the worker skeleton averages them (training/worker.py): "loss" (one value) and
     "timestep" (one per sample; its mean is the mean timestep).
     """
-    draw = _draw_device(generator, latents.device)
-    n = latents.shape[0]
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=draw)
-    noise = torch.randn(latents.shape, generator=generator, device=draw, dtype=torch.float32)
+    n, total = latents.shape[0], scheduler.config.num_train_timesteps
+    timesteps = _draw(generator, n, latents.device, lambda g, k, d: torch.randint(0, total, (k,), generator=g, device=d))
+    noise = _draw(generator, n, latents.device,
+                  lambda g, k, d: torch.randn((k, *latents.shape[1:]), generator=g, device=d, dtype=torch.float32))
     timesteps, noise = timesteps.to(latents.device), noise.to(latents.device, latents.dtype)
     loss = denoising_loss_at(unet, scheduler, latents, cond, timesteps, noise)
     stats = {"loss": loss.detach().reshape(1).float(), "timestep": timesteps.float()}

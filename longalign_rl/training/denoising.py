@@ -1,43 +1,46 @@
 """Stage 1, supervised long-text fine-tuning (docs/method.md section 4): the body of the worker
-skeleton (training/worker.py) that streams image-caption pairs. One step reads:
+skeleton (training/worker.py) that trains on image-caption pairs. One step reads:
 
-    LOAD     train.grad_accum micro-batches of train.batch_size pairs from this worker's shard
-             of the Ray Data dataset (`build_dataset`: the pairs of data.py, streamed)
-    UPDATE   each: VAE-encode the images, segment-encode the captions, caption dropout,
+    LOAD     its global batch's pairs (data.GlobalOrder: a pure function of train.seed, the
+             epoch and the step), this worker's train.grad_accum chunks of train.batch_size
+             of them, decoded here (`PairSource`; the next step's are loaded while this one trains)
+    UPDATE   each chunk: VAE-encode the images, segment-encode the captions, caption dropout,
              the denoising loss (algorithms/denoising.py), DeepSpeed backward/step (it steps
              at the accumulation boundary)
 
-The run ends after data.epochs epochs or train.steps optimiser steps, whichever comes first
-(a last accumulation that the data cannot fill is dropped). Besides the skeleton's `lora/`
-(or `unet/`), rank 0 writes `model/`: a diffusers folder of the base model with the
-trained weights merged into its UNet, which stage 2 loads with `model.pretrained:
-<run_dir>/model`.
+Worker `rank`'s micro-step j holds chunk j * world + rank of the global batch, and every
+pair's random draws (its VAE posterior sample, caption dropout, timestep and noise) come from
+its own generator, seeded by (train.seed, step, its place in the global batch): the same
+global batch split over other worker counts or accumulations trains on the same pairs with
+the same draws, and a resumed run, with any worker count, goes on exactly where the killed
+one was (docs/scaling.md).
+
+The run ends after data.epochs epochs or train.steps optimiser steps, whichever comes first;
+an epoch is n // global batch steps (the pairs left over are not trained on that epoch).
+Besides the skeleton's `lora/` (or `unet/`), rank 0 writes `model/`: a diffusers folder of
+the base model with the trained weights merged into its UNet, which stage 2 loads with
+`model.pretrained: <run_dir>/model`.
 
 The noise schedule is a DDPMScheduler built from the model's own scheduler config: the
 schedule the model was trained on, as diffusers' text-to-image training scripts use;
 epsilon or v-prediction follows its `prediction_type`.
-
-Resuming restarts the epoch in progress and skips the micro-batches already used in it
-(their images are read but not trained on). The count is exact; which pairs are skipped is
-not: Ray Data's streaming_split hands rows to workers as they become ready, and the epoch's
-shuffle is not the killed run's.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
-import ray.train
+import numpy as np
+import ray
 import torch
 
 from longalign_rl import validation
 from longalign_rl.algorithms.denoising import caption_dropout, denoising_loss
 from longalign_rl.config import Config, DataConfig
-from longalign_rl.data import ROWS_PER_BATCH, Pair, check_source, generate_batches, is_generator, load_batch
+from longalign_rl.data import GlobalOrder, Pair, generate_rows, is_generator, load_pairs
 from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.hooks import load_metric_hooks
 from longalign_rl.encoding.t5 import ADAPTER_FOLDER
@@ -45,60 +48,57 @@ from longalign_rl.lora import ADAPTER, export_adapter, load_trainable_state_dict
 from longalign_rl.models import DTYPES, Components, load_components, make_scheduler, save_model_folder, vae_scale_factor
 from longalign_rl.sampling.sampler import Sampler, generate_latents
 from longalign_rl.training.checkpoint import TrainerState
-from longalign_rl.training.worker import StepOutput, WorkerContext, micro_seed
+from longalign_rl.training.worker import StepOutput, WorkerContext, global_chunk, sample_seed
 from longalign_rl.vae import decode, encode
 from longalign_rl.outputs import MODEL
 
 log = logging.getLogger(__name__)
 
 
-def build_dataset(data: DataConfig, seed: int, pairs: list[Pair] | None = None):
-    """The `ray.data.Dataset` of {"image": float32 [3, R, R] in [0, 1], "caption": str} rows.
-
-    `pairs`: `check_source(data)`'s result when the caller has it (a folder or manifest is
-    read again otherwise). File sources hold only paths and captions on the driver; Ray Data
-    workers decode the images a batch at a time while the trainers consume them. A generator
-    runs in one Ray Data task per epoch (it should be seeded: each epoch calls it again).
-    With `data.shuffle` every epoch has another order, seeded by `seed`.
-    """
-    import ray.data
-    from ray.data import RandomSeedConfig
-
-    shuffle_seed = RandomSeedConfig(seed=seed, reseed_after_execution=True)  # a new order each epoch
-    if is_generator(data.source):
-        ds = ray.data.range(1).map_batches(
-            generate_batches, batch_size=None,
-            fn_kwargs={"source": data.source, "kwargs": dict(data.kwargs), "resolution": data.resolution,
-                       "resize": data.resize})
-        return ds.random_shuffle(seed=shuffle_seed) if data.shuffle else ds
-    pairs = pairs if pairs is not None else check_source(data)
-    ds = ray.data.from_items([{"path": p.image, "caption": p.caption} for p in pairs])
-    if data.shuffle:  # shuffle the paths, before the (much larger) images exist
-        ds = ds.random_shuffle(seed=shuffle_seed)
-    return ds.map_batches(load_batch, batch_size=ROWS_PER_BATCH,
-                          fn_kwargs={"resolution": data.resolution, "resize": data.resize})
+def source_spec(data: DataConfig, pairs: list[Pair] | None) -> dict:
+    """On the driver: what every worker needs to load pairs by index. Files: their paths and
+    captions (`check_source`'s pairs; the images are decoded by the worker that trains on
+    them). A generator: run once, in one Ray task, its rows kept in the object store for
+    every worker of every node; the driver waits for it, so a generator that fails, or
+    gives nothing, stops the run before the workers start, with its own error."""
+    if not is_generator(data.source):
+        return {"n": len(pairs), "pairs": [(p.image, p.caption) for p in pairs]}
+    generate = ray.remote(num_returns=2)(_generate)
+    count, rows = generate.remote(data.source, dict(data.kwargs), data.resolution, data.resize)
+    return {"n": ray.get(count), "rows": rows}
 
 
-def micro_batches(shard, cfg: Config, start_epoch: int, skip: int) -> Iterator[tuple[int, dict]]:
-    """(epoch, batch) for every full micro-batch of this worker's shard, epoch after epoch
-    from `start_epoch`, leaving out the first `skip` batches of that one. Ray Data's
-    streaming_split gives every worker the same number of rows, so every worker gets the
-    same number of batches and takes part in the same all-reduces."""
-    for epoch in range(start_epoch, cfg.data.epochs):
-        batches = shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True)
-        for i, batch in enumerate(batches):
-            if epoch > start_epoch or i >= skip:
-                yield epoch, batch
+def _generate(source: str, kwargs: dict, resolution: int, resize: str) -> tuple[int, dict]:
+    rows = generate_rows(source, kwargs, resolution, resize)
+    return len(rows["caption"]), rows
+
+
+class PairSource:
+    """A run's pairs by index (`source_spec`), as training rows {"image" float32 [B, 3, R, R],
+    "caption" [B]}."""
+
+    def __init__(self, spec: dict, data: DataConfig):
+        self.n, self.data = spec["n"], data
+        self.pairs = [Pair(*p) for p in spec["pairs"]] if "pairs" in spec else None
+        self.ref, self.rows = spec.get("rows"), None
+
+    def load(self, indices: list[int]) -> dict[str, np.ndarray]:
+        if self.pairs is not None:
+            return load_pairs([self.pairs[i] for i in indices], self.data.resolution, self.data.resize)
+        if self.rows is None:
+            self.rows = ray.get(self.ref)  # read-only arrays in this node's object store
+        return {"image": self.rows["image"][indices], "caption": self.rows["caption"][indices]}
 
 
 def update(engine, vae, encoder: SegmentEncoder, scheduler, batch: dict, dropout: float,
-           generator: torch.Generator, device) -> dict[str, torch.Tensor]:
-    """One micro-step of the denoising loss through the DeepSpeed engine."""
+           generators: list[torch.Generator], device) -> dict[str, torch.Tensor]:
+    """One micro-step of the denoising loss through the DeepSpeed engine; each pair's random
+    draws from its own generator."""
     images = torch.tensor(batch["image"], device=device)  # a copy: Ray's arrays are read-only
-    latents = encode(vae, images, generator).float()
+    latents = encode(vae, images, generators).float()
     cond = encoder([str(c) for c in batch["caption"]])
-    cond = caption_dropout(cond, encoder.uncond(cond.shape[0]), dropout, generator)
-    loss, stats = denoising_loss(engine, scheduler, latents, cond, generator)
+    cond = caption_dropout(cond, encoder.uncond(cond.shape[0]), dropout, generators)
+    loss, stats = denoising_loss(engine, scheduler, latents, cond, generators)
     engine.backward(loss)
     engine.step()
     return stats
@@ -145,6 +145,7 @@ class Denoising:
         self.scheduler_config = parts.scheduler_config  # validation's DDIM: the model's own settings
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
         self.hooks = load_metric_hooks(cfg.run.metrics)
+        self.source = PairSource(loop_config["data"], cfg.data)
 
     def validate(self, step: int) -> None:
         """Rank 0 alone: the validation prompts drawn by its own UNet (dropout off) from their
@@ -168,44 +169,58 @@ class Denoising:
         self.validated = step
 
     def start(self, state: TrainerState) -> None:
+        cfg, ctx = self.cfg, self.ctx
         # the last step done and the last validated (a resumed run's start counts as seen)
         self.step_done = self.validated = state.step
         if self.validation:
-            validation.truncate_after(self.ctx.run_dir, state.step)
+            validation.truncate_after(ctx.run_dir, state.step)
             if state.step == 0:
                 self.validate(0)
+        t = cfg.train
+        self.order = GlobalOrder(self.source.n, ctx.world * t.batch_size * t.grad_accum, t.seed, cfg.data.shuffle)
+        if self.order.steps_per_epoch == 0:
+            raise RuntimeError(f"data.source {cfg.data.source!r} gives {self.source.n} pairs, fewer than one step "
+                               f"needs: {ctx.world} workers x train.batch_size {t.batch_size} x train.grad_accum "
+                               f"{t.grad_accum} = {self.order.global_batch}")
+        self.end = cfg.data.epochs * self.order.steps_per_epoch  # the step that the epochs end at
         if state.step:
-            log.info("rank %d: epoch %d, %d pairs into it", self.ctx.rank, state.epoch + 1, state.samples_in_epoch)
-        self.batch_pairs = self.ctx.world * self.cfg.train.batch_size  # pairs per micro-step, all workers
-        self.batches = micro_batches(ray.train.get_dataset_shard("train"), self.cfg, state.epoch,
-                                     skip=state.samples_in_epoch // self.batch_pairs)
+            log.info("rank %d: step %d, epoch %d", ctx.rank, state.step, self.order.epoch_of(state.step) + 1)
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="pairs")
+        self.next = None  # (step, future of its micro-batches)
+
+    def load(self, step: int) -> list[dict[str, np.ndarray]]:
+        """This worker's micro-batches of step `step`: chunks j * world + rank of its global batch."""
+        size = self.cfg.train.batch_size
+        return [self.source.load(self.order.pairs(step, self.chunk(j) * size, size))
+                for j in range(self.cfg.train.grad_accum)]
+
+    def chunk(self, j: int) -> int:
+        return global_chunk(j, self.ctx.world, self.ctx.rank)
 
     def step(self, step: int, state: TrainerState) -> StepOutput | None:
-        cfg, ctx, accum = self.cfg, self.ctx, self.cfg.train.grad_accum
-        # LOAD
-        t0 = time.perf_counter()
-        group = list(itertools.islice(self.batches, accum))
-        if len(group) < accum:
-            if step == 0:
-                raise RuntimeError(f"data.source {cfg.data.source!r} does not fill one step: each of the {ctx.world} "
-                                   f"workers needs train.batch_size x train.grad_accum = "
-                                   f"{cfg.train.batch_size * accum} pairs")
+        cfg, ctx, size = self.cfg, self.ctx, self.cfg.train.batch_size
+        if step >= self.end:
             return None  # data.epochs are done
+        # LOAD (the next step's pairs are decoded while this one trains)
+        t0 = time.perf_counter()
+        group = self.next[1].result() if self.next and self.next[0] == step else self.load(step)
+        self.next = (step + 1, self.loader.submit(self.load, step + 1)) if step + 1 < self.end else None
         load_time = time.perf_counter() - t0
 
         # UPDATE
         stats: dict[str, list[torch.Tensor]] = {}
-        for j, (epoch, batch) in enumerate(group):
-            generator = torch.Generator(ctx.device).manual_seed(micro_seed(cfg, step * accum + j, ctx.rank))
+        for j, batch in enumerate(group):
+            first = self.chunk(j) * size
+            generators = [torch.Generator(ctx.device).manual_seed(sample_seed(cfg, step, first + i))
+                          for i in range(size)]
             micro_stats = update(ctx.engine, self.vae, self.encoder, self.scheduler, batch, cfg.data.caption_dropout,
-                                 generator, ctx.device)
+                                 generators, ctx.device)
             for k, v in micro_stats.items():
                 stats.setdefault(k, []).append(v)
-            if epoch != state.epoch:
-                state.epoch, state.samples_in_epoch = epoch, 0
-            state.samples_in_epoch += self.batch_pairs
-        extra = {"epoch": state.epoch + 1,  # the epoch this step's last micro-batch came from
-                 "time/load": load_time}    # waiting for this worker's batches
+        state.epoch = self.order.epoch_of(step)
+        state.samples_in_epoch = (step % self.order.steps_per_epoch + 1) * self.order.global_batch
+        extra = {"epoch": state.epoch + 1,  # the epoch of this step
+                 "time/load": load_time}    # waiting for this worker's pairs
         if self.validation and validation.due(cfg, step + 1):
             t = time.perf_counter()
             self.validate(step + 1)

@@ -7,7 +7,7 @@ A step's global batch is the same whatever its split over workers, micro-steps a
 samples are numbered in that order, and each sample's noise comes from (train.seed, step,
 its number) alone; the reward's batch statistics are those of the whole global batch,
 computed from its prompts by every worker alike (no collective). Worker `rank`'s micro-step
-j holds the samples of chunk j * world + rank. A resumed run therefore asks for exactly
+j holds the samples of chunk j * world + rank (worker.global_chunk). A resumed run therefore asks for exactly
 what the killed run would have asked for, with any worker count.
 """
 
@@ -27,15 +27,8 @@ from longalign_rl.registry import algorithm_of
 from longalign_rl.scoring import Statistics, batch_statistics, build_reward
 from longalign_rl.sampling.group import SamplerGroup
 from longalign_rl.training.checkpoint import TrainerState
-from longalign_rl.training.worker import WorkerContext
+from longalign_rl.training.worker import WorkerContext, global_chunk, sample_seed
 from longalign_rl.vae import decode
-
-
-def sample_seed(cfg, step: int, index: int) -> int:
-    """The seed of sample `index` of step `step`'s global batch (its initial noise and, for
-    a stochastic sampler, every step's noise), whichever worker and actor draw it. Index -1:
-    the step's own seed, for the choices its whole batch shares (which steps are trained)."""
-    return ((cfg.train.seed * 1_000_003 + step) * 1_000_033 + index) % (2**63 - 1)
 
 
 class SamplerFed:
@@ -94,7 +87,7 @@ class SamplerFed:
     def chunk(self, micro: int) -> tuple[int, int]:
         """(step, which chunk of the step's global batch) micro-step `micro` of this worker holds."""
         step, j = divmod(micro, self.cfg.train.grad_accum)
-        return step, j * self.ctx.world + self.ctx.rank
+        return step, global_chunk(j, self.ctx.world, self.ctx.rank)
 
     def start(self, state: TrainerState) -> None:
         self.start_micro = state.step * self.cfg.train.grad_accum

@@ -121,10 +121,20 @@ class Body(Protocol):
     def export(self) -> None: ...
 
 
-def micro_seed(cfg: Config, micro: int, rank: int) -> int:
-    """The seed of worker `rank`'s micro-step `micro` (its noise, dropout, timesteps): a pure
-    function of both, so a resumed run draws exactly what the killed run would have."""
-    return (cfg.train.seed * 1_000_003 + micro) * 1_009 + rank
+def sample_seed(cfg: Config, step: int, index: int) -> int:
+    """The seed of sample `index` of step `step`'s global batch (stage 2: its initial noise
+    and every stochastic step's noise; stage 1: its VAE draw, caption dropout, timestep and
+    noise), whichever worker, micro-step and actor handle it, so that any split of the global
+    batch, and a resumed run, draw the same (docs/scaling.md). Index -1: the step's own seed,
+    for the choices its whole batch shares (which steps are trained)."""
+    return ((cfg.train.seed * 1_000_003 + step) * 1_000_033 + index) % (2**63 - 1)
+
+
+def global_chunk(j: int, world: int, rank: int) -> int:
+    """Which chunk of its step's global batch worker `rank`'s micro-step `j` holds: chunk
+    j * world + rank, of train.batch_size samples each (so a global batch's samples are
+    numbered the same however it is split)."""
+    return j * world + rank
 
 
 def require_run_dir(run_dir: Path, rank: int) -> None:

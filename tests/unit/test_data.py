@@ -12,7 +12,7 @@ from PIL import Image
 
 from longalign_rl.config import ConfigError, DataConfig, load_config
 from longalign_rl.data import (
-    DataSourceError, check_pair, check_source, generate_batches, load_batch, read_pairs, to_training_image,
+    DataSourceError, GlobalOrder, Pair, check_pair, check_source, generate_rows, load_pairs, read_pairs, to_training_image,
 )
 
 
@@ -156,27 +156,24 @@ def generator_module(tmp_path, monkeypatch):
 def test_shapesworld_generator_gives_training_rows():
     data = DataConfig(source="shapesworld.plugin:pairs", kwargs={"n": 5, "seed": 1, "image_size": 48}, resolution=32)
     assert check_source(data) is None  # a generator: nothing read on the driver
-    batches = list(generate_batches({}, data.source, data.kwargs, data.resolution))
-    images = np.concatenate([b["image"] for b in batches])
-    captions = [c for b in batches for c in b["caption"]]
+    rows = generate_rows(data.source, data.kwargs, data.resolution)
+    images, captions = rows["image"], list(rows["caption"])
     assert images.shape == (5, 3, 32, 32) and images.dtype == np.float32
     assert 0.0 <= images.min() and images.max() <= 1.0 and images.max() > 0.9  # bright shapes on black
     assert all(c.startswith("This image is a grid of two rows") for c in captions)
-    again = list(generate_batches({}, data.source, data.kwargs, data.resolution))
-    assert np.array_equal(np.concatenate([b["image"] for b in again]), images)  # seeded
+    again = generate_rows(data.source, data.kwargs, data.resolution)
+    assert np.array_equal(again["image"], images)  # seeded
 
 
-def test_import_path_generator_batches_of_rows(generator_module, monkeypatch):
-    import longalign_rl.data as data_module
-
-    monkeypatch.setattr(data_module, "ROWS_PER_BATCH", 2)
+def test_import_path_generator_gives_its_rows_in_order(generator_module):
     source = f"{generator_module}:pairs"
     assert check_source(DataConfig(source=source, kwargs={"n": 5})) is None
-    batches = list(generate_batches({}, source, {"n": 5, "value": 100}, 8))
-    assert [len(b["caption"]) for b in batches] == [2, 2, 1]
-    assert batches[2]["caption"][0] == "Caption number 4. It is long."
-    assert batches[0]["image"].shape == (2, 3, 8, 8)
-    assert np.allclose(batches[1]["image"][0], 102 / 255)  # item 2: value 100 + 2
+    rows = generate_rows(source, {"n": 5, "value": 100}, 8)
+    assert len(rows["caption"]) == 5 and rows["caption"][4] == "Caption number 4. It is long."
+    assert rows["image"].shape == (5, 3, 8, 8)
+    assert np.allclose(rows["image"][2], 102 / 255)  # item 2: value 100 + 2
+    with pytest.raises(DataSourceError, match="gave no pairs"):
+        generate_rows(source, {"n": 0}, 8)
 
 
 def test_generator_errors_name_the_source_kwargs_or_item(generator_module):
@@ -190,7 +187,7 @@ def test_generator_errors_name_the_source_kwargs_or_item(generator_module):
     with pytest.raises(DataSourceError, match="data.kwargs.*not a ShapesWorld config.*grid"):
         check_source(DataConfig(source="shapesworld.plugin:pairs", kwargs={"grid": 7}))
     with pytest.raises(DataSourceError, match=r"'my_pairs:broken', item 1: expected \(uint8 \[H, W, 3\]"):
-        list(generate_batches({}, f"{generator_module}:broken", {}, 8))
+        generate_rows(f"{generator_module}:broken", {}, 8)
 
 
 def test_check_pair_refuses_wrong_dtypes_and_empty_captions():
@@ -246,23 +243,23 @@ def test_bilinear_resize_is_the_references_torchvision_transform(tmp_path):
     assert np.array_equal(default, old_training_image(image, 16))  # unchanged
     assert np.abs(default - expected).max() > 0.05
     Image.fromarray(image).save(tmp_path / "a.png")  # lossless: the same pixels
-    rows = load_batch({"path": np.array([str(tmp_path / "a.png")]), "caption": np.array(["x"])}, 16, "bilinear")
+    rows = load_pairs([Pair(str(tmp_path / "a.png"), "x")], 16, "bilinear")
     assert np.array_equal(rows["image"][0], expected)
     with pytest.raises(ConfigError, match="data.resize"):
         load_config(None, ["data.resize=nearest"])
 
 
-def test_load_batch_reads_files_and_names_an_unreadable_one(tmp_path):
+def test_load_pairs_reads_files_and_names_an_unreadable_one(tmp_path):
     a = write_image(tmp_path / "a.png", size=(16, 16), colour=(0, 255, 0))
     rgba = tmp_path / "b.png"
     Image.new("RGBA", (32, 16), (0, 0, 255, 10)).save(rgba)
-    rows = load_batch({"path": np.array([str(a), str(rgba)]), "caption": np.array(["x", "y"])}, 8)
+    rows = load_pairs([Pair(str(a), "x"), Pair(str(rgba), "y")], 8)
     assert rows["image"].shape == (2, 3, 8, 8) and list(rows["caption"]) == ["x", "y"]
     assert np.allclose(rows["image"][0, 1], 1.0) and np.allclose(rows["image"][1, 2], 1.0)  # green, blue
     broken = tmp_path / "c.png"
     broken.write_bytes(b"not an image")
     with pytest.raises(DataSourceError, match="c.png: cannot be read"):
-        load_batch({"path": np.array([str(broken)]), "caption": np.array(["z"])}, 8)
+        load_pairs([Pair(str(broken), "z")], 8)
 
 
 def test_check_source_reads_a_manifest_on_the_driver(tmp_path):
@@ -271,3 +268,43 @@ def test_check_source_reads_a_manifest_on_the_driver(tmp_path):
     manifest.write_text(json.dumps({"img": "x.png", "txt": "A caption."}) + "\n")
     pairs = check_source(DataConfig(source=str(manifest), image_column="img", caption_column="txt"))
     assert len(pairs) == 1 and pairs[0].caption == "A caption."
+
+
+def test_global_order_gives_every_split_of_a_step_the_same_pairs():
+    """The pairs of a step's global batch depend on the step alone: cut into 4 x 1, 2 x 2 or
+    1 x 4 chunks they are the same pairs in the same order."""
+    order = GlobalOrder(n=10, global_batch=4, seed=3, shuffle=True)
+    assert order.steps_per_epoch == 2  # 2 pairs of each epoch are left out
+    for step in range(6):
+        whole = order.pairs(step, 0, 4)
+        assert [i for c in range(4) for i in order.pairs(step, c, 1)] == whole
+        assert order.pairs(step, 0, 2) + order.pairs(step, 2, 2) == whole
+    epoch0 = order.pairs(0, 0, 4) + order.pairs(1, 0, 4)
+    assert len(set(epoch0)) == 8  # no pair twice in an epoch
+    assert epoch0 != order.pairs(2, 0, 4) + order.pairs(3, 0, 4)  # another order in epoch 1
+    assert order.epoch_of(3) == 1 and order.epoch_of(4) == 2
+    again = GlobalOrder(n=10, global_batch=4, seed=3, shuffle=True)
+    assert again.pairs(5, 1, 3) == order.pairs(5, 1, 3)  # a pure function of the seed
+    assert GlobalOrder(10, 4, 4, True).pairs(0, 0, 4) != order.pairs(0, 0, 4)
+    assert GlobalOrder(10, 4, 3, False).pairs(1, 0, 4) == [4, 5, 6, 7]  # unshuffled: source order
+    with pytest.raises(IndexError):
+        order.pairs(0, 3, 2)
+
+
+def test_a_manifests_pairs_load_by_index_each_image_with_its_caption(tmp_path):
+    """What a stage-1 worker loads for its chunk of a step: the pairs it names, in its order."""
+    from longalign_rl.training.denoising import PairSource, source_spec
+
+    lines = []
+    for i in range(6):
+        Image.new("RGB", (24, 16), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": f"Red level {i}."}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    data = DataConfig(source=str(tmp_path / "pairs.jsonl"), resolution=8)
+    source = PairSource(source_spec(data, check_source(data)), data)
+    assert source.n == 6
+    rows = source.load([4, 1, 5])
+    assert list(rows["caption"]) == ["Red level 4.", "Red level 1.", "Red level 5."]
+    assert rows["image"].shape == (3, 3, 8, 8)
+    for image, level in zip(rows["image"], [4, 1, 5]):
+        assert abs(float(image[0].mean()) - 40 * level / 255) < 1e-6

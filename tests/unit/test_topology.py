@@ -16,7 +16,8 @@ from longalign_rl.config import SamplerConfig, load_config
 from longalign_rl.prompts import PromptOrder, load_prompts
 from longalign_rl.sampling.sampler import build_sampler, sample_trajectory
 from longalign_rl.scoring import batch_statistics
-from longalign_rl.training.stage2 import SamplerFed, sample_seed
+from longalign_rl.training.stage2 import SamplerFed
+from longalign_rl.training.worker import sample_seed
 
 PROMPTS = ["a red cube. a blue ball on the left.", "two green squares.", "a yellow triangle. a red disc.",
            "a blue cube above a green ball."]
@@ -157,3 +158,34 @@ def test_sample_seeds_differ_by_step_index_and_run_seed():
     seeds = {sample_seed(cfg, step, i) for step in range(50) for i in range(-1, 64)}
     assert len(seeds) == 50 * 65
     assert sample_seed(cfg, 3, 5) != sample_seed(other, 3, 5)
+
+
+def test_a_stage1_micro_step_draws_the_same_for_each_pair_in_one_batch_or_two(tiny_parts):
+    """Stage 1: a pair's VAE draw, caption dropout, timestep and noise come from its own
+    generator, so the loss of a batch of 4 is the mean of its two halves' losses."""
+    from diffusers import DDPMScheduler
+
+    from longalign_rl.algorithms.denoising import caption_dropout, denoising_loss
+    from longalign_rl.vae import encode
+
+    parts = copy.deepcopy(tiny_parts)
+    scheduler = DDPMScheduler.from_config(parts.scheduler_config)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(4, 240, parts.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    uncond = torch.zeros_like(cond)
+
+    def loss(i, j):
+        gens = [torch.Generator().manual_seed(s) for s in SEEDS[i:j]]
+        with torch.no_grad():
+            latents = encode(parts.vae, images[i:j], gens)
+            c = caption_dropout(cond[i:j], uncond[i:j], 0.5, gens)
+            value, stats = denoising_loss(parts.unet, scheduler, latents, c, gens)
+        return value, stats["timestep"], c
+
+    whole, t, c = loss(0, 4)
+    (a, ta, ca), (b, tb, cb) = loss(0, 2), loss(2, 4)
+    assert torch.equal(t, torch.cat([ta, tb])) and torch.equal(c, torch.cat([ca, cb]))
+    torch.testing.assert_close(whole, (a + b) / 2, **FP32)
+    assert not torch.equal(t, loss(0, 4)[1].flip(0))  # each pair its own draws, not one shared
+    with pytest.raises(ValueError, match="3 generators for a batch of 4"):
+        caption_dropout(cond, uncond, 0.5, [torch.Generator()] * 3)
