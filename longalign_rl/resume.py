@@ -151,14 +151,18 @@ def check_resume(saved: dict, cfg: Config, run_dir: Path | None = None) -> None:
     if changed:
         raise ConfigError(f"--resume: the checkpoint was trained with other values of {', '.join(changed)}; "
                           "start a new run to change them")
-    workers = was("train.num_workers")
-    if cfg.train.zero_stage > 0 and workers != cfg.train.num_workers:
-        # DeepSpeed stores a ZeRO optimiser state as one partition per worker and refuses to
-        # load it into another count; the samples would be the same (docs/scaling.md)
-        raise ConfigError(f"train.num_workers: the checkpoint's optimiser state is split over {workers} workers "
-                          f"(ZeRO stage {cfg.train.zero_stage}), which DeepSpeed cannot load into "
-                          f"{cfg.train.num_workers}; resume with train.num_workers={workers} (train.batch_size and "
-                          "train.grad_accum may change, keeping the global batch: the same run, docs/scaling.md)")
+    if run_dir is not None and cfg.train.zero_stage > 0:
+        from longalign_rl.training.checkpoint import on_disk, saved_workers
+
+        newest = on_disk(run_dir)[:1]
+        workers = was("train.num_workers")
+        if newest and workers != cfg.train.num_workers and saved_workers(newest[0]) is None:
+            # a checkpoint from before the whole optimiser state was saved beside DeepSpeed's
+            # partitions, which DeepSpeed refuses to load into another count
+            raise ConfigError(f"train.num_workers: checkpoint {newest[0].name} holds its optimiser state only as "
+                              f"{workers} ZeRO partitions, which cannot be loaded into {cfg.train.num_workers} "
+                              f"workers; resume with train.num_workers={workers} (train.batch_size and "
+                              "train.grad_accum may change, keeping the global batch: docs/scaling.md)")
     if run_dir is not None:
         from longalign_rl.training.checkpoint import on_disk, step_of
 

@@ -9,6 +9,10 @@
     deepspeed/state/...     DeepSpeed's optimiser and LR-scheduler state (each rank its
                             ZeRO partition; DeepSpeed also keeps its own copy of the
                             trainable weights there, which `load` restores with it)
+    optimizer.safetensors   with ZeRO 1/2: the same optimiser state whole, not partitioned
+    optimizer.json          (every trainable weight's fp32 master copy, exp_avg, exp_avg_sq;
+                            the Adam step; the worker count that saved it), rank 0: what a
+                            resume on another worker count loads (`load`, docs/scaling.md)
     manifest/rank{r}.json   size and SHA-256 of every file worker r wrote
 
 Trust boundary: DeepSpeed stores its states with torch.save (pickle). They are loaded with
@@ -36,6 +40,8 @@ from safetensors.torch import load_file, save_file
 
 WEIGHTS = "weights.safetensors"
 STATE = "state.json"
+OPTIMIZER, OPTIMIZER_INFO = "optimizer.safetensors", "optimizer.json"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 MANIFESTS = "manifest"
 DEEPSPEED_TAG = "state"  # not "latest": DeepSpeed writes a file of that name beside the tag
 # Ray Train's own record of the checkpoints it registered, in the run directory (read here
@@ -197,26 +203,114 @@ def verify(directory: Path) -> None:
 # ---------------------------------------------------------------- save and load
 
 
-def save(directory: Path, engine, weights: dict, state: TrainerState, rank: int) -> None:
-    """Every rank calls this (DeepSpeed's save is collective), each into its own folder."""
+def save(directory: Path, engine, weights: dict, state: TrainerState, rank: int, world: int) -> None:
+    """Every rank calls this (DeepSpeed's save, and gathering the whole optimiser state, are
+    collective), each into its own folder."""
     engine.save_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    whole = whole_optimizer_state(engine)
     save_rng(directory, rank)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / WEIGHTS))
         (directory / STATE).write_text(json.dumps(asdict(state)))
+        if whole is not None:
+            tensors, adam_step = whole
+            save_file(tensors, str(directory / OPTIMIZER))
+            (directory / OPTIMIZER_INFO).write_text(json.dumps({"workers": world, "adam_step": adam_step}))
     write_manifest(directory, rank)
 
 
-def load(directory: Path, engine, rank: int) -> TrainerState:
-    """Verify, then restore weights, optimiser, scheduler and this rank's RNG; return the counters."""
+def load(directory: Path, engine, rank: int, world: int) -> TrainerState:
+    """Verify, then restore weights, optimiser, scheduler and this rank's RNG; return the
+    counters. Saved by another number of workers, a ZeRO optimiser state is loaded from its
+    whole copy (optimizer.safetensors) and partitioned over this one's."""
     verify(directory)
     make_loads_safe(engine)
-    path, _ = engine.load_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG, load_module_strict=False)
+    saved_by = saved_workers(directory)
+    elastic = saved_by is not None and saved_by != world
+    path, _ = engine.load_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                     load_optimizer_states=not elastic)
     if path is None:
         raise CheckpointError(f"no DeepSpeed state in checkpoint {directory}")
+    if elastic:
+        info = json.loads((directory / OPTIMIZER_INFO).read_text())
+        set_whole_optimizer_state(engine, load_file(str(directory / OPTIMIZER)), info["adam_step"])
     load_rng(directory, rank)  # absent when the world size changed; the counters still resume
     # A counter missing from an older checkpoint keeps its default.
     return TrainerState(**json.loads((directory / STATE).read_text()))
+
+
+def saved_workers(directory: Path) -> int | None:
+    """How many workers saved a checkpoint's whole optimiser state; None without one (stage 0,
+    whose DeepSpeed state is not partitioned, or a checkpoint from before it was saved)."""
+    try:
+        return int(json.loads((directory / OPTIMIZER_INFO).read_text())["workers"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# ---------------------------------------------------------------- the optimiser state, whole
+
+
+def _trainable(engine) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+
+
+def _zero_optimizer(engine):
+    """DeepSpeed's ZeRO stage 1/2 optimiser of `engine`, or None (stage 0)."""
+    optimizer = engine.optimizer
+    return optimizer if hasattr(optimizer, "single_partition_of_fp32_groups") else None
+
+
+def whole_optimizer_state(engine) -> tuple[dict[str, torch.Tensor], int] | None:
+    """Collective: every trainable weight's fp32 master copy and Adam moments, gathered from
+    the ZeRO partitions into whole tensors (CPU), and Adam's step count; None at stage 0.
+    DeepSpeed's `safe_get_full_*` do the gathering, one all-reduce each."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    zero = _zero_optimizer(engine)
+    if zero is None:
+        return None
+    steps = {float(s["step"]) for s in zero.optimizer.state.values() if "step" in s}
+    if len(steps) > 1:
+        raise CheckpointError(f"the optimiser's parameter groups are at different Adam steps {sorted(steps)}")
+    tensors = {}
+    for name, param in _trainable(engine).items():
+        tensors[f"{name}.fp32"] = safe_get_full_fp32_param(param).detach().float().cpu()
+        for key in ADAM_KEYS:
+            value = safe_get_full_optimizer_state(param, key) if steps else torch.zeros_like(param, dtype=torch.float32)
+            tensors[f"{name}.{key}"] = value.detach().float().cpu()
+    return tensors, int(steps.pop()) if steps else 0
+
+
+def set_whole_optimizer_state(engine, tensors: dict[str, torch.Tensor], adam_step: int) -> None:
+    """Partition a whole optimiser state (`whole_optimizer_state`) over this engine's workers:
+    each keeps its own ZeRO partition of the fp32 masters and moments, and the trained
+    weights become the masters (in the engine's precision). The optimiser's state is created
+    first, as its first step would (torch AdamW: step, exp_avg, exp_avg_sq per flat
+    partition), and linked to the weights as DeepSpeed links it."""
+    from deepspeed.utils import (lazy_init_hp_params_optimizer_state, safe_set_full_fp32_param,
+                                 safe_set_full_optimizer_state)
+
+    zero = _zero_optimizer(engine)
+    if zero is None:
+        raise CheckpointError("a whole optimiser state loads into a ZeRO stage 1 or 2 engine only")
+    params = _trainable(engine)
+    missing = sorted({f"{n}.{k}" for n in params for k in ("fp32", *ADAM_KEYS)} - set(tensors))
+    if missing:
+        raise CheckpointError(f"{OPTIMIZER} lacks {len(missing)} tensors of this model, e.g. {missing[0]}")
+    for flat in zero.single_partition_of_fp32_groups:
+        zero.optimizer.state[flat] = {"step": torch.tensor(float(adam_step)),
+                                      **{k: torch.zeros_like(flat) for k in ADAM_KEYS}}
+    for group, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+        lazy_init_hp_params_optimizer_state(group, flat, zero.optimizer.state)
+    zero._hp_optimizer_states_linked = True  # done: its own lazy link at the first step would redo it
+    for name, param in params.items():
+        master = tensors[f"{name}.fp32"].to(param.device)
+        safe_set_full_fp32_param(param, master)
+        with torch.no_grad():
+            param.copy_(master.to(param.dtype))
+        for key in ADAM_KEYS:
+            safe_set_full_optimizer_state(param, tensors[f"{name}.{key}"].to(param.device), key)
 
 
 def step_of(directory: Path) -> int | None:

@@ -230,7 +230,7 @@ def _resume(ctx: WorkerContext) -> checkpoint.TrainerState:
             state, error = None, None
             try:
                 checkpoint.verify(folder)
-                state = checkpoint.load(folder, ctx.engine, ctx.rank)
+                state = checkpoint.load(folder, ctx.engine, ctx.rank, ctx.world)
             except Exception as e:  # CheckpointError, or what DeepSpeed or torch.load raise
                 error = f"{type(e).__name__}: {e}"
             if all_agree(error is None, ctx.device):
@@ -255,7 +255,7 @@ def _report(ctx: WorkerContext, state: checkpoint.TrainerState, record: dict) ->
     with tempfile.TemporaryDirectory() as d:
         with ctx.master_precision():
             weights = ctx.trainable_weights() if ctx.rank == 0 else {}
-        checkpoint.save(Path(d), ctx.engine, weights, state, ctx.rank)
+        checkpoint.save(Path(d), ctx.engine, weights, state, ctx.rank, ctx.world)
         # named by step (checkpoint_000024), not by Ray Train's timestamp
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=checkpoint.folder_name(state.step))

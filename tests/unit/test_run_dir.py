@@ -7,6 +7,7 @@ record) are in tests/e2e/test_end_to_end.py."""
 import json
 
 import pytest
+import yaml
 
 from longalign_rl import cli, resume, train
 from longalign_rl.config import ConfigError, load_config, to_yaml
@@ -38,12 +39,19 @@ def test_a_resume_refuses_what_it_cannot_apply(tmp_path, capsys):
         capsys, ["--resume", str(run_dir), "--config", "configs/tiny.yaml", "train.steps=20"])
     for key, value in [("train.seed", "7"), ("train.precision", "bf16"), ("train.zero_stage", "1")]:
         assert f"other values of {key}" in error_of(capsys, ["--resume", str(run_dir), "train.steps=20", f"{key}={value}"])
-    # a ZeRO optimiser state is one partition per worker: said on the driver, not after every
+    # a checkpoint that holds its ZeRO optimiser state only as one partition per worker (from
+    # before the whole state was saved beside them): said on the driver, not after every
     # checkpoint failed to load in the workers
-    assert "train.num_workers: the checkpoint's optimiser state is split over 2 workers (ZeRO stage 2)" in error_of(
-        capsys, ["--resume", str(run_dir), "train.steps=20", "train.num_workers=1", "train.batch_size=16",
-                         "sampler.num_actors=1"])
+    other_count = ["--resume", str(run_dir), "train.steps=20", "train.num_workers=1", "train.batch_size=16",
+                   "sampler.num_actors=1"]
+    assert ("train.num_workers: checkpoint checkpoint_000012 holds its optimiser state only as 2 ZeRO partitions"
+            in error_of(capsys, other_count))
     assert (run_dir / "config.yaml").read_text() == saved and not (run_dir / "config.original.yaml").exists()
+    # with the whole state saved, another worker count resumes (tests/e2e/test_stage1.py runs one)
+    (run_dir / "checkpoint_000012" / "optimizer.json").write_text(json.dumps({"workers": 2, "adam_step": 12}))
+    cfg = load_config(train.DEFAULT_CONFIG, ["train.steps=20", "train.num_workers=1", "train.batch_size=16",
+                                             "sampler.num_actors=1"])
+    resume.check_resume(yaml.safe_load(saved), cfg, run_dir)
 
 
 def test_config_resume_shows_the_runs_values(tmp_path, capsys):
