@@ -21,8 +21,9 @@ class ActorPool:
     Ray (max_task_retries=0): the clients decide where it goes next."""
 
     def __init__(self, actor_class, count: int, args: tuple, *, num_cpus: float, num_gpus: float, max_restarts: int,
-                 runtime_env: dict | None = None):
-        options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0)
+                 resources: dict | None = None, runtime_env: dict | None = None):
+        options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0,
+                       resources=dict(resources or {}))
         if runtime_env:
             options["runtime_env"] = runtime_env
         self.actors = [actor_class.options(**options).remote(*args, i) for i in range(count)]

@@ -124,6 +124,10 @@ class SamplerConfig:
     # Resources per actor; fractions share a GPU. The autoscaler adds nodes to satisfy them.
     num_gpus: float = 1.0
     num_cpus: float = 1.0
+    # Ray custom resources per actor besides CPU and GPU, to place the actors on one node
+    # type: a cluster YAML's node type declares them ({"sampler_node": 1}), or Ray's
+    # accelerator resources ({"accelerator_type:A10G": 0.01}). cluster/README.md.
+    resources: dict = field(default_factory=dict)
     # How long a trainer worker keeps asking the sampler actors for one rollout while they
     # fail (a dead actor is restarted and rebuilds its model: seconds for the tiny model,
     # minutes for SD v1.5 on a new node) before the step fails with the last cause. Seconds.
@@ -176,6 +180,7 @@ class RewardConfig:
     num_actors: int = 0
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: dict = field(default_factory=dict)  # custom resources per actor, as sampler.resources
     runtime_env: dict = field(default_factory=dict)
     # Reward actors: how long a trainer worker waits for one batch's scores (a reward call
     # that blocks, a server that never answers) before the step fails, naming this key. In
@@ -264,9 +269,19 @@ class TrainConfig:
     steps: int = 3750
     # Ray Train workers, each with a DeepSpeed engine (reference: 6 GPUs).
     num_workers: int = 6
+    # Elastic training (Ray Train's ScalingConfig(num_workers=(min, max))): 0 = always
+    # num_workers; else the run starts with as many workers as the cluster holds between
+    # min_workers and num_workers, and after a lost node restarts from its last checkpoint
+    # with those that are left instead of waiting. Each worker count keeps the global batch
+    # num_workers x batch_size x grad_accum by accumulating more micro-steps, so it must
+    # divide by every count x batch_size (docs/scaling.md).
+    min_workers: int = 0
     use_gpu: bool = True
     # CPUs Ray reserves per worker (fractions allowed: the tiny run packs 4 processes on 2 cores).
     cpus_per_worker: float = 1.0
+    # Ray custom resources per worker besides CPU and GPU, to place the workers on one node
+    # type (as sampler.resources).
+    resources: dict = field(default_factory=dict)
     # Prompts per worker per micro-step (reference: 48 global / 6 GPUs = 8).
     batch_size: int = 8
     # Micro-steps accumulated per optimiser step.
@@ -384,6 +399,18 @@ class Config:
     def global_batch(self) -> int:
         """Samples per optimiser step over all workers."""
         return self.train.num_workers * self.train.batch_size * self.train.grad_accum
+
+    def with_workers(self, world: int) -> "Config":
+        """This config on `world` workers (an elastic run's count): the same global batch, the
+        accumulation scaled to keep it."""
+        t = self.train
+        if world == t.num_workers:
+            return self
+        if self.global_batch % (world * t.batch_size):
+            raise ConfigError(f"train.min_workers: {world} workers x train.batch_size {t.batch_size} do not divide "
+                              f"the global batch of {self.global_batch}")
+        accum = self.global_batch // (world * t.batch_size)
+        return dataclasses.replace(self, train=dataclasses.replace(t, num_workers=world, grad_accum=accum))
 
     @property
     def samples_per_start(self) -> int:
@@ -538,6 +565,22 @@ def validate(cfg: Config) -> None:
     _require(cfg.lora.alpha > 0, "lora.alpha", f"must be > 0, got {cfg.lora.alpha}")
     _require(bool(cfg.lora.target_modules), "lora.target_modules", "must name at least one module")
     _require(s.resolution >= 8, "sampler.resolution", f"must be >= 8, got {s.resolution}")
+    for key, resources in [("train.resources", t.resources), ("sampler.resources", s.resources),
+                           ("reward.resources", cfg.reward.resources)]:
+        for name, amount in resources.items():
+            _require(name not in ("CPU", "GPU", "memory"), key,
+                     f"{name!r} has its own key (num_cpus, num_gpus, cpus_per_worker, use_gpu); this one is for "
+                     "custom resources")
+            _require(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0, key,
+                     f"{name!r}: {amount!r} is not a positive number")
+    if t.min_workers:
+        _require(1 <= t.min_workers <= t.num_workers, "train.min_workers",
+                 f"must be 0 (fixed) or between 1 and train.num_workers={t.num_workers}, got {t.min_workers}")
+        bad = [w for w in range(t.min_workers, t.num_workers + 1) if cfg.global_batch % (w * t.batch_size)]
+        _require(not bad, "train.min_workers",
+                 f"{', '.join(map(str, bad))} workers x train.batch_size {t.batch_size} cannot hold the global batch "
+                 f"of {cfg.global_batch} by accumulation; raise min_workers or choose a global batch that "
+                 f"every count from {t.min_workers} to {t.num_workers} divides")
     _require(cfg.stage == 1 or s.num_actors <= t.num_workers, "sampler.num_actors",
              f"{s.num_actors} actors for {t.num_workers} trainer workers: worker i draws from actor "
              f"i % num_actors, so {s.num_actors - t.num_workers} would never be used")

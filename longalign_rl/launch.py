@@ -25,13 +25,20 @@ log = logging.getLogger("longalign_rl")
 
 
 def required_resources(cfg: Config) -> dict[str, float]:
-    """What the trainer workers (and stage 2's sampler actors) reserve, all together."""
+    """What the trainer workers (and stage 2's sampler actors) reserve, all together: the
+    least an elastic run (train.min_workers) starts with."""
     t, s = cfg.train, cfg.sampler
-    need = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": float(t.num_workers if t.use_gpu else 0)}
+    workers = t.min_workers or t.num_workers
+    need = {"CPU": workers * t.cpus_per_worker, "GPU": float(workers if t.use_gpu else 0)}
+    groups = [(workers, t.resources)]
     if cfg.stage == 2:
         r = cfg.reward
         need["CPU"] += s.num_actors * s.num_cpus + r.num_actors * r.num_cpus
         need["GPU"] += s.num_actors * s.num_gpus + r.num_actors * r.num_gpus
+        groups += [(s.num_actors, s.resources), (r.num_actors, r.resources)]
+    for count, resources in groups:  # custom resources (train/sampler/reward.resources)
+        for name, amount in resources.items():
+            need[name] = need.get(name, 0.0) + count * float(amount)
     return need
 
 
@@ -39,8 +46,13 @@ def resource_shortfall(cfg: Config, total: dict[str, float]) -> str | None:
     """A message naming the keys, if the cluster's `total` resources cannot hold the run."""
     need = required_resources(cfg)
     short = [f"{need[r]:g} {r}s (has {total.get(r, 0.0):g})" for r in ("CPU", "GPU") if need[r] > total.get(r, 0.0) + 1e-9]
-    if not short:
+    custom = [f"{amount:g} {name!r} (has {total.get(name, 0.0):g})" for name, amount in need.items()
+              if name not in ("CPU", "GPU") and amount > total.get(name, 0.0) + 1e-9]
+    if not short and not custom:
         return None
+    if not short:
+        return (f"the run needs the custom resources {', '.join(custom)}: train.resources, sampler.resources and "
+                "reward.resources ask for them per worker / actor, and no node of the cluster declares enough")
     return (f"the run needs {' and '.join(short)}: train.num_workers x train.cpus_per_worker (use_gpu: 1 GPU each)"
             + (" + sampler.num_actors x sampler.num_cpus / num_gpus" if cfg.stage == 2 else "")
             + (" + reward.num_actors x reward.num_cpus / num_gpus" if cfg.stage == 2 and cfg.reward.num_actors else ""))
@@ -74,6 +86,60 @@ def connect(cfg: Config) -> str:
         log.warning("resources: %s; waiting for the autoscaler to add nodes", shortfall)
     where = f"joined the cluster at {address}" if address else "a local instance"
     return where + (f", dashboard http://{dashboard}" if dashboard else "")
+
+
+def probe_storage(folder: str, name: str, token: str) -> str | None:
+    """On a node: None if it sees the driver's probe file `folder/name` holding `token` and can
+    write beside it, else what is wrong."""
+    import tempfile
+
+    probe = Path(folder) / name
+    try:
+        if probe.read_text() != token:
+            return f"sees another {probe} than the driver's"
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_probe"):
+            pass
+    except FileNotFoundError:
+        return f"cannot see {folder} as the driver does"
+    except OSError as e:
+        return f"cannot write to {folder} ({e.strerror or e})"
+    return None
+
+
+def check_shared_storage(run_dir: Path, probe=probe_storage, timeout_s: float = 120.0) -> int:
+    """Every node of a multi-node cluster sees the folder the driver writes runs into (the run
+    directory, or its parent before it exists) and can write there: the workers persist
+    checkpoints and the actors read config.yaml from it. The driver writes a probe file and a
+    zero-CPU task pinned to each alive node reads it back; ConfigError, one line naming the
+    first node that cannot. Nodes the autoscaler adds later are checked by the workers
+    themselves (worker.require_run_dir). Returns the number of nodes checked (1: nothing to do)."""
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return len(nodes)
+    folder = run_dir if run_dir.is_dir() else run_dir.parent
+    name, token = f".storage_probe_{secrets.token_hex(4)}", secrets.token_hex(16)
+    (folder / name).write_text(token)
+    task = ray.remote(num_cpus=0, max_retries=0)(probe)
+    try:
+        refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(folder), name, token) for n in nodes]
+        try:
+            answers = ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ConfigError(f"run.output_dir: not every node answered the storage check within {timeout_s:g} s") from None
+    finally:
+        (folder / name).unlink(missing_ok=True)
+    for node, problem in zip(nodes, answers):
+        if problem:
+            raise ConfigError(f"run.output_dir: node {node['NodeID'][:8]} ({node['NodeManagerAddress']}) {problem}: "
+                              "on a multi-node cluster runs must go to storage every node mounts at the same path "
+                              "(cluster/README.md)")
+    return len(nodes)
 
 
 def check_reachable(address: str, timeout_s: float) -> None:
@@ -171,9 +237,11 @@ def run(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None, rewards=Non
         connect(cfg)
 
     start_step = max((checkpoint.step_of(p) or 0 for p in checkpoint.on_disk(run_dir)), default=0)
+    t = cfg.train
+    workers = (t.min_workers, t.num_workers) if t.min_workers else t.num_workers  # a range: elastic
     common = dict(
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={**t.resources, "CPU": t.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.train.use_gpu else {})}),
         run_config=RunConfig(
             name=run_dir.name,

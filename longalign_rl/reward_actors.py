@@ -97,7 +97,7 @@ class RewardPool(ActorPool):
         r = cfg.reward
         self.cfg = cfg
         super().__init__(RewardActor, r.num_actors, (to_dict(cfg), str(run_dir) if run_dir else None),
-                         num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts,
+                         num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=r.resources, max_restarts=r.max_restarts,
                          runtime_env=r.runtime_env)
 
     def check(self, prompts: list[str]) -> None:

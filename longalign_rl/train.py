@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         preflight.check_trackers(cfg)
         resume.check_output_dir(run_dir)
         ray_line = launch.connect(cfg)
+        launch.check_shared_storage(run_dir)  # every node of a cluster writes into it
         rewards = launch.start_reward_actors(cfg, run_dir)  # a reward that lives in actors is probed there
         samplers = launch.start_sampler_actors(cfg, run_dir)  # built where they run: the model, LoRA, T5 branch
     except (ConfigError, ValueError, TypeError, RuntimeError) as e:

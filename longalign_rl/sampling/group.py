@@ -109,7 +109,7 @@ class SamplerGroup(ActorPool):
         self.cfg = cfg
         s = cfg.sampler
         super().__init__(SamplerActor, s.num_actors, (to_dict(cfg), str(run_dir) if run_dir else None),
-                         num_cpus=s.num_cpus, num_gpus=s.num_gpus, max_restarts=-1)
+                         num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=s.resources, max_restarts=-1)
 
     def check(self) -> None:
         """Wait until every actor is built (the model, the LoRA, the T5 branch: where they

@@ -277,10 +277,15 @@ def train_func(loop_config: dict) -> None:
 
 def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -> None:
     # ------------------------------------------------------------------ SET UP
-    cfg: Config = from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
     train_ctx = ray.train.get_context()
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    # An elastic run (train.min_workers) may have fewer workers than train.num_workers: the
+    # same global batch, more micro-steps each.
+    cfg: Config = from_dict(loop_config["config"]).with_workers(world)
+    if rank == 0 and world != from_dict(loop_config["config"]).train.num_workers:
+        log.warning("%d workers (train.min_workers elastic run): train.grad_accum %d keeps the global batch of %d",
+                    world, cfg.train.grad_accum, cfg.global_batch)
     device = ray.train.torch.get_device()
     require_run_dir(run_dir, rank)
     # Stage 1 encodes captions here; those of a folder or manifest were measured by the driver.

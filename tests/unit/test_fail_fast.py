@@ -149,6 +149,14 @@ def test_a_run_that_cannot_fit_names_the_keys():
                                 "sampler.num_gpus=0.5", "reward.num_actors=2", "reward.num_gpus=0.5"])
     assert launch.required_resources(actors) == {"CPU": 6.0, "GPU": 4.0}  # 2 x 1 + 2 x 1 + 2 x 1 CPUs
     assert "reward.num_actors" in launch.resource_shortfall(actors, {"CPU": 64.0, "GPU": 3.0})
+    # custom resources that place workers and actors on node types: counted, and named when missing
+    placed = load_config(None, ["train.num_workers=2", "sampler.num_actors=2", "train.resources={trainer_node: 1}",
+                                "sampler.resources={sampler_node: 0.5}"])
+    need = launch.required_resources(placed)
+    assert need["trainer_node"] == 2.0 and need["sampler_node"] == 1.0
+    message = launch.resource_shortfall(placed, {"CPU": 64.0, "GPU": 8.0, "trainer_node": 2.0})
+    assert message.startswith("the run needs the custom resources 1 'sampler_node' (has 0)") and "sampler.resources" in message
+    assert launch.resource_shortfall(placed, {"CPU": 64.0, "GPU": 8.0, "trainer_node": 2.0, "sampler_node": 1.0}) is None
 
 
 def test_an_unwritable_or_non_directory_output_dir_exits_2(tmp_path, capsys):
@@ -227,3 +235,14 @@ def test_prompts_longer_than_max_tokens_are_said_once_on_the_driver(tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="longalign_rl"):
         preflight.warn_cut_prompts(cfg, "prompts.source", ["short.", "A long one. " * 40, "A long one. " * 40], limit=2)
     assert "prompts.source: 1 of the first 2 prompts are longer" in caplog.records[0].getMessage()
+
+
+def test_custom_resources_are_checked_on_the_driver():
+    from longalign_rl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="sampler.resources: 'GPU' has its own key"):
+        load_config(None, ["sampler.resources={GPU: 1}"])
+    with pytest.raises(ConfigError, match="train.resources: 'trainer_node': 'many' is not a positive number"):
+        load_config(None, ["train.resources={trainer_node: many}"])
+    with pytest.raises(ConfigError, match="reward.resources: 'x': 0 is not a positive number"):
+        load_config(None, ["reward.resources={x: 0}"])

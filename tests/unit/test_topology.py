@@ -189,3 +189,26 @@ def test_a_stage1_micro_step_draws_the_same_for_each_pair_in_one_batch_or_two(ti
     assert not torch.equal(t, loss(0, 4)[1].flip(0))  # each pair its own draws, not one shared
     with pytest.raises(ValueError, match="3 generators for a batch of 4"):
         caption_dropout(cond, uncond, 0.5, [torch.Generator()] * 3)
+
+
+def test_an_elastic_run_keeps_its_global_batch_on_every_worker_count_it_allows():
+    """train.min_workers: Ray Train may run any count from min_workers to num_workers; each
+    keeps the global batch by accumulating (config.with_workers), and a count that cannot is
+    refused on the driver, naming the key."""
+    from longalign_rl import launch
+    from longalign_rl.config import ConfigError
+
+    cfg = load_config(None, ["train.num_workers=4", "train.batch_size=1", "train.grad_accum=3", "train.min_workers=2",
+                             "sampler.num_actors=2", "train.use_gpu=false"])
+    for world, accum in [(4, 3), (3, 4), (2, 6)]:
+        smaller = cfg.with_workers(world)
+        assert (smaller.train.num_workers, smaller.train.grad_accum) == (world, accum)
+        assert smaller.global_batch == cfg.global_batch == 12
+    assert cfg.with_workers(4) is cfg
+    assert launch.required_resources(cfg)["CPU"] == 2 * cfg.train.cpus_per_worker + 2 * cfg.sampler.num_cpus
+    with pytest.raises(ConfigError, match=r"train.min_workers: 3 workers x train.batch_size 1 cannot hold the global "
+                                          r"batch of 8"):
+        load_config(None, ["train.num_workers=4", "train.batch_size=1", "train.grad_accum=2", "train.min_workers=2",
+                           "sampler.num_actors=2"])
+    with pytest.raises(ConfigError, match="train.min_workers: must be 0 .fixed. or between 1 and"):
+        load_config(None, ["train.num_workers=2", "train.min_workers=3", "sampler.num_actors=2"])
