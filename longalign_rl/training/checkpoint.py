@@ -13,6 +13,9 @@
     optimizer.json          (every trainable weight's fp32 master copy, exp_avg, exp_avg_sq;
                             the Adam step; the worker count that saved it), rank 0: what a
                             resume on another worker count loads (`load`, docs/scaling.md)
+    sampler_weights.safetensors  stage 2 sampling a step ahead: the older weights that draw
+                            the next step's samples (TrainerState.sampler_version), so that a
+                            resume draws them as the uninterrupted run did, rank 0
     manifest/rank{r}.json   size and SHA-256 of every file worker r wrote
 
 Trust boundary: DeepSpeed stores its states with torch.save (pickle). They are loaded with
@@ -41,6 +44,7 @@ from safetensors.torch import load_file, save_file
 WEIGHTS = "weights.safetensors"
 STATE = "state.json"
 OPTIMIZER, OPTIMIZER_INFO = "optimizer.safetensors", "optimizer.json"
+SAMPLER_WEIGHTS = "sampler_weights.safetensors"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 MANIFESTS = "manifest"
 DEEPSPEED_TAG = "state"  # not "latest": DeepSpeed writes a file of that name beside the tag
@@ -77,6 +81,9 @@ class TrainerState:
     epoch: int = 0             # stage 1: the epoch in progress (0-based)
     samples_in_epoch: int = 0  # stage 1: pairs of that epoch used, all workers together
     algorithm: dict = field(default_factory=dict)  # an algorithm's own state (ddpo: per-prompt statistics)
+    # stage 2, sampling ahead: the version of the weights that draw the next step's samples
+    # (saved in sampler_weights.safetensors), when it is not the checkpoint's own step
+    sampler_version: int | None = None
 
 
 # ---------------------------------------------------------------- RNG, without pickle
@@ -203,7 +210,8 @@ def verify(directory: Path) -> None:
 # ---------------------------------------------------------------- save and load
 
 
-def save(directory: Path, engine, weights: dict, state: TrainerState, rank: int, world: int) -> None:
+def save(directory: Path, engine, weights: dict, state: TrainerState, rank: int, world: int,
+         extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """Every rank calls this (DeepSpeed's save, and gathering the whole optimiser state, are
     collective), each into its own folder."""
     engine.save_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
@@ -211,6 +219,8 @@ def save(directory: Path, engine, weights: dict, state: TrainerState, rank: int,
     save_rng(directory, rank)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / WEIGHTS))
+        for name, tensors in (extra or {}).items():  # a body's own: {file name: tensors}
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / name))
         (directory / STATE).write_text(json.dumps(asdict(state)))
         if whole is not None:
             tensors, adam_step = whole

@@ -92,13 +92,54 @@ class SamplerFed:
     def start(self, state: TrainerState) -> None:
         self.start_micro = state.step * self.cfg.train.grad_accum
         self.start_position = state.prompt_position
-        # The actors start from the base weights: bring them to this run's version first.
+        # The actors start from the base weights: bring them to this run's version first. A
+        # run that samples a step ahead drew its next step with the weights the actors held
+        # during the step before (one version older, with sync_every 1): a resume gives the
+        # actors those first, asks for the step's samples, and only then this version, so it
+        # draws what the uninterrupted run drew (docs/scaling.md).
+        lagging = self.lagging_weights(state)
         if self.ctx.rank == 0:
-            self.samplers.publish(self.ctx.trainable_weights(), state.step)
+            self.publish(*(lagging or (state.step, self.ctx.trainable_weights())))
             validation.truncate_after(self.ctx.run_dir, state.step)  # a resume redoes what came after
             if state.step == 0 and self.validation:
                 self.validate(0)
         dist.barrier()
+        if lagging is not None:
+            for j in range(self.cfg.train.grad_accum):
+                self.request(self.start_micro + j)
+            dist.barrier()  # every worker's requests are with the actors before the next version
+            if self.ctx.rank == 0:
+                self.publish(state.step, self.ctx.trainable_weights())
+            dist.barrier()
+
+    def lagging_weights(self, state: TrainerState) -> tuple[int, dict] | None:
+        """(version, weights) that drew the resumed step in the uninterrupted run, if the
+        checkpoint holds them (rank 0 reads them; the others get an empty dict)."""
+        folder = self.ctx.resumed_from
+        if not (self.prefetch and state.step and state.sampler_version is not None and folder is not None):
+            return None
+        from safetensors.torch import load_file
+
+        from longalign_rl.training.checkpoint import SAMPLER_WEIGHTS
+
+        return state.sampler_version, (load_file(str(folder / SAMPLER_WEIGHTS)) if self.ctx.rank == 0 else {})
+
+    def publish(self, version: int, weights: dict) -> float:
+        """Rank 0: the actors get `weights` as `version`; kept as what they hold."""
+        self.held = (version, weights)
+        return self.samplers.publish(weights, version)
+
+    def checkpoint_extras(self, state: TrainerState) -> dict:
+        """Rank 0, at a checkpoint after step state.step: the weights the actors held during
+        that step, which draw the next step's samples (sampling ahead), if older than it."""
+        version, weights = getattr(self, "held_during", (state.step, None))
+        if not self.prefetch or version == state.step:
+            state.sampler_version = None
+            return {}
+        from longalign_rl.training.checkpoint import SAMPLER_WEIGHTS
+
+        state.sampler_version = version
+        return {SAMPLER_WEIGHTS: weights} if self.ctx.rank == 0 else {}
 
     def prompt_position(self, micro: int) -> int:
         """Prompts handed out to all workers before micro-step `micro`."""
@@ -148,16 +189,18 @@ class SamplerFed:
         Then, when due, rank 0 validates (the last step is published for it if need be)."""
         t = time.perf_counter()
         sync_load, synced = 0.0, (step + 1) % self.cfg.train.sync_every == 0
+        if self.ctx.rank == 0:
+            self.held_during = self.held  # what drew the next step's samples, asked for during this one
         if synced:
             if self.ctx.rank == 0:
-                sync_load = self.samplers.publish(self.ctx.trainable_weights(), step + 1)
+                sync_load = self.publish(step + 1, self.ctx.trainable_weights())
             dist.barrier()  # no worker requests new samples before the actors hold step + 1
         times = {"time/sync": time.perf_counter() - t,  # put + slowest actor load + barrier
                  "time/sync_load": sync_load}
         if self.validation and validation.due(self.cfg, step + 1):
             t = time.perf_counter()
             if not synced:  # the actors get this step's weights early: their samples lag less, never more
-                self.samplers.publish(self.ctx.trainable_weights(), step + 1)
+                self.publish(step + 1, self.ctx.trainable_weights())
             self.validate(step + 1)
             times["time/validation"] = time.perf_counter() - t
         return times

@@ -73,6 +73,7 @@ class WorkerContext:
     world: int
     device: torch.device
     engine: Any  # DeepSpeed engine; engine.module is the UNet with what trains
+    resumed_from: Path | None = None  # the checkpoint folder the run resumed from (set before body.start)
 
     @contextlib.contextmanager
     def master_precision(self):
@@ -235,6 +236,7 @@ def _resume(ctx: WorkerContext) -> checkpoint.TrainerState:
                 error = f"{type(e).__name__}: {e}"
             if all_agree(error is None, ctx.device):
                 log.info("rank %d: resumed at step %d from %s", ctx.rank, state.step, folder.name)
+                ctx.resumed_from = folder
                 return state
             problems.append(f"{folder.name}: {error or 'another worker could not load it'}")
             if ctx.rank == 0:
@@ -250,12 +252,15 @@ def all_agree(ok: bool, device) -> bool:
     return bool(flag.item())
 
 
-def _report(ctx: WorkerContext, state: checkpoint.TrainerState, record: dict) -> None:
-    """Every worker saves its part of the checkpoint and reports it to Ray Train."""
+def _report(ctx: WorkerContext, state: checkpoint.TrainerState, record: dict, body) -> None:
+    """Every worker saves its part of the checkpoint and reports it to Ray Train. A body with
+    `checkpoint_extras(state)` adds tensors of its own (rank 0: the sampler actors' lagging
+    weights, stage2.SamplerFed)."""
+    extra = body.checkpoint_extras(state) if hasattr(body, "checkpoint_extras") else {}
     with tempfile.TemporaryDirectory() as d:
         with ctx.master_precision():
             weights = ctx.trainable_weights() if ctx.rank == 0 else {}
-        checkpoint.save(Path(d), ctx.engine, weights, state, ctx.rank, ctx.world)
+        checkpoint.save(Path(d), ctx.engine, weights, state, ctx.rank, ctx.world, extra)
         # named by step (checkpoint_000024), not by Ray Train's timestamp
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=checkpoint.folder_name(state.step))
@@ -282,8 +287,9 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     # An elastic run (train.min_workers) may have fewer workers than train.num_workers: the
     # same global batch, more micro-steps each.
-    cfg: Config = from_dict(loop_config["config"]).with_workers(world)
-    if rank == 0 and world != from_dict(loop_config["config"]).train.num_workers:
+    asked: Config = from_dict(loop_config["config"])
+    cfg = asked.with_workers(world)
+    if rank == 0 and world != asked.train.num_workers:
         log.warning("%d workers (train.min_workers elastic run): train.grad_accum %d keeps the global batch of %d",
                     world, cfg.train.grad_accum, cfg.global_batch)
     device = ray.train.torch.get_device()
@@ -306,7 +312,7 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
         metrics_log.truncate_after(state.step)
         # Only now that the checkpoint has loaded: a resume whose load fails leaves the run's
         # config as it was, so the run stays resumable.
-        write_atomic(run_dir / CONFIG, to_yaml(cfg))
+        write_atomic(run_dir / CONFIG, to_yaml(asked))  # as asked: not an elastic run's count of the moment
     body.start(state)
 
     # ------------------------------------------------------------------ LOOP
@@ -336,6 +342,7 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
             "lr": lrs[0],
             **({"lr/t5_adapter": lrs[1]} if len(lrs) > 1 else {}),
             "weights_spread": spread,  # must stay 0: every worker holds the same weights
+            "workers": world,  # fewer than train.num_workers after an elastic run lost a node
             "samples_per_s": cfg.global_batch / elapsed,
             "time/step": elapsed,
             **out.extra,
@@ -362,13 +369,13 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
 
         # CKPT (never of non-finite weights)
         if state.step % cfg.run.checkpoint_every == 0 and not cause:
-            _report(ctx, state, record)
+            _report(ctx, state, record, body)
             checkpointed = state.step
 
         # STOP: the driver got SIGINT/SIGTERM; end here, resumable
         if stop_requested(run_dir, rank, device):
             if state.step > checkpointed and not cause:
-                _report(ctx, state, record)
+                _report(ctx, state, record, body)
                 checkpointed = state.step
             stopped = {"step": state.step, "cause": "interrupt", "last_checkpoint": checkpointed,
                        "message": f"interrupted after step {state.step}; the last checkpoint is of step {checkpointed}"}
@@ -382,7 +389,7 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
             (run_dir / STOPPED).write_text(json.dumps(stopped, indent=1) + "\n")
         return
     if state.step > checkpointed:  # the run ended between checkpoints: one more, at the end
-        _report(ctx, state, record)
+        _report(ctx, state, record, body)
 
     # ------------------------------------------------------------------ EXPORT
     with ctx.master_precision():  # a bf16/fp16 run exports its fp32 master weights

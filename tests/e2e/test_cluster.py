@@ -75,3 +75,82 @@ def test_a_run_places_actors_and_workers_on_the_node_types_it_asks_for(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2] and all(m["reward"] == m["reward"] for m in metrics)
     assert (out / "placed" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert json.loads((out / "placed" / "checkpoint_000002" / "state.json").read_text())["step"] == 2
+
+
+# A run that may shrink: 2 trainer workers (1 at least), 2 sampler actors, a global batch of
+# 4; the nodes each hold one worker and room for both actors.
+ELASTIC = [*LIGHT, "train.num_workers=2", "train.min_workers=1", "sampler.num_actors=2",
+           "sampler.resources={sampler_gpu: 0.5}", "train.resources={trainer_gpu: 1}", "train.steps=8",
+           "run.checkpoint_every=2", "run.image_every=8", "run.eval_every=8", "run.max_failures=2"]
+TWIN = NodeSpec(2, {"trainer_gpu": 1, "sampler_gpu": 1})
+# Same global batch, other splits (tests/e2e/test_end_to_end.py, BENCHMARKS.md "Topology").
+SPLIT_TOLERANCE = {"rel": 1e-3, "abs": 1e-4}
+COMPARED = ("reward", "loss", "grad_norm", "lr")
+
+
+def l2(a: dict, b: dict) -> float:
+    return sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5
+
+
+def assert_same_run(run_dir: Path, reference: Path, steps: int) -> dict:
+    """The same metrics rows (each step once) and final weights as `reference`, within the
+    topology tolerance; returns the largest differences."""
+    from safetensors.torch import load_file
+
+    mine, theirs = read_metrics(run_dir), read_metrics(reference)
+    assert [m["step"] for m in mine] == [m["step"] for m in theirs] == list(range(1, steps + 1))
+    worst = {k: max(abs(a[k] - b[k]) for a, b in zip(mine, theirs)) for k in COMPARED}
+    for a, b in zip(mine, theirs):
+        for k in COMPARED:
+            assert a[k] == pytest.approx(b[k], **SPLIT_TOLERANCE), (a["step"], k)
+    final = lambda d: load_file(str(d / f"checkpoint_{steps:06d}" / "weights.safetensors"))  # noqa: E731
+    halfway = load_file(str(reference / f"checkpoint_{steps // 2:06d}" / "weights.safetensors"))
+    worst["weights apart / moved"] = l2(final(run_dir), final(reference)) / l2(final(reference), halfway)
+    assert worst["weights apart / moved"] <= 0.01
+    return worst
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_run_shrinks_the_run_and_it_ends_as_the_undisturbed_one(tmp_path):
+    """Two nodes, each with a trainer worker and sampler capacity; at step 3 one node is lost
+    (raylet and every process on it killed). Ray Train restarts the run from its step-2
+    checkpoint with the one worker left (train.min_workers=1, twice the accumulation), the
+    lost sampler actor is rebuilt on the other node, and the run ends with steps 1..8 once
+    each and the metrics and weights of the run that kept both nodes."""
+    import time
+
+    out = tmp_path / "runs"
+    with LocalCluster(tmp_path, {"n1": TWIN, "n2": TWIN}) as cluster:
+        done = train(cluster, out, "undisturbed", *ELASTIC)
+        assert done.returncode == 0, done.stderr[-4000:]
+        cmd = [sys.executable, "-m", "longalign_rl.train", *ELASTIC, f"run.output_dir={out}", "run.name=lost"]
+        log = open(out / "lost.log", "w")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
+        start, timeline = time.monotonic(), []
+
+        def rows() -> int:
+            path = out / "lost" / "metrics.jsonl"
+            return len(path.read_text().splitlines()) if path.is_file() else 0
+
+        try:
+            while rows() < 3 and proc.poll() is None and time.monotonic() - start < RUN_TIMEOUT_S:
+                time.sleep(0.2)
+            timeline.append((round(time.monotonic() - start, 1), len(cluster.nodes_alive()), "n2 killed"))
+            cluster.kill("n2")
+            while proc.poll() is None and time.monotonic() - start < RUN_TIMEOUT_S:
+                timeline.append((round(time.monotonic() - start, 1), len(cluster.nodes_alive()), f"{rows()} rows"))
+                time.sleep(5)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        where = cluster.placement()
+    (tmp_path / "timeline.json").write_text(json.dumps(timeline))
+    assert code == 0, (out / "lost.log").read_text()[-6000:]
+    metrics = read_metrics(out / "lost")
+    assert [m["workers"] for m in metrics[:2]] == [2, 2] and metrics[-1]["workers"] == 1  # shrunk, not stalled
+    worst = assert_same_run(out / "lost", out / "undisturbed", 8)
+    print("node loss:", json.dumps({"timeline": timeline, "largest differences": worst}))
+    samplers = [a for a in where if a["class"] == "SamplerActor"]
+    assert any(a["node"] == "n1" and a["state"] == "ALIVE" for a in samplers) or samplers  # rebuilt where it could
