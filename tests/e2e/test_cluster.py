@@ -154,3 +154,108 @@ def test_a_node_lost_mid_run_shrinks_the_run_and_it_ends_as_the_undisturbed_one(
     print("node loss:", json.dumps({"timeline": timeline, "largest differences": worst}))
     samplers = [a for a in where if a["class"] == "SamplerActor"]
     assert any(a["node"] == "n1" and a["state"] == "ALIVE" for a in samplers) or samplers  # rebuilt where it could
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_an_empty_autoscaling_cluster_adds_nodes_and_they_go_when_idle(tmp_path):
+    """cluster/one_machine.yaml (aws.yaml's node types on Ray's fake multi-node provider):
+    the head has no CPUs and there are no worker nodes. `ray job submit` of the default run,
+    with its actors and workers asking for the node types' resources, makes the autoscaler
+    add a sampler node and a trainer node; the run completes; the idle nodes are removed."""
+    import threading
+    import time
+
+    import yaml
+
+    from tests.cluster import free_ports, ray_start_head
+
+    port = free_ports(1)[0]
+    config = yaml.safe_load((REPO / "cluster" / "one_machine.yaml").read_text())
+    config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
+    config["idle_timeout_minutes"] = 0.2  # 12 s, for the test
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(config))
+    out, timeline = tmp_path / "runs", []
+    with ray_start_head(tmp_path, num_cpus=0, gcs_port=port,
+                        extra_args=("--node-ip-address=127.0.0.1", f"--autoscaling-config={tmp_path / 'cluster.yaml'}"),
+                        extra_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}) as head:
+        start, done, types = time.monotonic(), threading.Event(), set()
+
+        def workers_alive() -> int:
+            alive = [n for n in head.nodes() if n["state"] == "ALIVE" and not n["is_head_node"]]
+            types.update(k for n in alive for k in n.get("resources_total", {}) if k in ("sampler_gpu", "trainer_gpu"))
+            return len(alive)
+
+        def watch():
+            while not done.is_set():
+                timeline.append((round(time.monotonic() - start, 1), workers_alive()))
+                done.wait(2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        assert workers_alive() == 0
+        cmd = [str(head.env["PATH"].split(":")[0] + "/ray"), "job", "submit", "--address", head.dashboard,
+               "--working-dir", str(REPO), "--runtime-env-json",
+               json.dumps({"excludes": [".git", ".venv", "runs", "__pycache__"]}), "--",
+               "python", "-m", "longalign_rl.train", *LIGHT, "train.steps=2", "run.checkpoint_every=2",
+               "sampler.resources={sampler_gpu: 0.5}", "train.resources={trainer_gpu: 1}",
+               f"run.output_dir={out}", "run.name=autoscaled"]
+        job = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=tmp_path)
+        ended = time.monotonic() - start
+        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-4000:]
+        deadline = time.monotonic() + 180
+        while workers_alive() and time.monotonic() < deadline:
+            time.sleep(2)
+        done.set()
+        watcher.join()
+        timeline.append((round(time.monotonic() - start, 1), workers_alive()))
+    (tmp_path / "timeline.json").write_text(json.dumps(timeline))
+    print("autoscaling:", json.dumps({"job ended at s": round(ended, 1), "worker nodes over time": timeline}))
+    assert max(n for _, n in timeline) >= 2 and types == {"sampler_gpu", "trainer_gpu"}  # one node of each type
+    assert timeline[-1][1] == 0  # and removed once idle
+    assert [m["step"] for m in read_metrics(out / "autoscaled")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_lost_head_ends_the_run_and_a_resume_on_a_new_cluster_ends_it_as_undisturbed(tmp_path):
+    """The head (GCS) is lost mid-run: every node and the driver go with it. The run directory
+    on shared storage keeps its last checkpoint; `--resume` on a new cluster goes on from it,
+    and the run ends with the undisturbed run's rows and weights."""
+    import time
+
+    out = tmp_path / "runs"
+    overrides = [*ELASTIC, "run.max_failures=0"]
+    with LocalCluster(tmp_path, {"n1": TWIN, "n2": TWIN}) as cluster:
+        done = train(cluster, out, "undisturbed", *overrides)
+        assert done.returncode == 0, done.stderr[-4000:]
+        cmd = [sys.executable, "-m", "longalign_rl.train", *overrides, f"run.output_dir={out}", "run.name=headless"]
+        log = open(out / "headless.log", "w")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
+        metrics = out / "headless" / "metrics.jsonl"
+        start = time.monotonic()
+        while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3) and time.monotonic() - start < 600:
+            time.sleep(0.2)
+        import psutil  # a dependency of ray
+
+        # The head and both nodes at once, with every process on them (the helper started them all).
+        tree = [psutil.Process(cluster.proc.pid), *psutil.Process(cluster.proc.pid).children(recursive=True)]
+        lost = time.monotonic()
+        for process in tree:
+            process.kill()
+        try:
+            code = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = "hung"
+        log.close()
+    lost_after = time.monotonic() - lost
+    assert code != 0, "a driver whose head is gone must not exit 0"
+    said = [line for line in (out / "headless.log").read_text().splitlines() if line.strip()][-3:]
+    kept = sorted(p.name for p in (out / "headless").glob("checkpoint_*") if p.is_dir())
+    assert kept and kept[-1] >= "checkpoint_000002"
+    with LocalCluster(tmp_path, {"n1": TWIN, "n2": TWIN}) as fresh:
+        resumed = subprocess.run([sys.executable, "-m", "longalign_rl.train", "--resume", str(out / "headless")],
+                                 cwd=REPO, env=fresh.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    worst = assert_same_run(out / "headless", out / "undisturbed", 8)
+    print("head loss:", json.dumps({"driver exit": code, "seconds from loss to exit": round(lost_after, 1),
+                                    "driver said": said, "checkpoints kept": kept, "largest differences": worst}))

@@ -4,39 +4,26 @@ python -m longalign_rl.train ...` with a third-party reward plugin that exists o
 the job's runtime environment.
 
 The head runs as `ray start --head --block` in its own session, in its own temp dir, on
-ports picked here, with random worker ports: it shares nothing with another Ray instance
-on the machine (another test's `ray.init`, another user's cluster), and the teardown
-kills only this head's processes (never `ray stop`, which stops every Ray on the machine).
+ports picked here, with random worker ports (tests/cluster.py, `ray_start_head`): it shares
+nothing with another Ray instance on the machine, and the teardown kills only its processes.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import textwrap
 import time
-import urllib.request
 import uuid
-from contextlib import ExitStack
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from longalign_rl.outputs import read_metrics
 from tests import LIGHT, REPO
+from tests.cluster import ANSI, RAY, ray_start_head, tail
 
-BIN = Path(sys.executable).parent  # the venv's bin (not resolved: that would leave the venv)
-RAY = BIN / "ray"
-HEAD_START_TIMEOUT_S = 180
 JOB_TIMEOUT_S = 600
 
 PLUGIN_REWARDS = '''
@@ -60,113 +47,12 @@ class Redness(Reward):
         return RewardOutput(total=red - green, components={self.component: red.detach()})
 '''
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports that were free a moment ago (all held open together while picked)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
-def tail(text: str, n: int = 12000) -> str:
-    return text if len(text) <= n else "...\n" + text[-n:]
-
-
-@dataclass
-class Head:
-    dashboard: str  # http://127.0.0.1:<port>, the job submission address
-    gcs_port: int
-    env: dict  # the environment for `ray` commands that talk to this head
-    log: Path  # output of `ray start`
-
-    def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(RAY), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-
-
-def _stop_head(proc: subprocess.Popen) -> None:
-    """Stop this head and only it: SIGTERM to `ray start --block` (its handler stops the GCS,
-    raylet, dashboard, ...; those kill their workers), then SIGKILL whatever of the
-    processes it had started is still alive. Workers run in their own process groups, so
-    the set is the process tree recorded just before, not a process group."""
-    import psutil  # a dependency of ray
-
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-
 
 @pytest.fixture
 def ray_head(tmp_path):
     """A real local Ray head on free ports, stopped (only it) at the end."""
-    # Socket paths under the temp dir must stay below ~107 bytes: pytest's tmp_path is too
-    # deep for `<temp>/session_<date>_<pid>/sockets/plasma_store`, so a short dir in /tmp.
-    temp_dir = tempfile.mkdtemp(prefix="ray")
-    gcs, dashboard, client, agent_http, agent_grpc, runtime_env_agent, metrics = free_ports(7)
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)  # the job must get its address from Ray, not from us
-    env.pop("PYTHONPATH", None)  # the plugin must come from the job's runtime_env only
-    env.update(
-        RAY_AUTH_MODE="disabled",  # Ray 2.60 token auth is on by default; a local test cluster goes without
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM stops at once (the default drains for 30 s)
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # as in an activated venv: the job's `python`
-    )
-    log = tmp_path / "ray_start.log"
-    cmd = [
-        str(RAY), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=2",
-        f"--temp-dir={temp_dir}", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
-        "--min-worker-port=0", "--max-worker-port=0",  # 0: the OS picks each worker's port
-    ]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=tmp_path, start_new_session=True)
-    try:
-        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
-        while "block forever" not in log.read_text():  # printed once every process is up
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"`ray start --head` did not come up (exit {proc.poll()}):\n{tail(log.read_text())}")
-            time.sleep(0.5)
-        # The dashboard retries other ports when its port is taken: use the one it reports.
-        found = re.search(r"RAY_API_SERVER_ADDRESS='http://127\.0\.0\.1:(\d+)'", ANSI.sub("", log.read_text()))
-        assert found, f"no dashboard address in the output of `ray start`:\n{tail(log.read_text())}"
-        url = f"http://127.0.0.1:{found.group(1)}"
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the dashboard at {url} does not answer:\n{tail(log.read_text())}")
-            time.sleep(0.5)
-        yield Head(dashboard=url, gcs_port=gcs, env=env, log=log)
-    finally:
-        _stop_head(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_start_head(tmp_path, num_cpus=2) as head:
+        yield head
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 PAPER_CONFIG = "configs/sd15_longalign.yaml"
 
-LAUNCHER_YAMLS = sorted(CLUSTER.glob("*.yaml"))
+ONE_MACHINE = CLUSTER / "one_machine.yaml"  # the fake multi-node provider: tests/e2e/test_cluster.py
+LAUNCHER_YAMLS = sorted(p for p in CLUSTER.glob("*.yaml") if p != ONE_MACHINE)
 CLOUD_YAMLS = [p for p in LAUNCHER_YAMLS if yaml.safe_load(p.read_text())["provider"]["type"] != "local"]
 
 # GPUs of the machine types the cloud YAMLs use or suggest in their comments. Ray reads an
@@ -367,3 +368,21 @@ def test_image_and_ray_versions_match_the_pinned_ray():
         pods = [g["template"]["spec"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
         images = {c["image"] for pod in pods for c in pod["containers"] + pod.get("initContainers", [])}
         assert len(images) == 1, images  # one image, built from this repository
+
+
+def test_the_one_machine_cluster_has_the_aws_node_types_scaled_down():
+    """cluster/one_machine.yaml (the autoscaler on one machine) keeps aws.yaml's node types,
+    a CPU-only head, and each type's GPUs as a custom resource named after it; it passes the
+    checks `ray up` makes."""
+    from tests.cluster import scaled_node_types
+
+    config = _prepared(ONE_MACHINE)
+    types = config["available_node_types"]
+    aws = _load(CLUSTER / "aws.yaml")
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    scaled = scaled_node_types(CLUSTER / "aws.yaml", {"sampler_gpu": 1, "trainer_gpu": 1})
+    assert set(scaled) == set(types) - {config["head_node_type"]} == set(aws["available_node_types"]) - {aws["head_node_type"]}
+    for name, spec in scaled.items():
+        assert types[name]["resources"] == {"CPU": spec.num_cpus, **spec.resources}
+        assert types[name]["min_workers"] == 0 and types[name]["max_workers"] >= 1
+    assert config["provider"]["module"].endswith("fake_multi_node.node_provider.FakeMultiNodeProvider")
