@@ -227,7 +227,7 @@ def _peak_rss(pid: int) -> int | None:
 
 
 # Ray worker processes by the actor class in their title ("ray::SamplerActor.sample"); the
-# others are Ray's own (Ray Train's controller, Ray Data's tasks, ...).
+# others are Ray's own (Ray Train's controller, a stage-1 generator's task, ...).
 ROLES = {"RayTrainWorker": "trainer worker", "SamplerActor": "sampler actor", "RewardActor": "reward actor"}
 
 

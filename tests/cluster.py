@@ -64,13 +64,14 @@ class LocalCluster:
         (Path(self.temp_dir) / "ray").mkdir()  # RAY_TMPDIR/ray: where Ray notes this cluster's address
         self.log = workdir / "cluster_helper.log"
         env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-                   RAY_TMPDIR=self.temp_dir, PYTHONPATH=str(REPO))
+                   RAY_TMPDIR=self.temp_dir, PYTHONPATH=str(REPO),
+                   PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # a job's `python` is the venv's
         env.pop("RAY_ADDRESS", None)
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.cluster"], cwd=REPO, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"),
                                      start_new_session=True)
         started = self.call({"start": {name: asdict(spec) for name, spec in nodes.items()},
-                             "temp_dir": self.temp_dir, "dashboard": dashboard})
+                             "temp_dir": self.temp_dir, "dashboard": dashboard, "dashboard_port": free_ports(1)[0]})
         self.address, self.dashboard = started["address"], started.get("dashboard")
         self.node_ids: dict[str, str] = started["nodes"]
         # what a driver on this cluster runs with: this cluster's address, this checkout importable
@@ -145,10 +146,14 @@ def _serve() -> None:
         command = json.loads(line)
         try:
             if "start" in command:
+                # The head's agents on free ports: their defaults (52365, ...) may be taken by
+                # another Ray instance on this machine, and the job server needs the head's agent.
+                agent, grpc, metrics, runtime_env = free_ports(4)
                 head = {"num_cpus": 0, "temp_dir": command["temp_dir"], "include_dashboard": command["dashboard"],
-                        "object_store_memory": 200 * 1024 * 1024}
+                        "object_store_memory": 200 * 1024 * 1024, "dashboard_agent_listen_port": agent,
+                        "metrics_agent_port": grpc, "metrics_export_port": metrics, "runtime_env_agent_port": runtime_env}
                 if command["dashboard"]:
-                    head["dashboard_host"] = "127.0.0.1"
+                    head.update(dashboard_host="127.0.0.1", dashboard_port=command["dashboard_port"])
                 cluster = Cluster(initialize_head=True, head_node_args=head)
                 for name, spec in command["start"].items():
                     nodes[name] = cluster.add_node(**node_args(spec))
@@ -157,6 +162,7 @@ def _serve() -> None:
                 answer = {"address": cluster.address, "nodes": {n: node.node_id for n, node in nodes.items()}}
                 if command["dashboard"]:
                     answer["dashboard"] = f"http://{cluster.webui_url}"
+                    wait_for(lambda: _answers(answer["dashboard"]), START_TIMEOUT_S, "the dashboard")
             elif "add" in command:
                 nodes[command["add"]] = cluster.add_node(**node_args(command["spec"]))
                 answer = {"node": nodes[command["add"]].node_id}
@@ -202,6 +208,14 @@ def probe_elsewhere_on(node_id: str):
         return probe_storage(folder, name, token)
 
     return probe
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):

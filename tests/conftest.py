@@ -98,7 +98,6 @@ def ray_local(plugin_dir):
     test starts (`python -m longalign_rl.train`, `ray start`) starts its own: `ray.init()`
     joins only an instance named by RAY_ADDRESS or started by `ray start`."""
     import ray
-    import ray.data
 
     from longalign_rl import registry
 
@@ -108,7 +107,6 @@ def ray_local(plugin_dir):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(plugin_dir), str(REPO), os.environ.get("PYTHONPATH")) if p)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield
     finally:

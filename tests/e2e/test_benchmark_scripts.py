@@ -45,13 +45,15 @@ def test_reward_actors_times_a_slow_reward_in_the_workers_and_in_reward_actors()
     assert all(float(v) > 0 for v in rows.values())
 
 
-@pytest.mark.slow  # nine runs through the product (6-7 min); the default tier compares two splits in test_end_to_end.py
-def test_topology_compares_splits_of_one_global_batch_for_both_algorithms():
+@pytest.mark.slow  # 20 runs through the product; the default tier compares splits in test_end_to_end.py and test_stage1.py
+def test_topology_compares_splits_of_one_global_batch_for_every_algorithm():
     import json
 
     out = run_script("topology.py", "--steps", "2")
     results = json.loads(out[out.rindex("\n{\n") + 1:])["results"]  # the last thing printed
-    assert {name.split(":")[0] for name in results} == {"reward_backprop", "grpo"}
-    assert len(results) == 4 + 3  # against the first split; 4x1 cannot hold grpo's groups of 2
+    assert {name.split(":")[0] for name in results} == {"reward_backprop", "grpo", "stage1"}
+    # against the first split (4x1 cannot hold grpo's groups of 2; stage 1 has no actors), and
+    # each algorithm's elastic resume
+    assert len(results) == 4 + 3 + 3 + 3
     for name, row in results.items():
-        assert row["reward"] < 1e-3 and row["weights apart / moved"] < 0.05, (name, row)
+        assert row.get("reward", 0.0) < 1e-3 and row["loss"] < 1e-3 and row["weights apart / moved"] < 0.05, (name, row)

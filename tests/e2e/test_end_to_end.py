@@ -82,16 +82,22 @@ TIMING = ("time/", "samples_per_s", "weights_spread", "workers")  # what a split
 
 def test_one_worker_and_one_actor_repeat_the_run_of_two_of_each(tiny_run, tmp_path):
     """Issue 24: the module's run (2 workers x 8 samples, 2 sampler actors), again with 1
-    worker x 16 samples and 1 actor: every step's record and every validation, and the
-    weights at the step-4 checkpoint, agree to the order of floating-point sums. Before,
-    which noise and prompts a sample got depended on its rank: the rewards differed from
-    step 1."""
+    worker x 16 samples and 1 actor for 2 steps, then resumed on 2 workers x 8 and 2 actors:
+    every step's record and every validation, and the weights at the step-4 checkpoint, agree
+    with the uninterrupted run to the order of floating-point sums. So the split does not
+    change the run (before, which noise and prompts a sample got depended on its rank: the
+    rewards differed from step 1), and neither does a resume on another worker count (the
+    ZeRO optimiser state repartitioned; step 3 drawn, as in the uninterrupted run, with the
+    step-1 weights the actors held while step 2 trained)."""
     from safetensors.torch import load_file
 
     run_dir, two_by_eight = tiny_run
-    run_main(tmp_path, "train.steps=4", "run.checkpoint_every=2", "run.image_every=2", "run.eval_every=2",
+    run_main(tmp_path, "train.steps=2", "run.checkpoint_every=2", "run.image_every=2", "run.eval_every=2",
              "run.name=one", "train.num_workers=1", "train.batch_size=16", "sampler.num_actors=1")
+    run_main(tmp_path, "--resume", str(tmp_path / "one"), "train.steps=4", "train.num_workers=2", "train.batch_size=8",
+             "sampler.num_actors=2")
     one_by_sixteen = read_metrics(tmp_path / "one")
+    assert [m["workers"] for m in one_by_sixteen] == [1, 1, 2, 2]
     assert [m["step"] for m in one_by_sixteen] == [m["step"] for m in two_by_eight] == [1, 2, 3, 4]
     for mine, theirs in zip(one_by_sixteen, two_by_eight):
         keys = {k for k in theirs if not k.startswith(TIMING)}
