@@ -185,6 +185,8 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
     s, t = cfg.sampler, cfg.train
     trains = f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "the whole UNet"
     algorithm = algorithm_of(cfg)
+    # an elastic run (train.min_workers) may run on fewer, accumulating more
+    elastic = f" (elastic: {t.min_workers} at least, the global batch kept)" if t.min_workers else ""
     if cfg.stage == 1:
         d = cfg.data
         if pairs is None:
@@ -198,7 +200,7 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
             f"{trains}\n"
             f"data               {d.source} {d.kwargs or ''}, {d.resolution} px, captions segment-encoded to "
             f"{cfg.prompts.max_tokens} tokens, dropout {d.caption_dropout}; {per_epoch}\n"
-            f"trainers           {t.num_workers} workers x {t.batch_size} pairs x {t.grad_accum} accumulation "
+            f"trainers           {t.num_workers} workers{elastic} x {t.batch_size} pairs x {t.grad_accum} accumulation "
             f"= {cfg.global_batch} pairs per step, ZeRO-{t.zero_stage}, {t.precision}, lr {t.lr} "
             f"({t.warmup_steps} warm-up steps)\n"
             f"end                after {d.epochs} epoch(s) or {t.steps} steps, whichever comes first"
@@ -211,7 +213,7 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
         f"algorithm          {algorithm.describe(cfg)}\n"
         f"samplers           {s.num_actors} actors, {s.num_steps} DDIM steps ({algorithm.describe_sampling(cfg)}), "
         f"guidance {s.guidance_scale}, {s.resolution} px\n"
-        f"trainers           {t.num_workers} workers x {t.batch_size} prompts x {t.grad_accum} accumulation "
+        f"trainers           {t.num_workers} workers{elastic} x {t.batch_size} prompts x {t.grad_accum} accumulation "
         f"= {cfg.global_batch} samples per step, ZeRO-{t.zero_stage}, {t.precision}\n"
         f"steps              {t.steps} -> {t.steps * cfg.global_batch} samples; weights to samplers every "
         f"{t.sync_every} step(s), policy lag <= {t.max_policy_lag}"

@@ -205,6 +205,12 @@ def test_an_elastic_run_keeps_its_global_batch_on_every_worker_count_it_allows()
         assert (smaller.train.num_workers, smaller.train.grad_accum) == (world, accum)
         assert smaller.global_batch == cfg.global_batch == 12
     assert cfg.with_workers(4) is cfg
+    from pathlib import Path
+
+    from longalign_rl import preflight
+
+    assert "4 workers (elastic: 2 at least, the global batch kept) x 1 prompts x 3 accumulation" in (
+        preflight.describe(cfg, Path("runs/x")))
     assert launch.required_resources(cfg)["CPU"] == 2 * cfg.train.cpus_per_worker + 2 * cfg.sampler.num_cpus
     with pytest.raises(ConfigError, match=r"train.min_workers: 3 workers x train.batch_size 1 cannot hold the global "
                                           r"batch of 8"):
