@@ -283,6 +283,14 @@ def whole_optimizer_state(engine) -> tuple[dict[str, torch.Tensor], int] | None:
     steps = {float(s["step"]) for s in zero.optimizer.state.values() if "step" in s}
     if len(steps) > 1:
         raise CheckpointError(f"the optimiser's parameter groups are at different Adam steps {sorted(steps)}")
+    if steps:
+        # Link each weight to its group's Adam state again: DeepSpeed links every group once,
+        # right after the first group's first step, when a second group (stage 1's T5 adapter,
+        # t5.adapter_lr) has no state yet, and never again.
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        for group, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+            lazy_init_hp_params_optimizer_state(group, flat, zero.optimizer.state)
     tensors = {}
     for name, param in _trainable(engine).items():
         tensors[f"{name}.fp32"] = safe_get_full_fp32_param(param).detach().float().cpu()

@@ -89,7 +89,7 @@ def test_ray_job_submit_places_a_plugin_run_on_the_node_types_it_asks_for(tmp_pa
     out.mkdir()
     with LocalCluster(tmp_path, types, dashboard=True) as cluster:
         trainer_node = cluster.node_ids["trainer_gpu"]
-        message, checked = cluster.run(
+        message = cluster.run(
             "from pathlib import Path\n"
             "from longalign_rl.config import ConfigError\n"
             "from longalign_rl.launch import check_shared_storage\n"
@@ -97,10 +97,10 @@ def test_ray_job_submit_places_a_plugin_run_on_the_node_types_it_asks_for(tmp_pa
             f"try:\n    check_shared_storage(Path({str(out / 'x')!r}), probe=probe_elsewhere_on({trainer_node!r}))\n"
             "    refused = None\n"
             "except ConfigError as e:\n    refused = str(e)\n"
-            f"result = [refused, check_shared_storage(Path({str(out / 'x')!r}))]\n")
+            "result = refused\n")
         assert message.startswith(f"run.output_dir: node {trainer_node[:8]} (") and "cannot see" in message
-        assert "\n" not in message and checked == 3  # the real probe: the head and both nodes see the folder
-        assert list(out.iterdir()) == []  # the probe files are gone
+        assert "\n" not in message and list(out.iterdir()) == []  # one line; the probe file is gone
+        # (the run below passes the same check with the real probe on the head and both nodes)
 
         job_id = f"longalign-test-{uuid.uuid4().hex[:8]}"
         runtime_env = {

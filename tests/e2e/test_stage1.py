@@ -57,7 +57,8 @@ def test_stage1_writes_finite_metrics_and_checkpoints(stage1_run):
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 3  # steps 4, 6, 8 (keep_checkpoints = 3)
     state = json.loads((checkpoints[-1] / "state.json").read_text())
-    assert state == {"step": 8, "prompt_position": 0, "epoch": 1, "samples_in_epoch": 32, "algorithm": {}}
+    assert state == {"step": 8, "prompt_position": 0, "epoch": 1, "samples_in_epoch": 32, "algorithm": {},
+                     "sampler_version": None}
     # saved by the one worker of the resumed run, with the optimiser state whole beside ZeRO's partition
     assert {p.name for p in (checkpoints[-1] / "rng").iterdir()} == {"rank0.safetensors", "rank0.json"}
     assert json.loads((checkpoints[-1] / "optimizer.json").read_text()) == {"workers": 1, "adam_step": 8}
