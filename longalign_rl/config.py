@@ -299,9 +299,12 @@ class TrainConfig:
     warmup_from_zero: bool = False
     # Global gradient-norm clip.
     grad_clip: float = 0.3
-    # Trainer precision: fp32 | bf16 | fp16.
+    # Trainer precision: fp32 | bf16 | fp16. As sampler.precision: another split of the
+    # global batch keeps a run the same to ~1e-5 in fp32, ~1e-2 in 16 bits (docs/scaling.md).
     precision: str = "bf16"
     # DeepSpeed ZeRO stage: 0, 1 or 2 (stage 3 would shard the weights the samplers need).
+    # With 1 or 2 each checkpoint also holds the optimiser state whole, so a resume may change
+    # train.num_workers; stage 0 in bf16 / fp16 resumes on the same count only (docs/scaling.md).
     zero_stage: int = 2
     # Recompute UNet activations in backward (saves memory at gradient steps).
     activation_checkpointing: bool = True

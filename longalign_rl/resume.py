@@ -151,18 +151,23 @@ def check_resume(saved: dict, cfg: Config, run_dir: Path | None = None) -> None:
     if changed:
         raise ConfigError(f"--resume: the checkpoint was trained with other values of {', '.join(changed)}; "
                           "start a new run to change them")
-    if run_dir is not None and cfg.train.zero_stage > 0:
+    workers = was("train.num_workers")
+    if run_dir is not None and workers != cfg.train.num_workers:
         from longalign_rl.training.checkpoint import on_disk, saved_workers
 
         newest = on_disk(run_dir)[:1]
-        workers = was("train.num_workers")
-        if newest and workers != cfg.train.num_workers and saved_workers(newest[0]) is None:
+        t = cfg.train
+        if newest and t.zero_stage > 0 and saved_workers(newest[0]) is None:
             # a checkpoint from before the whole optimiser state was saved beside DeepSpeed's
             # partitions, which DeepSpeed refuses to load into another count
             raise ConfigError(f"train.num_workers: checkpoint {newest[0].name} holds its optimiser state only as "
-                              f"{workers} ZeRO partitions, which cannot be loaded into {cfg.train.num_workers} "
+                              f"{workers} ZeRO partitions, which cannot be loaded into {t.num_workers} "
                               f"workers; resume with train.num_workers={workers} (train.batch_size and "
                               "train.grad_accum may change, keeping the global batch: docs/scaling.md)")
+        if newest and t.zero_stage == 0 and t.precision != "fp32":
+            # DeepSpeed's 16-bit optimiser partitions its fp32 state its own way; no whole copy is saved
+            raise ConfigError(f"train.num_workers: a ZeRO stage 0 {t.precision} run resumes on its own worker "
+                              f"count only; resume with train.num_workers={workers} (docs/scaling.md)")
     if run_dir is not None:
         from longalign_rl.training.checkpoint import on_disk, step_of
 

@@ -98,7 +98,7 @@ class LocalCluster:
         self.call({"kill": name})
 
     def placement(self) -> list[dict]:
-        """Every actor the cluster has had: {"class", "node" (our name), "state"}."""
+        """Every actor the cluster has had: {"id", "class", "node" (our name; where it last ran), "state"}."""
         names = {node_id: name for name, node_id in self.node_ids.items()}
         return [dict(a, node=names.get(a["node"], a["node"])) for a in self.call({"actors": True})["actors"]]
 
@@ -172,8 +172,8 @@ def _serve() -> None:
             elif "actors" in command:
                 from ray._private import state
 
-                answer = {"actors": [{"class": a["ActorClassName"], "node": a["Address"]["NodeID"], "state": a["State"]}
-                                     for a in state.actors().values()]}
+                answer = {"actors": [{"id": actor_id, "class": a["ActorClassName"], "node": a["Address"]["NodeID"],
+                                      "state": a["State"]} for actor_id, a in state.actors().items()]}
             elif "alive" in command:
                 answer = {"alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
             elif "exec" in command:

@@ -52,6 +52,13 @@ def test_a_resume_refuses_what_it_cannot_apply(tmp_path, capsys):
     cfg = load_config(train.DEFAULT_CONFIG, ["train.steps=20", "train.num_workers=1", "train.batch_size=16",
                                              "sampler.num_actors=1"])
     resume.check_resume(yaml.safe_load(saved), cfg, run_dir)
+    # stage 0 in 16 bits keeps no whole copy: its own count only
+    stage0 = yaml.safe_load(saved)
+    stage0["train"].update(zero_stage=0, precision="bf16")
+    with pytest.raises(ConfigError, match="train.num_workers: a ZeRO stage 0 bf16 run resumes on its own worker count"):
+        resume.check_resume(stage0, load_config(train.DEFAULT_CONFIG, [
+            "train.steps=20", "train.num_workers=1", "train.batch_size=16", "sampler.num_actors=1",
+            "train.zero_stage=0", "train.precision=bf16"]), run_dir)
 
 
 def test_config_resume_shows_the_runs_values(tmp_path, capsys):
