@@ -106,13 +106,13 @@ def probe_storage(folder: str, name: str, token: str) -> str | None:
     return None
 
 
-def check_shared_storage(run_dir: Path, probe=probe_storage, timeout_s: float = 120.0) -> int:
+def check_shared_storage(run_dir: Path, probe=probe_storage, timeout_s: float = 120.0) -> None:
     """Every node of a multi-node cluster sees the folder the driver writes runs into (the run
     directory, or its parent before it exists) and can write there: the workers persist
     checkpoints and the actors read config.yaml from it. The driver writes a probe file and a
     zero-CPU task pinned to each alive node reads it back; ConfigError, one line naming the
     first node that cannot. Nodes the autoscaler adds later are checked by the workers
-    themselves (worker.require_run_dir). Returns the number of nodes checked (1: nothing to do)."""
+    themselves (worker.require_run_dir). One node: nothing to check."""
     import secrets
 
     import ray
@@ -120,7 +120,7 @@ def check_shared_storage(run_dir: Path, probe=probe_storage, timeout_s: float = 
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
-        return len(nodes)
+        return
     folder = run_dir if run_dir.is_dir() else run_dir.parent
     name, token = f".storage_probe_{secrets.token_hex(4)}", secrets.token_hex(16)
     (folder / name).write_text(token)
@@ -139,7 +139,6 @@ def check_shared_storage(run_dir: Path, probe=probe_storage, timeout_s: float = 
             raise ConfigError(f"run.output_dir: node {node['NodeID'][:8]} ({node['NodeManagerAddress']}) {problem}: "
                               "on a multi-node cluster runs must go to storage every node mounts at the same path "
                               "(cluster/README.md)")
-    return len(nodes)
 
 
 def check_reachable(address: str, timeout_s: float) -> None:

@@ -89,10 +89,6 @@ class LocalCluster:
             raise RuntimeError(f"cluster helper: {answer['error']}")
         return answer
 
-    def add(self, name: str, spec: NodeSpec) -> str:
-        self.node_ids[name] = self.call({"add": name, "spec": asdict(spec)})["node"]
-        return self.node_ids[name]
-
     def kill(self, name: str) -> None:
         """Node `name` lost: its raylet and every process on it killed at once (SIGKILL)."""
         self.call({"kill": name})
@@ -163,9 +159,6 @@ def _serve() -> None:
                 if command["dashboard"]:
                     answer["dashboard"] = f"http://{cluster.webui_url}"
                     wait_for(lambda: _answers(answer["dashboard"]), START_TIMEOUT_S, "the dashboard")
-            elif "add" in command:
-                nodes[command["add"]] = cluster.add_node(**node_args(command["spec"]))
-                answer = {"node": nodes[command["add"]].node_id}
             elif "kill" in command:
                 cluster.remove_node(nodes.pop(command["kill"]), allow_graceful=False)
                 answer = {"killed": command["kill"]}

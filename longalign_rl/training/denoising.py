@@ -177,7 +177,7 @@ class Denoising:
             if state.step == 0:
                 self.validate(0)
         t = cfg.train
-        self.order = GlobalOrder(self.source.n, ctx.world * t.batch_size * t.grad_accum, t.seed, cfg.data.shuffle)
+        self.order = GlobalOrder(self.source.n, cfg.global_batch, t.seed, cfg.data.shuffle)
         if self.order.steps_per_epoch == 0:
             raise RuntimeError(f"data.source {cfg.data.source!r} gives {self.source.n} pairs, fewer than one step "
                                f"needs: {ctx.world} workers x train.batch_size {t.batch_size} x train.grad_accum "

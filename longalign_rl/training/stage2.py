@@ -7,8 +7,8 @@ A step's global batch is the same whatever its split over workers, micro-steps a
 samples are numbered in that order, and each sample's noise comes from (train.seed, step,
 its number) alone; the reward's batch statistics are those of the whole global batch,
 computed from its prompts by every worker alike (no collective). Worker `rank`'s micro-step
-j holds the samples of chunk j * world + rank (worker.global_chunk). A resumed run therefore asks for exactly
-what the killed run would have asked for, with any worker count.
+j holds the samples of chunk j * world + rank (worker.global_chunk). A resumed run therefore
+asks for exactly what the killed run would have asked for, with any worker count.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ class SamplerFed:
         lagging = self.lagging_weights(state)
         if self.ctx.rank == 0:
             self.publish(*(lagging or (state.step, self.ctx.trainable_weights())))
+            self.held_during = self.held  # what the actors hold while a step trains (sync renews it)
             validation.truncate_after(self.ctx.run_dir, state.step)  # a resume redoes what came after
             if state.step == 0 and self.validation:
                 self.validate(0)
@@ -130,16 +131,18 @@ class SamplerFed:
         return self.samplers.publish(weights, version)
 
     def checkpoint_extras(self, state: TrainerState) -> dict:
-        """Rank 0, at a checkpoint after step state.step: the weights the actors held during
-        that step, which draw the next step's samples (sampling ahead), if older than it."""
-        version, weights = getattr(self, "held_during", (state.step, None))
-        if not self.prefetch or version == state.step:
-            state.sampler_version = None
+        """Rank 0 (whose state.json the checkpoint keeps), after step state.step: the weights
+        the actors held during that step, which draw the next step's samples (sampling ahead),
+        if older than it."""
+        if self.ctx.rank != 0:
+            return {}
+        version, weights = self.held_during
+        state.sampler_version = version if self.prefetch and version != state.step else None
+        if state.sampler_version is None:
             return {}
         from longalign_rl.training.checkpoint import SAMPLER_WEIGHTS
 
-        state.sampler_version = version
-        return {SAMPLER_WEIGHTS: weights} if self.ctx.rank == 0 else {}
+        return {SAMPLER_WEIGHTS: weights}
 
     def prompt_position(self, micro: int) -> int:
         """Prompts handed out to all workers before micro-step `micro`."""
