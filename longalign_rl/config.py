@@ -33,6 +33,11 @@ class ModelConfig:
     revision: str | None = None
     # Seed of a built-in architecture's random weights; every process builds the same ones.
     random_seed: int = 0
+    # The model family (longalign_rl/families/, docs/models.md): "sd" (SD 1.x/2.x), "sdxl",
+    # or one a plugin registers in the entry-point group longalign_rl.families. "" = read it
+    # from the model (a diffusers folder's model_index.json); a family that the weights are
+    # not is refused.
+    family: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,10 @@ class PromptConfig:
     clean_text: bool = False
     # Reshuffle the prompts every pass over them (seeded by train.seed).
     shuffle: bool = True
+    # Families with a pooled text embedding (SDXL): which one a prompt of several segments
+    # gets, "first" (its first segment's) or "mean" (the mean over its segments). A prompt of
+    # one segment gets its own either way, as the pipeline gives it. docs/models.md.
+    pooled: str = "first"
 
 
 @dataclass(frozen=True)
@@ -538,6 +547,8 @@ def validate(cfg: Config) -> None:
              f"{s.num_grad_steps} gradient steps do not fit in sampler.num_steps={s.num_steps}")
     _require(cfg.prompts.split in ("sentences", "reference"), "prompts.split",
              f"must be sentences or reference, got {cfg.prompts.split!r}")
+    _require(cfg.prompts.pooled in ("first", "mean"), "prompts.pooled",
+             f"must be first or mean, got {cfg.prompts.pooled!r}")
     _require(not (cfg.prompts.split == "reference" and cfg.prompts.pack_segments), "prompts.pack_segments",
              "the reference split keeps its pieces as they are; packing needs prompts.split: sentences")
     _require(cfg.t5.max_tokens >= 1, "t5.max_tokens", f"must be >= 1, got {cfg.t5.max_tokens}")

@@ -1,16 +1,19 @@
-"""Build or load the diffusion model's parts: UNet, VAE, text encoder, tokenizer, scheduler.
+"""Build or load the diffusion model's parts (UNet, VAE, text encoders, tokenizers, scheduler)
+through its model family (longalign_rl/families/: SD 1.x/2.x, SDXL).
 
 `model.pretrained` names one of (longalign_rl.registry.resolve_source, in this order):
 - a built-in architecture, random-initialised from the JSON configs in
   `longalign_rl/model_configs/<name>/` with a fixed seed, so that every process (sampler
   actor or trainer worker) builds the same weights without sharing a file: "tiny"
-  (test-sized parts of SD v1.5's classes) or "sd15-random" (SD v1.5's architecture, for
-  benchmarks) - see `builtin_models()`;
+  (test-sized parts of SD v1.5's classes), "sd15-random" (SD v1.5's architecture, for
+  benchmarks), "tiny-sdxl" and "sdxl-random" (the same for SDXL) - see `builtin_models()`;
 - a model registered in the entry-point group `longalign_rl.models` (name -> loader), as
   the ShapesWorld world registers its shipped "shapesworld" and "shapesworld-stage1";
 - an import path "pkg.module:loader";
-- a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/);
+- a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, and
+  text_encoder_2/, tokenizer_2/ for SDXL);
 - a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5" (needs network).
+The family of a folder, hub id or built-in is its model_index.json's pipeline class.
 A loader is called as `loader(seed=model.random_seed)` and returns `Components`; the seed
 matters only to models whose weights are random-initialised.
 
@@ -22,31 +25,21 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from longalign_rl.encoding.tokenizer import build_clip_tokenizer, check_clip_tokenizer
+from longalign_rl.families import Components, Family, family_for_pipeline, find_family
+from longalign_rl.families.base import read_config
 from longalign_rl.registry import Registry, resolve_source
 from longalign_rl.hub import check_hub_model, unloadable
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config names
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODEL_INDEX = "model_index.json"
 
-
-@dataclass
-class Components:
-    """The frozen and trainable parts of a UNet/CLIP latent diffusion model."""
-
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler_config: dict
-    # The T5 branch (encoding/t5.py T5Branch) when the config asks for one: `load_model`.
-    t5: object = None
+__all__ = ["Components", "DTYPES", "MODELS", "load_components", "load_model", "make_scheduler", "save_model_folder"]
 
 
 def builtin_models() -> list[str]:
@@ -60,51 +53,55 @@ def vae_scale_factor(vae) -> int:
 
 
 def _read_config(model: str, part: str) -> dict:
-    config = json.loads((CONFIG_DIR / model / f"{part}.json").read_text())
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+    """One part's JSON config of the built-in architecture `model` (benchmarks, tests)."""
+    return read_config(CONFIG_DIR / model, part)
+
+
+def read_model_index(source: str | Path, revision: str | None = None) -> dict:
+    """A diffusers model's model_index.json (a local folder's, or a hub id's); {} when a
+    folder has none (then it is SD 1.x, as folders made before families were)."""
+    local = Path(source)
+    if local.is_dir():
+        file = local / MODEL_INDEX
+        return json.loads(file.read_text()) if file.is_file() else {}
+    from huggingface_hub import hf_hub_download
+
+    with unloadable(str(source), "a diffusers model"):
+        return json.loads(Path(hf_hub_download(str(source), MODEL_INDEX, revision=revision)).read_text())
+
+
+def family_of(source: str | Path, model_index: dict, key: str = "model.pretrained") -> type[Family]:
+    """The family of a folder, hub id or built-in from its model_index.json's `_class_name`."""
+    if not model_index:
+        return find_family("sd")
+    return family_for_pipeline(str(model_index.get("_class_name")), f"{key}: {source}")
+
+
+def declared_family(model: str, revision: str | None = None) -> type[Family] | None:
+    """The family `model.pretrained` names without loading weights (the driver's check): a
+    built-in's, a folder's or a hub id's model_index.json; None for a loader (a registered
+    model or an import path), whose family is known once it has run."""
+    source = resolve_source(model, key="model.pretrained", names=MODELS, path_kind="diffusers folder", hub_ids=True)
+    if source.kind == "name" and model in builtin_models():
+        return family_of(model, read_model_index(CONFIG_DIR / model))
+    if source.kind in ("path", "hub"):
+        return family_of(model, read_model_index(model, revision))
+    return None
 
 
 def build_random(model: str = "tiny", seed: int = 0) -> Components:
-    """Random-initialised parts of a built-in architecture; the same weights for the same seed."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**_read_config(model, "unet"))
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**_read_config(model, "vae"))
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_read_config(model, "text_encoder")))
-    return Components(unet, vae, text_encoder, build_clip_tokenizer(), _read_config(model, "scheduler"))
+    """Random-initialised parts of a built-in architecture; the same weights for the same seed.
+    Its family is the one its model_index.json names."""
+    config_dir = CONFIG_DIR / model
+    return family_of(model, read_model_index(config_dir)).build_random(config_dir, seed)
 
 
-def load_pretrained(path_or_id: str, revision: str | None = None, unet_from: str | Path | None = None) -> Components:
-    """SD v1.5 (or another UNet/CLIP model) from a local diffusers folder or a hub id.
-
-    Weights load in float32 whatever their stored dtype (the shipped models are stored in
-    float16); a folder without tokenizer/ gets the offline CLIP tokenizer. `unet_from`: a
-    folder whose unet/ replaces `path_or_id`'s (a model that ships only its UNet)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    kw = {"revision": revision} if revision else {}
-    f32 = {"torch_dtype": torch.float32}
+def load_pretrained(path_or_id: str, revision: str | None = None) -> Components:
+    """A local diffusers folder or a hub id, by its family (model_index.json), in float32."""
+    model_index = read_model_index(path_or_id, revision)
+    family = family_of(path_or_id, model_index)
     with unloadable(path_or_id, "a diffusers model"):
-        unet = UNet2DConditionModel.from_pretrained(unet_from or path_or_id, subfolder="unet", **f32,
-                                                    **({} if unet_from else kw))
-        vae = AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **f32, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path_or_id, subfolder="text_encoder", dtype=torch.float32, **kw)
-        local = Path(path_or_id)
-        if local.is_dir() and not (local / "tokenizer").is_dir():
-            tokenizer = build_clip_tokenizer()
-        else:
-            tokenizer = CLIPTokenizer.from_pretrained(path_or_id, subfolder="tokenizer", **kw)
-            check_clip_tokenizer(tokenizer, f"the tokenizer of {path_or_id}")
-        scheduler_config = dict(DDIMScheduler.load_config(path_or_id, subfolder="scheduler", **kw))
-    return Components(unet, vae, text_encoder, tokenizer, scheduler_config)
-
-
-PARTS = ("unet", "vae", "text_encoder")  # each a subfolder with config.json and its weights
+        return family.load_pretrained(path_or_id, revision, model_index)
 
 
 def check_safetensors(path: Path) -> None:
@@ -140,10 +137,11 @@ def check_finite_file(path: Path) -> None:
 
 def check_model_folder(folder: Path, key: str = "model.pretrained") -> None:
     """ValueError naming `key` and the file, unless `folder` holds a loadable diffusers model:
-    unet/, vae/, text_encoder/ each with config.json and complete, finite weights, and
-    scheduler/'s config."""
+    each weight folder of its family (SD: unet/, vae/, text_encoder/; SDXL also
+    text_encoder_2/) with config.json and complete, finite weights, and scheduler/'s config.
+    A pipeline class of no known family is named with the supported ones."""
     problems = []
-    for part in PARTS:
+    for part in family_of(folder, read_model_index(folder), key).parts:
         sub = folder / part
         weights = sorted(sub.glob("*.safetensors")) + sorted(sub.glob("*.bin"))
         if not (sub / "config.json").is_file():
@@ -166,8 +164,8 @@ def check_model_folder(folder: Path, key: str = "model.pretrained") -> None:
 def check_finite(parts: "Components", model: str) -> None:
     """ValueError naming the part whose loaded weights hold NaN or infinite values (a file
     overwritten in place keeps a valid header)."""
-    for name in PARTS:
-        for pname, p in getattr(parts, name).named_parameters():
+    for name, module in parts.modules().items():
+        for pname, p in module.named_parameters():
             if not bool(torch.isfinite(p).all()):
                 raise ValueError(f"model.pretrained: {model!r}: {name}.{pname} holds NaN or infinite weights")
 
@@ -176,9 +174,10 @@ MODELS = Registry("model", "longalign_rl.models",
                   builtins=lambda: {name: partial(build_random, name) for name in builtin_models()})
 
 
-def load_components(model: str, *, seed: int = 0, revision: str | None = None) -> Components:
+def load_components(model: str, *, seed: int = 0, revision: str | None = None, family: str = "") -> Components:
     """All parts frozen (requires_grad False, eval mode); the caller adds what trains.
-    `model`: see the module docstring; `seed`: a random-initialised model's weights."""
+    `model`: see the module docstring; `seed`: a random-initialised model's weights;
+    `family` (model.family): the family the weights must be, "" for whichever they are."""
     source = resolve_source(model, key="model.pretrained", names=MODELS, path_kind="diffusers folder", hub_ids=True)
     if source.kind in ("name", "import"):
         try:
@@ -195,24 +194,24 @@ def load_components(model: str, *, seed: int = 0, revision: str | None = None) -
         else:
             check_hub_model(model, revision)
         parts = load_pretrained(model, revision)
+    if family and parts.family.name != family:
+        raise ValueError(f"model.family: {family!r}, but {model!r} is a {parts.family.name!r} model "
+                         f"({type(parts.unet).__name__}, pipeline {', '.join(parts.family.pipeline_classes)}); "
+                         "leave model.family empty to read it from the model")
     if source.kind != "path":  # a folder's values were checked in its files already
         check_finite(parts, model)
-    for module in (parts.unet, parts.vae, parts.text_encoder):
+    for module in parts.modules().values():
         module.requires_grad_(False).eval()
     return parts
 
 
 def save_model_folder(parts: Components, directory: str | Path) -> Path:
-    """The parts as a complete diffusers folder (unet/, vae/, text_encoder/, tokenizer/,
-    scheduler/ with DDIM, model_index.json) that `load_components` and
-    `StableDiffusionPipeline.from_pretrained` load."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The parts as a complete diffusers folder of their family's pipeline class (SD: unet/,
+    vae/, text_encoder/, tokenizer/, scheduler/ with DDIM, model_index.json) that
+    `load_components` and the pipeline's `from_pretrained` load."""
+    from diffusers import DDIMScheduler
 
-    pipeline = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=DDIMScheduler.from_config(parts.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipeline = parts.family.pipeline(parts, DDIMScheduler.from_config(parts.scheduler_config))
     pipeline.save_pretrained(directory, safe_serialization=True)
     return Path(directory)
 
@@ -223,7 +222,7 @@ def load_model(cfg) -> Components:
     from longalign_rl.encoding.t5 import build_t5_branch
 
     m = cfg.model
-    parts = load_components(m.pretrained, seed=m.random_seed, revision=m.revision)
+    parts = load_components(m.pretrained, seed=m.random_seed, revision=m.revision, family=m.family)
     parts.t5 = build_t5_branch(cfg.t5, cross_attention_dim=parts.unet.config.cross_attention_dim,
                                model=m.pretrained, seed=m.random_seed)
     return parts

@@ -1,5 +1,5 @@
-"""Inference: a run's model as a diffusers `StableDiffusionPipeline` that encodes prompts by
-segments, as the run's samplers did.
+"""Inference: a run's model as its family's diffusers pipeline (`StableDiffusionPipeline`,
+`StableDiffusionXLPipeline`) that encodes prompts by segments, as the run's samplers did.
 
     from longalign_rl.pipeline import load
 
@@ -34,83 +34,22 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from longalign_rl.config import Config, ConfigError, from_dict, load_config
-from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.encoding.t5 import ADAPTER_FOLDER, build_t5_branch
+from longalign_rl.families.pipelines import LongPromptPipeline, LongPromptXLPipeline, LongPrompts
 from longalign_rl.lora import load_trainable_state_dict, make_trainable, remove_adapter
 from longalign_rl.models import load_components, make_scheduler
-from longalign_rl.sampling.sampler import initial_noise
 from longalign_rl.outputs import CONFIG, LORA, METRICS, MODEL, UNET
 
 log = logging.getLogger(__name__)
+
+__all__ = ["LongPromptPipeline", "LongPromptXLPipeline", "LongPrompts", "load"]
 
 # A model folder's own sampling defaults: {"scheduler": ddim | unipc, "config": {sampler,
 # prompts and t5 keys}}; reference_import writes the authors' sample.py's.
 SAMPLING_FILE = "sampling.json"
 SCHEDULERS = ("ddim", "unipc")
-
-
-class LongPromptPipeline(StableDiffusionPipeline):
-    """A StableDiffusionPipeline whose prompts (and negative prompts) are segment-encoded:
-    `pipe(prompt)` takes prompts of any length. Made by `load`; `pipe.segment_encoder` and
-    `pipe.longalign` (the defaults and where the weights came from) are set there."""
-
-    segment_encoder: SegmentEncoder
-    longalign: dict
-
-    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
-                      prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None, clip_skip=None):
-        """diffusers' hook for the text encoder, segment by segment (lora_scale and clip_skip
-        do not apply: the text encoder is frozen and its last layer is what the UNet saw)."""
-        if prompt_embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self.segment_encoder(prompts)
-        batch = prompt_embeds.shape[0]
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            if negative_prompt is None:
-                negative_prompt_embeds = self.segment_encoder.uncond(batch)
-            else:
-                negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-                negative_prompt_embeds = self.segment_encoder(negatives)
-        dtype = self.text_encoder.dtype
-        prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
-        if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
-        return prompt_embeds, negative_prompt_embeds
-
-    @torch.no_grad()
-    def generate(self, prompts: str | list[str], seeds: int | list[int] | None = None, *,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 resolution: int | None = None, negative_prompt: str | list[str] | None = None,
-                 batch_size: int = 8, output_type: str = "pil"):
-        """Prompt i from its own seed (seeds[i]; by default 0, 1, 2 ...) with the pipeline's
-        scheduler (deterministic DDIM unless the model folder names another);
-        the run's steps, guidance and resolution unless given. Returns PIL images
-        (output_type "pil"), or a tensor [B, 3, H, W] in [0, 1] ("pt"), or the final latents
-        ("latent")."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        seeds = list(range(len(prompts))) if seeds is None else [seeds] if isinstance(seeds, int) else list(seeds)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        d = self.longalign
-        resolution = resolution or d["resolution"]
-        latent = resolution // self.vae_scale_factor
-        shape = (self.unet.config.in_channels, latent, latent)
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            noise = initial_noise(seeds[i:i + batch_size], shape).to(self.device, self.unet.dtype)
-            negatives = negative_prompt[i:i + batch_size] if isinstance(negative_prompt, list) else negative_prompt
-            result = self(prompt=chunk, latents=noise, negative_prompt=negatives, height=resolution, width=resolution,
-                          num_inference_steps=num_inference_steps or d["num_steps"],
-                          guidance_scale=d["guidance_scale"] if guidance_scale is None else guidance_scale,
-                          eta=0.0, output_type=output_type)
-            out.append(result.images)
-        if output_type == "pil":
-            return [image for images in out for image in images]
-        return torch.cat([torch.as_tensor(images) for images in out])
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -124,7 +63,7 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 def load(source: str | Path, *, checkpoint: str | Path | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype = torch.float32, max_tokens: int | None = None,
-         like: str | Path | None = None, t5: str | None = None) -> LongPromptPipeline:
+         like: str | Path | None = None, t5: str | None = None) -> LongPrompts:
     """The pipeline of a run directory (or of a model: a built-in or registered name, a
     diffusers folder, a hub id); see the module docstring. `checkpoint`: a checkpoint folder
     of the run (or its step) whose weights replace the exported ones. `max_tokens`
@@ -166,7 +105,8 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
         cfg = dataclasses.replace(cfg, sampler=other.sampler, prompts=other.prompts)
         scheduler = "ddim"
     check_weights(*weights)
-    parts = load_components(model, seed=cfg.model.random_seed, revision=cfg.model.revision)
+    parts = load_components(model, seed=cfg.model.random_seed, revision=cfg.model.revision,
+                            family=cfg.model.family if is_run_dir(source) else "")
     kind, where = weights
     t5_cfg = cfg.t5
     if cfg.stage == 1 and kind != "checkpoint" and is_run_dir(source) and (Path(source) / ADAPTER_FOLDER).is_dir():
@@ -185,11 +125,7 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
         from diffusers import UNet2DConditionModel
 
         parts.unet = UNet2DConditionModel.from_pretrained(where, torch_dtype=torch.float32).eval()
-    pipe = LongPromptPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=_scheduler(scheduler, parts.scheduler_config, cfg),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = parts.family.long_prompt_pipeline(parts, _scheduler(scheduler, parts.scheduler_config, cfg))
     if kind == "lora":
         from diffusers.utils import logging as diffusers_logging
 
@@ -205,15 +141,15 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
     if dtype != torch.float32:  # the parts load in float32
         pipe.to(dtype=dtype)
     t5_branch = parts.t5.to(pipe.device, pipe.text_encoder.dtype) if parts.t5 is not None else None
-    pipe.segment_encoder = SegmentEncoder(pipe.tokenizer, pipe.text_encoder, max_tokens=max_tokens or cfg.prompts.max_tokens,
-                                          pack_segments=cfg.prompts.pack_segments, split=cfg.prompts.split,
-                                          clean_text=cfg.prompts.clean_text, t5=t5_branch)
     native = kind == "base" and like is None  # a model alone: its own size
-    pipe.longalign = {"source": source, "weights": kind, "from": str(where) if where else None,
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor if native else cfg.sampler.resolution
+    prompts = dataclasses.replace(cfg.prompts, max_tokens=max_tokens or cfg.prompts.max_tokens)
+    pipe.segment_encoder = parts.family.encoder(parts, prompts, resolution=resolution, device=pipe.device,
+                                                dtype=pipe.text_encoder.dtype, t5=t5_branch)
+    pipe.longalign = {"family": parts.family.name, "source": source, "weights": kind, "from": str(where) if where else None,
                       "scheduler": scheduler, "num_steps": cfg.sampler.num_steps,
                       "guidance_scale": cfg.sampler.guidance_scale,
-                      "resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor if native
-                      else cfg.sampler.resolution, "max_tokens": pipe.segment_encoder.max_tokens,
+                      "resolution": resolution, "max_tokens": pipe.segment_encoder.max_tokens,
                       "t5": t5_cfg.encoder or None, "t5_tokens": t5_branch.max_tokens if t5_branch is not None else 0}
     return pipe
 

@@ -59,9 +59,12 @@ def check_reward(cfg: Config, prompts: list[str]) -> None:
 
 
 def check_model(cfg: Config) -> None:
-    """model.pretrained names something that exists; a local folder holds complete files."""
+    """model.pretrained names something that exists; a local folder holds complete files;
+    its family (model_index.json) is known, is model.family when that is set, and takes the
+    run's settings (Family.check_config)."""
+    from longalign_rl.families import FAMILIES, find_family
     from longalign_rl.hub import check_hub_model
-    from longalign_rl.models import MODELS, check_model_folder
+    from longalign_rl.models import MODELS, check_model_folder, declared_family
     from longalign_rl.registry import resolve_source
 
     source = resolve_source(cfg.model.pretrained, key="model.pretrained", names=MODELS,
@@ -72,6 +75,18 @@ def check_model(cfg: Config) -> None:
         check_hub_model(cfg.model.pretrained, cfg.model.revision)
         log.info("model.pretrained %r is a hub id: every process downloads it or reads the hub cache",
                  cfg.model.pretrained)
+    if cfg.model.family and cfg.model.family not in FAMILIES:
+        raise ConfigError(f"model.family: unknown model family {cfg.model.family!r}; known: "
+                          f"{', '.join(FAMILIES.names())} (or empty: read from the model)")
+    family = declared_family(cfg.model.pretrained, cfg.model.revision)
+    if family is not None and cfg.model.family and family.name != cfg.model.family:
+        raise ConfigError(f"model.family: {cfg.model.family!r}, but {cfg.model.pretrained!r} is a {family.name!r} "
+                          f"model (pipeline {', '.join(family.pipeline_classes)}); leave model.family empty to read "
+                          "it from the model")
+    family = family or (find_family(cfg.model.family) if cfg.model.family else None)
+    problems = family().check_config(cfg) if family is not None else []
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def check_t5(cfg: Config) -> None:
@@ -181,6 +196,15 @@ def check_trackers(cfg: Config) -> None:
         raise ConfigError("; ".join(missing))
 
 
+def model_line(cfg: Config) -> str:
+    """model.pretrained and its family, as the run header says them."""
+    from longalign_rl.models import declared_family
+
+    family = declared_family(cfg.model.pretrained, cfg.model.revision)
+    name = family.name if family is not None else cfg.model.family or "read when it loads"
+    return f"{cfg.model.pretrained} (family {name})"
+
+
 def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str:
     s, t = cfg.sampler, cfg.train
     trains = f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "the whole UNet"
@@ -196,7 +220,7 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
             per_epoch = f"{len(pairs)} pairs -> {micro // t.grad_accum} steps per epoch"
         return (
             f"run directory      {run_dir}\n"
-            f"stage 1            supervised long-text fine-tuning (denoising loss) of {cfg.model.pretrained}, "
+            f"stage 1            supervised long-text fine-tuning (denoising loss) of {model_line(cfg)}, "
             f"{trains}\n"
             f"data               {d.source} {d.kwargs or ''}, {d.resolution} px, captions segment-encoded to "
             f"{cfg.prompts.max_tokens} tokens, dropout {d.caption_dropout}; {per_epoch}\n"
@@ -207,7 +231,7 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
         )
     return (
         f"run directory      {run_dir}\n"
-        f"model              {cfg.model.pretrained}   reward {cfg.reward.name} {cfg.reward.kwargs}"
+        f"model              {model_line(cfg)}   reward {cfg.reward.name} {cfg.reward.kwargs}"
         + (f", scored by {cfg.reward.num_actors} reward actors ({cfg.reward.num_cpus:g} CPU, "
            f"{cfg.reward.num_gpus:g} GPU each)" if cfg.reward.num_actors else "") + "\n"
         f"algorithm          {algorithm.describe(cfg)}\n"

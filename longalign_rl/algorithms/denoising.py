@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longalign_rl.sampling.ddim import PLAIN
+
 # Reference: 10% of captions replaced by the empty prompt, so the model keeps learning the
 # unconditional branch that classifier-free guidance needs.
 CAPTION_DROPOUT = 0.1
@@ -55,16 +57,18 @@ def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
 
 
 def denoising_loss_at(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor,
-                      timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The MSE between the UNet's prediction and its target at given timesteps and noise."""
+                      timesteps: torch.Tensor, noise: torch.Tensor, family=None) -> torch.Tensor:
+    """The MSE between the UNet's prediction and its target at given timesteps and noise.
+    `family` (Components.family) reads `cond` back into the call; None: SD 1.x's."""
     dtype = next(unet.parameters()).dtype
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = denoising_target(scheduler, latents, noise, timesteps)
-    pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)).sample
+    pred = (family or PLAIN).predict(unet, noisy.to(dtype), timesteps, cond.to(dtype))
     return F.mse_loss(pred.float(), target.float())  # the mean in float32 whatever the UNet's dtype
 
 
-def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: Generators = None):
+def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: Generators = None,
+                   family=None):
     """Loss (with graph) and statistics for one batch of latents `[B, 4, h, w]` (already
     scaled by the VAE's scaling factor) and conditioning `[B, L, H]` (after dropout).
 
@@ -79,6 +83,6 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, g
     noise = _draw(generator, n, latents.device,
                   lambda g, k, d: torch.randn((k, *latents.shape[1:]), generator=g, device=d, dtype=torch.float32))
     timesteps, noise = timesteps.to(latents.device), noise.to(latents.device, latents.dtype)
-    loss = denoising_loss_at(unet, scheduler, latents, cond, timesteps, noise)
+    loss = denoising_loss_at(unet, scheduler, latents, cond, timesteps, noise, family)
     stats = {"loss": loss.detach().reshape(1).float(), "timestep": timesteps.float()}
     return loss, stats

@@ -99,7 +99,7 @@ def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
 def policy_step_loss(unet, traj: Trajectory, k: int, advantages: torch.Tensor, guidance_scale: float,
                      clip_range: float, advantage_clip: float, kl_weight: float = 0.0,
                      reference: Callable[[], contextlib.AbstractContextManager] | None = None,
-                     train_mode: bool = False):
+                     train_mode: bool = False, family=None):
     """PPO-clip loss (with graph) of recorded step k of `traj` under `unet`'s current weights,
     and its per-sample statistics. `reference()`: a context that yields the starting model,
     the KL penalty's reference, evaluated without gradient (`unet` with its LoRA adapter
@@ -113,7 +113,7 @@ def policy_step_loss(unet, traj: Trajectory, k: int, advantages: torch.Tensor, g
     cond, uncond = traj.cond.to(device), traj.uncond.to(device)
     a, b, sigma = float(traj.a[k]), float(traj.b[k]), float(traj.sigma[k])
     with replay_dropout(unet, dropout_seed(batch_dropout_seed(traj.seeds), traj.indices[k]) if train_mode else None):
-        eps = guided_eps(unet, x, t, cond, uncond, guidance_scale).float()
+        eps = guided_eps(unet, x, t, cond, uncond, guidance_scale, family).float()
     _, log_prob, mean = stochastic_step(x, eps, a, b, sigma, x_next=x_next)  # the sampler's step, scored
     loss, stats = ppo_clip_loss(log_prob, traj.log_probs[:, k].to(device), advantages.to(device), clip_range,
                                 advantage_clip)
@@ -121,7 +121,8 @@ def policy_step_loss(unet, traj: Trajectory, k: int, advantages: torch.Tensor, g
         if reference is None:
             raise ValueError("kl_weight > 0 needs the reference model")
         with torch.no_grad(), reference() as reference_unet:
-            reference_mean = step_mean(x, guided_eps(reference_unet, x, t, cond, uncond, guidance_scale).float(), a, b)
+            reference_mean = step_mean(x, guided_eps(reference_unet, x, t, cond, uncond, guidance_scale, family).float(),
+                                       a, b)
         kl = gaussian_kl(mean, reference_mean, sigma)
         loss = loss + kl_weight * kl.mean()
         stats["kl"] = kl.detach().float()

@@ -23,7 +23,8 @@ from longalign_rl.types import RewardOutput, Rollout
 from longalign_rl.vae import decode
 
 
-def replay_final_latents(unet, rollout: Rollout, guidance_scale: float, train_mode: bool = False) -> torch.Tensor:
+def replay_final_latents(unet, rollout: Rollout, guidance_scale: float, train_mode: bool = False,
+                         family=None) -> torch.Tensor:
     """The rollout's final latents as a function of the UNet's weights (with gradient).
     `train_mode` (sampler.train_mode): the rollout was sampled with the LoRA's dropout on,
     so each replayed call draws that step's masks again (ddim.replay_dropout); otherwise
@@ -37,7 +38,7 @@ def replay_final_latents(unet, rollout: Rollout, guidance_scale: float, train_mo
         x_k = rollout.grad_latents[:, k].to(device)  # a recorded tensor: no graph behind it
         seed = dropout_seed(batch_dropout_seed(rollout.seeds), rollout.grad_indices[k]) if train_mode else None
         with replay_dropout(unet, seed):
-            eps_k = guided_eps(unet, x_k, t, cond, uncond, guidance_scale)
+            eps_k = guided_eps(unet, x_k, t, cond, uncond, guidance_scale, family)
         recorded = rollout.grad_eps[:, k].to(device)
         latents = latents + float(rollout.coeffs[k]) * (eps_k.to(latents.dtype) - recorded)
     return latents
@@ -69,12 +70,13 @@ def segment_score_stats(segment_scores: list[torch.Tensor] | None) -> dict[str, 
 
 
 def reward_backprop_step(unet, vae, reward, rollout: Rollout, guidance_scale: float, train_mode: bool = False,
-                         statistics=None):
+                         statistics=None, family=None):
     """Loss (with graph) and per-sample statistics for one rollout. `replay_error`, the
     largest |replayed - recorded| final latent, is what the policy lag (and the precision
     of the two sides' arithmetic) changed: dropout is the sampler's, draw for draw.
-    `statistics`: the reward's batch statistics summed over every worker (scoring.score)."""
-    latents = replay_final_latents(unet, rollout, guidance_scale, train_mode)
+    `statistics`: the reward's batch statistics summed over every worker (scoring.score).
+    `family`: the model's (Components.family), which reads the conditioning back."""
+    latents = replay_final_latents(unet, rollout, guidance_scale, train_mode, family)
     replay_error = (latents.detach() - rollout.final_latents.to(latents.device)).abs().max()
     out, finite = score(reward, decode(vae, latents), rollout.prompts, statistics)
     stats = {"reward": out.total.detach().float()[finite], "replay_error": replay_error.reshape(1).float(),

@@ -92,6 +92,19 @@ def encode_prompts(
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    per_prompt = split_prompts(prompts, tokenizer, pack_segments=pack_segments, split=split, clean_text=clean_text)
+    ids = window_ids(tokenizer, [segment for segments in per_prompt for segment in segments])
+    states = _run_encoder(text_encoder, ids)  # one call for all segments of all prompts
+    if pad is None:
+        pad = pad_vector(tokenizer, text_encoder)
+    return merge_segments(states, word_counts(ids, tokenizer.eos_token_id), [len(s) for s in per_prompt], prompts,
+                          max_tokens=max_tokens, pad=pad)
+
+
+def split_prompts(prompts: Sequence[str], tokenizer, *, pack_segments: bool = False, split: str = "sentences",
+                  clean_text: bool = False) -> list[list[str]]:
+    """Each prompt's segments (`prompt_segments`); the empty prompt has one, "". TypeError
+    naming the prompt that is not a string."""
     count = token_counter(tokenizer)
     per_prompt = []
     for i, prompt in enumerate(prompts):
@@ -99,29 +112,44 @@ def encode_prompts(
             raise TypeError(f"prompt {i} is a {type(prompt).__name__}, not a str")
         per_prompt.append(prompt_segments(prompt, count, pack_segments=pack_segments, split=split,
                                           clean_text=clean_text) or [""])
+    return per_prompt
 
-    flat = [segment for segments in per_prompt for segment in segments]
-    ids = tokenizer(
-        flat, padding="max_length", max_length=CLIP_WINDOW, truncation=True, return_tensors="pt"
-    ).input_ids
-    states = _run_encoder(text_encoder, ids)  # one call for all segments of all prompts
-    if pad is None:
-        pad = pad_vector(tokenizer, text_encoder)
+
+def window_ids(tokenizer, segments: list[str]) -> torch.Tensor:
+    """Token ids of each segment in its own 77-token window: `[S, 77]`."""
+    return tokenizer(segments, padding="max_length", max_length=CLIP_WINDOW, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def word_counts(ids: torch.Tensor, eos_token_id: int) -> list[int]:
+    """Word tokens of each window: those at 1..n, before the first <eot>."""
+    return (ids[:, 1:] != eos_token_id).int().cumprod(dim=1).sum(dim=1).tolist()
+
+
+def merge_segments(states: torch.Tensor, n_words: list[int], counts: list[int], prompts: Sequence[str], *,
+                   max_tokens: int, pad: torch.Tensor, keep_tail: bool = False) -> torch.Tensor:
+    """Each prompt's segment windows `states [S, 77, H]` (its `counts[b]` consecutive rows)
+    merged into one sequence: every segment's <sot> and word states in order, cut at
+    `max_tokens` (with a warning: text is lost), then filled to `max_tokens`.
+
+    The fill is the pad vector (the reference's rule). With `keep_tail`, the last segment's
+    own <eot> and padding states come first, so that a prompt of one segment keeps its whole
+    77-token window, exactly what the pipeline's encode_prompt gives (families/sdxl.py)."""
     pad = pad.to(states)
-
-    # Word tokens of a segment sit at 1..n; n = tokens before the first <eot>.
-    n_words = (ids[:, 1:] != tokenizer.eos_token_id).int().cumprod(dim=1).sum(dim=1).tolist()
-    out = pad.expand(len(prompts), max_tokens, pad.shape[-1]).clone()
+    out = pad.expand(len(counts), max_tokens, pad.shape[-1]).clone()
     row = 0
-    for b, segments in enumerate(per_prompt):
-        kept = torch.cat([states[row + j, : 1 + n_words[row + j]] for j in range(len(segments))])
-        row += len(segments)
+    for b, n in enumerate(counts):
+        kept = torch.cat([states[row + j, : 1 + n_words[row + j]] for j in range(n)])
+        last = row + n - 1
+        row += n
         if kept.shape[0] > max_tokens:
             prompt = prompts[b] if len(prompts[b]) <= 60 else prompts[b][:57] + "..."
             cut_log.warning(
                 "prompt %r: %d of its %d encoded states are past max_tokens=%d and were cut (raise prompts.max_tokens)",
                 prompt, kept.shape[0] - max_tokens, kept.shape[0], max_tokens,
             )
+        if keep_tail:
+            kept = torch.cat([kept, states[last, 1 + n_words[last]:]])
         kept = kept[:max_tokens]
         out[b, : kept.shape[0]] = kept
     return out

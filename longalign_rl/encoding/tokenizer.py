@@ -39,8 +39,9 @@ def _clip_bpe() -> tuple[dict, list]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def build_clip_tokenizer(max_length: int = 77):
-    """The CLIP tokenizer SD v1.5 uses, built offline (49,408 entries; pad = <|endoftext|>)."""
+def build_clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """The CLIP tokenizer SD v1.5 uses, built offline (49,408 entries; pad = <|endoftext|>).
+    `pad_token`: SDXL's second tokenizer (OpenCLIP bigG's) pads with "!"."""
     from transformers import CLIPTokenizer
 
     vocab, merges = _clip_bpe()
@@ -48,7 +49,7 @@ def build_clip_tokenizer(max_length: int = 77):
         vocab=dict(vocab),
         merges=list(merges),
         model_max_length=max_length,
-        pad_token="<|endoftext|>",
+        pad_token=pad_token,
     )
     check_clip_tokenizer(tokenizer, "the offline CLIP tokenizer")
     return tokenizer

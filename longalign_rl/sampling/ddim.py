@@ -17,6 +17,8 @@ import contextlib
 
 import torch
 
+from longalign_rl.families.sd import SD
+
 
 def derive_seed(seed: int, index: int) -> int:
     """A seed of its own for the `index`-th use of `seed`."""
@@ -110,12 +112,17 @@ def seeded(module, seed: int | None):
         yield
 
 
-def guided_eps(unet, latents, timestep, cond, uncond, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guided noise prediction, one batched UNet call for both halves."""
+PLAIN = SD()  # a UNet whose whole conditioning is its cross-attention tokens
+
+
+def guided_eps(unet, latents, timestep, cond, uncond, guidance_scale: float, family=None) -> torch.Tensor:
+    """Classifier-free guided noise prediction, one batched denoiser call for both halves.
+    `family` (Components.family) reads its conditioning back into the call (families/base.py);
+    None: SD 1.x's, all of `cond` is the cross-attention tokens."""
     dtype = next(unet.parameters()).dtype
     x = torch.cat([latents, latents]).to(dtype)
     context = torch.cat([uncond.expand_as(cond), cond]).to(dtype)
-    eps_uncond, eps_cond = unet(x, timestep, encoder_hidden_states=context).sample.to(latents.dtype).chunk(2)
+    eps_uncond, eps_cond = (family or PLAIN).predict(unet, x, timestep, context).to(latents.dtype).chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 

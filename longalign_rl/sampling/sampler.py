@@ -14,8 +14,8 @@ import time
 import torch
 
 from longalign_rl.config import PromptConfig, SamplerConfig
-from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.models import DTYPES, Components, make_scheduler, vae_scale_factor
+from longalign_rl.noise import initial_noise
 from longalign_rl.sampling.ddim import (batch_dropout_seed, derive_seed, dropout_masks, dropout_seed,
                                         grad_step_indices, guided_eps, replay_coefficients, step_coefficients)
 from longalign_rl.sampling.stochastic import stochastic_coefficients, stochastic_step
@@ -26,7 +26,7 @@ class Sampler:
     def __init__(
         self,
         unet,
-        encoder: SegmentEncoder,
+        encoder,
         scheduler,
         *,
         num_steps: int,
@@ -35,8 +35,10 @@ class Sampler:
         num_grad_steps: int,
         vae_scale_factor: int = 8,
         train_mode: bool = False,
+        family=None,
     ):
         self.unet = unet
+        self.family = family  # Components.family: how the denoiser reads the conditioning (None: SD 1.x)
         self.encoder = encoder
         self.scheduler = scheduler
         self.num_steps = num_steps
@@ -113,7 +115,7 @@ def denoise(sampler: "Sampler", latents: torch.Tensor, cond: torch.Tensor, uncon
     stochastic step, with whatever the caller records. Returns the final latents."""
     for i, t in enumerate(sampler.scheduler.timesteps):
         with sampler.dropout(seed, i) if seed is not None else dropout_masks(sampler.unet, None):
-            eps = guided_eps(sampler.unet, latents, t, cond, uncond, sampler.guidance_scale)
+            eps = guided_eps(sampler.unet, latents, t, cond, uncond, sampler.guidance_scale, sampler.family)
         latents = step(i, t, latents, eps)
     return latents
 
@@ -127,14 +129,6 @@ def sample_seeds(seed: int, count: int) -> list[int]:
 def noise_generators(seeds: list[int]) -> list[torch.Generator]:
     """One generator per sample for its stochastic steps' noise, apart from its initial noise."""
     return [torch.Generator().manual_seed(derive_seed(s, 2_000_000)) for s in seeds]
-
-
-def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """One starting latent per sample, each from its own seed: [len(seeds), *shape], float32
-    on the CPU. A sample's noise does not depend on the batch it is drawn in, so validation
-    (run.validation) and the inference helper (longalign_rl.pipeline) draw the same images
-    one at a time or together."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 @torch.no_grad()
@@ -210,19 +204,18 @@ def build_sampler(cfg: SamplerConfig, parts: Components, *, prompts: PromptConfi
     caller added, e.g. a LoRA) and the text encoder moved to `device` in `cfg.precision`,
     a DDIM scheduler on the model's noise schedule with `cfg.timestep_spacing`.
 
-    `encoder`: how prompts are encoded; by default a SegmentEncoder of `prompts`
-    (max_tokens, pack_segments), with `parts.t5`'s tokens after the CLIP ones when the
-    model has a T5 branch; a TruncatedEncoder for SD's plain 77-token baseline.
+    `encoder`: how prompts are encoded; by default the family's segment encoder of
+    `prompts` (families/: SD 1.x's SegmentEncoder, with `parts.t5`'s tokens after the CLIP
+    ones when the model has a T5 branch; SDXL's through both encoders); a TruncatedEncoder
+    for SD's plain 77-token baseline.
     The modules are moved in place; their requires_grad flags are left as they are."""
     dtype = DTYPES[cfg.precision]
     unet = parts.unet.to(device, dtype)
     if encoder is None:
-        prompts = prompts or PromptConfig()
         t5 = parts.t5.to(device, dtype) if parts.t5 is not None else None
-        encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder.to(device, dtype),
-                                 max_tokens=prompts.max_tokens, pack_segments=prompts.pack_segments,
-                                 split=prompts.split, clean_text=prompts.clean_text, t5=t5)
+        encoder = parts.family.encoder(parts, prompts or PromptConfig(), resolution=cfg.resolution, device=device,
+                                       dtype=dtype, t5=t5)
     scheduler = make_scheduler(parts.scheduler_config, timestep_spacing=cfg.timestep_spacing, final=cfg.final)
     return Sampler(unet, encoder, scheduler, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                    resolution=cfg.resolution, num_grad_steps=cfg.num_grad_steps,
-                   vae_scale_factor=vae_scale_factor(parts.vae), train_mode=cfg.train_mode)
+                   vae_scale_factor=vae_scale_factor(parts.vae), train_mode=cfg.train_mode, family=parts.family)

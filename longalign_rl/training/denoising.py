@@ -41,7 +41,6 @@ from longalign_rl import validation
 from longalign_rl.algorithms.denoising import caption_dropout, denoising_loss
 from longalign_rl.config import Config, DataConfig
 from longalign_rl.data import GlobalOrder, Pair, generate_rows, is_generator, load_pairs
-from longalign_rl.encoding import SegmentEncoder
 from longalign_rl.hooks import load_metric_hooks
 from longalign_rl.encoding.t5 import ADAPTER_FOLDER
 from longalign_rl.lora import ADAPTER, export_adapter, load_trainable_state_dict, make_trainable, merge_lora
@@ -90,15 +89,16 @@ class PairSource:
         return {"image": self.rows["image"][indices], "caption": self.rows["caption"][indices]}
 
 
-def update(engine, vae, encoder: SegmentEncoder, scheduler, batch: dict, dropout: float,
-           generators: list[torch.Generator], device) -> dict[str, torch.Tensor]:
+def update(engine, vae, encoder, scheduler, batch: dict, dropout: float,
+           generators: list[torch.Generator], device, family=None) -> dict[str, torch.Tensor]:
     """One micro-step of the denoising loss through the DeepSpeed engine; each pair's random
-    draws from its own generator."""
+    draws from its own generator. `encoder`: the family's (Family.encoder); `family`: the
+    model's, which reads the conditioning back (Components.family)."""
     images = torch.tensor(batch["image"], device=device)  # a copy: Ray's arrays are read-only
     latents = encode(vae, images, generators).float()
     cond = encoder([str(c) for c in batch["caption"]])
     cond = caption_dropout(cond, encoder.uncond(cond.shape[0]), dropout, generators)
-    loss, stats = denoising_loss(engine, scheduler, latents, cond, generators)
+    loss, stats = denoising_loss(engine, scheduler, latents, cond, generators, family)
     engine.backward(loss)
     engine.step()
     return stats
@@ -113,7 +113,8 @@ def save_merged_model(cfg: Config, weights: dict[str, torch.Tensor], directory: 
 
     The parts are reloaded in float32, so the frozen ones are saved exactly as they came and
     the LoRA is merged into the float32 base weights whatever the training precision."""
-    parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision)
+    parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision,
+                            family=cfg.model.family)
     make_trainable(parts.unet, cfg.lora)
     load_trainable_state_dict(parts.unet, {k: v for k, v in weights.items() if not k.startswith(ADAPTER + ".")},
                               cfg.lora)
@@ -138,9 +139,9 @@ class Denoising:
         t5 = parts.t5
         if t5 is not None:
             t5.encoder.to(ctx.device, dtype)
-        self.encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder.to(ctx.device, dtype),
-                                      max_tokens=cfg.prompts.max_tokens, pack_segments=cfg.prompts.pack_segments,
-                                      split=cfg.prompts.split, clean_text=cfg.prompts.clean_text, t5=t5)
+        self.family = parts.family
+        self.encoder = parts.family.encoder(parts, cfg.prompts, resolution=cfg.data.resolution, device=ctx.device,
+                                            dtype=dtype, t5=t5)
         self.scheduler = DDPMScheduler.from_config(parts.scheduler_config)
         self.scheduler_config = parts.scheduler_config  # validation's DDIM: the model's own settings
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
@@ -155,7 +156,8 @@ class Denoising:
                                    final=cfg.sampler.final)
         sampler = Sampler(unet, self.encoder, scheduler,
                           num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
-                          resolution=cfg.sampler.resolution, num_grad_steps=1, vae_scale_factor=vae_scale_factor(self.vae))
+                          resolution=cfg.sampler.resolution, num_grad_steps=1, vae_scale_factor=vae_scale_factor(self.vae),
+                          family=self.family)
         vset, batch = self.validation, cfg.train.batch_size
         images, values = [], {}
         for i in range(0, len(vset.prompts), batch):  # generate_latents turns dropout off for its chain
@@ -214,7 +216,7 @@ class Denoising:
             generators = [torch.Generator(ctx.device).manual_seed(sample_seed(cfg, step, first + i))
                           for i in range(size)]
             micro_stats = update(ctx.engine, self.vae, self.encoder, self.scheduler, batch, cfg.data.caption_dropout,
-                                 generators, ctx.device)
+                                 generators, ctx.device, self.family)
             for k, v in micro_stats.items():
                 stats.setdefault(k, []).append(v)
         state.epoch = self.order.epoch_of(step)

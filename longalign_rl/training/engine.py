@@ -103,7 +103,8 @@ def build_trainable(cfg: Config, device: torch.device) -> tuple[Components, obje
     if cfg.stage == 1:
         parts = load_model(cfg)
     else:
-        parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision)
+        parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision,
+                                family=cfg.model.family)
     adapter = parts.t5.adapter if parts.t5 is not None else None
     engine, schedule = make_engine(cfg, parts.unet, prepare_unet(cfg, parts.unet, device, adapter))
     return parts, engine, schedule

@@ -159,7 +159,8 @@ class PolicyGradientBody(SamplerFed):
                 for k in range(len(traj.indices)):
                     loss, step_stats = policy_step_loss(
                         ctx.engine, traj, k, advantages, cfg.sampler.guidance_scale, a.clip_range,
-                        a.advantage_clip, a.kl_weight, self.reference, train_mode=cfg.sampler.train_mode)
+                        a.advantage_clip, a.kl_weight, self.reference, train_mode=cfg.sampler.train_mode,
+                        family=self.family)
                     ctx.engine.backward(loss)
                     ctx.engine.step()
                     step_stats["loss"] = loss.detach().reshape(1).float()

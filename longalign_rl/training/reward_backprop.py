@@ -25,10 +25,11 @@ from longalign_rl.types import Rollout
 
 
 def update(engine, vae, reward, rollout: Rollout, guidance_scale: float, train_mode: bool = False,
-           statistics=None) -> dict[str, torch.Tensor]:
+           statistics=None, family=None) -> dict[str, torch.Tensor]:
     """One micro-step of reward backpropagation through the DeepSpeed engine; `statistics`:
-    the reward's batch statistics over the step's global batch (SamplerFed.reward_statistics)."""
-    loss, stats = reward_backprop_step(engine, vae, reward, rollout, guidance_scale, train_mode, statistics)
+    the reward's batch statistics over the step's global batch (SamplerFed.reward_statistics);
+    `family`: the model's (Components.family)."""
+    loss, stats = reward_backprop_step(engine, vae, reward, rollout, guidance_scale, train_mode, statistics, family)
     engine.backward(loss)
     engine.step()
     stats["loss"] = loss.detach().reshape(1).float()
@@ -55,7 +56,7 @@ class RewardBackpropBody(SamplerFed):
             # UPDATE
             t = time.perf_counter()
             step_stats = update(ctx.engine, self.vae, self.reward, rollout, cfg.sampler.guidance_scale,
-                                cfg.sampler.train_mode, self.reward_statistics(step))
+                                cfg.sampler.train_mode, self.reward_statistics(step), self.family)
             train_time += time.perf_counter() - t
             replay_errors.append(step_stats.pop("replay_error"))
             self.observe(step, j, rollout.final_latents, rollout.prompts, step_stats)

@@ -42,7 +42,8 @@ class SamplerFed:
         cfg = self.cfg = ctx.cfg
         self.ctx = ctx
         self.algorithm = algorithm_of(cfg)  # its record (registry.Algorithm)
-        del parts.text_encoder  # prompts arrive encoded in the samples
+        del parts.text_encoder, parts.text_encoder_2  # prompts arrive encoded in the samples
+        self.family = parts.family  # reads the samples' conditioning back into the denoiser call
         self.vae = parts.vae.to(ctx.device, DTYPES[cfg.train.precision])
         # With reward actors (reward.num_actors) the reward lives there; this worker never builds it.
         self.reward = None if cfg.reward.num_actors else build_reward(cfg, ctx.device)

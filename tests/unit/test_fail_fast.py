@@ -36,6 +36,12 @@ def main(tmp_path, capsys, *overrides):
     (["run.metrics=[tests.unit.test_hooks:wrong_shape]"], r"run.metrics\[0\] .*'bright' must be a tensor of shape \[2\]"),
     (["run.metrics=[tests.unit.test_hooks:brightness, tests.unit.test_hooks:brightness]"],
      "run.metrics: .*'bright' is also logged by another hook"),
+    # model families (issue 25): the family the weights are, one that exists, settings it takes
+    (["model.pretrained=tiny-sdxl", "model.family=sd"], "model.family: 'sd', but 'tiny-sdxl' is a 'sdxl' model "
+     r"\(pipeline StableDiffusionXLPipeline\)"),
+    (["model.family=flux"], "model.family: unknown model family 'flux'; known: sd, sdxl"),
+    (["model.pretrained=tiny-sdxl", "t5.encoder=tiny"], "t5.encoder: the reference release's T5 branch is SD 1.x's"),
+    (["prompts.pooled=last"], "prompts.pooled: must be first or mean, got 'last'"),
 ])
 def test_bad_rewards_and_values_exit_2_naming_the_problem(tmp_path, capsys, overrides, message):
     code, err = main(tmp_path, capsys, *overrides)

@@ -1,7 +1,7 @@
 """The layers of docs/architecture.md, checked by parsing every import (module-level and
 inside functions) of longalign_rl/, rewards/ and shapesworld/:
 
-    foundations   config, types, registry, hub, encoding, models, vae, lora, prompts, data,
+    foundations   config, types, registry, hub, encoding, families, noise, models, vae, lora, prompts, data,
                   outputs, summary, hooks, direction, console, trackers, validation, arguments,
                   uncertainty, scoring, typed_yaml, config_docs
     maths         sampling.ddim, sampling.stochastic, sampling.sampler, algorithms
@@ -22,7 +22,8 @@ import pytest
 from tests import REPO
 
 LAYERS = {
-    "foundations": ["config", "types", "registry", "hub", "encoding", "models", "vae", "lora", "prompts", "data",
+    "foundations": ["config", "types", "registry", "hub", "encoding", "families", "noise", "models", "vae", "lora",
+                    "prompts", "data",
                     "outputs", "summary", "hooks", "direction", "console", "trackers", "validation", "arguments",
                     "uncertainty", "scoring", "typed_yaml", "config_docs"],
     "maths": ["sampling.ddim", "sampling.stochastic", "sampling.sampler", "algorithms"],

@@ -73,7 +73,20 @@ def test_builtin_architectures_include_sd15_sized_configs():
 
     from longalign_rl.models import _read_config, builtin_models
 
-    assert builtin_models() == ["sd15-random", "tiny"]
+    assert builtin_models() == ["sd15-random", "sdxl-random", "tiny", "tiny-sdxl"]
     with torch.device("meta"):
         unet = UNet2DConditionModel(**_read_config("sd15-random", "unet"))
     assert 855e6 < sum(p.numel() for p in unet.parameters()) < 865e6  # SD v1.5: 859.5M
+
+
+def test_sdxl_random_is_sdxl_bases_architecture_on_the_meta_device():
+    """sdxl-random's parts at SDXL base 1.0's published sizes (UNet 2.567B, CLIP-L 123M,
+    OpenCLIP bigG 695M parameters), built through its family with no memory."""
+    from longalign_rl.models import build_random
+
+    with torch.device("meta"):
+        parts = build_random("sdxl-random")
+    count = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.modules().items()}
+    assert parts.family.name == "sdxl" and parts.family.pooled_dim == 1280
+    assert 2.56e9 < count["unet"] < 2.57e9 and 1.22e8 < count["text_encoder"] < 1.24e8
+    assert 6.9e8 < count["text_encoder_2"] < 7.0e8 and 8.3e7 < count["vae"] < 8.4e7

@@ -1,13 +1,13 @@
 """Trajectory replay (docs/method.md section 3): the trainer's replayed x0 equals the sampler's,
 and its gradient equals the gradient of the reference chain, which runs every step in one
-graph with gradient at the chosen steps on detached inputs."""
+graph with gradient at the chosen steps on detached inputs. For every model family: SD 1.x
+("tiny") and SDXL ("tiny-sdxl"), whose conditioning carries its pooled embedding and time ids."""
 
 import pytest
 import torch
 
 from longalign_rl.algorithms.reward_backprop import replay_final_latents
-from longalign_rl.config import LoRAConfig
-from longalign_rl.encoding import SegmentEncoder
+from longalign_rl.config import LoRAConfig, PromptConfig
 from longalign_rl.lora import make_trainable
 from longalign_rl.models import load_components, make_scheduler
 from longalign_rl.sampling.ddim import grad_step_indices, guided_eps, replay_coefficients
@@ -17,14 +17,14 @@ from longalign_rl.types import Rollout
 PROMPTS = ["A red cube on a table. A blue ball beside it.", "A green tree in a field at noon."]
 
 
-def reference_chain(unet, scheduler, noise, cond, uncond, guidance, grad_indices, final="step"):
+def reference_chain(unet, scheduler, noise, cond, uncond, guidance, grad_indices, final="step", family=None):
     """The reference code's loop: all steps, gradient only at grad_indices, input detached.
     final="pred_x0": what the reference decodes, the last step's predicted clean latent,
     computed here from its definition (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
     latents = noise
     for i, t in enumerate(scheduler.timesteps):
         with torch.set_grad_enabled(i in grad_indices):
-            eps = guided_eps(unet, latents.detach(), t, cond, uncond, guidance)
+            eps = guided_eps(unet, latents.detach(), t, cond, uncond, guidance, family)
         if final == "pred_x0" and i == len(scheduler.timesteps) - 1:
             abar = scheduler.alphas_cumprod[int(t)]  # float32 coefficients, as the scheduler's own
             return (latents - (1 - abar) ** 0.5 * eps) / abar ** 0.5
@@ -32,9 +32,9 @@ def reference_chain(unet, scheduler, noise, cond, uncond, guidance, grad_indices
     return latents
 
 
-@pytest.fixture(scope="module")
-def parts():
-    c = load_components("tiny")
+@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl"])
+def parts(request):
+    c = load_components(request.param)
     torch.manual_seed(0)
     make_trainable(c.unet, LoRAConfig(rank=4, alpha=4.0, dropout=0.0))
     # LoRA's up-projection starts at zero; make it non-zero so the LoRA matters.
@@ -42,16 +42,16 @@ def parts():
         for name, p in c.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
-    c.unet.double()
-    c.text_encoder.double()
+    for module in c.modules().values():
+        module.double()
     return c
 
 
 def make_sampler(parts, num_steps=8, num_grad_steps=3, final="step"):
-    encoder = SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=24)
+    encoder = parts.family.encoder(parts, PromptConfig(max_tokens=24), resolution=64, dtype=torch.float64)
     scheduler = make_scheduler(parts.scheduler_config, timestep_spacing="trailing", final=final)
     return Sampler(parts.unet, encoder, scheduler, num_steps=num_steps, guidance_scale=5.0,
-                   resolution=64, num_grad_steps=num_grad_steps)
+                   resolution=64, num_grad_steps=num_grad_steps, family=parts.family)
 
 
 def lora_grads(unet):
@@ -72,13 +72,14 @@ def test_replay_matches_reference_chain_value_and_gradient(parts, final):
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     indices = grad_step_indices(8, 3, offset=1)  # includes the last step (index 7)
 
-    ref = reference_chain(unet, model_scheduler, noise, cond, uncond, guidance, indices, final)
+    family = parts.family
+    ref = reference_chain(unet, model_scheduler, noise, cond, uncond, guidance, indices, final, family)
 
     # What a sampler records for the same chain, without gradient.
     with torch.no_grad():
         latents, grad_latents, grad_eps = noise, [], []
         for i, t in enumerate(scheduler.timesteps):
-            eps = guided_eps(unet, latents, t, cond, uncond, guidance)
+            eps = guided_eps(unet, latents, t, cond, uncond, guidance, family)
             if i in indices:
                 grad_latents.append(latents)
                 grad_eps.append(eps)
@@ -95,7 +96,7 @@ def test_replay_matches_reference_chain_value_and_gradient(parts, final):
     (ref * weights).sum().backward()
     g_ref = lora_grads(unet)
     unet.zero_grad()
-    replayed = replay_final_latents(unet, rollout, guidance)
+    replayed = replay_final_latents(unet, rollout, guidance, family=family)
     (replayed * weights).sum().backward()
     g_replay = lora_grads(unet)
 
@@ -104,7 +105,7 @@ def test_replay_matches_reference_chain_value_and_gradient(parts, final):
     for name in g_ref:
         torch.testing.assert_close(g_replay[name], g_ref[name], rtol=1e-9, atol=1e-12, msg=name)
     if final == "pred_x0":  # and the two modes do decode different latents
-        other = reference_chain(unet, model_scheduler, noise, cond, uncond, guidance, indices, "step")
+        other = reference_chain(unet, model_scheduler, noise, cond, uncond, guidance, indices, "step", family)
         assert (other - ref).abs().max() > 1e-3
 
 
@@ -118,7 +119,7 @@ def test_sampler_records_what_replay_needs(parts):
     torch.testing.assert_close(a.final_latents, b.final_latents)  # seeded
     # Replaying under unchanged weights reproduces the recorded output.
     with torch.no_grad():
-        replayed = replay_final_latents(parts.unet, a, 5.0)
+        replayed = replay_final_latents(parts.unet, a, 5.0, family=parts.family)
     torch.testing.assert_close(replayed.float(), a.final_latents, atol=1e-5, rtol=0)
 
 
@@ -143,7 +144,7 @@ def test_activation_checkpointing_gives_the_same_gradient(parts):
         unet.train()
         if checkpointing:
             unet.enable_gradient_checkpointing()
-        replay_final_latents(unet, rollout, 5.0).square().sum().backward()
+        replay_final_latents(unet, rollout, 5.0, family=parts.family).square().sum().backward()
         unet.disable_gradient_checkpointing()
         unet.eval()
         return lora_grads(unet)

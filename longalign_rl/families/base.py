@@ -1,0 +1,111 @@
+"""What a model family is: the parts a model of it has (`Components`) and what the framework
+asks of it (`Family`). Pure torch: no ray, no deepspeed.
+
+A family says how a prompt becomes conditioning (its text encoders, segment encoding of long
+prompts, pooled embeddings, any extra conditioning), how the denoiser is called, which
+diffusers classes build and load its parts, and which diffusers pipeline class saves and
+loads it. Everything else (samplers, algorithms, trainers, rewards) works on what a family
+hands it and never asks which family it is (docs/models.md).
+
+The conditioning contract. A family's encoder turns B prompts into ONE tensor
+`cond [B, tokens, width]` (and the empty prompt's `uncond [1, tokens, width]`): one tensor
+crosses actors, records (types.Rollout, Trajectory), caption dropout and classifier-free
+guidance unchanged, whatever the family. What its rows mean is the family's business: SD
+1.x's are the cross-attention tokens; SDXL appends one row that carries the pooled text
+embedding and the size conditioning (families/sdxl.py). Only the family's `predict` reads
+them back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Components:
+    """The parts of a latent diffusion model, frozen or trainable as the caller makes them.
+    `unet`: the denoiser that trains. `text_encoder_2`/`tokenizer_2`: a second CLIP (SDXL's
+    OpenCLIP bigG), None for a family with one. `family`: the `Family` that reads them."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    # The T5 branch (encoding/t5.py T5Branch) when the config asks for one: `models.load_model`.
+    t5: object = None
+    family: "Family" = field(default=None)
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
+
+    def __post_init__(self):
+        if self.family is None:  # SD 1.x: what every loader built before families existed
+            from longalign_rl.families.sd import SD
+
+            self.family = SD()
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The parts with weights, by their diffusers folder name (unet, vae, text_encoder, ...)."""
+        return {name: getattr(self, name) for name in self.family.parts if getattr(self, name) is not None}
+
+
+class Family:
+    """A model family. Subclasses are small frozen dataclasses whose fields are the model's
+    constants the calls need (SDXL: the pooled width), so `Components.family` travels with
+    the parts it describes. Registered in `families.FAMILIES` by `name`."""
+
+    name: str = ""
+    # model_index.json `_class_name`s of the diffusers pipelines whose folders are this family.
+    pipeline_classes: tuple[str, ...] = ()
+    # The folders of a diffusers model of this family that hold weights, in loading order.
+    parts: tuple[str, ...] = ()
+
+    # -------------------------------------------------------------- building and loading
+    @classmethod
+    def build_random(cls, config_dir: Path, seed: int) -> Components:
+        """Random-initialised parts from the JSON configs in `config_dir`, the same for the same seed."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_pretrained(cls, path_or_id: str, revision: str | None = None, model_index: dict | None = None
+                        ) -> Components:
+        """The parts of a local diffusers folder or hub id, in float32."""
+        raise NotImplementedError
+
+    def pipeline(self, parts: Components, scheduler):
+        """The diffusers pipeline of this family over `parts` (for `save_pretrained`)."""
+        raise NotImplementedError
+
+    def long_prompt_pipeline(self, parts: Components, scheduler):
+        """The same pipeline class with its prompts segment-encoded (families/pipelines.py):
+        what `longalign_rl.pipeline.load` returns."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- prompts and the denoiser
+    def encoder(self, parts: Components, prompts, *, resolution: int, device="cpu", dtype=torch.float32, t5=None):
+        """How this family's prompts become conditioning: an object with `__call__(prompts)
+        -> cond [B, tokens, width]`, `uncond(batch) -> [batch, tokens, width]`,
+        `segments(prompt)` and `max_tokens`. `prompts`: config.PromptConfig; `resolution`:
+        the images' side in pixels (families with size conditioning write it into cond)."""
+        raise NotImplementedError
+
+    def predict(self, unet, latents: torch.Tensor, timesteps, cond: torch.Tensor) -> torch.Tensor:
+        """The denoiser's prediction (noise or velocity, by the scheduler's prediction_type)
+        for `latents` at `timesteps` under conditioning `cond` from this family's encoder.
+        `unet` may be the module, a peft-wrapped one or a DeepSpeed engine around it."""
+        raise NotImplementedError
+
+    def check_config(self, cfg) -> list[str]:
+        """Problems of a run config with this family (one line each, naming the key)."""
+        return []
+
+
+def read_config(config_dir: Path, part: str) -> dict:
+    """One part's JSON config of a built-in architecture, without its `_comment` keys."""
+    import json
+
+    config = json.loads((Path(config_dir) / f"{part}.json").read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}

@@ -1,0 +1,218 @@
+"""SDXL: a UNet cross-attending to two CLIP encoders' penultimate hidden states, concatenated
+per token (CLIP-L 768 + OpenCLIP bigG 1280 = 2048 wide), plus a pooled text embedding (bigG's
+projection) and six size-and-crop numbers ("time ids") added to its timestep embedding.
+Both encoders cut prompts at 77 tokens, the problem LongAlign solves. Pure torch/diffusers.
+
+Long prompts (docs/models.md): both encoders see the same sentence segments, each in its own
+77-token window, so no text is lost. The merged sequence keeps every segment's <sot> and word
+states up to `prompts.max_tokens` (as SD 1.x's), then the last segment's own <eot> and
+padding states, then the pad vector. A prompt of one segment at max_tokens 77 therefore gets
+exactly `StableDiffusionXLPipeline.encode_prompt`'s 77 states, and at a larger max_tokens
+the same 77 followed by the pad vector. The pooled embedding of a prompt of several
+segments is `prompts.pooled`: the first segment's or the mean over segments.
+
+The conditioning tensor (families/base.py's contract) is `[B, max_tokens + 1, 2048]`: the
+cross-attention tokens, then one row holding [time ids (6) | pooled (1280) | zeros].
+`predict` splits it again. The time ids are those diffusers gives an image generated at the
+sampler's resolution: (H, W, 0, 0, H, W); stage 1 writes each training image's own size and
+crop (`with_size`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longalign_rl.encoding.encode import (CLIP_WINDOW, PAD_POSITIONS, merge_segments, prompt_segments, split_prompts,
+                                          window_ids, word_counts)
+from longalign_rl.encoding.tokenizer import token_counter
+from longalign_rl.families.base import Components, Family, read_config
+from longalign_rl.families.sd import load_tokenizer, scheduler_config
+
+TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
+POOLED_CHOICES = ("first", "mean")
+
+
+@dataclass(frozen=True)
+class SDXL(Family):
+    name = "sdxl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+    parts = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+    pooled_dim: int = 1280  # text_encoder_2's projection width, what the UNet's add_embedding takes
+    # model_index.json's force_zeros_for_empty_prompt: the empty prompt's conditioning is zeros
+    # (SDXL base), not its encoding (the pipeline's default, and so ours).
+    force_zeros_for_empty_prompt: bool = True
+
+    @classmethod
+    def build_random(cls, config_dir: Path, seed: int) -> Components:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        from longalign_rl.encoding.tokenizer import build_clip_tokenizer
+
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**read_config(config_dir, "unet"))
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**read_config(config_dir, "vae"))
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**read_config(config_dir, "text_encoder")))
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**read_config(config_dir, "text_encoder_2")))
+        return Components(unet, vae, text_encoder, build_clip_tokenizer(), read_config(config_dir, "scheduler"),
+                          family=cls(pooled_dim=text_encoder_2.config.projection_dim),
+                          text_encoder_2=text_encoder_2, tokenizer_2=build_clip_tokenizer(pad_token="!"))
+
+    @classmethod
+    def load_pretrained(cls, path_or_id: str, revision: str | None = None, model_index: dict | None = None
+                        ) -> Components:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        kw = {"revision": revision} if revision else {}
+        unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet", torch_dtype=torch.float32, **kw)
+        vae = AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", torch_dtype=torch.float32, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path_or_id, subfolder="text_encoder", dtype=torch.float32, **kw)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path_or_id, subfolder="text_encoder_2",
+                                                                     dtype=torch.float32, **kw)
+        zeros = bool((model_index or {}).get("force_zeros_for_empty_prompt", True))
+        return Components(unet, vae, text_encoder, load_tokenizer(path_or_id, "tokenizer", revision),
+                          scheduler_config(path_or_id, revision),
+                          family=cls(pooled_dim=text_encoder_2.config.projection_dim, force_zeros_for_empty_prompt=zeros),
+                          text_encoder_2=text_encoder_2,
+                          tokenizer_2=load_tokenizer(path_or_id, "tokenizer_2", revision, pad_token="!"))
+
+    def pipeline(self, parts: Components, scheduler):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder,
+                                         text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer,
+                                         tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
+
+    def encoder(self, parts: Components, prompts, *, resolution: int, device="cpu", dtype=torch.float32, t5=None):
+        if t5 is not None:
+            raise ValueError("t5.encoder: the T5 branch of the reference release is SD 1.x's; SDXL runs without it")
+        return SDXLEncoder(parts.tokenizer, parts.text_encoder.to(device, dtype), parts.tokenizer_2,
+                           parts.text_encoder_2.to(device, dtype), max_tokens=prompts.max_tokens,
+                           pack_segments=prompts.pack_segments, split=prompts.split, clean_text=prompts.clean_text,
+                           pooled=prompts.pooled, resolution=resolution, zeros_for_empty=self.force_zeros_for_empty_prompt)
+
+    def predict(self, unet, latents, timesteps, cond):
+        tokens, pooled, ids = unpack(cond, self.pooled_dim)
+        return unet(latents, timesteps, encoder_hidden_states=tokens,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+
+    def long_prompt_pipeline(self, parts: Components, scheduler):
+        from longalign_rl.families.pipelines import LongPromptXLPipeline
+
+        return LongPromptXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder,
+                                    text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer,
+                                    tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=scheduler,
+                                    force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
+
+    def check_config(self, cfg) -> list[str]:
+        problems = []
+        if cfg.t5.encoder:
+            problems.append("t5.encoder: the reference release's T5 branch is SD 1.x's; leave it empty for SDXL")
+        return problems
+
+
+def unpack(cond: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDXL's packed conditioning `[B, tokens + 1, width]` as the UNet takes it: the
+    cross-attention tokens `[B, tokens, width]`, the pooled embedding `[B, pooled_dim]` and
+    the time ids `[B, 6]`."""
+    row = cond[:, -1]
+    return cond[:, :-1], row[:, TIME_IDS:TIME_IDS + pooled_dim], row[:, :TIME_IDS]
+
+
+def time_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> list[float]:
+    """SDXL's size conditioning, in diffusers' order: original (h, w), crop top-left (y, x), target (h, w)."""
+    return [float(v) for v in (*original, *crop, *target)]
+
+
+def with_size(cond: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`cond` (SDXL's packed conditioning) with each sample's time ids `ids [B, 6]` instead
+    of the sampler's: a training image's own original size and crop (stage 1)."""
+    out = cond.clone()
+    out[:, -1, :TIME_IDS] = ids.to(out)
+    return out
+
+
+class SDXLEncoder:
+    """Segment encoding through both of SDXL's CLIP encoders (the module docstring)."""
+
+    def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, *, max_tokens: int = 240,
+                 pack_segments: bool = False, split: str = "sentences", clean_text: bool = False,
+                 pooled: str = "first", resolution: int = 1024, zeros_for_empty: bool = True):
+        if pooled not in POOLED_CHOICES:
+            raise ValueError(f"prompts.pooled must be one of {', '.join(POOLED_CHOICES)}, got {pooled!r}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.tokenizers = (tokenizer, tokenizer_2)
+        self.encoders = (text_encoder, text_encoder_2)
+        self.tokenizer = tokenizer  # segments are measured with the first (both are CLIP's BPE)
+        self.max_tokens = max_tokens
+        self.pack_segments, self.split, self.clean_text = pack_segments, split, clean_text
+        self.pooled = pooled
+        self.ids = time_ids((resolution, resolution), (0, 0), (resolution, resolution))
+        width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+        pooled_dim = text_encoder_2.config.projection_dim
+        if TIME_IDS + pooled_dim > width:
+            raise ValueError(f"SDXL's conditioning row of {width} values cannot hold {TIME_IDS} time ids and a "
+                             f"{pooled_dim}-wide pooled embedding")
+        states, _ = self._windows([""])
+        self.pad = states[0, PAD_POSITIONS].mean(dim=0)
+        if zeros_for_empty:  # the pipeline's force_zeros_for_empty_prompt: zeros, then our size conditioning
+            self._uncond = self._pack(torch.zeros(1, max_tokens, width, dtype=states.dtype, device=states.device),
+                                      torch.zeros(1, pooled_dim, dtype=states.dtype, device=states.device))
+        else:
+            self._uncond = self([""])
+
+    @torch.no_grad()
+    def _windows(self, segments: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each segment's 77-token window through both encoders: penultimate hidden states
+        concatenated per token `[S, 77, 2048]`, and the second's pooled projection `[S, 1280]`
+        (what encode_prompt takes, clip_skip None)."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+            ids = window_ids(tokenizer, segments).to(next(encoder.parameters()).device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+        return torch.cat(hidden, dim=-1), pooled
+
+    def _pack(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        row = torch.zeros(tokens.shape[0], 1, tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
+        row[:, 0, :TIME_IDS] = torch.tensor(self.ids, dtype=tokens.dtype)
+        row[:, 0, TIME_IDS:TIME_IDS + pooled.shape[-1]] = pooled
+        return torch.cat([tokens, row], dim=1)
+
+    @torch.no_grad()
+    def __call__(self, prompts) -> torch.Tensor:
+        per_prompt = split_prompts(prompts, self.tokenizer, pack_segments=self.pack_segments, split=self.split,
+                                   clean_text=self.clean_text)
+        flat = [segment for segments in per_prompt for segment in segments]
+        states, pooled = self._windows(flat)
+        counts = [len(s) for s in per_prompt]
+        n_words = word_counts(window_ids(self.tokenizer, flat), self.tokenizer.eos_token_id)
+        tokens = merge_segments(states, n_words, counts, prompts, max_tokens=self.max_tokens, pad=self.pad,
+                                keep_tail=True)
+        starts = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
+        if self.pooled == "first":
+            chosen = pooled[starts]
+        else:
+            chosen = torch.stack([pooled[s:s + n].mean(dim=0) for s, n in zip(starts, counts)])
+        return self._pack(tokens, chosen)
+
+    def uncond(self, batch_size: int) -> torch.Tensor:
+        return self._uncond.expand(batch_size, -1, -1)
+
+    def segments(self, prompt: str) -> list[str]:
+        return prompt_segments(prompt, token_counter(self.tokenizer), pack_segments=self.pack_segments,
+                               split=self.split, clean_text=self.clean_text)
+
+
+__all__ = ["CLIP_WINDOW", "SDXL", "SDXLEncoder", "time_ids", "with_size"]
