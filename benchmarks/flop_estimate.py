@@ -1,29 +1,39 @@
-"""FLOPs of one LongAlign stage-2 sample at SD v1.5 size, counted (not guessed) on the meta
-device, and the GPU time they imply at a given utilisation.
+"""FLOPs of one LongAlign stage-2 sample, counted (not guessed) on the meta device for any
+model family at real size, with the run config's conditioning shapes and LoRA size, and the
+GPU time they imply at a given utilisation.
 
-Forward FLOPs are counted with torch's FlopCounterMode on meta tensors (no memory, no GPU):
-SD v1.5's UNet at 64x64 latents with a 240-token context (one guided step = batch 2), the
-VAE decoder at 512 px, and a ViT-H/14 image tower (HPSv2's architecture) at 224 px. The
-backward multipliers are the usual ones and are printed with the result:
-- UNet at the gradient steps, LoRA (frozen base weights): backward ~ 1x forward
+The model is the family's real-size built-in architecture (random weights, no memory:
+`sd15-random`, `sdxl-random`), built through the same code a run uses; the config gives the
+resolution, the prompt encoding (max_tokens, the family's encoder run on meta tensors), the
+steps and the LoRA. Forward FLOPs are counted with torch's FlopCounterMode: one guided
+denoiser step (batch 2), the VAE decoder at the config's resolution, and a ViT-H/14 image
+tower (HPSv2's and PickScore's architecture) at 224 px. The backward multipliers are the
+usual ones and are printed with the result:
+- denoiser at the gradient steps, LoRA (frozen base weights): backward ~ 1x forward
   (activation gradients only; LoRA weight gradients are < 1 %), plus 1x forward recomputed
   by activation checkpointing: 3x forward in all;
-- UNet, full fine-tuning: backward ~ 2x forward (activation and weight gradients), plus
+- denoiser, full fine-tuning: backward ~ 2x forward (activation and weight gradients), plus
   the recompute: 4x forward;
 - VAE decode and reward (frozen, not checkpointed): forward + activation backward, 2x.
 
-    .venv/bin/python benchmarks/flop_estimate.py [--mfu 0.3 0.5] [--peak-tflops 312]
+    .venv/bin/python benchmarks/flop_estimate.py [--config configs/sdxl_longalign.yaml] [--mfu 0.3 0.5]
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from longalign_rl.models import _read_config
+from longalign_rl.config import load_config
+from longalign_rl.families import find_family
+from longalign_rl.lora import make_trainable
+from longalign_rl.models import build_random, vae_scale_factor
 
+REPO = Path(__file__).resolve().parent.parent
+SD15 = REPO / "configs" / "sd15_longalign.yaml"
 # The paper's stage 2: 3,750 steps x 48 samples on 6 A100s in about 20 hours.
 PAPER = {"steps": 3750, "samples_per_step": 48, "gpu_hours": 120.0, "gpu": "A100 (312 dense bf16 TFLOP/s)"}
 
@@ -34,21 +44,43 @@ def forward_flops(fn) -> float:
     return counter.get_total_flops()
 
 
-def count() -> dict[str, float]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def inspect(config: str | Path = SD15, model: str | None = None) -> dict:
+    """The run config's model at real size on the meta device: its family, conditioning
+    shape, LoRA layers and parameters, and forward FLOPs per sample (see the docstring).
+    `model`: the built-in architecture; by default the real-size one of the config's family
+    (model.family, SD 1.x when empty)."""
     import open_clip
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**_read_config("sd15-random", "unet"))
-        vae = AutoencoderKL(**_read_config("sd15-random", "vae"))
+    cfg = load_config(config)
+    model = model or find_family(cfg.model.family or "sd").real_size
+    with torch.device("meta"):  # the modules; token ids stay real, every activation is meta
+        parts = build_random(model)
+        make_trainable(parts.unet, cfg.lora)
         clip = open_clip.create_model("ViT-H-14", pretrained=None, device="meta")
-        latents = torch.empty(2, 4, 64, 64)  # one guided step: uncond + cond
-        context = torch.empty(2, 240, 768)
+    family, res = parts.family, cfg.sampler.resolution
+    cond = family.encoder(parts, cfg.prompts, resolution=res, device="meta")(["A prompt. Of two sentences."])
+    lora = [n for n, m in parts.unet.named_modules() if hasattr(m, "lora_A")]
+    trainable = sum(p.numel() for p in parts.unet.parameters() if p.requires_grad)
+    side = res // vae_scale_factor(parts.vae)
+    with torch.device("meta"):
+        latents = torch.empty(2, parts.unet.config.in_channels, side, side)  # one guided step: uncond + cond
+        context = torch.empty(2, *cond.shape[1:])
         return {
-            "unet_guided_step": forward_flops(lambda: unet(latents, 500, encoder_hidden_states=context)),
-            "vae_decode": forward_flops(lambda: vae.decode(torch.empty(1, 4, 64, 64))),
+            "config": str(config), "model": model, "family": family.name, "resolution": res,
+            "cond_shape": list(cond.shape), "lora_layers": len(lora), "lora_params": trainable,
+            "unet_params": sum(p.numel() for n, p in parts.unet.named_parameters() if "lora_" not in n),
+            "unet_guided_step": forward_flops(lambda: family.predict(parts.unet, latents, 500, context)),
+            "vae_decode": forward_flops(lambda: parts.vae.decode(torch.empty(1, 4, side, side))),
             "reward_image": forward_flops(lambda: clip.encode_image(torch.empty(1, 3, 224, 224))),
+            "steps": cfg.train.steps, "samples_per_step": cfg.global_batch,
+            "num_steps": cfg.sampler.num_steps, "num_grad_steps": cfg.sampler.num_grad_steps,
         }
+
+
+def count(config: str | Path = SD15, model: str | None = None) -> dict[str, float]:
+    """Forward FLOPs per sample (`inspect`'s): unet_guided_step, vae_decode, reward_image."""
+    found = inspect(config, model)
+    return {k: found[k] for k in ("unet_guided_step", "vae_decode", "reward_image")}
 
 
 def main() -> None:
@@ -56,37 +88,45 @@ def main() -> None:
     parser.add_argument("--mfu", type=float, nargs="+", default=[0.3, 0.5],
                         help="assumed shares of peak FLOP/s (replace with gpu_benchmark.py's measurement)")
     parser.add_argument("--peak-tflops", type=float, default=312.0, help="dense bf16 peak of the GPU (A100: 312)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--grad-steps", type=int, default=5)
+    parser.add_argument("--config", default=str(SD15), help="a run config (its model family, resolution, "
+                        "prompts, sampler steps, LoRA and train steps)")
+    parser.add_argument("--model", default=None, help="the built-in architecture (default: the family's real size)")
     args = parser.parse_args()
 
-    f = count()
-    sampling = args.steps * f["unet_guided_step"]
+    f = inspect(args.config, args.model)
+    steps, grad_steps = f["num_steps"], f["num_grad_steps"]
+    print(f"{f['config']}: {f['model']} (family {f['family']}) at {f['resolution']} px, on the meta device")
+    print(f"  conditioning per prompt      {f['cond_shape'][1:]} (tokens, width)")
+    print(f"  denoiser parameters          {f['unet_params'] / 1e9:.3f} B")
+    print(f"  LoRA                         {f['lora_layers']} layers, {f['lora_params'] / 1e6:.1f} M parameters")
+    sampling = steps * f["unet_guided_step"]
     train = {
-        "LoRA": args.grad_steps * 3 * f["unet_guided_step"] + 2 * (f["vae_decode"] + f["reward_image"]),
-        "full": args.grad_steps * 4 * f["unet_guided_step"] + 2 * (f["vae_decode"] + f["reward_image"]),
+        "LoRA": grad_steps * 3 * f["unet_guided_step"] + 2 * (f["vae_decode"] + f["reward_image"]),
+        "full": grad_steps * 4 * f["unet_guided_step"] + 2 * (f["vae_decode"] + f["reward_image"]),
     }
     # The reference runs the whole 50-step chain in the trainer (45 steps without grad).
-    reference_lora = (args.steps - args.grad_steps) * f["unet_guided_step"] + train["LoRA"]
+    reference_lora = (steps - grad_steps) * f["unet_guided_step"] + train["LoRA"]
     print("forward TFLOP per sample, counted on the meta device:")
-    for k, v in f.items():
-        print(f"  {k:<18} {v / 1e12:8.3f}")
-    print(f"sampling ({args.steps} guided steps, no grad): {sampling / 1e12:.2f} TFLOP/sample")
+    for k in ("unet_guided_step", "vae_decode", "reward_image"):
+        print(f"  {k:<18} {f[k] / 1e12:8.3f}")
+    print(f"sampling ({steps} guided steps, no grad): {sampling / 1e12:.2f} TFLOP/sample")
     for k, v in train.items():
-        print(f"trainer step, {k} ({args.grad_steps} grad steps fwd+recompute+bwd, decode+reward fwd+bwd): "
+        print(f"trainer step, {k} ({grad_steps} grad steps fwd+recompute+bwd, decode+reward fwd+bwd): "
               f"{v / 1e12:.2f} TFLOP/sample")
     ours = sampling + train["LoRA"]
     print(f"total per sample, LoRA: {ours / 1e12:.2f} TFLOP; the reference's single chain: "
           f"{reference_lora / 1e12:.2f} TFLOP. Replay costs {100 * (ours / reference_lora - 1):.0f}% more "
           f"(the gradient steps' forward runs in the sampler and again in the trainer) and moves "
           f"{100 * sampling / ours:.0f}% of the FLOPs to gradient-free samplers")
-    total = PAPER["steps"] * PAPER["samples_per_step"] * (sampling + train["LoRA"])
-    print(f"paper run: {PAPER['steps']} x {PAPER['samples_per_step']} samples = {total / 1e18:.1f} EFLOP")
+    total = f["steps"] * f["samples_per_step"] * (sampling + train["LoRA"])
+    print(f"this config's run: {f['steps']} x {f['samples_per_step']} samples = {total / 1e18:.1f} EFLOP "
+          f"(the paper's SD 1.5 run: {PAPER['steps']} x {PAPER['samples_per_step']} in about "
+          f"{PAPER['gpu_hours']:.0f} {PAPER['gpu']}-hours)")
     for mfu in args.mfu:
         per_gpu = args.peak_tflops * 1e12 * mfu / (sampling + train["LoRA"])
         hours = total / (args.peak_tflops * 1e12 * mfu) / 3600
         print(f"  at {100 * mfu:.0f}% of {args.peak_tflops:.0f} TFLOP/s: {per_gpu:.2f} samples/s per GPU, "
-              f"{hours:.0f} GPU-hours (paper: about {PAPER['gpu_hours']:.0f} {PAPER['gpu']}-hours)")
+              f"{hours:.0f} GPU-hours")
 
 
 if __name__ == "__main__":

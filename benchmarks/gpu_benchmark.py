@@ -1,21 +1,26 @@
 """GPU benchmark without Ray: our sampler against diffusers' pipeline, and one trainer step.
 
-Runs the code the actors and trainer workers run (`Sampler`, `reward_backprop_step`), on
-SD v1.5's architecture with random weights (`sd15-random`, no download), so it fits on a
-machine where Ray cannot be installed. On the CPU it runs at tiny size as a check.
+Runs the code the actors and trainer workers run (`Sampler`, `reward_backprop_step`), on a
+model family's architecture with random weights (`sd15-random`, `sdxl-random`: no
+download), so it fits on a machine where Ray cannot be installed. On the CPU it runs at
+tiny size as a check (`tiny`, `tiny-sdxl`).
 
 1. Sampling: images/s of our `Sampler` (segment-encoded 240-token prompts, DDIM, guidance,
-   recording the gradient steps) against `StableDiffusionPipeline` given the same
-   `prompt_embeds`, scheduler, steps, guidance and starting noise (`output_type="latent"`,
-   so neither decodes). Rounds alternate between the two; medians are compared.
+   recording the gradient steps) against the family's diffusers pipeline
+   (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) given the same embeddings
+   (Family.pipeline_inputs), scheduler, steps, guidance and starting noise
+   (`output_type="latent"`, so neither decodes). Rounds alternate between the two; medians
+   are compared.
 2. Training: time and peak memory of one reward-backprop step (replay of the gradient
    steps with activation checkpointing, VAE decode, decomposed reward, backward, AdamW) for
    a rank-32 LoRA and for full fine-tuning; FLOPs counted with torch's FlopCounterMode, as
    a share of the card's peak dense bf16 FLOP/s (`--peak-tflops`, default by card name).
 
     python benchmarks/gpu_benchmark.py --out $OUT/gpu.json                 # GPU, SD v1.5 size
+    python benchmarks/gpu_benchmark.py --model sdxl-random --resolution 1024 --guidance 5 \\
+        --batch 4 --out $OUT/gpu_sdxl.json                                 # GPU, SDXL size
     python benchmarks/gpu_benchmark.py --model tiny --resolution 64 --steps 10 --grad-steps 2 \\
-        --batch 2 --reward tiny --dtype fp32 --rounds 2                     # CPU check
+        --batch 2 --reward tiny --dtype fp32 --rounds 2                     # CPU check (tiny-sdxl too)
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ import torch
 from longalign_rl.algorithms.reward_backprop import reward_backprop_step
 from longalign_rl.config import LoRAConfig, PromptConfig, SamplerConfig
 from longalign_rl.lora import make_trainable
-from longalign_rl.models import DTYPES, load_components, make_scheduler
+from longalign_rl.models import DTYPES, load_components, make_scheduler, vae_scale_factor
 from longalign_rl.prompts import load_prompts
 from longalign_rl.sampling.sampler import build_sampler
+from longalign_rl.vae import placed
 
 # Dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, SXM parts).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
@@ -59,32 +65,27 @@ def build_reward(name: str, device):
 
 
 def bench_sampling(args, parts, device, dtype) -> dict:
-    from diffusers import StableDiffusionPipeline
-
-    settings = SamplerConfig(num_steps=args.steps, guidance_scale=7.5, resolution=args.resolution,
+    settings = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
                              num_grad_steps=args.grad_steps, timestep_spacing="trailing", precision=args.dtype)
     sampler = build_sampler(settings, parts, prompts=PromptConfig(max_tokens=240), device=device)
-    unet, encoder, text_encoder = sampler.unet, sampler.encoder, parts.text_encoder
+    unet, encoder = sampler.unet, sampler.encoder
     if args.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae.to(device, dtype), text_encoder=text_encoder, tokenizer=parts.tokenizer, unet=unet,
-        scheduler=make_scheduler(parts.scheduler_config, timestep_spacing="trailing"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    parts.vae.to(device, dtype)
+    pipe = parts.family.pipeline(parts, make_scheduler(parts.scheduler_config, timestep_spacing="trailing"))
     pipe.set_progress_bar_config(disable=True)
     prompts = (load_prompts("demo") * 8)[: args.batch]
-    cond, uncond = encoder(prompts), encoder.uncond(args.batch)
-    size = args.resolution // 8
+    embeds = parts.family.pipeline_inputs(encoder(prompts), encoder.uncond(1))
+    size, channels = args.resolution // vae_scale_factor(parts.vae), unet.config.in_channels
 
     def ours(seed):
         sampler.sample(prompts, seed)
 
     def diffusers_pipe(seed):
-        latents = torch.randn(args.batch, 4, size, size, generator=torch.Generator().manual_seed(seed))
+        latents = torch.randn(args.batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=args.steps,
-                 guidance_scale=7.5, height=args.resolution, width=args.resolution,
+            pipe(**embeds, num_inference_steps=args.steps,
+                 guidance_scale=args.guidance, height=args.resolution, width=args.resolution,
                  latents=latents.to(device, dtype), output_type="latent")
 
     runs = {"ours": ours, "diffusers": diffusers_pipe}
@@ -113,12 +114,12 @@ def bench_train_step(args, model, lora: bool, rollout, device, dtype) -> dict:
     params = make_trainable(unet, LoRAConfig(enabled=lora, rank=32, alpha=32.0, dropout=0.0))
     unet = unet.to(dtype).train()
     unet.enable_gradient_checkpointing()
-    vae = parts.vae.to(device, dtype)
+    vae = placed(parts.vae, device, dtype)
     reward = build_reward(args.reward, device)
     optimizer = torch.optim.AdamW(params, lr=3e-5)
 
     def step():
-        loss, _ = reward_backprop_step(unet, vae, reward, rollout, 7.5)
+        loss, _ = reward_backprop_step(unet, vae, reward, rollout, args.guidance, family=parts.family)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         optimizer.step()
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--grad-steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (SD 1.5: 7.5; SDXL: 5)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--reward", default="vit-h-14", choices=["vit-h-14", "tiny"])
     parser.add_argument("--rounds", type=int, default=3)

@@ -207,14 +207,24 @@ def to_training_image(image: np.ndarray, resolution: int, resize: str = "bicubic
     resized to `resolution`, then the centre cropped. `resize` (data.resize): "bicubic", or
     "bilinear": the reference's own transforms, torchvision's Resize(resolution, bilinear)
     and CenterCrop on the PIL image, so that its rounding of sizes and offsets is kept too."""
+    return training_crop(image, resolution, resize)[0]
+
+
+def training_crop(image: np.ndarray, resolution: int, resize: str = "bicubic") -> tuple[np.ndarray, list[int]]:
+    """`to_training_image`, and where the crop came from: [original height, original width,
+    crop top, crop left] (the crop's offsets in the resized image), what SDXL's size
+    conditioning takes (families/sdxl.py; diffusers' SDXL training scripts compute the same)."""
     from PIL import Image
 
+    h, w = image.shape[:2]
     if resize == "bilinear":
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
         pil = TF.resize(Image.fromarray(image), resolution, InterpolationMode.BILINEAR)
-        return np.asarray(TF.center_crop(pil, resolution), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        top, left = int(round((pil.height - resolution) / 2.0)), int(round((pil.width - resolution) / 2.0))
+        array = np.asarray(TF.center_crop(pil, resolution), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return array, [h, w, top, left]
     if resize != "bicubic":
         raise ValueError(f"resize must be bicubic or bilinear, got {resize!r}")
     h, w = image.shape[:2]
@@ -225,7 +235,7 @@ def to_training_image(image: np.ndarray, resolution: int, resize: str = "bicubic
         pil = pil.resize(size, Image.Resampling.BICUBIC)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     pil = pil.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 255.0, [h, w, top, left]
 
 
 def read_image(path: str) -> np.ndarray:
@@ -240,12 +250,15 @@ def read_image(path: str) -> np.ndarray:
 
 
 def _rows(images: list[np.ndarray], captions: list[str], resolution: int, resize: str) -> dict[str, np.ndarray]:
-    return {"image": np.stack([to_training_image(im, resolution, resize) for im in images]),
-            "caption": np.array(captions, dtype=object)}
+    crops = [training_crop(im, resolution, resize) for im in images]
+    return {"image": np.stack([array for array, _ in crops]), "caption": np.array(captions, dtype=object),
+            "size": np.array([size for _, size in crops], dtype=np.int64)}
 
 
 def load_pairs(pairs: list[Pair], resolution: int, resize: str = "bicubic") -> dict[str, np.ndarray]:
-    """Pairs of files -> {"image" float32 [B, 3, R, R], "caption" [B]}: decoded and cropped."""
+    """Pairs of files -> {"image" float32 [B, 3, R, R], "caption" [B], "size" int64 [B, 4]}:
+    decoded and cropped; "size" is each image's original height and width and the crop's
+    top-left offsets (`training_crop`)."""
     return _rows([read_image(p.image) for p in pairs], [p.caption for p in pairs], resolution, resize)
 
 

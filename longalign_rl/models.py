@@ -77,13 +77,19 @@ def family_of(source: str | Path, model_index: dict, key: str = "model.pretraine
     return family_for_pipeline(str(model_index.get("_class_name")), f"{key}: {source}")
 
 
-def declared_family(model: str, revision: str | None = None) -> type[Family] | None:
+def declared_family(model: str, revision: str | None = None, download: bool = True) -> type[Family] | None:
     """The family `model.pretrained` names without loading weights (the driver's check): a
     built-in's, a folder's or a hub id's model_index.json; None for a loader (a registered
-    model or an import path), whose family is known once it has run."""
+    model or an import path), whose family is known once it has run, and, without
+    `download`, for a hub id whose model_index.json is not in the local hub cache."""
     source = resolve_source(model, key="model.pretrained", names=MODELS, path_kind="diffusers folder", hub_ids=True)
     if source.kind == "name" and model in builtin_models():
         return family_of(model, read_model_index(CONFIG_DIR / model))
+    if source.kind == "hub" and not download:
+        import huggingface_hub
+
+        cached = huggingface_hub.try_to_load_from_cache(model, MODEL_INDEX, revision=revision)
+        return family_of(model, json.loads(Path(cached).read_text())) if isinstance(cached, str) else None
     if source.kind in ("path", "hub"):
         return family_of(model, read_model_index(model, revision))
     return None

@@ -128,7 +128,7 @@ def check_checkpoint_index(run_dir: Path) -> None:
 # streams mean. Every other key may change and takes effect (docs/reliability.md): the
 # workers run on the resumed config, and worker.py applies its optimiser settings over the
 # checkpoint's.
-FIXED_ON_RESUME = ("stage", "model.pretrained", "model.revision", "model.random_seed", "lora.enabled", "lora.rank",
+FIXED_ON_RESUME = ("stage", "model.pretrained", "model.family", "model.revision", "model.random_seed", "lora.enabled", "lora.rank",
                    "lora.alpha", "lora.target_modules", "train.seed", "train.zero_stage", "train.precision",
                    "t5.encoder", "t5.adapter", "t5.adapter_dim", "t5.max_tokens")
 

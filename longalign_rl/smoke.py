@@ -6,10 +6,11 @@ that says *how* to train (dropout, activation checkpointing, precision, sampler.
 the T5 branch, splits, crops, the algorithm, the schedule, ZeRO) stays as the file says; what
 says *how big* is swapped:
 
-- the model for a stand-in of the same classes without a download: size "tiny" -> the tiny
-  random model at 64 px; size "real" -> "sd15-random" (SD v1.5's architecture, random
-  weights) at 256 px. Models that need no download (the shipped ShapesWorld ones, a local
-  folder, a loader) are kept, at their resolution;
+- the model for a stand-in of the same family and classes without a download: size "tiny"
+  -> the family's tiny random model at 64 px ("tiny", "tiny-sdxl"); size "real" -> its real
+  architecture with random weights ("sd15-random", "sdxl-random") at 256 px. Models that
+  need no download (the shipped ShapesWorld ones, a local folder, a loader) are kept, at
+  their resolution;
 - the T5 encoder likewise (tiny; or T5-large's architecture with random weights, written
   to a folder), and an adapter that no longer fits it starts random;
 - a reward that needs a download for the stand-in its module declares (`factory.stand_in`:
@@ -52,8 +53,8 @@ SWAPPED = ("model.pretrained", "t5.encoder", "t5.adapter", "reward.name", "rewar
            "run.validation_size", "reward.num_actors", "reward.num_gpus", "reward.num_cpus")
 # The CPUs a smoke run shares out among its processes: the smallest machine it is meant for.
 CPUS = 2
-# The stand-in model of each size, and the resolution it runs at.
-MODEL = {"tiny": ("tiny", 64), "real": ("sd15-random", 256)}
+# The resolution a stand-in model of each size runs at (the model: its family's, `_model`).
+RESOLUTION = {"tiny": 64, "real": 256}
 
 
 def _exists(value: str, names=None) -> bool:
@@ -64,14 +65,29 @@ def _exists(value: str, names=None) -> bool:
                             or (names is not None and value in names))
 
 
+def _family(cfg: Config):
+    """The family of model.pretrained: model.family, else what its model_index.json says when
+    that can be read here (a hub id in the cache), else SD 1.x."""
+    from longalign_rl.families import find_family
+    from longalign_rl.models import declared_family
+
+    if cfg.model.family:
+        return find_family(cfg.model.family)
+    try:
+        return declared_family(cfg.model.pretrained, cfg.model.revision, download=False) or find_family("sd")
+    except (OSError, ValueError):  # a model that does not exist here: SD 1.x's stand-in, as before families
+        return find_family("sd")
+
+
 def _model(cfg: Config, size: str) -> str | None:
-    """The stand-in for model.pretrained, or None to keep it."""
+    """The stand-in for model.pretrained (its family's built-in of `size`), or None to keep it."""
     from longalign_rl.models import MODELS
 
-    value = cfg.model.pretrained
-    if value == MODEL["real"][0] and size == "tiny":
-        return MODEL["tiny"][0]
-    return None if _exists(value, MODELS) else MODEL[size][0]
+    value, family = cfg.model.pretrained, _family(cfg)
+    stand_in = family.tiny if size == "tiny" else family.real_size
+    if value == family.real_size and size == "tiny":
+        return stand_in
+    return None if _exists(value, MODELS) else stand_in
 
 
 def _t5(cfg: Config, size: str, folder: Path) -> str | None:
@@ -180,7 +196,8 @@ def shrink(cfg: Config, size: str, folder: Path) -> dict:
     model = _model(cfg, size)
     t5 = _t5(cfg, size, folder)
     if model is not None:
-        new.update({"model.pretrained": model, "sampler.resolution": MODEL[size][1], "data.resolution": MODEL[size][1]})
+        new.update({"model.pretrained": model, "sampler.resolution": RESOLUTION[size],
+                    "data.resolution": RESOLUTION[size]})
     if t5 is not None:
         new["t5.encoder"] = t5
     if cfg.t5.adapter and (model is not None or t5 is not None or not Path(cfg.t5.adapter).exists()):

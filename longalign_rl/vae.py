@@ -9,6 +9,15 @@ from __future__ import annotations
 import torch
 
 
+def placed(vae, device, dtype: torch.dtype):
+    """The VAE on `device` in `dtype`, except a VAE whose config says `force_upcast` (SDXL's:
+    its decoder overflows float16 to NaN images) stays float32 when float16 is asked for, as
+    diffusers' pipelines upcast it. `decode` casts the latents to whatever the VAE holds."""
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        dtype = torch.float32
+    return vae.to(device, dtype)
+
+
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1], float32, differentiable (SD's VAE convention)."""
     dtype = next(vae.parameters()).dtype

@@ -62,6 +62,10 @@ class Family:
     pipeline_classes: tuple[str, ...] = ()
     # The folders of a diffusers model of this family that hold weights, in loading order.
     parts: tuple[str, ...] = ()
+    # The built-in architectures of this family (random weights, models.py): test-sized, and
+    # at real size (what shape, memory and FLOP checks build on the meta device).
+    tiny: str = ""
+    real_size: str = ""
 
     # -------------------------------------------------------------- building and loading
     @classmethod
@@ -77,6 +81,11 @@ class Family:
 
     def pipeline(self, parts: Components, scheduler):
         """The diffusers pipeline of this family over `parts` (for `save_pretrained`)."""
+        raise NotImplementedError
+
+    def pipeline_inputs(self, cond: torch.Tensor, uncond: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This family's encoder output as the keyword arguments its diffusers pipeline's
+        `__call__` takes instead of prompts (prompt_embeds, negative_prompt_embeds, ...)."""
         raise NotImplementedError
 
     def long_prompt_pipeline(self, parts: Components, scheduler):
@@ -97,6 +106,12 @@ class Family:
         for `latents` at `timesteps` under conditioning `cond` from this family's encoder.
         `unet` may be the module, a peft-wrapped one or a DeepSpeed engine around it."""
         raise NotImplementedError
+
+    def with_image_sizes(self, cond: torch.Tensor, sizes: torch.Tensor, resolution: int) -> torch.Tensor:
+        """Stage 1: `cond` for training images whose originals had `sizes [B, 4]` (height,
+        width, crop top, crop left; data.training_crop), cropped to `resolution`. A family
+        without size conditioning returns `cond` as it is."""
+        return cond
 
     def check_config(self, cfg) -> list[str]:
         """Problems of a run config with this family (one line each, naming the key)."""

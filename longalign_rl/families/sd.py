@@ -18,6 +18,8 @@ class SD(Family):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
     parts = ("unet", "vae", "text_encoder")
+    tiny = "tiny"
+    real_size = "sd15-random"
 
     @classmethod
     def build_random(cls, config_dir: Path, seed: int) -> Components:
@@ -66,6 +68,9 @@ class SD(Family):
 
     def predict(self, unet, latents, timesteps, cond):
         return unet(latents, timesteps, encoder_hidden_states=cond).sample
+
+    def pipeline_inputs(self, cond, uncond):
+        return {"prompt_embeds": cond, "negative_prompt_embeds": uncond.expand_as(cond)}
 
     def long_prompt_pipeline(self, parts: Components, scheduler):
         from longalign_rl.families.pipelines import LongPromptPipeline

@@ -40,6 +40,8 @@ class SDXL(Family):
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     parts = ("unet", "vae", "text_encoder", "text_encoder_2")
+    tiny = "tiny-sdxl"
+    real_size = "sdxl-random"
 
     pooled_dim: int = 1280  # text_encoder_2's projection width, what the UNet's add_embedding takes
     # model_index.json's force_zeros_for_empty_prompt: the empty prompt's conditioning is zeros
@@ -105,6 +107,12 @@ class SDXL(Family):
         return unet(latents, timesteps, encoder_hidden_states=tokens,
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
 
+    def pipeline_inputs(self, cond, uncond):
+        tokens, pooled, _ = unpack(cond, self.pooled_dim)  # the pipeline writes its own time ids
+        negative, negative_pooled, _ = unpack(uncond.expand_as(cond), self.pooled_dim)
+        return {"prompt_embeds": tokens, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": negative,
+                "negative_pooled_prompt_embeds": negative_pooled}
+
     def long_prompt_pipeline(self, parts: Components, scheduler):
         from longalign_rl.families.pipelines import LongPromptXLPipeline
 
@@ -112,6 +120,10 @@ class SDXL(Family):
                                     text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer,
                                     tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=scheduler,
                                     force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
+
+    def with_image_sizes(self, cond, sizes, resolution):
+        ids = torch.cat([sizes, torch.tensor([[resolution, resolution]]).expand(len(sizes), 2)], dim=1)
+        return with_size(cond, ids.to(cond.dtype))
 
     def check_config(self, cfg) -> list[str]:
         problems = []

@@ -35,7 +35,7 @@ from longalign_rl.models import DTYPES, load_model
 from longalign_rl.registry import algorithm_of
 from longalign_rl.sampling.sampler import build_sampler, generate_latents
 from longalign_rl.types import Rollout, Trajectory
-from longalign_rl.vae import decode
+from longalign_rl.vae import decode, placed
 
 if TYPE_CHECKING:
     from longalign_rl.reward_actors import RewardClient, Scored
@@ -55,7 +55,7 @@ class SamplerActor:
         self.sampler = build_sampler(self.cfg.sampler, parts, prompts=self.cfg.prompts, device=device)
         self.sampler.unet.eval().requires_grad_(False)
         # With reward actors the images leave from here (sample_images), decoded in the sampler's precision.
-        self.vae = parts.vae.to(device, DTYPES[self.cfg.sampler.precision]) if self.cfg.reward.num_actors else None
+        self.vae = placed(parts.vae, device, DTYPES[self.cfg.sampler.precision]) if self.cfg.reward.num_actors else None
         self.version = 0  # optimiser steps behind the weights held now
         self.algorithm = algorithm_of(self.cfg)
 

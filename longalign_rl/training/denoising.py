@@ -48,7 +48,7 @@ from longalign_rl.models import DTYPES, Components, load_components, make_schedu
 from longalign_rl.sampling.sampler import Sampler, generate_latents
 from longalign_rl.training.checkpoint import TrainerState
 from longalign_rl.training.worker import StepOutput, WorkerContext, global_chunk, sample_seed
-from longalign_rl.vae import decode, encode
+from longalign_rl.vae import decode, encode, placed
 from longalign_rl.outputs import MODEL
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class PairSource:
             return load_pairs([self.pairs[i] for i in indices], self.data.resolution, self.data.resize)
         if self.rows is None:
             self.rows = ray.get(self.ref)  # read-only arrays in this node's object store
-        return {"image": self.rows["image"][indices], "caption": self.rows["caption"][indices]}
+        return {key: self.rows[key][indices] for key in ("image", "caption", "size")}
 
 
 def update(engine, vae, encoder, scheduler, batch: dict, dropout: float,
@@ -98,6 +98,8 @@ def update(engine, vae, encoder, scheduler, batch: dict, dropout: float,
     latents = encode(vae, images, generators).float()
     cond = encoder([str(c) for c in batch["caption"]])
     cond = caption_dropout(cond, encoder.uncond(cond.shape[0]), dropout, generators)
+    if family is not None:  # SDXL: each image's original size and crop (SD 1.x: unchanged)
+        cond = family.with_image_sizes(cond, torch.as_tensor(batch["size"]), images.shape[-1])
     loss, stats = denoising_loss(engine, scheduler, latents, cond, generators, family)
     engine.backward(loss)
     engine.step()
@@ -133,7 +135,7 @@ class Denoising:
         cfg = self.cfg = ctx.cfg
         self.ctx = ctx
         dtype = DTYPES[cfg.train.precision]
-        self.vae = parts.vae.to(ctx.device, dtype)
+        self.vae = placed(parts.vae, ctx.device, dtype)
         # With a T5 branch its adapter is the one the engine trains (attached to the UNet):
         # the encoder's output carries its graph, and validation sees its current weights.
         t5 = parts.t5

@@ -15,15 +15,16 @@ from tests import REPO
 BENCHMARKS = REPO / "benchmarks"
 
 
-def test_gpu_benchmark_runs_at_tiny_size_on_cpu(tmp_path, monkeypatch):
-    """...and without Ray or DeepSpeed, which the GPU machine cannot install."""
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_gpu_benchmark_runs_at_tiny_size_on_cpu(tmp_path, monkeypatch, model):
+    """...for each model family, and without Ray or DeepSpeed, which the GPU machine cannot install."""
     for module in ("ray", "deepspeed"):
         for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
             monkeypatch.delitem(sys.modules, name)
         monkeypatch.setitem(sys.modules, module, None)  # `import ray` now raises ImportError
     out = tmp_path / "gpu.json"
     monkeypatch.setattr(sys, "argv", [
-        "gpu_benchmark.py", "--model", "tiny", "--resolution", "32", "--steps", "2", "--grad-steps", "1",
+        "gpu_benchmark.py", "--model", model, "--resolution", "32", "--steps", "2", "--grad-steps", "1",
         "--batch", "1", "--train-batch", "1", "--reward", "tiny", "--dtype", "fp32", "--rounds", "1", "--out", str(out)])
     runpy.run_path(str(BENCHMARKS / "gpu_benchmark.py"), run_name="__main__")
     results = json.loads(out.read_text())
@@ -48,16 +49,22 @@ def test_run_summary_reports_throughput_and_time_split(tmp_path, capsys):
     assert "2 steps" in text and "4.00" in text and "60.0%" in text
 
 
-def test_flop_estimate_counts_sd15_sized_models_on_the_meta_device():
+def test_flop_estimate_counts_each_familys_real_size_model_on_the_meta_device():
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        from flop_estimate import count
+        from flop_estimate import count, inspect
     finally:
         sys.path.remove(str(BENCHMARKS))
     flops = count()
     # SD v1.5's UNet is ~0.8 TFLOP per 512 px image and step: one guided step is two images.
     assert 1.4e12 < flops["unet_guided_step"] < 1.9e12
     assert flops["vae_decode"] > flops["reward_image"] > 0
+    # configs/sdxl_longalign.yaml: SDXL base at 1024 px, 240 segment tokens of both encoders
+    # plus the row of time ids and pooled embedding; a guided step costs ~9x SD 1.5's
+    sdxl = inspect(REPO / "configs" / "sdxl_longalign.yaml")
+    assert sdxl["family"] == "sdxl" and sdxl["cond_shape"] == [1, 241, 2048]
+    assert 2.56e9 < sdxl["unet_params"] < 2.57e9 and sdxl["lora_layers"] > 0 and sdxl["lora_params"] > 0
+    assert 7 * flops["unet_guided_step"] < sdxl["unet_guided_step"] < 12 * flops["unet_guided_step"]
 
 
 def test_algorithm_throughput_times_both_algorithms_side_by_side(tmp_path, monkeypatch, capsys):
