@@ -200,7 +200,10 @@ def model_line(cfg: Config) -> str:
     """model.pretrained and its family, as the run header says them."""
     from longalign_rl.models import declared_family
 
-    family = declared_family(cfg.model.pretrained, cfg.model.revision)
+    try:  # check_model has read it already: from the folder or the hub cache, never the network
+        family = declared_family(cfg.model.pretrained, cfg.model.revision, download=False)
+    except (OSError, ValueError):
+        family = None
     name = family.name if family is not None else cfg.model.family or "read when it loads"
     return f"{cfg.model.pretrained} (family {name})"
 

@@ -1,0 +1,139 @@
+"""SDXL through the product (issue 25): a folder that diffusers saved from a tiny random
+StableDiffusionXLPipeline this project did not make (its own sizes, its own scheduler class)
+trains with configs/tiny_sdxl.yaml, two sampler actors and two DeepSpeed workers, resumes,
+exports a LoRA that diffusers loads, and `pipeline.load` redraws its validation images; GRPO
+and stage 1 on SDXL (slow: the default tier runs configs/tiny_sdxl.yaml and
+sdxl_longalign.yaml once more each in test_configs.py).
+
+One Ray instance (conftest.ray_local) serves every test of this module."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from longalign_rl import train
+from longalign_rl.outputs import read_metrics
+from tests import REPO
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CONFIG = str(REPO / "configs" / "tiny_sdxl.yaml")
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    """diffusers' own tiny SDXL (the sizes of its SDXL pipeline tests: two layers per block,
+    two transformer layers in the second, one norm group), with the real CLIP vocabulary so
+    that the offline tokenizer fits, and SDXL's default scheduler class, saved by
+    StableDiffusionXLPipeline.save_pretrained."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from longalign_rl.encoding.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1)
+    vae = AutoencoderKL(block_out_channels=[32, 32, 32, 32], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        latent_channels=4, sample_size=64, scaling_factor=0.13025, norm_num_groups=8)
+    text = dict(bos_token_id=49406, eos_token_id=49407, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
+                num_attention_heads=4, num_hidden_layers=3, vocab_size=49408, hidden_act="gelu", projection_dim=32)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, unet=unet, scheduler=scheduler,
+        text_encoder=CLIPTextModel(CLIPTextConfig(pad_token_id=49407, **text)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(pad_token_id=0, **text)),
+        tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(pad_token="!"))
+    folder = tmp_path_factory.mktemp("models") / "diffusers-sdxl"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(ray_local, sdxl_folder, tmp_path_factory):
+    """2 steps with a checkpoint each, then --resume to 3."""
+    out = tmp_path_factory.mktemp("runs")
+    assert train.main(["--config", CONFIG, f"model.pretrained={sdxl_folder}", "train.steps=2",
+                       "run.checkpoint_every=1", "run.eval_every=3", "run.image_every=3", f"run.output_dir={out}",
+                       "run.name=sdxl"]) == 0
+    run_dir = out / "sdxl"
+    first = read_metrics(run_dir)
+    assert train.main(["--resume", str(run_dir), "train.steps=3"]) == 0
+    return run_dir, first
+
+
+def test_a_folder_diffusers_saved_trains_on_sdxl_and_resumes(sdxl_run):
+    run_dir, first = sdxl_run
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in first] == [1, 2] and [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(np.isfinite(m["loss"]) and np.isfinite(m["reward"]) and m["grad_norm"] > 0 for m in metrics)
+    assert metrics[:2] == first  # the resume kept what the first run wrote
+    config = (run_dir / "config.yaml").read_text()
+    assert "family: sdxl" in config
+    assert [json.loads(line)["step"] for line in (run_dir / "validation.jsonl").read_text().splitlines()] == [0, 2, 3]  # step 0, the end of the first run, the end
+
+
+def test_the_exported_lora_loads_in_diffusers_and_pipeline_load_redraws_the_validation(sdxl_run, sdxl_folder):
+    """pipeline.load(run_dir) is a StableDiffusionXLPipeline with segment-encoded prompts that
+    redraws the step-3 validation images from their seeds (to PNG rounding); diffusers' own
+    StableDiffusionXLPipeline, with the exported LoRA loaded by load_lora_weights and the
+    same embeddings (Family.pipeline_inputs), draws the same images."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from longalign_rl.models import load_components
+    from longalign_rl.noise import initial_noise
+    from longalign_rl.pipeline import LongPromptXLPipeline, load
+
+    run_dir, _ = sdxl_run
+    listed = [line.split("\t") for line in (run_dir / "validation" / "prompts.txt").read_text().splitlines()]
+    prompts, seeds = [p for _, _, p in listed], [int(s.split()[1]) for _, s, _ in listed]
+    pipe = load(run_dir, device="cpu")
+    assert isinstance(pipe, LongPromptXLPipeline) and pipe.longalign["family"] == "sdxl"
+    drawn = pipe.generate(prompts, seeds, output_type="pt")
+    saved = torch.stack([torch.from_numpy(np.array(Image.open(run_dir / "validation" / "step_000003" / f"{i:03d}.png")))
+                         for i in range(len(prompts))]).permute(0, 3, 1, 2).float() / 255
+    assert (drawn - saved).abs().max() <= 1 / 255
+
+    theirs = StableDiffusionXLPipeline.from_pretrained(sdxl_folder, scheduler=pipe.scheduler)
+    theirs.load_lora_weights(run_dir / "lora")
+    assert sum("lora_" in n for n, _ in theirs.unet.named_parameters()) > 0
+    encoder = pipe.segment_encoder
+    embeds = load_components(str(sdxl_folder)).family.pipeline_inputs(encoder(prompts), encoder.uncond(1))
+    theirs.set_progress_bar_config(disable=True)
+    latents = initial_noise(seeds, (4, 8, 8))
+    images = theirs(**embeds, latents=latents, num_inference_steps=pipe.longalign["num_steps"],
+                    guidance_scale=pipe.longalign["guidance_scale"], height=64, width=64, output_type="pt").images
+    torch.testing.assert_close(images, drawn, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # two more SDXL runs (2 minutes); reward backprop on SDXL runs above and in test_configs.py
+def test_grpo_and_stage_1_run_on_sdxl(ray_local, tmp_path):
+    """GRPO (2 steps) and stage 1 (2 steps, ShapesWorld pairs drawn at 96 px, cropped to 64,
+    so each image's time ids name its original size) on tiny-sdxl; stage 1's merged model/
+    is an SDXL folder that diffusers and the framework load."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from longalign_rl.models import load_components
+
+    assert train.main(["--config", CONFIG, "algorithm.name=grpo", "algorithm.group_size=2", "train.steps=2",
+                       f"run.output_dir={tmp_path}", "run.name=grpo"]) == 0
+    metrics = read_metrics(tmp_path / "grpo")
+    assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
+
+    assert train.main(["--config", str(REPO / "configs" / "tiny_stage1.yaml"), "model.pretrained=tiny-sdxl",
+                       "data.kwargs.n=16", "data.kwargs.image_size=96", "train.steps=2", "run.eval_every=2",
+                       f"run.output_dir={tmp_path}", "run.name=stage1"]) == 0
+    run_dir = tmp_path / "stage1"
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+    assert json.loads((run_dir / "model" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    assert load_components(str(run_dir / "model")).family.name == "sdxl"
+    StableDiffusionXLPipeline.from_pretrained(run_dir / "model")
