@@ -114,7 +114,7 @@ def bench_train_step(args, model, lora: bool, rollout, device, dtype) -> dict:
     params = make_trainable(unet, LoRAConfig(enabled=lora, rank=32, alpha=32.0, dropout=0.0))
     unet = unet.to(dtype).train()
     unet.enable_gradient_checkpointing()
-    vae = placed(parts.vae, device, dtype)
+    vae = placed(parts.vae, device, dtype, parts.family.vae_fp16_overflows)
     reward = build_reward(args.reward, device)
     optimizer = torch.optim.AdamW(params, lr=3e-5)
 

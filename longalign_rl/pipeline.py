@@ -146,6 +146,7 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
     prompts = dataclasses.replace(cfg.prompts, max_tokens=max_tokens or cfg.prompts.max_tokens)
     pipe.segment_encoder = parts.family.encoder(parts, prompts, resolution=resolution, device=pipe.device,
                                                 dtype=pipe.text_encoder.dtype, t5=t5_branch)
+    pipe.family = parts.family  # its pipeline_inputs turn segment_encoder's output into pipe(...)'s arguments
     pipe.longalign = {"family": parts.family.name, "source": source, "weights": kind, "from": str(where) if where else None,
                       "scheduler": scheduler, "num_steps": cfg.sampler.num_steps,
                       "guidance_scale": cfg.sampler.guidance_scale,

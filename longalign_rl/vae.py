@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 
-def placed(vae, device, dtype: torch.dtype):
-    """The VAE on `device` in `dtype`, except a VAE whose config says `force_upcast` (SDXL's:
-    its decoder overflows float16 to NaN images) stays float32 when float16 is asked for, as
-    diffusers' pipelines upcast it. `decode` casts the latents to whatever the VAE holds."""
-    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+def placed(vae, device, dtype: torch.dtype, fp16_overflows: bool = False):
+    """The VAE on `device` in `dtype`; with `fp16_overflows` (Family.vae_fp16_overflows: SDXL's
+    decoder overflows float16 to NaN images), a VAE whose config says `force_upcast` stays
+    float32 when float16 is asked for, as StableDiffusionXLPipeline upcasts it. `decode` casts
+    the latents to whatever the VAE holds."""
+    if fp16_overflows and dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         dtype = torch.float32
     return vae.to(device, dtype)
 

@@ -57,17 +57,12 @@ class Darkness(Reward):
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist (pyproject.toml: two workers) runs every e2e test in one worker, one module
     after another, since each module starts a Ray instance on the machine's cores and two at once
-    would only fight over them; the unit tests go to the other worker beside it, and so does
-    test_cluster.py, whose cluster mostly waits. (A scheduler
+    would only fight over them; the unit tests go to the other worker beside it. (A scheduler
     rather than xdist_group marks: pytest-xdist 3.8's loadgroup cannot rename pytest 9's node ids.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class E2EInOneWorker(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            if nodeid.startswith("tests/e2e/test_cluster.py"):
-                # Its own multi-node cluster in a helper process, mostly waited on (1.2 of 2
-                # cores busy over its 196 s, measured): beside the e2e tier, with the unit tests.
-                return "e2e-cluster"
             return "e2e" if nodeid.startswith("tests/e2e/") else nodeid
 
     return E2EInOneWorker(config, log)

@@ -66,6 +66,8 @@ class Family:
     # at real size (what shape, memory and FLOP checks build on the meta device).
     tiny: str = ""
     real_size: str = ""
+    # The VAE's decoder overflows float16 (SDXL's): it stays float32 then (vae.placed).
+    vae_fp16_overflows: bool = False
 
     # -------------------------------------------------------------- building and loading
     @classmethod

@@ -18,9 +18,12 @@ def _as_list(text, batch: int) -> list[str]:
 
 class LongPrompts:
     """What `load` sets on a family's pipeline (`segment_encoder`: the family's encoder;
-    `longalign`: the run's defaults and where the weights came from) and `generate`."""
+    `family`: the model's Family, whose `pipeline_inputs` turn the encoder's output into this
+    pipeline's arguments; `longalign`: the run's defaults and where the weights came from) and
+    `generate`."""
 
     segment_encoder: object
+    family: object
     longalign: dict
 
     def encoded(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_classifier_free_guidance):

@@ -42,6 +42,7 @@ class SDXL(Family):
     parts = ("unet", "vae", "text_encoder", "text_encoder_2")
     tiny = "tiny-sdxl"
     real_size = "sdxl-random"
+    vae_fp16_overflows = True
 
     pooled_dim: int = 1280  # text_encoder_2's projection width, what the UNet's add_embedding takes
     # model_index.json's force_zeros_for_empty_prompt: the empty prompt's conditioning is zeros

@@ -55,7 +55,8 @@ class SamplerActor:
         self.sampler = build_sampler(self.cfg.sampler, parts, prompts=self.cfg.prompts, device=device)
         self.sampler.unet.eval().requires_grad_(False)
         # With reward actors the images leave from here (sample_images), decoded in the sampler's precision.
-        self.vae = placed(parts.vae, device, DTYPES[self.cfg.sampler.precision]) if self.cfg.reward.num_actors else None
+        self.vae = (placed(parts.vae, device, DTYPES[self.cfg.sampler.precision], parts.family.vae_fp16_overflows)
+                    if self.cfg.reward.num_actors else None)
         self.version = 0  # optimiser steps behind the weights held now
         self.algorithm = algorithm_of(self.cfg)
 

@@ -135,7 +135,7 @@ class Denoising:
         cfg = self.cfg = ctx.cfg
         self.ctx = ctx
         dtype = DTYPES[cfg.train.precision]
-        self.vae = placed(parts.vae, ctx.device, dtype)
+        self.vae = placed(parts.vae, ctx.device, dtype, parts.family.vae_fp16_overflows)
         # With a T5 branch its adapter is the one the engine trains (attached to the UNet):
         # the encoder's output carries its graph, and validation sees its current weights.
         t5 = parts.t5

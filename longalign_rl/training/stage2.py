@@ -44,7 +44,7 @@ class SamplerFed:
         self.algorithm = algorithm_of(cfg)  # its record (registry.Algorithm)
         del parts.text_encoder, parts.text_encoder_2  # prompts arrive encoded in the samples
         self.family = parts.family  # reads the samples' conditioning back into the denoiser call
-        self.vae = placed(parts.vae, ctx.device, DTYPES[cfg.train.precision])
+        self.vae = placed(parts.vae, ctx.device, DTYPES[cfg.train.precision], parts.family.vae_fp16_overflows)
         # With reward actors (reward.num_actors) the reward lives there; this worker never builds it.
         self.reward = None if cfg.reward.num_actors else build_reward(cfg, ctx.device)
         self.hooks = load_metric_hooks(cfg.run.metrics)

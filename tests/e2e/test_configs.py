@@ -4,7 +4,7 @@ on local Ray, with only its sizes swapped (longalign_rl/smoke.py: the model and 
 T5 encoder that needs a download for tiny stand-ins of the same classes, the resolution,
 steps, workers and actors). Every other key is kept, and checked to be: dropout,
 checkpointing, precision, train_mode, the T5 branch, splits, crops, the algorithm. A new
-file in configs/ is picked up without editing this test. (Four tiny files that other e2e
+file in configs/ is picked up without editing this test. (Five tiny files that other e2e
 modules run as shipped are run there: RUN_ELSEWHERE.)
 
 Before issue 21 the config a real user starts from (sd15_longalign.yaml) and the defaults
@@ -24,13 +24,14 @@ from longalign_rl.outputs import read_metrics
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 # Files that another e2e module already runs as shipped (more steps, a resume, its own
-# checks), each a minute of the test command: run there, not twice. Only these four are left
+# checks), each a minute of the test command: run there, not twice. Only these five are left
 # out; a new file is run here. test_the_files_left_out_are_run_as_shipped_elsewhere keeps this true.
 RUN_ELSEWHERE = {
     "default.yaml": "test_end_to_end.py",  # tiny_run: `python -m longalign_rl.train` with no --config
     "tiny_stage1.yaml": "test_stage1.py",
     "tiny_reference_stage1.yaml": "test_reference_mode.py",
     "tiny_reference.yaml": "test_reference_mode.py",
+    "tiny_sdxl.yaml": "test_families.py",
 }
 CONFIGS = [p for p in sorted((REPO / "configs").glob("*.yaml")) if p.name not in RUN_ELSEWHERE]
 

@@ -1,9 +1,9 @@
-"""SDXL through the product (issue 25): a folder that diffusers saved from a tiny random
-StableDiffusionXLPipeline this project did not make (its own sizes, its own scheduler class)
-trains with configs/tiny_sdxl.yaml, two sampler actors and two DeepSpeed workers, resumes,
-exports a LoRA that diffusers loads, and `pipeline.load` redraws its validation images; GRPO
-and stage 1 on SDXL (slow: the default tier runs configs/tiny_sdxl.yaml and
-sdxl_longalign.yaml once more each in test_configs.py).
+"""SDXL through the product (issue 25): configs/tiny_sdxl.yaml (two sampler actors, two
+DeepSpeed workers) trains, exports a LoRA that diffusers' StableDiffusionXLPipeline loads, and
+`pipeline.load` redraws its validation images. Slow: a folder that diffusers saved from a
+tiny random StableDiffusionXLPipeline this project did not make (its own sizes, its own
+scheduler class) trains with the same config, resumes and loads back; GRPO and stage 1 on SDXL.
+(configs/sdxl_longalign.yaml runs in test_configs.py, with its sizes swapped.)
 
 One Ray instance (conftest.ray_local) serves every test of this module."""
 
@@ -21,6 +21,68 @@ from tests import REPO
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 CONFIG = str(REPO / "configs" / "tiny_sdxl.yaml")
+
+
+def validation_of(run_dir, step):
+    """The prompts, seeds and saved images of a run's validation at `step`."""
+    listed = [line.split("\t") for line in (run_dir / "validation" / "prompts.txt").read_text().splitlines()]
+    prompts, seeds = [p for _, _, p in listed], [int(s.split()[1]) for _, s, _ in listed]
+    saved = torch.stack([torch.from_numpy(np.array(Image.open(run_dir / "validation" / f"step_{step:06d}" / f"{i:03d}.png")))
+                         for i in range(len(prompts))]).permute(0, 3, 1, 2).float() / 255
+    return prompts, seeds, saved
+
+
+def assert_loads_redraw_the_validation(run_dir, step, diffusers_pipe):
+    """pipeline.load(run_dir) is a StableDiffusionXLPipeline with segment-encoded prompts that
+    redraws the validation images of `step` from their seeds (to PNG rounding);
+    `diffusers_pipe`, diffusers' own StableDiffusionXLPipeline of the run's base model, with
+    the exported LoRA loaded by load_lora_weights and the same embeddings
+    (Family.pipeline_inputs), draws the same images."""
+    from longalign_rl.noise import initial_noise
+    from longalign_rl.pipeline import LongPromptXLPipeline, load
+
+    prompts, seeds, saved = validation_of(run_dir, step)
+    pipe = load(run_dir, device="cpu")
+    assert isinstance(pipe, LongPromptXLPipeline) and pipe.longalign["family"] == "sdxl"
+    drawn = pipe.generate(prompts, seeds, output_type="pt")
+    assert (drawn - saved).abs().max() <= 1 / 255
+
+    diffusers_pipe.scheduler = pipe.scheduler
+    diffusers_pipe.load_lora_weights(run_dir / "lora")
+    assert sum("lora_" in n for n, _ in diffusers_pipe.unet.named_parameters()) > 0
+    diffusers_pipe.set_progress_bar_config(disable=True)
+    encoder = pipe.segment_encoder
+    embeds = pipe.family.pipeline_inputs(encoder(prompts), encoder.uncond(1))
+    latent = pipe.longalign["resolution"] // pipe.vae_scale_factor
+    images = diffusers_pipe(**embeds, latents=initial_noise(seeds, (4, latent, latent)),
+                            num_inference_steps=pipe.longalign["num_steps"],
+                            guidance_scale=pipe.longalign["guidance_scale"], height=pipe.longalign["resolution"],
+                            width=pipe.longalign["resolution"], output_type="pt").images
+    torch.testing.assert_close(images, drawn, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(ray_local, tmp_path_factory):
+    """configs/tiny_sdxl.yaml as shipped, for 2 of its 12 steps."""
+    out = tmp_path_factory.mktemp("runs")
+    assert train.main(["--config", CONFIG, "train.steps=2", f"run.output_dir={out}", "run.name=sdxl"]) == 0
+    return out / "sdxl"
+
+
+def test_tiny_sdxl_trains_through_the_product(sdxl_run):
+    metrics = read_metrics(sdxl_run)
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["workers"] == 2 for m in metrics)
+    assert all(np.isfinite(m["loss"]) and np.isfinite(m["reward"]) and m["grad_norm"] > 0 for m in metrics)
+    assert "family: sdxl" in (sdxl_run / "config.yaml").read_text()
+    assert [json.loads(line)["step"] for line in (sdxl_run / "validation.jsonl").read_text().splitlines()] == [0, 2]
+    assert (sdxl_run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_exported_lora_loads_in_diffusers_and_pipeline_load_redraws_the_validation(sdxl_run):
+    from longalign_rl.models import load_components
+
+    parts = load_components("tiny-sdxl")
+    assert_loads_redraw_the_validation(sdxl_run, 2, parts.family.pipeline(parts, None))
 
 
 @pytest.fixture(scope="module")
@@ -58,61 +120,26 @@ def sdxl_folder(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def sdxl_run(ray_local, sdxl_folder, tmp_path_factory):
-    """2 steps with a checkpoint each, then --resume to 3."""
-    out = tmp_path_factory.mktemp("runs")
-    assert train.main(["--config", CONFIG, f"model.pretrained={sdxl_folder}", "train.steps=2",
-                       "run.checkpoint_every=1", "run.eval_every=3", "run.image_every=3", f"run.output_dir={out}",
-                       "run.name=sdxl"]) == 0
-    run_dir = out / "sdxl"
-    first = read_metrics(run_dir)
-    assert train.main(["--resume", str(run_dir), "train.steps=3"]) == 0
-    return run_dir, first
-
-
-def test_a_folder_diffusers_saved_trains_on_sdxl_and_resumes(sdxl_run):
-    run_dir, first = sdxl_run
-    metrics = read_metrics(run_dir)
-    assert [m["step"] for m in first] == [1, 2] and [m["step"] for m in metrics] == [1, 2, 3]
-    assert all(np.isfinite(m["loss"]) and np.isfinite(m["reward"]) and m["grad_norm"] > 0 for m in metrics)
-    assert metrics[:2] == first  # the resume kept what the first run wrote
-    config = (run_dir / "config.yaml").read_text()
-    assert "family: sdxl" in config
-    assert [json.loads(line)["step"] for line in (run_dir / "validation.jsonl").read_text().splitlines()] == [0, 2, 3]  # step 0, the end of the first run, the end
-
-
-def test_the_exported_lora_loads_in_diffusers_and_pipeline_load_redraws_the_validation(sdxl_run, sdxl_folder):
-    """pipeline.load(run_dir) is a StableDiffusionXLPipeline with segment-encoded prompts that
-    redraws the step-3 validation images from their seeds (to PNG rounding); diffusers' own
-    StableDiffusionXLPipeline, with the exported LoRA loaded by load_lora_weights and the
-    same embeddings (Family.pipeline_inputs), draws the same images."""
+@pytest.mark.slow  # a third and fourth SDXL run (1.5 minutes); tiny_sdxl.yaml runs above in the default tier
+def test_a_folder_diffusers_saved_trains_resumes_and_loads_back(ray_local, sdxl_folder, tmp_path):
+    """configs/tiny_sdxl.yaml model.pretrained=FOLDER: 2 steps with a checkpoint each, --resume
+    to 3; diffusers' StableDiffusionXLPipeline.from_pretrained(FOLDER) with the exported LoRA,
+    and pipeline.load, draw its last validation images."""
     from diffusers import StableDiffusionXLPipeline
 
-    from longalign_rl.models import load_components
-    from longalign_rl.noise import initial_noise
-    from longalign_rl.pipeline import LongPromptXLPipeline, load
-
-    run_dir, _ = sdxl_run
-    listed = [line.split("\t") for line in (run_dir / "validation" / "prompts.txt").read_text().splitlines()]
-    prompts, seeds = [p for _, _, p in listed], [int(s.split()[1]) for _, s, _ in listed]
-    pipe = load(run_dir, device="cpu")
-    assert isinstance(pipe, LongPromptXLPipeline) and pipe.longalign["family"] == "sdxl"
-    drawn = pipe.generate(prompts, seeds, output_type="pt")
-    saved = torch.stack([torch.from_numpy(np.array(Image.open(run_dir / "validation" / "step_000003" / f"{i:03d}.png")))
-                         for i in range(len(prompts))]).permute(0, 3, 1, 2).float() / 255
-    assert (drawn - saved).abs().max() <= 1 / 255
-
-    theirs = StableDiffusionXLPipeline.from_pretrained(sdxl_folder, scheduler=pipe.scheduler)
-    theirs.load_lora_weights(run_dir / "lora")
-    assert sum("lora_" in n for n, _ in theirs.unet.named_parameters()) > 0
-    encoder = pipe.segment_encoder
-    embeds = load_components(str(sdxl_folder)).family.pipeline_inputs(encoder(prompts), encoder.uncond(1))
-    theirs.set_progress_bar_config(disable=True)
-    latents = initial_noise(seeds, (4, 8, 8))
-    images = theirs(**embeds, latents=latents, num_inference_steps=pipe.longalign["num_steps"],
-                    guidance_scale=pipe.longalign["guidance_scale"], height=64, width=64, output_type="pt").images
-    torch.testing.assert_close(images, drawn, rtol=0, atol=1e-5)
+    assert train.main(["--config", CONFIG, f"model.pretrained={sdxl_folder}", "train.steps=2",
+                       "run.checkpoint_every=1", "run.eval_every=3", "run.image_every=3", f"run.output_dir={tmp_path}",
+                       "run.name=sdxl"]) == 0
+    run_dir = tmp_path / "sdxl"
+    first = read_metrics(run_dir)
+    assert train.main(["--resume", str(run_dir), "train.steps=3"]) == 0
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in first] == [1, 2] and [m["step"] for m in metrics] == [1, 2, 3]
+    assert metrics[:2] == first  # the resume kept what the first run wrote
+    assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
+    # step 0, the end of the first run, the end of the resumed one
+    assert [json.loads(line)["step"] for line in (run_dir / "validation.jsonl").read_text().splitlines()] == [0, 2, 3]
+    assert_loads_redraw_the_validation(run_dir, 3, StableDiffusionXLPipeline.from_pretrained(sdxl_folder))
 
 
 @pytest.mark.slow  # two more SDXL runs (2 minutes); reward backprop on SDXL runs above and in test_configs.py

@@ -66,6 +66,8 @@ def test_grpo_run_exports_its_lora_and_summary(grpo_run):
     assert len(checkpoint) == 1 and json.loads((checkpoint[0] / "state.json").read_text())["step"] == 3
 
 
+@pytest.mark.slow  # two runs (78 s of the test command); the tracker's state round trip is
+# tests/unit/test_policy_gradient.py's, a resume's restore of each body's state test_end_to_end.py's
 def test_ddpo_resume_continues_its_per_prompt_statistics(ray_local, tmp_path):
     """2 steps, checkpoint, resume to 4: the statistics hold all 4 steps' rewards (4 per step:
     2 workers x 2 prompts), not only the 2 after the resume."""

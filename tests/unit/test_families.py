@@ -218,3 +218,66 @@ def test_an_exported_sdxl_lora_loads_in_diffusers_and_reproduces_the_trained_den
         base = sdxl.family.predict(sdxl.unet, x, 500, cond)
     assert (ours - base).abs().max() > 1e-3  # the LoRA changes the prediction
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_sdxls_vae_stays_float32_when_fp16_is_asked_for(sdxl, tiny_parts):
+    """SDXL's VAE overflows float16 to NaN images: its family keeps a VAE whose config says
+    force_upcast in float32 (as StableDiffusionXLPipeline upcasts it); SD 1.x's goes to float16
+    as before (its pipeline never upcasts), and decode casts the latents to whatever the VAE holds."""
+    import copy
+
+    from longalign_rl.vae import decode, placed
+
+    def dtype_of(parts, dtype):
+        vae = placed(copy.deepcopy(parts.vae), "cpu", dtype, parts.family.vae_fp16_overflows)
+        return next(vae.parameters()).dtype
+
+    assert sdxl.vae.config.force_upcast and sdxl.vae.config.scaling_factor == 0.13025
+    assert dtype_of(sdxl, torch.float16) == torch.float32 and dtype_of(sdxl, torch.bfloat16) == torch.bfloat16
+    assert dtype_of(tiny_parts, torch.float16) == torch.float16
+    vae = placed(copy.deepcopy(sdxl.vae), "cpu", torch.float16, True)
+    images = decode(vae, torch.randn(1, 4, 8, 8).half())
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("resize", ["bicubic", "bilinear"])
+def test_a_training_image_reports_its_original_size_and_crop(resize):
+    """What stage 1 writes into SDXL's time ids: the original (height, width) and the top-left
+    of the centre crop in the resized image, as diffusers' SDXL training scripts compute them."""
+    import numpy as np
+
+    from longalign_rl.data import to_training_image, training_crop
+
+    image = np.random.default_rng(0).integers(0, 255, (120, 200, 3), dtype=np.uint8)  # landscape
+    array, size = training_crop(image, 64, resize)
+    assert array.shape == (3, 64, 64) and np.array_equal(array, to_training_image(image, 64, resize))
+    # the shorter side to 64: 107 (PIL, rounded) or 106 (torchvision, truncated) wide; 21 cut on the left
+    assert size == [120, 200, 0, 21]
+    tall, tall_size = training_crop(image.transpose(1, 0, 2).copy(), 64, resize)
+    assert tall_size[:2] == [200, 120] and tall_size[3] == 0 and tall_size[2] > 0
+
+
+def test_a_third_party_family_registers_by_name_and_by_pipeline_class(sdxl):
+    """Families are registered like rewards, algorithms and models: a plugin's subclass is
+    found by name and by the pipeline class its folders name; anything else is refused."""
+    from dataclasses import dataclass
+
+    from longalign_rl.families import FAMILIES, SDXL, family_for_pipeline, find_family
+
+    @dataclass(frozen=True)
+    class Refiner(SDXL):
+        name = "sdxl-refiner-like"
+        pipeline_classes = ("MyXLPipeline",)
+
+    FAMILIES.register("sdxl-refiner-like", Refiner)
+    try:
+        assert find_family("sdxl-refiner-like") is Refiner
+        assert family_for_pipeline("MyXLPipeline", "here") is Refiner
+        assert family_for_pipeline("StableDiffusionXLPipeline", "here") is SDXL
+        FAMILIES.register("not-a-family", lambda: None)
+        with pytest.raises(TypeError, match="not a subclass of longalign_rl.families.Family"):
+            find_family("not-a-family")
+    finally:
+        FAMILIES.reset()
+    with pytest.raises(ValueError, match="unknown model family 'sdxl-refiner-like'"):
+        find_family("sdxl-refiner-like")

@@ -37,7 +37,9 @@ def test_a_resume_refuses_what_it_cannot_apply(tmp_path, capsys):
     assert "the run is at step 12 already" in error_of(capsys, ["--resume", str(run_dir), "train.steps=5"])
     assert "--config configs/tiny.yaml with --resume" in error_of(
         capsys, ["--resume", str(run_dir), "--config", "configs/tiny.yaml", "train.steps=20"])
-    for key, value in [("train.seed", "7"), ("train.precision", "bf16"), ("train.zero_stage", "1")]:
+    # (model.pretrained: an SD 1.x run's LoRA and optimiser state resumed on SDXL)
+    for key, value in [("train.seed", "7"), ("train.precision", "bf16"), ("train.zero_stage", "1"),
+                       ("model.pretrained", "tiny-sdxl")]:
         assert f"other values of {key}" in error_of(capsys, ["--resume", str(run_dir), "train.steps=20", f"{key}={value}"])
     # a checkpoint that holds its ZeRO optimiser state only as one partition per worker (from
     # before the whole state was saved beside them): said on the driver, not after every
