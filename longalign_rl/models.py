@@ -200,6 +200,8 @@ def load_components(model: str, *, seed: int = 0, revision: str | None = None, f
         else:
             check_hub_model(model, revision)
         parts = load_pretrained(model, revision)
+    if parts.family is None:  # a loader from before model families: its parts are SD 1.x's
+        parts.family = find_family("sd")()
     if family and parts.family.name != family:
         raise ValueError(f"model.family: {family!r}, but {model!r} is a {parts.family.name!r} model "
                          f"({type(parts.unet).__name__}, pipeline {', '.join(parts.family.pipeline_classes)}); "

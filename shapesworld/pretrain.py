@@ -251,10 +251,11 @@ def train_unet(unet, scheduler, latents, cond, uncond, steps: int, batch: int, l
 
 def evaluate_parts(unet, vae, tokenizer, text_encoder, n: int, log, tag: str) -> dict:
     """Ground truth per cell position, truncated and segment encoding, n held-out captions."""
+    from longalign_rl.families import SD
     from longalign_rl.models import Components
     from shapesworld.evaluate import draw_captions, evaluate
 
-    parts = Components(unet, vae, text_encoder, tokenizer, SCHEDULER)
+    parts = Components(unet, vae, text_encoder, tokenizer, SCHEDULER, family=SD())
     prompts = draw_captions(WORLD, n, seed=EVAL_SEED)
     result = {}
     for encoding in ("truncated", "segment"):

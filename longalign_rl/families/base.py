@@ -18,7 +18,7 @@ them back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,15 +37,11 @@ class Components:
     scheduler_config: dict
     # The T5 branch (encoding/t5.py T5Branch) when the config asks for one: `models.load_model`.
     t5: object = None
-    family: "Family" = field(default=None)
+    # The Family that reads these parts; a loader that leaves it out gets SD 1.x's
+    # (models.load_components), what every loader built before families existed.
+    family: "Family" = None
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object = None
-
-    def __post_init__(self):
-        if self.family is None:  # SD 1.x: what every loader built before families existed
-            from longalign_rl.families.sd import SD
-
-            self.family = SD()
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """The parts with weights, by their diffusers folder name (unet, vae, text_encoder, ...)."""
@@ -126,3 +122,25 @@ def read_config(config_dir: Path, part: str) -> dict:
 
     config = json.loads((Path(config_dir) / f"{part}.json").read_text())
     return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def load_tokenizer(path_or_id: str, subfolder: str, revision: str | None = None, pad_token: str | None = None):
+    """A model's CLIP tokenizer; the offline one (encoding/tokenizer.py) for a local folder
+    without `subfolder`/. `pad_token`: the offline tokenizer's (SDXL's second pads with "!")."""
+    from transformers import CLIPTokenizer
+
+    from longalign_rl.encoding.tokenizer import build_clip_tokenizer, check_clip_tokenizer
+
+    local = Path(path_or_id)
+    if local.is_dir() and not (local / subfolder).is_dir():
+        return build_clip_tokenizer(**({"pad_token": pad_token} if pad_token else {}))
+    tokenizer = CLIPTokenizer.from_pretrained(path_or_id, subfolder=subfolder, **({"revision": revision} if revision else {}))
+    check_clip_tokenizer(tokenizer, f"the {subfolder} of {path_or_id}")
+    return tokenizer
+
+
+def scheduler_config(path_or_id: str, revision: str | None = None) -> dict:
+    """The model's noise schedule (scheduler/scheduler_config.json), whatever scheduler class it names."""
+    from diffusers import DDIMScheduler
+
+    return dict(DDIMScheduler.load_config(path_or_id, subfolder="scheduler", **({"revision": revision} if revision else {})))

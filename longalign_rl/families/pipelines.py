@@ -103,14 +103,12 @@ class LongPromptXLPipeline(LongPrompts, StableDiffusionXLPipeline):
                                          negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                                          pooled_prompt_embeds, negative_pooled_prompt_embeds, lora_scale, clip_skip)
         cond, negative = self.encoded(prompt, negative_prompt, None, None, do_classifier_free_guidance)
-        from longalign_rl.families.sdxl import unpack
-
-        dtype, width = self.text_encoder_2.dtype, self.text_encoder_2.config.projection_dim
-        out = []
-        for packed in (cond, negative):
-            if packed is None:
-                out += [None, None]
-                continue
-            tokens, pooled, _ = unpack(packed.to(device, dtype), width)
-            out += [tokens.repeat_interleave(num_images_per_prompt, 0), pooled.repeat_interleave(num_images_per_prompt, 0)]
-        return out[0], out[2], out[1], out[3]
+        if negative is None:  # no guidance: the family's inputs want one; the zeros are dropped below
+            negative = torch.zeros_like(cond)
+        dtype = self.text_encoder_2.dtype
+        embeds = {k: v.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
+                  for k, v in self.family.pipeline_inputs(cond, negative).items()}
+        if not do_classifier_free_guidance:
+            return embeds["prompt_embeds"], None, embeds["pooled_prompt_embeds"], None
+        return (embeds["prompt_embeds"], embeds["negative_prompt_embeds"], embeds["pooled_prompt_embeds"],
+                embeds["negative_pooled_prompt_embeds"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from longalign_rl.families.base import Components, Family, read_config
+from longalign_rl.families.base import Components, Family, load_tokenizer, read_config, scheduler_config
 
 
 @dataclass(frozen=True)
@@ -78,25 +78,3 @@ class SD(Family):
         return LongPromptPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                   unet=parts.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                   requires_safety_checker=False)
-
-
-def load_tokenizer(path_or_id: str, subfolder: str, revision: str | None = None, pad_token: str | None = None):
-    """A model's CLIP tokenizer; the offline one (encoding/tokenizer.py) for a local folder
-    without `subfolder`/. `pad_token`: the offline tokenizer's (SDXL's second pads with "!")."""
-    from transformers import CLIPTokenizer
-
-    from longalign_rl.encoding.tokenizer import build_clip_tokenizer, check_clip_tokenizer
-
-    local = Path(path_or_id)
-    if local.is_dir() and not (local / subfolder).is_dir():
-        return build_clip_tokenizer(**({"pad_token": pad_token} if pad_token else {}))
-    tokenizer = CLIPTokenizer.from_pretrained(path_or_id, subfolder=subfolder, **({"revision": revision} if revision else {}))
-    check_clip_tokenizer(tokenizer, f"the {subfolder} of {path_or_id}")
-    return tokenizer
-
-
-def scheduler_config(path_or_id: str, revision: str | None = None) -> dict:
-    """The model's noise schedule (scheduler/scheduler_config.json), whatever scheduler class it names."""
-    from diffusers import DDIMScheduler
-
-    return dict(DDIMScheduler.load_config(path_or_id, subfolder="scheduler", **({"revision": revision} if revision else {})))

@@ -28,8 +28,7 @@ import torch
 from longalign_rl.encoding.encode import (CLIP_WINDOW, PAD_POSITIONS, merge_segments, prompt_segments, split_prompts,
                                           window_ids, word_counts)
 from longalign_rl.encoding.tokenizer import token_counter
-from longalign_rl.families.base import Components, Family, read_config
-from longalign_rl.families.sd import load_tokenizer, scheduler_config
+from longalign_rl.families.base import Components, Family, load_tokenizer, read_config, scheduler_config
 
 TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
 POOLED_CHOICES = ("first", "mean")

@@ -86,9 +86,9 @@ def test_generate_and_evaluate_name_a_damaged_lora_file(run_dir, tmp_path, capsy
 
 
 def test_generate_refuses_images_that_are_not_finite(run_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
-    from longalign_rl.pipeline import LongPromptPipeline
+    from longalign_rl.pipeline import LongPrompts
 
-    monkeypatch.setattr(LongPromptPipeline, "generate", lambda self, prompts, seeds, **kw:
+    monkeypatch.setattr(LongPrompts, "generate", lambda self, prompts, seeds, **kw:
                         torch.full((len(prompts), 3, 64, 64), float("nan")))
     assert generate.main([str(run_dir), "a red cube.", "--out", str(tmp_path / "out")]) == 1
     assert "1 of 1 images hold NaN or infinite pixels" in one_line_error(capsys)
