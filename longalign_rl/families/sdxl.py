@@ -29,6 +29,7 @@ from longalign_rl.encoding.encode import (CLIP_WINDOW, PAD_POSITIONS, merge_segm
                                           window_ids, word_counts)
 from longalign_rl.encoding.tokenizer import token_counter
 from longalign_rl.families.base import Components, Family, load_tokenizer, read_config, scheduler_config
+from longalign_rl.families.sd import SD
 
 TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
 POOLED_CHOICES = ("first", "mean")
@@ -50,22 +51,17 @@ class SDXL(Family):
 
     @classmethod
     def build_random(cls, config_dir: Path, seed: int) -> Components:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+        """SD 1.x's three parts built the same way (the same seeds), and the second encoder."""
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         from longalign_rl.encoding.tokenizer import build_clip_tokenizer
 
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**read_config(config_dir, "unet"))
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**read_config(config_dir, "vae"))
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**read_config(config_dir, "text_encoder")))
+        parts = SD.build_random(config_dir, seed)
         torch.manual_seed(seed + 3)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**read_config(config_dir, "text_encoder_2")))
-        return Components(unet, vae, text_encoder, build_clip_tokenizer(), read_config(config_dir, "scheduler"),
-                          family=cls(pooled_dim=text_encoder_2.config.projection_dim),
-                          text_encoder_2=text_encoder_2, tokenizer_2=build_clip_tokenizer(pad_token="!"))
+        parts.text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**read_config(config_dir, "text_encoder_2")))
+        parts.tokenizer_2 = build_clip_tokenizer(pad_token="!")
+        parts.family = cls(pooled_dim=parts.text_encoder_2.config.projection_dim)
+        return parts
 
     @classmethod
     def load_pretrained(cls, path_or_id: str, revision: str | None = None, model_index: dict | None = None
