@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from longalign_rl.encoding.encode import (CLIP_WINDOW, PAD_POSITIONS, merge_segments, prompt_segments, split_prompts,
-                                          window_ids, word_counts)
+from longalign_rl.encoding.encode import (PAD_POSITIONS, merge_segments, prompt_segments, split_prompts, window_ids,
+                                          word_counts)
 from longalign_rl.encoding.tokenizer import token_counter
 from longalign_rl.families.base import Components, Family, load_tokenizer, read_config, scheduler_config
 from longalign_rl.families.sd import SD
@@ -223,4 +223,4 @@ class SDXLEncoder:
                                split=self.split, clean_text=self.clean_text)
 
 
-__all__ = ["CLIP_WINDOW", "SDXL", "SDXLEncoder", "time_ids", "with_size"]
+__all__ = ["SDXL", "SDXLEncoder", "time_ids", "unpack", "with_size"]
