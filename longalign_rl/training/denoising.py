@@ -142,8 +142,10 @@ class Denoising:
         if t5 is not None:
             t5.encoder.to(ctx.device, dtype)
         self.family = parts.family
-        self.encoder = parts.family.encoder(parts, cfg.prompts, resolution=cfg.data.resolution, device=ctx.device,
-                                            dtype=dtype, t5=t5)
+        # validation's size conditioning (SDXL's time ids) is sampler.resolution's; each training
+        # image's own is written over it in `update` (Family.with_image_sizes)
+        self.encoder = parts.family.encoder(parts, cfg.prompts, resolution=cfg.sampler.resolution,
+                                            device=ctx.device, dtype=dtype, t5=t5)
         self.scheduler = DDPMScheduler.from_config(parts.scheduler_config)
         self.scheduler_config = parts.scheduler_config  # validation's DDIM: the model's own settings
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None

@@ -281,3 +281,46 @@ def test_a_third_party_family_registers_by_name_and_by_pipeline_class(sdxl):
         FAMILIES.reset()
     with pytest.raises(ValueError, match="unknown model family 'sdxl-refiner-like'"):
         find_family("sdxl-refiner-like")
+
+
+def test_stage_1s_update_gives_the_sdxl_unet_each_images_size_and_crop(sdxl):
+    """training/denoising.update, the stage-1 micro-step the workers run: the UNet's time ids
+    are each training image's original (height, width), crop top-left and the training size,
+    whether its caption is kept (caption dropout 0) or dropped (1: the zero conditioning)."""
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    from longalign_rl.data import training_crop
+    from longalign_rl.training.denoising import update
+
+    rng = np.random.default_rng(0)
+    crops = [training_crop(rng.integers(0, 255, shape, dtype=np.uint8), 64) for shape in ((96, 80, 3), (64, 128, 3))]
+    batch = {"image": np.stack([a for a, _ in crops]), "caption": np.array([LONG, SHORT], dtype=object),
+             "size": np.array([size for _, size in crops])}
+    assert batch["size"].tolist() == [[96, 80, 6, 0], [64, 128, 0, 32]]
+    seen = []
+
+    class Engine:  # what update needs of DeepSpeed's engine: a call, backward and step
+        def __call__(self, *args, **kwargs):
+            seen.append((kwargs["encoder_hidden_states"].clone(), kwargs["added_cond_kwargs"]["time_ids"].clone()))
+            return sdxl.unet(*args, **kwargs)
+
+        def parameters(self):
+            return sdxl.unet.parameters()
+
+        def backward(self, loss):
+            assert torch.isfinite(loss)
+
+        def step(self):
+            pass
+
+    encoder = sdxl.family.encoder(sdxl, PromptConfig(max_tokens=120), resolution=64)
+    scheduler = DDPMScheduler.from_config(sdxl.scheduler_config)
+    for dropout in (0.0, 1.0):
+        generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        stats = update(Engine(), sdxl.vae, encoder, scheduler, batch, dropout, generators, "cpu", sdxl.family)
+        assert torch.isfinite(stats["loss"]).all()
+    (kept_tokens, kept_ids), (dropped_tokens, dropped_ids) = seen
+    assert kept_tokens.abs().sum() > 0 and dropped_tokens.abs().sum() == 0
+    expected = [[96.0, 80.0, 6.0, 0.0, 64.0, 64.0], [64.0, 128.0, 0.0, 32.0, 64.0, 64.0]]
+    assert kept_ids.tolist() == dropped_ids.tolist() == expected
