@@ -28,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from longalign_rl.config import load_config
-from longalign_rl.families import find_family
+from longalign_rl.families import default_family, find_family
 from longalign_rl.lora import make_trainable
 from longalign_rl.models import build_random, vae_scale_factor
 
@@ -52,7 +52,7 @@ def inspect(config: str | Path = SD15, model: str | None = None) -> dict:
     import open_clip
 
     cfg = load_config(config)
-    model = model or find_family(cfg.model.family or "sd").real_size
+    model = model or (find_family(cfg.model.family) if cfg.model.family else default_family()).real_size
     with torch.device("meta"):  # the modules; token ids stay real, every activation is meta
         parts = build_random(model)
         make_trainable(parts.unet, cfg.lora)

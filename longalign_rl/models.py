@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from longalign_rl.families import Components, Family, family_for_pipeline, find_family
+from longalign_rl.families import Components, Family, default_family, family_for_pipeline
 from longalign_rl.families.base import read_config
 from longalign_rl.registry import Registry, resolve_source
 from longalign_rl.hub import check_hub_model, unloadable
@@ -73,7 +73,7 @@ def read_model_index(source: str | Path, revision: str | None = None) -> dict:
 def family_of(source: str | Path, model_index: dict, key: str = "model.pretrained") -> type[Family]:
     """The family of a folder, hub id or built-in from its model_index.json's `_class_name`."""
     if not model_index:
-        return find_family("sd")
+        return default_family()
     return family_for_pipeline(str(model_index.get("_class_name")), f"{key}: {source}")
 
 
@@ -201,7 +201,7 @@ def load_components(model: str, *, seed: int = 0, revision: str | None = None, f
             check_hub_model(model, revision)
         parts = load_pretrained(model, revision)
     if parts.family is None:  # a loader from before model families: its parts are SD 1.x's
-        parts.family = find_family("sd")()
+        parts.family = default_family()()
     if family and parts.family.name != family:
         raise ValueError(f"model.family: {family!r}, but {model!r} is a {parts.family.name!r} model "
                          f"({type(parts.unet).__name__}, pipeline {', '.join(parts.family.pipeline_classes)}); "

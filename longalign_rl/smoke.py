@@ -68,15 +68,15 @@ def _exists(value: str, names=None) -> bool:
 def _family(cfg: Config):
     """The family of model.pretrained: model.family, else what its model_index.json says when
     that can be read here (a hub id in the cache), else SD 1.x."""
-    from longalign_rl.families import find_family
+    from longalign_rl.families import default_family, find_family
     from longalign_rl.models import declared_family
 
     if cfg.model.family:
         return find_family(cfg.model.family)
     try:
-        return declared_family(cfg.model.pretrained, cfg.model.revision, download=False) or find_family("sd")
+        return declared_family(cfg.model.pretrained, cfg.model.revision, download=False) or default_family()
     except (OSError, ValueError):  # a model that does not exist here: SD 1.x's stand-in, as before families
-        return find_family("sd")
+        return default_family()
 
 
 def _model(cfg: Config, size: str) -> str | None:

@@ -21,6 +21,12 @@ def find_family(name: str) -> type[Family]:
     return family
 
 
+def default_family() -> type[Family]:
+    """The family of a model that names none (a folder without model_index.json, a loader's
+    parts without one): SD 1.x, what every model was before families existed."""
+    return SD
+
+
 def family_for_pipeline(class_name: str, where: str) -> type[Family]:
     """The family whose diffusers pipeline class is `class_name` (model_index.json's
     `_class_name`); ValueError naming the class and the supported ones otherwise."""
@@ -35,4 +41,4 @@ def family_for_pipeline(class_name: str, where: str) -> type[Family]:
     return known[class_name]
 
 
-__all__ = ["Components", "FAMILIES", "Family", "SD", "SDXL", "family_for_pipeline", "find_family"]
+__all__ = ["Components", "FAMILIES", "Family", "SD", "SDXL", "default_family", "family_for_pipeline", "find_family"]
