@@ -34,10 +34,14 @@ class ModelConfig:
     # Seed of a built-in architecture's random weights; every process builds the same ones.
     random_seed: int = 0
     # The model family (longalign_rl/families/, docs/models.md): "sd" (SD 1.x/2.x), "sdxl",
-    # or one a plugin registers in the entry-point group longalign_rl.families. "" = read it
-    # from the model (a diffusers folder's model_index.json); a family that the weights are
-    # not is refused.
+    # "sd3" (SD3/SD3.5), "flux" (FLUX.1), or one a plugin registers in the entry-point group
+    # longalign_rl.families. "" = read it from the model (a diffusers folder's
+    # model_index.json); a family that the weights are not is refused.
     family: str = ""
+    # SD3 only: load the model without its T5 encoder (diffusers' text_encoder_3=None; its
+    # tokens are zeros). 4.8 B fewer parameters, and the prompt reaches the model through the
+    # CLIP segments alone: where long prompts hurt most.
+    without_t5: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,11 @@ class PromptConfig:
     # gets, "first" (its first segment's) or "mean" (the mean over its segments). A prompt of
     # one segment gets its own either way, as the pipeline gives it. docs/models.md.
     pooled: str = "first"
+    # Families with a T5 encoder of their own (SD3, FLUX): the whole prompt's T5 tokens, cut
+    # or padded to this many (the cut prompts are counted on the driver). 0 = the family's
+    # pipeline default: SD3 256, FLUX 512. Longer than the model was trained at is allowed
+    # (T5's positions are relative) but untested by its makers.
+    t5_max_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -552,6 +561,8 @@ def validate(cfg: Config) -> None:
     _require(not (cfg.prompts.split == "reference" and cfg.prompts.pack_segments), "prompts.pack_segments",
              "the reference split keeps its pieces as they are; packing needs prompts.split: sentences")
     _require(cfg.t5.max_tokens >= 1, "t5.max_tokens", f"must be >= 1, got {cfg.t5.max_tokens}")
+    _require(cfg.prompts.t5_max_tokens >= 0, "prompts.t5_max_tokens",
+             f"must be >= 0 (0 = the family's default), got {cfg.prompts.t5_max_tokens}")
     _require(cfg.t5.adapter_dim >= 1, "t5.adapter_dim", f"must be >= 1, got {cfg.t5.adapter_dim}")
     _require(cfg.t5.adapter_lr is None or cfg.t5.adapter_lr > 0, "t5.adapter_lr",
              f"must be > 0 (or null: train.lr), got {cfg.t5.adapter_lr}")

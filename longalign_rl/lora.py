@@ -22,10 +22,24 @@ from longalign_rl.config import LoRAConfig
 ADAPTER = "text_adapter"  # the attribute (and weight-name prefix) of a trained T5 adapter
 
 
-def make_trainable(unet, cfg: LoRAConfig, adapter: torch.nn.Module | None = None) -> list[torch.nn.Parameter]:
+def lora_targets(cfg: LoRAConfig, family=None) -> list[str]:
+    """The layers the LoRA adapts: lora.target_modules, or, left at its default (SD 1.x's UNet
+    layers), the family's own (Family.lora_targets: a transformer's attention and
+    feed-forward projections)."""
+    if family is not None and family.lora_targets is not None and tuple(cfg.target_modules) == DEFAULT_TARGETS:
+        return list(family.lora_targets)
+    return list(cfg.target_modules)
+
+
+DEFAULT_TARGETS = LoRAConfig().target_modules
+
+
+def make_trainable(unet, cfg: LoRAConfig, adapter: torch.nn.Module | None = None, family=None
+                   ) -> list[torch.nn.Parameter]:
     """Add the LoRA adapter (or unfreeze the UNet) and return the trainable parameters.
     `adapter`: the T5 branch's TextAdapter, trained too (stage 1); attached after the LoRA,
-    so that the LoRA's target names never match its layers."""
+    so that the LoRA's target names never match its layers. `family`: the model's
+    (Components.family), whose LoRA targets a default lora.target_modules means."""
     if cfg.enabled:
         from peft import LoraConfig
 
@@ -34,7 +48,7 @@ def make_trainable(unet, cfg: LoRAConfig, adapter: torch.nn.Module | None = None
                 r=cfg.rank,
                 lora_alpha=cfg.alpha,
                 lora_dropout=cfg.dropout,
-                target_modules=list(cfg.target_modules),
+                target_modules=lora_targets(cfg, family),
                 init_lora_weights="gaussian",  # down-projection random, up-projection zero
             )
         )
@@ -102,13 +116,14 @@ def load_trainable_state_dict(unet, state: dict[str, torch.Tensor], cfg: LoRACon
         unet.load_state_dict(state)
 
 
-def export_for_diffusers(unet, cfg: LoRAConfig, directory: str | Path) -> Path:
-    """Write what `StableDiffusionPipeline.load_lora_weights(directory)` (LoRA) or
-    `UNet2DConditionModel.from_pretrained(directory)` (full fine-tuning) loads."""
+def export_for_diffusers(unet, cfg: LoRAConfig, directory: str | Path, family=None) -> Path:
+    """Write what the family's pipeline's `load_lora_weights(directory)` (LoRA; SD 1.x's when
+    `family` is None) or the denoiser class's `from_pretrained(directory)` (full fine-tuning) loads."""
     directory = Path(directory)
     if cfg.enabled:
-        from diffusers import StableDiffusionPipeline
         from peft.utils import get_peft_model_state_dict
+
+        from longalign_rl.families import default_family
 
         # peft's own key names (lora_A / lora_B), which load_lora_weights reads for every
         # layer. Not convert_state_dict_to_diffusers: with diffusers 0.42 its old-style
@@ -117,8 +132,7 @@ def export_for_diffusers(unet, cfg: LoRAConfig, directory: str | Path) -> Path:
         # The adapter's config goes into the file's metadata: without it load_lora_weights
         # takes lora_alpha = rank, which scales a LoRA with alpha != rank wrongly.
         metadata = unet.peft_config["default"].to_dict()
-        StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=metadata)
+        (family or default_family()()).save_lora(directory, layers, metadata)
     else:
         with detach_adapter(unet):
             unet.save_pretrained(directory, safe_serialization=True)

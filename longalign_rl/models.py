@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from longalign_rl.families import Components, Family, default_family, family_for_pipeline
-from longalign_rl.families.base import read_config
+from longalign_rl.families.base import ddim_scheduler, read_config
 from longalign_rl.registry import Registry, resolve_source
 from longalign_rl.hub import check_hub_model, unloadable
 
@@ -44,7 +44,7 @@ __all__ = ["Components", "DTYPES", "MODELS", "load_components", "load_model", "m
 
 def builtin_models() -> list[str]:
     """Names of the architectures built from configs in the package (random weights)."""
-    return sorted(p.name for p in CONFIG_DIR.iterdir() if (p / "unet.json").is_file())
+    return sorted(p.name for p in CONFIG_DIR.iterdir() if (p / MODEL_INDEX).is_file())
 
 
 def vae_scale_factor(vae) -> int:
@@ -102,11 +102,14 @@ def build_random(model: str = "tiny", seed: int = 0) -> Components:
     return family_of(model, read_model_index(config_dir)).build_random(config_dir, seed)
 
 
-def load_pretrained(path_or_id: str, revision: str | None = None) -> Components:
-    """A local diffusers folder or a hub id, by its family (model_index.json), in float32."""
+def load_pretrained(path_or_id: str, revision: str | None = None, without: tuple[str, ...] = ()) -> Components:
+    """A local diffusers folder or a hub id, by its family (model_index.json), in float32.
+    `without`: parts not to load (SD3's "text_encoder_3", model.without_t5)."""
     model_index = read_model_index(path_or_id, revision)
     family = family_of(path_or_id, model_index)
     with unloadable(path_or_id, "a diffusers model"):
+        if without:
+            return family.load_pretrained(path_or_id, revision, model_index, without=without)
         return family.load_pretrained(path_or_id, revision, model_index)
 
 
@@ -180,10 +183,12 @@ MODELS = Registry("model", "longalign_rl.models",
                   builtins=lambda: {name: partial(build_random, name) for name in builtin_models()})
 
 
-def load_components(model: str, *, seed: int = 0, revision: str | None = None, family: str = "") -> Components:
+def load_components(model: str, *, seed: int = 0, revision: str | None = None, family: str = "",
+                    without_t5: bool = False) -> Components:
     """All parts frozen (requires_grad False, eval mode); the caller adds what trains.
     `model`: see the module docstring; `seed`: a random-initialised model's weights;
-    `family` (model.family): the family the weights must be, "" for whichever they are."""
+    `family` (model.family): the family the weights must be, "" for whichever they are;
+    `without_t5` (model.without_t5): SD3 without its T5 encoder (not loaded at all from a folder)."""
     source = resolve_source(model, key="model.pretrained", names=MODELS, path_kind="diffusers folder", hub_ids=True)
     if source.kind in ("name", "import"):
         try:
@@ -199,7 +204,11 @@ def load_components(model: str, *, seed: int = 0, revision: str | None = None, f
             check_model_folder(Path(model))  # headers, sizes and finite values, before loading
         else:
             check_hub_model(model, revision)
-        parts = load_pretrained(model, revision)
+        parts = load_pretrained(model, revision, without=("text_encoder_3",) if without_t5 else ())
+    if without_t5:
+        if "text_encoder_3" not in (parts.family.parts if parts.family is not None else ()):
+            raise ValueError(f"model.without_t5: only SD3 loads without a T5 encoder; {model!r} is not an SD3 model")
+        parts.text_encoder_3 = parts.tokenizer_3 = None
     if parts.family is None:  # a loader from before model families: its parts are SD 1.x's
         parts.family = default_family()()
     if family and parts.family.name != family:
@@ -217,9 +226,7 @@ def save_model_folder(parts: Components, directory: str | Path) -> Path:
     """The parts as a complete diffusers folder of their family's pipeline class (SD: unet/,
     vae/, text_encoder/, tokenizer/, scheduler/ with DDIM, model_index.json) that
     `load_components` and the pipeline's `from_pretrained` load."""
-    from diffusers import DDIMScheduler
-
-    pipeline = parts.family.pipeline(parts, DDIMScheduler.from_config(parts.scheduler_config))
+    pipeline = parts.family.pipeline(parts, parts.family.model_scheduler(parts.scheduler_config))
     pipeline.save_pretrained(directory, safe_serialization=True)
     return Path(directory)
 
@@ -230,23 +237,14 @@ def load_model(cfg) -> Components:
     from longalign_rl.encoding.t5 import build_t5_branch
 
     m = cfg.model
-    parts = load_components(m.pretrained, seed=m.random_seed, revision=m.revision, family=m.family)
-    parts.t5 = build_t5_branch(cfg.t5, cross_attention_dim=parts.unet.config.cross_attention_dim,
+    parts = load_components(m.pretrained, seed=m.random_seed, revision=m.revision, family=m.family,
+                            without_t5=m.without_t5)
+    parts.t5 = build_t5_branch(cfg.t5, cross_attention_dim=getattr(parts.unet.config, "cross_attention_dim", 0),
                                model=m.pretrained, seed=m.random_seed)
     return parts
 
 
 def make_scheduler(scheduler_config: dict, *, timestep_spacing: str, final: str = "step"):
-    """A deterministic-capable DDIM scheduler on the model's own noise schedule. `final`
-    (sampler.final): "pred_x0" sets set_alpha_to_one, so that the last step returns the
-    predicted clean latent exactly (sqrt(1) x0_pred + sqrt(0) eps); "step" keeps the
-    model's own setting."""
-    from diffusers import DDIMScheduler
-
-    if final not in ("step", "pred_x0"):
-        raise ValueError(f"final must be step or pred_x0, got {final!r}")
-    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    config.update(timestep_spacing=timestep_spacing, clip_sample=False, thresholding=False)
-    if final == "pred_x0":
-        config["set_alpha_to_one"] = True
-    return DDIMScheduler.from_config(config)
+    """SD 1.x's sampling scheduler (families.base.ddim_scheduler); a model of any family:
+    `parts.family.scheduler(...)`."""
+    return ddim_scheduler(scheduler_config, timestep_spacing=timestep_spacing, final=final)

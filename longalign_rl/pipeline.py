@@ -39,7 +39,7 @@ from longalign_rl.config import Config, ConfigError, from_dict, load_config
 from longalign_rl.encoding.t5 import ADAPTER_FOLDER, build_t5_branch
 from longalign_rl.families.pipelines import LongPromptPipeline, LongPromptXLPipeline, LongPrompts
 from longalign_rl.lora import load_trainable_state_dict, make_trainable, remove_adapter
-from longalign_rl.models import load_components, make_scheduler
+from longalign_rl.models import load_components
 from longalign_rl.outputs import CONFIG, LORA, METRICS, MODEL, UNET
 
 log = logging.getLogger(__name__)
@@ -106,26 +106,25 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
         scheduler = "ddim"
     check_weights(*weights)
     parts = load_components(model, seed=cfg.model.random_seed, revision=cfg.model.revision,
-                            family=cfg.model.family if is_run_dir(source) else "")
+                            family=cfg.model.family if is_run_dir(source) else "",
+                            without_t5=cfg.model.without_t5 if is_run_dir(source) else False)
     kind, where = weights
     t5_cfg = cfg.t5
     if cfg.stage == 1 and kind != "checkpoint" and is_run_dir(source) and (Path(source) / ADAPTER_FOLDER).is_dir():
         t5_cfg = dataclasses.replace(t5_cfg, adapter=str(Path(source) / ADAPTER_FOLDER))  # the trained adapter
-    parts.t5 = build_t5_branch(t5_cfg, cross_attention_dim=parts.unet.config.cross_attention_dim, model=model,
+    parts.t5 = build_t5_branch(t5_cfg, cross_attention_dim=getattr(parts.unet.config, "cross_attention_dim", 0), model=model,
                                seed=cfg.model.random_seed)
     if kind == "checkpoint":
         from safetensors.torch import load_file
 
         trained_adapter = parts.t5.adapter if parts.t5 is not None and cfg.stage == 1 else None
-        make_trainable(parts.unet, cfg.lora, trained_adapter)
+        make_trainable(parts.unet, cfg.lora, trained_adapter, parts.family)
         load_trainable_state_dict(parts.unet, load_file(where / "weights.safetensors"), cfg.lora)
         if trained_adapter is not None:  # loaded: it runs in the encoder, not on the UNet
             remove_adapter(parts.unet).requires_grad_(False).eval()
-    elif kind == "unet":
-        from diffusers import UNet2DConditionModel
-
-        parts.unet = UNet2DConditionModel.from_pretrained(where, torch_dtype=torch.float32).eval()
-    pipe = parts.family.long_prompt_pipeline(parts, _scheduler(scheduler, parts.scheduler_config, cfg))
+    elif kind == "unet":  # the whole denoiser fine-tuned: its own class (a UNet, or a flow family's transformer)
+        parts.unet = type(parts.unet).from_pretrained(where, torch_dtype=torch.float32).eval()
+    pipe = parts.family.long_prompt_pipeline(parts, _scheduler(scheduler, parts, cfg))
     if kind == "lora":
         from diffusers.utils import logging as diffusers_logging
 
@@ -172,11 +171,14 @@ def read_sampling_defaults(model: str) -> tuple[str, dict]:
     return data["scheduler"], data.get("config", {})
 
 
-def _scheduler(name: str, scheduler_config: dict, cfg: Config):
-    """DDIM (the run's sampler settings), or diffusers' UniPC on the model's noise schedule with
+def _scheduler(name: str, parts, cfg: Config):
+    """The run's sampler (DDIM with the run's settings; a flow family's flow-matching
+    scheduler), or diffusers' UniPC on the model's noise schedule with
     `sampler.timestep_spacing`, as the reference's sample.py builds it."""
+    scheduler_config = parts.scheduler_config
     if name == "ddim":
-        return make_scheduler(scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing, final=cfg.sampler.final)
+        return parts.family.scheduler(scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing,
+                                      final=cfg.sampler.final)
     from diffusers import UniPCMultistepScheduler
 
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}

@@ -85,6 +85,9 @@ def check_model(cfg: Config) -> None:
                           "it from the model")
     family = family or (find_family(cfg.model.family) if cfg.model.family else None)
     problems = family().check_config(cfg) if family is not None else []
+    if family is not None and cfg.model.without_t5 and "text_encoder_3" not in family.parts:
+        problems.append(f"model.without_t5: only SD3 loads without a T5 encoder; {cfg.model.pretrained!r} is a "
+                        f"{family.name!r} model")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -1,7 +1,8 @@
 """Between pixels and latents: SD's VAE convention, used by every algorithm and every world.
 
 Images are float `[B, 3, H, W]` in [0, 1]; the VAE works in [-1, 1]; latents are scaled by
-the VAE's `scaling_factor` (0.18215 for SD v1.5). Pure torch/diffusers.
+the VAE's `scaling_factor` (0.18215 for SD v1.5), after its `shift_factor` is taken off
+where it has one (SD3's and FLUX's VAEs, as their pipelines do). Pure torch/diffusers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ def placed(vae, device, dtype: torch.dtype, fp16_overflows: bool = False):
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1], float32, differentiable (SD's VAE convention)."""
     dtype = next(vae.parameters()).dtype
-    images = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample
+    latents = latents / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:  # SD3, FLUX
+        latents = latents + shift
+    images = vae.decode(latents.to(dtype)).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -39,4 +44,8 @@ def encode(vae, images: torch.Tensor, generator: torch.Generator | list[torch.Ge
         raise ValueError(f"images must lie in [0, 1], got [{float(images.min()):.3g}, {float(images.max()):.3g}]")
     dtype = next(vae.parameters()).dtype
     dist = vae.encode((images * 2 - 1).to(dtype)).latent_dist  # SD's VAE expects [-1, 1]
-    return dist.sample(generator=generator) * vae.config.scaling_factor
+    latents = dist.sample(generator=generator)
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:  # SD3, FLUX
+        latents = latents - shift
+    return latents * vae.config.scaling_factor

@@ -4,6 +4,11 @@ Pure torch/diffusers: no ray, no deepspeed. The reference trains a LoRA on the U
 the standard epsilon-MSE loss on long-caption image pairs whose captions are segment
 encoded ([B, 240, H]); timesteps uniform in [0, 1000), caption dropout 0.1. The noise
 schedule is the scheduler's (`add_noise`, `get_velocity`), not a copy of it.
+
+A flow-matching model (SD3, FLUX: a FlowMatchEulerDiscreteScheduler) trains as diffusers'
+SD3 and FLUX training scripts train it: sigma from SD3's logit-normal density (mean 0,
+std 1) indexed into the scheduler's training sigmas, x_s = (1 - s) x_0 + s noise, and the
+MSE to the velocity noise - x_0, unweighted (sampling/flow.py).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longalign_rl.sampling import flow
 from longalign_rl.sampling.ddim import PLAIN
 
 # Reference: 10% of captions replaced by the empty prompt, so the model keeps learning the
@@ -61,8 +67,12 @@ def denoising_loss_at(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor
     """The MSE between the UNet's prediction and its target at given timesteps and noise.
     `family` (Components.family) reads `cond` back into the call; None: SD 1.x's."""
     dtype = next(unet.parameters()).dtype
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = denoising_target(scheduler, latents, noise, timesteps)
+    if flow.is_flow(scheduler):
+        noisy = flow.noisy_latents(latents, noise, flow.sigmas_at(scheduler, timesteps))
+        target = flow.velocity_target(latents, noise)
+    else:
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = denoising_target(scheduler, latents, noise, timesteps)
     pred = (family or PLAIN).predict(unet, noisy.to(dtype), timesteps, cond.to(dtype))
     return F.mse_loss(pred.float(), target.float())  # the mean in float32 whatever the UNet's dtype
 
@@ -72,14 +82,19 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, g
     """Loss (with graph) and statistics for one batch of latents `[B, 4, h, w]` (already
     scaled by the VAE's scaling factor) and conditioning `[B, L, H]` (after dropout).
 
-    Timesteps are uniform integers in [0, num_train_timesteps) and the noise N(0, 1), both
-    drawn from `generator` (or each sample's from its own), so seeded generators give the
-    same loss.
+    Timesteps are uniform integers in [0, num_train_timesteps) (a flow model's: its training
+    sigmas at logit-normal draws, flow.training_sigmas) and the noise N(0, 1), both drawn
+    from `generator` (or each sample's from its own), so seeded generators give the same loss.
     Statistics are 1-D tensors as the worker skeleton averages them (training/worker.py): "loss" (one value) and
     "timestep" (one per sample; its mean is the mean timestep).
     """
     n, total = latents.shape[0], scheduler.config.num_train_timesteps
-    timesteps = _draw(generator, n, latents.device, lambda g, k, d: torch.randint(0, total, (k,), generator=g, device=d))
+    if flow.is_flow(scheduler):
+        u = _draw(generator, n, latents.device, lambda g, k, d: flow.logit_normal(g, k, d))
+        timesteps, _ = flow.training_sigmas(scheduler, u)
+    else:
+        timesteps = _draw(generator, n, latents.device,
+                          lambda g, k, d: torch.randint(0, total, (k,), generator=g, device=d))
     noise = _draw(generator, n, latents.device,
                   lambda g, k, d: torch.randn((k, *latents.shape[1:]), generator=g, device=d, dtype=torch.float32))
     timesteps, noise = timesteps.to(latents.device), noise.to(latents.device, latents.dtype)

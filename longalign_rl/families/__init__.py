@@ -1,5 +1,5 @@
-"""Model families, registered like rewards, algorithms and models: "sd" (SD 1.x / 2.x) and
-"sdxl" built in, third parties through the entry-point group `longalign_rl.families`
+"""Model families, registered like rewards, algorithms and models: "sd" (SD 1.x / 2.x),
+"sdxl", "sd3" (SD3 / SD3.5) and "flux" (FLUX.1) built in, third parties through the entry-point group `longalign_rl.families`
 (name -> a `Family` subclass). A diffusers folder's family comes from its
 model_index.json `_class_name`; `model.family` can name one. Pure torch: no ray, no deepspeed.
 """
@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from longalign_rl.families.base import Components, Family
 from longalign_rl.families.sd import SD
+from longalign_rl.families.flux import Flux
+from longalign_rl.families.sd3 import SD3
 from longalign_rl.families.sdxl import SDXL
 from longalign_rl.registry import Registry
 
-FAMILIES = Registry("model family", "longalign_rl.families", builtins=lambda: {"sd": SD, "sdxl": SDXL})
+FAMILIES = Registry("model family", "longalign_rl.families",
+                    builtins=lambda: {"sd": SD, "sdxl": SDXL, "sd3": SD3, "flux": Flux})
 
 
 def find_family(name: str) -> type[Family]:
@@ -41,4 +44,4 @@ def family_for_pipeline(class_name: str, where: str) -> type[Family]:
     return known[class_name]
 
 
-__all__ = ["Components", "FAMILIES", "Family", "SD", "SDXL", "default_family", "family_for_pipeline", "find_family"]
+__all__ = ["Components", "FAMILIES", "Family", "Flux", "SD", "SD3", "SDXL", "default_family", "family_for_pipeline", "find_family"]

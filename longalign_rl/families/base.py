@@ -30,7 +30,7 @@ class Components:
     `unet`: the denoiser that trains. `text_encoder_2`/`tokenizer_2`: a second CLIP (SDXL's
     OpenCLIP bigG), None for a family with one. `family`: the `Family` that reads them."""
 
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # the denoiser: a UNet, or a flow family's transformer (its folder: Family.denoiser)
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
@@ -42,10 +42,19 @@ class Components:
     family: "Family" = None
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object = None
+    # SD3's T5 (None: a model loaded without it, model.without_t5).
+    text_encoder_3: torch.nn.Module | None = None
+    tokenizer_3: object = None
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        """The parts with weights, by their diffusers folder name (unet, vae, text_encoder, ...)."""
-        return {name: getattr(self, name) for name in self.family.parts if getattr(self, name) is not None}
+        """The parts with weights, by their diffusers folder name (unet or transformer, vae,
+        text_encoder, ...)."""
+        found = {}
+        for name in self.family.parts:
+            module = self.unet if name == self.family.denoiser else getattr(self, name)
+            if module is not None:
+                found[name] = module
+        return found
 
 
 class Family:
@@ -64,6 +73,14 @@ class Family:
     real_size: str = ""
     # The VAE's decoder overflows float16 (SDXL's): it stays float32 then (vae.placed).
     vae_fp16_overflows: bool = False
+    # The denoiser's diffusers folder (and pipeline argument): "unet", or a flow family's "transformer".
+    denoiser: str = "unet"
+    # The layers a LoRA adapts when lora.target_modules is left at its default (SD 1.x's UNet
+    # layers); None: that default. A transformer family names its own (as diffusers' LoRA
+    # training scripts for it choose).
+    lora_targets: tuple[str, ...] | None = None
+    # What the pipeline's __call__ takes for its deterministic sampler (DDIM: eta 0).
+    deterministic_kwargs = {"eta": 0.0}
 
     # -------------------------------------------------------------- building and loading
     @classmethod
@@ -86,6 +103,14 @@ class Family:
         `__call__` takes instead of prompts (prompt_embeds, negative_prompt_embeds, ...)."""
         raise NotImplementedError
 
+    def to_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents `[B, C, h, w]` as the pipeline's `latents` argument takes them (FLUX packs them)."""
+        return latents
+
+    def from_pipeline_latents(self, latents: torch.Tensor, latent_size: int) -> torch.Tensor:
+        """The pipeline's output_type="latent" result as `[B, C, h, w]`."""
+        return latents
+
     def long_prompt_pipeline(self, parts: Components, scheduler):
         """The same pipeline class with its prompts segment-encoded (families/pipelines.py):
         what `longalign_rl.pipeline.load` returns."""
@@ -104,6 +129,46 @@ class Family:
         for `latents` at `timesteps` under conditioning `cond` from this family's encoder.
         `unet` may be the module, a peft-wrapped one or a DeepSpeed engine around it."""
         raise NotImplementedError
+
+    def guided(self, unet, latents: torch.Tensor, timestep, cond: torch.Tensor, uncond: torch.Tensor,
+               guidance_scale: float) -> torch.Tensor:
+        """The guided prediction at `latents`: classifier-free guidance, one batched denoiser
+        call for both halves (the unconditional first, as the pipelines batch them)."""
+        dtype = next(unet.parameters()).dtype
+        x = torch.cat([latents, latents]).to(dtype)
+        context = torch.cat([uncond.expand_as(cond), cond]).to(dtype)
+        eps_uncond, eps_cond = self.predict(unet, x, timestep, context).to(latents.dtype).chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    # -------------------------------------------------------------- the noise schedule
+    def scheduler(self, scheduler_config: dict, *, timestep_spacing: str = "trailing", final: str = "step"):
+        """The sampling scheduler on the model's own schedule: deterministic-capable DDIM
+        (`ddim_scheduler`) for a diffusion family; a flow family's flow-matching scheduler."""
+        return ddim_scheduler(scheduler_config, timestep_spacing=timestep_spacing, final=final)
+
+    def model_scheduler(self, scheduler_config: dict):
+        """The scheduler a saved model folder of this family carries (save_model_folder)."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(scheduler_config)
+
+    def set_timesteps(self, scheduler, num_steps: int, latent_size: int) -> None:
+        """The sampling schedule of `num_steps`, as the family's pipeline sets it
+        (`latent_size`: the latents' side, for a family whose shift depends on it)."""
+        scheduler.set_timesteps(num_steps)
+
+    def training_scheduler(self, scheduler_config: dict):
+        """Stage 1's noise schedule (add_noise and the target; a flow family's training sigmas)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(scheduler_config)
+
+    def save_lora(self, directory, layers: dict, metadata: dict) -> None:
+        """Write a LoRA's peft state dict as this family's pipeline's `load_lora_weights` reads it."""
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=metadata)
 
     def with_image_sizes(self, cond: torch.Tensor, sizes: torch.Tensor, resolution: int) -> torch.Tensor:
         """Stage 1: `cond` for training images whose originals had `sizes [B, 4]` (height,
@@ -137,6 +202,22 @@ def load_tokenizer(path_or_id: str, subfolder: str, revision: str | None = None,
     tokenizer = CLIPTokenizer.from_pretrained(path_or_id, subfolder=subfolder, **({"revision": revision} if revision else {}))
     check_clip_tokenizer(tokenizer, f"the {subfolder} of {path_or_id}")
     return tokenizer
+
+
+def ddim_scheduler(scheduler_config: dict, *, timestep_spacing: str, final: str = "step"):
+    """A deterministic-capable DDIM scheduler on the model's own noise schedule. `final`
+    (sampler.final): "pred_x0" sets set_alpha_to_one, so that the last step returns the
+    predicted clean latent exactly (sqrt(1) x0_pred + sqrt(0) eps); "step" keeps the
+    model's own setting."""
+    from diffusers import DDIMScheduler
+
+    if final not in ("step", "pred_x0"):
+        raise ValueError(f"final must be step or pred_x0, got {final!r}")
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    config.update(timestep_spacing=timestep_spacing, clip_sample=False, thresholding=False)
+    if final == "pred_x0":
+        config["set_alpha_to_one"] = True
+    return DDIMScheduler.from_config(config)
 
 
 def scheduler_config(path_or_id: str, revision: str | None = None) -> dict:

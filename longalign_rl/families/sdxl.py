@@ -25,14 +25,11 @@ from pathlib import Path
 
 import torch
 
-from longalign_rl.encoding.encode import (PAD_POSITIONS, merge_segments, prompt_segments, split_prompts, window_ids,
-                                          word_counts)
-from longalign_rl.encoding.tokenizer import token_counter
 from longalign_rl.families.base import Components, Family, load_tokenizer, read_config, scheduler_config
 from longalign_rl.families.sd import SD
+from longalign_rl.families.text import POOLED_CHOICES, ClipSegments
 
 TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
-POOLED_CHOICES = ("first", "mean")
 
 
 @dataclass(frozen=True)
@@ -149,48 +146,26 @@ def with_size(cond: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class SDXLEncoder:
-    """Segment encoding through both of SDXL's CLIP encoders (the module docstring)."""
+class SDXLEncoder(ClipSegments):
+    """Segment encoding through both of SDXL's CLIP encoders (the module docstring;
+    families/text.py): the tokens of both, the pooled embedding of the second."""
 
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, *, max_tokens: int = 240,
                  pack_segments: bool = False, split: str = "sentences", clean_text: bool = False,
                  pooled: str = "first", resolution: int = 1024, zeros_for_empty: bool = True):
-        if pooled not in POOLED_CHOICES:
-            raise ValueError(f"prompts.pooled must be one of {', '.join(POOLED_CHOICES)}, got {pooled!r}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        self.tokenizers = (tokenizer, tokenizer_2)
-        self.encoders = (text_encoder, text_encoder_2)
-        self.tokenizer = tokenizer  # segments are measured with the first (both are CLIP's BPE)
-        self.max_tokens = max_tokens
-        self.pack_segments, self.split, self.clean_text = pack_segments, split, clean_text
-        self.pooled = pooled
+        super().__init__((tokenizer, tokenizer_2), (text_encoder, text_encoder_2), max_tokens=max_tokens,
+                         pack_segments=pack_segments, split=split, clean_text=clean_text, pooled=pooled,
+                         pooled_from=(1,))
         self.ids = time_ids((resolution, resolution), (0, 0), (resolution, resolution))
-        width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
         pooled_dim = text_encoder_2.config.projection_dim
-        if TIME_IDS + pooled_dim > width:
-            raise ValueError(f"SDXL's conditioning row of {width} values cannot hold {TIME_IDS} time ids and a "
+        if TIME_IDS + pooled_dim > self.width:
+            raise ValueError(f"SDXL's conditioning row of {self.width} values cannot hold {TIME_IDS} time ids and a "
                              f"{pooled_dim}-wide pooled embedding")
-        states, _ = self._windows([""])
-        self.pad = states[0, PAD_POSITIONS].mean(dim=0)
         if zeros_for_empty:  # the pipeline's force_zeros_for_empty_prompt: zeros, then our size conditioning
-            self._uncond = self._pack(torch.zeros(1, max_tokens, width, dtype=states.dtype, device=states.device),
-                                      torch.zeros(1, pooled_dim, dtype=states.dtype, device=states.device))
+            zeros = self.pad.new_zeros
+            self._uncond = self._pack(zeros(1, max_tokens, self.width), zeros(1, pooled_dim))
         else:
             self._uncond = self([""])
-
-    @torch.no_grad()
-    def _windows(self, segments: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each segment's 77-token window through both encoders: penultimate hidden states
-        concatenated per token `[S, 77, 2048]`, and the second's pooled projection `[S, 1280]`
-        (what encode_prompt takes, clip_skip None)."""
-        hidden, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
-            ids = window_ids(tokenizer, segments).to(next(encoder.parameters()).device)
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
-        return torch.cat(hidden, dim=-1), pooled
 
     def _pack(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         row = torch.zeros(tokens.shape[0], 1, tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
@@ -200,27 +175,10 @@ class SDXLEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts) -> torch.Tensor:
-        per_prompt = split_prompts(prompts, self.tokenizer, pack_segments=self.pack_segments, split=self.split,
-                                   clean_text=self.clean_text)
-        flat = [segment for segments in per_prompt for segment in segments]
-        states, pooled = self._windows(flat)
-        counts = [len(s) for s in per_prompt]
-        n_words = word_counts(window_ids(self.tokenizer, flat), self.tokenizer.eos_token_id)
-        tokens = merge_segments(states, n_words, counts, prompts, max_tokens=self.max_tokens, pad=self.pad,
-                                keep_tail=True)
-        starts = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
-        if self.pooled == "first":
-            chosen = pooled[starts]
-        else:
-            chosen = torch.stack([pooled[s:s + n].mean(dim=0) for s, n in zip(starts, counts)])
-        return self._pack(tokens, chosen)
+        return self._pack(*self.encode(prompts))
 
     def uncond(self, batch_size: int) -> torch.Tensor:
         return self._uncond.expand(batch_size, -1, -1)
 
-    def segments(self, prompt: str) -> list[str]:
-        return prompt_segments(prompt, token_counter(self.tokenizer), pack_segments=self.pack_segments,
-                               split=self.split, clean_text=self.clean_text)
 
-
-__all__ = ["SDXL", "SDXLEncoder", "time_ids", "unpack", "with_size"]
+__all__ = ["POOLED_CHOICES", "SDXL", "SDXLEncoder", "time_ids", "unpack", "with_size"]

@@ -1,5 +1,7 @@
 """Deterministic DDIM with classifier-free guidance, and the linear maps that let a trainer
-replay a trajectory's gradient without re-running it (docs/method.md section 3).
+replay a trajectory's gradient without re-running it (docs/method.md section 3). A
+flow-matching model's Euler ODE (SD3, FLUX: sampling/flow.py) has the same linear form
+and goes through the same functions (`step_coefficients`, `deterministic_step`).
 
 With eta = 0 each DDIM update is linear in the latent and the noise prediction:
     x_{i+1} = a_i * x_i + b_i * eps_i
@@ -18,6 +20,7 @@ import contextlib
 import torch
 
 from longalign_rl.families.sd import SD
+from longalign_rl.sampling import flow
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -116,19 +119,28 @@ PLAIN = SD()  # a UNet whose whole conditioning is its cross-attention tokens
 
 
 def guided_eps(unet, latents, timestep, cond, uncond, guidance_scale: float, family=None) -> torch.Tensor:
-    """Classifier-free guided noise prediction, one batched denoiser call for both halves.
-    `family` (Components.family) reads its conditioning back into the call (families/base.py);
+    """The guided prediction (noise, or a flow model's velocity) at `latents`: the family's
+    guidance (Family.guided; classifier-free, one batched denoiser call for both halves,
+    unless the family has its own, as FLUX's guidance embedding). `family`
+    (Components.family) reads its conditioning back into the call (families/base.py);
     None: SD 1.x's, all of `cond` is the cross-attention tokens."""
-    dtype = next(unet.parameters()).dtype
-    x = torch.cat([latents, latents]).to(dtype)
-    context = torch.cat([uncond.expand_as(cond), cond]).to(dtype)
-    eps_uncond, eps_cond = (family or PLAIN).predict(unet, x, timestep, context).to(latents.dtype).chunk(2)
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    return (family or PLAIN).guided(unet, latents, timestep, cond, uncond, guidance_scale)
+
+
+def deterministic_step(scheduler, i: int, t, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Step i (timestep t) of the deterministic chain: DDIM with eta 0 by the scheduler's own
+    `step`, or a flow model's Euler ODE step (flow.euler_step, by index: no scheduler state)."""
+    if flow.is_flow(scheduler):
+        return flow.euler_step(scheduler, i, x, eps)
+    return scheduler.step(eps, t, x, eta=0.0).prev_sample
 
 
 @torch.no_grad()
 def step_coefficients(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) with step i: x_{i+1} = a_i x_i + b_i eps_i, for the scheduler's set timesteps."""
+    """(a, b) with step i: x_{i+1} = a_i x_i + b_i eps_i, for the scheduler's set timesteps
+    (a flow model's Euler ODE: a_i = 1, b_i = sigma_{i+1} - sigma_i)."""
+    if flow.is_flow(scheduler):
+        return flow.euler_coefficients(scheduler)
     one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     a, b = [], []
     for t in scheduler.timesteps:

@@ -14,10 +14,11 @@ import time
 import torch
 
 from longalign_rl.config import PromptConfig, SamplerConfig
-from longalign_rl.models import DTYPES, Components, make_scheduler, vae_scale_factor
+from longalign_rl.models import DTYPES, Components, vae_scale_factor
 from longalign_rl.noise import initial_noise
-from longalign_rl.sampling.ddim import (batch_dropout_seed, derive_seed, dropout_masks, dropout_seed,
-                                        grad_step_indices, guided_eps, replay_coefficients, step_coefficients)
+from longalign_rl.sampling.ddim import (PLAIN, batch_dropout_seed, derive_seed, deterministic_step, dropout_masks,
+                                        dropout_seed, grad_step_indices, guided_eps, replay_coefficients,
+                                        step_coefficients)
 from longalign_rl.sampling.stochastic import stochastic_coefficients, stochastic_step
 from longalign_rl.types import Rollout, Trajectory
 
@@ -36,6 +37,7 @@ class Sampler:
         vae_scale_factor: int = 8,
         train_mode: bool = False,
         family=None,
+        latent_channels: int | None = None,
     ):
         self.unet = unet
         self.family = family  # Components.family: how the denoiser reads the conditioning (None: SD 1.x)
@@ -46,9 +48,14 @@ class Sampler:
         if resolution % vae_scale_factor:
             raise ValueError(f"resolution {resolution} is not a multiple of the VAE's scale factor {vae_scale_factor}")
         self.latent_size = resolution // vae_scale_factor  # SD's VAE: 8
+        # the VAE's latent channels (a UNet takes as many; FLUX's transformer takes them packed)
+        channels = latent_channels or unet.config.in_channels
+        self.latent_shape = (channels, self.latent_size, self.latent_size)
+        # the initial noise's scale: DDIM's init_noise_sigma (1 for SD's); a flow model starts at sigma 1
+        self.init_noise_sigma = getattr(scheduler, "init_noise_sigma", 1.0)
         self.num_grad_steps = num_grad_steps
         self.train_mode = train_mode  # sampler.train_mode: the LoRA's dropout on, seeded per call
-        scheduler.set_timesteps(num_steps)
+        (family or PLAIN).set_timesteps(scheduler, num_steps, self.latent_size)
         self.a, self.b = step_coefficients(scheduler)
 
     @property
@@ -76,8 +83,7 @@ class Sampler:
 
         cond = self.encoder(prompts).float()
         uncond = self.encoder.uncond(1).float()
-        shape = (self.unet.config.in_channels, self.latent_size, self.latent_size)
-        latents = (initial_noise(seeds, shape) * self.scheduler.init_noise_sigma).to(self.device)
+        latents = (initial_noise(seeds, self.latent_shape) * self.init_noise_sigma).to(self.device)
         cond_d, uncond_d = cond.to(self.device), uncond.to(self.device)
 
         grad_latents, grad_eps = [], []
@@ -86,7 +92,7 @@ class Sampler:
             if i in indices:
                 grad_latents.append(x.cpu())
                 grad_eps.append(eps.cpu())
-            return self.scheduler.step(eps, t, x, eta=0.0).prev_sample
+            return deterministic_step(self.scheduler, i, t, x, eps)
 
         latents = denoise(self, latents, cond_d, uncond_d, step, batch_dropout_seed(seeds))
 
@@ -140,10 +146,9 @@ def generate_latents(sampler: "Sampler", prompts: list[str], seeds: list[int]) -
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     cond = sampler.encoder(prompts).to(sampler.device)
     uncond = sampler.encoder.uncond(1).to(sampler.device)
-    shape = (sampler.unet.config.in_channels, sampler.latent_size, sampler.latent_size)
-    latents = (initial_noise(seeds, shape) * sampler.scheduler.init_noise_sigma).to(sampler.device)
+    latents = (initial_noise(seeds, sampler.latent_shape) * sampler.init_noise_sigma).to(sampler.device)
     latents = denoise(sampler, latents, cond, uncond,  # validation and inference: never dropout (seed None)
-                      lambda i, t, x, eps: sampler.scheduler.step(eps, t, x, eta=0.0).prev_sample)
+                      lambda i, t, x, eps: deterministic_step(sampler.scheduler, i, t, x, eps))
     return latents.float().cpu()
 
 
@@ -172,11 +177,11 @@ def sample_trajectory(sampler: Sampler, prompts: list[str], seed: int, eta: floa
     indices = [trainable[int(i)] for i in chosen]
     cond = sampler.encoder(prompts).float()
     uncond = sampler.encoder.uncond(1).float()
-    shape = (sampler.unet.config.in_channels, sampler.latent_size, sampler.latent_size)
+    shape = sampler.latent_shape
     if len(prompts) % shared_start:
         raise ValueError(f"{len(prompts)} samples do not split into runs of {shared_start} with a shared start")
     start_noise = initial_noise(seeds[::shared_start], shape)
-    x = (start_noise.repeat_interleave(shared_start, 0) * sampler.scheduler.init_noise_sigma).to(sampler.device)
+    x = (start_noise.repeat_interleave(shared_start, 0) * sampler.init_noise_sigma).to(sampler.device)
     cond_d, uncond_d = cond.to(sampler.device), uncond.to(sampler.device)
     generators = noise_generators(seeds)
     inputs, outputs, log_probs = [], [], []
@@ -215,7 +220,8 @@ def build_sampler(cfg: SamplerConfig, parts: Components, *, prompts: PromptConfi
         t5 = parts.t5.to(device, dtype) if parts.t5 is not None else None
         encoder = parts.family.encoder(parts, prompts or PromptConfig(), resolution=cfg.resolution, device=device,
                                        dtype=dtype, t5=t5)
-    scheduler = make_scheduler(parts.scheduler_config, timestep_spacing=cfg.timestep_spacing, final=cfg.final)
+    scheduler = parts.family.scheduler(parts.scheduler_config, timestep_spacing=cfg.timestep_spacing, final=cfg.final)
     return Sampler(unet, encoder, scheduler, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                    resolution=cfg.resolution, num_grad_steps=cfg.num_grad_steps,
-                   vae_scale_factor=vae_scale_factor(parts.vae), train_mode=cfg.train_mode, family=parts.family)
+                   vae_scale_factor=vae_scale_factor(parts.vae), train_mode=cfg.train_mode, family=parts.family,
+                   latent_channels=parts.vae.config.latent_channels)

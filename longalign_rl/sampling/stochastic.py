@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from longalign_rl.sampling import flow
 
 @torch.no_grad()
 def stochastic_coefficients(scheduler, eta: float, window: tuple[int, int] | None = None
@@ -31,7 +32,10 @@ def stochastic_coefficients(scheduler, eta: float, window: tuple[int, int] | Non
 
     `window` (start, end): only steps start <= i < end are stochastic; the others are
     deterministic DDIM (eta 0, sigma 0), as Flow-GRPO-Fast and MixGRPO sample outside the
-    steps they train. None: every step."""
+    steps they train. None: every step. A flow-matching scheduler (SD3, FLUX) gives
+    Flow-GRPO's SDE with `eta` as its noise level (flow.sde_coefficients)."""
+    if flow.is_flow(scheduler):
+        return flow.sde_coefficients(scheduler, eta, window)
     if eta <= 0:
         raise ValueError(f"sampler.eta must be > 0 for policy-gradient sampling, got {eta}")
     one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)

@@ -44,7 +44,7 @@ from longalign_rl.data import GlobalOrder, Pair, generate_rows, is_generator, lo
 from longalign_rl.hooks import load_metric_hooks
 from longalign_rl.encoding.t5 import ADAPTER_FOLDER
 from longalign_rl.lora import ADAPTER, export_adapter, load_trainable_state_dict, make_trainable, merge_lora
-from longalign_rl.models import DTYPES, Components, load_components, make_scheduler, save_model_folder, vae_scale_factor
+from longalign_rl.models import DTYPES, Components, load_components, save_model_folder, vae_scale_factor
 from longalign_rl.sampling.sampler import Sampler, generate_latents
 from longalign_rl.training.checkpoint import TrainerState
 from longalign_rl.training.worker import StepOutput, WorkerContext, global_chunk, sample_seed
@@ -116,8 +116,8 @@ def save_merged_model(cfg: Config, weights: dict[str, torch.Tensor], directory: 
     The parts are reloaded in float32, so the frozen ones are saved exactly as they came and
     the LoRA is merged into the float32 base weights whatever the training precision."""
     parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision,
-                            family=cfg.model.family)
-    make_trainable(parts.unet, cfg.lora)
+                            family=cfg.model.family, without_t5=cfg.model.without_t5)
+    make_trainable(parts.unet, cfg.lora, family=parts.family)
     load_trainable_state_dict(parts.unet, {k: v for k, v in weights.items() if not k.startswith(ADAPTER + ".")},
                               cfg.lora)
     if cfg.lora.enabled:
@@ -130,8 +130,6 @@ class Denoising:
     summary_keys = ("loss",)  # what the end-of-run summary compares
 
     def __init__(self, ctx: WorkerContext, parts: Components, loop_config: dict):
-        from diffusers import DDPMScheduler
-
         cfg = self.cfg = ctx.cfg
         self.ctx = ctx
         dtype = DTYPES[cfg.train.precision]
@@ -146,8 +144,8 @@ class Denoising:
         # image's own is written over it in `update` (Family.with_image_sizes)
         self.encoder = parts.family.encoder(parts, cfg.prompts, resolution=cfg.sampler.resolution,
                                             device=ctx.device, dtype=dtype, t5=t5)
-        self.scheduler = DDPMScheduler.from_config(parts.scheduler_config)
-        self.scheduler_config = parts.scheduler_config  # validation's DDIM: the model's own settings
+        self.scheduler = parts.family.training_scheduler(parts.scheduler_config)
+        self.scheduler_config = parts.scheduler_config  # validation's sampler: the model's own settings
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
         self.hooks = load_metric_hooks(cfg.run.metrics)
         self.source = PairSource(loop_config["data"], cfg.data)
@@ -156,12 +154,12 @@ class Denoising:
         """Rank 0 alone: the validation prompts drawn by its own UNet (dropout off) from their
         fixed noise, scored by the metric hooks (stage 1 has no reward), saved (validation.py)."""
         cfg, ctx, unet = self.cfg, self.ctx, self.ctx.engine.module
-        scheduler = make_scheduler(self.scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing,
-                                   final=cfg.sampler.final)
+        scheduler = self.family.scheduler(self.scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing,
+                                          final=cfg.sampler.final)
         sampler = Sampler(unet, self.encoder, scheduler,
                           num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
                           resolution=cfg.sampler.resolution, num_grad_steps=1, vae_scale_factor=vae_scale_factor(self.vae),
-                          family=self.family)
+                          family=self.family, latent_channels=self.vae.config.latent_channels)
         vset, batch = self.validation, cfg.train.batch_size
         images, values = [], {}
         for i in range(0, len(vset.prompts), batch):  # generate_latents turns dropout off for its chain

@@ -23,14 +23,14 @@ def trains_with_dropout(cfg: Config) -> bool:
     return cfg.stage == 1 or cfg.sampler.train_mode
 
 
-def prepare_unet(cfg: Config, unet, device: torch.device, adapter=None) -> list[torch.nn.Parameter]:
+def prepare_unet(cfg: Config, unet, device: torch.device, adapter=None, family=None) -> list[torch.nn.Parameter]:
     """Move the UNet to the device, add what trains (LoRA or everything, and `adapter`, the
     T5 branch's TextAdapter in stage 1), training mode with the dropout of
     `trains_with_dropout`, set here once for the whole run: an activation-checkpointing
     recompute in the backward pass drops as its forward pass did only if nothing switches
     the layers in between (sampling/ddim.py set_dropout)."""
     unet = unet.to(device)
-    params = make_trainable(unet, cfg.lora, adapter)
+    params = make_trainable(unet, cfg.lora, adapter, family)
     unet.train()
     set_dropout(unet, trains_with_dropout(cfg))
     if cfg.train.activation_checkpointing:
@@ -104,9 +104,9 @@ def build_trainable(cfg: Config, device: torch.device) -> tuple[Components, obje
         parts = load_model(cfg)
     else:
         parts = load_components(cfg.model.pretrained, seed=cfg.model.random_seed, revision=cfg.model.revision,
-                                family=cfg.model.family)
+                                family=cfg.model.family, without_t5=cfg.model.without_t5)
     adapter = parts.t5.adapter if parts.t5 is not None else None
-    engine, schedule = make_engine(cfg, parts.unet, prepare_unet(cfg, parts.unet, device, adapter))
+    engine, schedule = make_engine(cfg, parts.unet, prepare_unet(cfg, parts.unet, device, adapter, parts.family))
     return parts, engine, schedule
 
 

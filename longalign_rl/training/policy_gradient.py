@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from longalign_rl.algorithms.policy_gradient import (PerPromptStatTracker, grpo_advantages, policy_step_loss,
                                                      sde_steps, trained_steps)
-from longalign_rl.models import Components, make_scheduler
+from longalign_rl.models import Components, vae_scale_factor
 from longalign_rl.sampling.stochastic import stochastic_coefficients
 from longalign_rl.scoring import score
 from longalign_rl.training.checkpoint import TrainerState
@@ -41,11 +41,13 @@ from longalign_rl.types import Trajectory
 from longalign_rl.vae import decode
 
 
-def check_trained_steps(cfg, scheduler_config) -> None:
+def check_trained_steps(cfg, parts: Components) -> None:
     """The sampler can record trained_steps(cfg) stochastic steps of this model's schedule (a
     scheduler with set_alpha_to_one makes the last DDIM step deterministic: no density)."""
-    scheduler = make_scheduler(scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing, final=cfg.sampler.final)
-    scheduler.set_timesteps(cfg.sampler.num_steps)
+    family = parts.family
+    scheduler = family.scheduler(parts.scheduler_config, timestep_spacing=cfg.sampler.timestep_spacing,
+                                 final=cfg.sampler.final)
+    family.set_timesteps(scheduler, cfg.sampler.num_steps, cfg.sampler.resolution // vae_scale_factor(parts.vae))
     stochastic = int((stochastic_coefficients(scheduler, cfg.sampler.eta, sde_steps(cfg))[2] > 0).sum())
     if stochastic < trained_steps(cfg):
         raise ValueError(f"algorithm.timestep_fraction: {trained_steps(cfg)} trained steps asked for, but only "
@@ -61,7 +63,7 @@ class PolicyGradientBody(SamplerFed):
     def __init__(self, ctx: WorkerContext, parts: Components, loop_config: dict):
         super().__init__(ctx, parts, loop_config)
         a = self.cfg.algorithm
-        check_trained_steps(self.cfg, parts.scheduler_config)
+        check_trained_steps(self.cfg, parts)
         self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count) if self.algorithm.per_prompt_statistics else None
         # Built before the checkpoint loads: the reference is the model the run started from.
         self.reference = self._make_reference() if a.kl_weight > 0 else None

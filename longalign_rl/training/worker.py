@@ -394,7 +394,8 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
     # ------------------------------------------------------------------ EXPORT
     with ctx.master_precision():  # a bf16/fp16 run exports its fp32 master weights
         if rank == 0:
-            export_for_diffusers(engine.module, cfg.lora, run_dir / (LORA if cfg.lora.enabled else UNET))
+            export_for_diffusers(engine.module, cfg.lora, run_dir / (LORA if cfg.lora.enabled else UNET),
+                                getattr(body, "family", None))
             export_adapter(engine.module, run_dir / "text_adapter")  # stage 1's trained T5 adapter, if any
             body.export()
     if rank == 0:

@@ -102,7 +102,7 @@ def test_a_long_prompt_keeps_every_segments_words_in_both_encoders_and_the_poole
     segments = encoder.segments(LONG)
     assert len(segments) == 3
     cond = encoder([LONG])
-    windows, pooled = encoder._windows(segments)  # each segment alone, in its own window
+    windows, pooled = encoder.windows(segments)  # each segment alone, in its own window
     position = 0
     for j, segment in enumerate(segments):
         n = len(sdxl.tokenizer(segment, add_special_tokens=False).input_ids)

@@ -1,7 +1,9 @@
 """Trajectory replay (docs/method.md section 3): the trainer's replayed x0 equals the sampler's,
 and its gradient equals the gradient of the reference chain, which runs every step in one
 graph with gradient at the chosen steps on detached inputs. For every model family: SD 1.x
-("tiny") and SDXL ("tiny-sdxl"), whose conditioning carries its pooled embedding and time ids."""
+("tiny"), SDXL ("tiny-sdxl"), whose conditioning carries its pooled embedding and time ids,
+and the flow-matching transformers SD3 ("tiny-sd3") and FLUX ("tiny-flux"), whose chain is
+the Euler ODE of diffusers' own FlowMatchEulerDiscreteScheduler."""
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from longalign_rl.algorithms.reward_backprop import replay_final_latents
 from longalign_rl.config import LoRAConfig, PromptConfig
 from longalign_rl.lora import make_trainable
-from longalign_rl.models import load_components, make_scheduler
+from longalign_rl.models import load_components
 from longalign_rl.sampling.ddim import grad_step_indices, guided_eps, replay_coefficients
 from longalign_rl.sampling.sampler import Sampler
 from longalign_rl.types import Rollout
@@ -28,11 +30,27 @@ def reference_chain(unet, scheduler, noise, cond, uncond, guidance, grad_indices
         if final == "pred_x0" and i == len(scheduler.timesteps) - 1:
             abar = scheduler.alphas_cumprod[int(t)]  # float32 coefficients, as the scheduler's own
             return (latents - (1 - abar) ** 0.5 * eps) / abar ** 0.5
-        latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+        latents = scheduler_step(scheduler, eps, t, latents, family)
     return latents
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl"])
+def scheduler_step(scheduler, eps, t, latents, family):
+    """The diffusers scheduler's own DDIM step; a flow model's Euler step x + (s' - s) v in
+    float64 (FlowMatchEulerDiscreteScheduler.step would round a float64 sample to float32;
+    that the sampler equals its step in float32 is test_families.py's pipeline test)."""
+    if family.denoiser == "unet":
+        return scheduler.step(eps, t, latents, eta=0.0).prev_sample
+    i = int((scheduler.timesteps == t).nonzero())
+    return latents + (scheduler.sigmas[i + 1] - scheduler.sigmas[i]).double() * eps
+
+
+def model_schedule(parts, num_steps, final="step"):
+    scheduler = parts.family.scheduler(parts.scheduler_config, timestep_spacing="trailing", final=final)
+    parts.family.set_timesteps(scheduler, num_steps, 8)
+    return scheduler
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def parts(request):
     c = load_components(request.param)
     torch.manual_seed(0)
@@ -48,34 +66,39 @@ def parts(request):
 
 
 def make_sampler(parts, num_steps=8, num_grad_steps=3, final="step"):
-    encoder = parts.family.encoder(parts, PromptConfig(max_tokens=24), resolution=64, dtype=torch.float64)
-    scheduler = make_scheduler(parts.scheduler_config, timestep_spacing="trailing", final=final)
+    encoder = parts.family.encoder(parts, PromptConfig(max_tokens=24, t5_max_tokens=16), resolution=64,
+                                   dtype=torch.float64)
+    scheduler = parts.family.scheduler(parts.scheduler_config, timestep_spacing="trailing", final=final)
     return Sampler(parts.unet, encoder, scheduler, num_steps=num_steps, guidance_scale=5.0,
-                   resolution=64, num_grad_steps=num_grad_steps, family=parts.family)
+                   resolution=64, num_grad_steps=num_grad_steps, family=parts.family,
+                   latent_channels=parts.vae.config.latent_channels)
 
 
 def lora_grads(unet):
     return {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("final", ["step", "pred_x0"])
+# sampler.final pred_x0 is DDIM's (a flow family's chain always ends at its last Euler step)
+@pytest.mark.parametrize("parts,final", [("tiny", "step"), ("tiny", "pred_x0"), ("tiny-sdxl", "step"),
+                                         ("tiny-sdxl", "pred_x0"), ("tiny-sd3", "step"), ("tiny-flux", "step")],
+                         indirect=["parts"])
 def test_replay_matches_reference_chain_value_and_gradient(parts, final):
     """In float64, so that only rounding separates the two computations. sampler.final
     pred_x0: the sampler's scheduler returns the predicted clean latent at the last step,
     and the reference chain computes it from its definition on the model's own schedule."""
     sampler = make_sampler(parts, final=final)
     scheduler, unet, guidance = sampler.scheduler, parts.unet, sampler.guidance_scale
-    model_scheduler = make_scheduler(parts.scheduler_config, timestep_spacing="trailing")  # set_alpha_to_one false
-    model_scheduler.set_timesteps(8)
+    model_scheduler = model_schedule(parts, 8)  # DDIM: set_alpha_to_one false, the model's own
     cond = sampler.encoder(PROMPTS).double()
     uncond = sampler.encoder.uncond(1).double()
-    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    noise = torch.randn(2, *sampler.latent_shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     indices = grad_step_indices(8, 3, offset=1)  # includes the last step (index 7)
 
     family = parts.family
     ref = reference_chain(unet, model_scheduler, noise, cond, uncond, guidance, indices, final, family)
 
     # What a sampler records for the same chain, without gradient.
+    scheduler = model_schedule(parts, 8, final)
     with torch.no_grad():
         latents, grad_latents, grad_eps = noise, [], []
         for i, t in enumerate(scheduler.timesteps):
@@ -83,7 +106,7 @@ def test_replay_matches_reference_chain_value_and_gradient(parts, final):
             if i in indices:
                 grad_latents.append(latents)
                 grad_eps.append(eps)
-            latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+            latents = scheduler_step(scheduler, eps, t, latents, family)
     rollout = Rollout(
         prompts=PROMPTS, cond=cond, uncond=uncond, grad_indices=indices,
         grad_timesteps=scheduler.timesteps[indices], grad_latents=torch.stack(grad_latents, 1),
@@ -105,7 +128,7 @@ def test_replay_matches_reference_chain_value_and_gradient(parts, final):
     for name in g_ref:
         torch.testing.assert_close(g_replay[name], g_ref[name], rtol=1e-9, atol=1e-12, msg=name)
     if final == "pred_x0":  # and the two modes do decode different latents
-        other = reference_chain(unet, model_scheduler, noise, cond, uncond, guidance, indices, "step", family)
+        other = reference_chain(unet, model_schedule(parts, 8), noise, cond, uncond, guidance, indices, "step", family)
         assert (other - ref).abs().max() > 1e-3
 
 
