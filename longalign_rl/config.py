@@ -150,11 +150,14 @@ class SamplerConfig:
     # fail (a dead actor is restarted and rebuilds its model: seconds for the tiny model,
     # minutes for SD v1.5 on a new node) before the step fails with the last cause. Seconds.
     timeout_s: float = 600.0
-    # DDIM steps from pure noise (reference: 50, t = 999, 979, ..., 19).
+    # DDIM steps from pure noise (reference: 50, t = 999, 979, ..., 19); on a flow-matching
+    # model (SD3, FLUX) its Euler steps, on the model's own shifted schedule.
     num_steps: int = 50
     # "trailing" gives the reference timesteps 999..19; "leading" gives diffusers' 981..1.
+    # DDIM's: a flow-matching model's schedule is its scheduler's (not read).
     timestep_spacing: str = "trailing"
-    # Classifier-free guidance scale.
+    # Classifier-free guidance scale; FLUX.1-dev's guidance embedding takes it instead
+    # (guidance-distilled: one denoiser call per step, FluxPipeline's default 3.5).
     guidance_scale: float = 7.5
     # Image side in pixels (latents are resolution / the VAE's scale factor, 8 for SD's).
     resolution: int = 512
@@ -162,17 +165,23 @@ class SamplerConfig:
     # from a random offset (reference: 5 of 50, every 10th), drawn once per optimiser step
     # for its whole global batch.
     num_grad_steps: int = 5
+    # Which steps those are: "strided" (the reference's, above) or "last" (the chain's last
+    # num_grad_steps steps, as DRaFT-K and the flow-model reward-backprop recipes take them).
+    grad_steps: str = "strided"
     # Sampler precision: fp32 | bf16 | fp16. Another split of the global batch changes the
     # order of sums: fp32 keeps runs the same to ~1e-5, 16 bits to ~1e-2 (docs/scaling.md).
     precision: str = "bf16"
     # DDIM's eta for policy-gradient algorithms (algorithm.name grpo | ddpo): each step adds
     # eta-scaled noise, which makes it a Gaussian with a log-probability (ddpo-pytorch: 1.0).
-    # Reward backpropagation samples deterministically (eta 0) and ignores it.
+    # On a flow-matching model (SD3, FLUX) the noise level a of Flow-GRPO's SDE
+    # (sampling/flow.py; Flow-GRPO: 0.7). Reward backpropagation samples deterministically
+    # (eta 0, the ODE) and ignores it.
     eta: float = 1.0
     # What the chain hands to the VAE: "step" (the last DDIM step's output; with SD v1.5's
     # set_alpha_to_one=false that is 0.99957 x0_pred + 0.02916 eps) or "pred_x0" (the last
     # step's predicted clean latent, as the reference decodes: the DDIM scheduler with
     # set_alpha_to_one, whose last step then returns exactly x0_pred). docs/reference_mode.md.
+    # DDIM's: a flow-matching model's last Euler step lands on sigma 0 (not read).
     final: str = "step"
     # Sample with the LoRA's dropout active (train mode), as the reference's chain does; the
     # dropout masks of a UNet call are drawn from a seed of the rollout and the step, which
@@ -569,6 +578,7 @@ def validate(cfg: Config) -> None:
     _require(bool(cfg.t5.encoder) or not cfg.t5.adapter, "t5.adapter",
              "an adapter without its T5 encoder does nothing; set t5.encoder too")
     _require(s.final in ("step", "pred_x0"), "sampler.final", f"must be step or pred_x0, got {s.final!r}")
+    _require(s.grad_steps in ("strided", "last"), "sampler.grad_steps", f"must be strided or last, got {s.grad_steps!r}")
     _require(s.timestep_spacing in ("trailing", "leading", "linspace"), "sampler.timestep_spacing",
              f"must be trailing, leading or linspace, got {s.timestep_spacing!r}")
     _require(s.resolution % 8 == 0, "sampler.resolution", f"must be a multiple of 8, got {s.resolution}")

@@ -37,14 +37,16 @@ import torch
 
 from longalign_rl.config import Config, ConfigError, from_dict, load_config
 from longalign_rl.encoding.t5 import ADAPTER_FOLDER, build_t5_branch
-from longalign_rl.families.pipelines import LongPromptPipeline, LongPromptXLPipeline, LongPrompts
+from longalign_rl.families.pipelines import (LongPromptFluxPipeline, LongPromptPipeline, LongPrompts,
+                                             LongPromptSD3Pipeline, LongPromptXLPipeline)
 from longalign_rl.lora import load_trainable_state_dict, make_trainable, remove_adapter
 from longalign_rl.models import load_components
 from longalign_rl.outputs import CONFIG, LORA, METRICS, MODEL, UNET
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LongPromptPipeline", "LongPromptXLPipeline", "LongPrompts", "load"]
+__all__ = ["LongPromptFluxPipeline", "LongPromptPipeline", "LongPromptSD3Pipeline", "LongPromptXLPipeline",
+           "LongPrompts", "load"]
 
 # A model folder's own sampling defaults: {"scheduler": ddim | unipc, "config": {sampler,
 # prompts and t5 keys}}; reference_import writes the authors' sample.py's.
@@ -134,14 +136,16 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
             pipe.load_lora_weights(where)
         finally:
             diffusers_logging.set_verbosity(level)
-    pipe.unet.eval()  # layers a LoRA added start in train mode: its dropout would act at inference
+    parts.unet.eval()  # the pipeline's denoiser: layers a LoRA added start in train mode (dropout)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype != torch.float32:  # the parts load in float32
         pipe.to(dtype=dtype)
     t5_branch = parts.t5.to(pipe.device, pipe.text_encoder.dtype) if parts.t5 is not None else None
     native = kind == "base" and like is None  # a model alone: its own size
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor if native else cfg.sampler.resolution
+    # FLUX's transformer names no sample size: its pipeline's default, 128 latents (1024 px)
+    native_latents = getattr(parts.unet.config, "sample_size", None) or 128
+    resolution = native_latents * pipe.vae_scale_factor if native else cfg.sampler.resolution
     prompts = dataclasses.replace(cfg.prompts, max_tokens=max_tokens or cfg.prompts.max_tokens)
     pipe.segment_encoder = parts.family.encoder(parts, prompts, resolution=resolution, device=pipe.device,
                                                 dtype=pipe.text_encoder.dtype, t5=t5_branch)

@@ -387,7 +387,8 @@ class Algorithm:
 
     def describe_sampling(self, cfg) -> str:
         """What the samplers' DDIM chain records, for the run header's "samplers" line."""
-        return f"{cfg.sampler.num_grad_steps} with gradient"
+        where = " (the last)" if cfg.sampler.grad_steps == "last" else ""
+        return f"{cfg.sampler.num_grad_steps} with gradient{where}"
 
 
 ALGORITHMS = Registry("algorithm", "longalign_rl.algorithms")

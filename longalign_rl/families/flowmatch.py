@@ -78,6 +78,16 @@ class FlowFamily(Family):
     def pipeline_class(self):
         raise NotImplementedError
 
+    def check_config(self, cfg) -> list[str]:
+        problems = []
+        if cfg.t5.encoder:
+            problems.append(f"t5.encoder: the reference release's T5 branch is SD 1.x's; {self.name} has its own T5 "
+                            "(prompts.t5_max_tokens)")
+        if cfg.sampler.final != "step":
+            problems.append(f"sampler.final: {cfg.sampler.final!r} is DDIM's; a flow-matching model's last Euler step "
+                            "lands on its clean latent (leave it at step)")
+        return problems
+
     def t5_tokens(self, prompts) -> int:
         """The T5 limit of a run: prompts.t5_max_tokens, or the family's default."""
         return prompts.t5_max_tokens or self.t5_default_tokens

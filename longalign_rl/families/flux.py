@@ -170,10 +170,7 @@ class Flux(FlowFamily):
         return {"prompt_embeds": tokens, "pooled_prompt_embeds": pooled}
 
     def check_config(self, cfg) -> list[str]:
-        problems = []
-        if cfg.t5.encoder:
-            problems.append("t5.encoder: the reference release's T5 branch is SD 1.x's; FLUX has its own T5 "
-                            "(prompts.t5_max_tokens)")
+        problems = super().check_config(cfg)
         if cfg.model.without_t5:
             problems.append("model.without_t5: FLUX reads the words from its T5 only; it cannot run without it")
         return problems

@@ -145,12 +145,6 @@ class SD3(FlowFamily):
         return {"prompt_embeds": tokens, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": negative,
                 "negative_pooled_prompt_embeds": negative_pooled}
 
-    def check_config(self, cfg) -> list[str]:
-        problems = []
-        if cfg.t5.encoder:
-            problems.append("t5.encoder: the reference release's T5 branch is SD 1.x's; SD3 has its own T5 "
-                            "(prompts.t5_max_tokens, model.without_t5)")
-        return problems
 
 
 class SD3Encoder(ClipSegments):

@@ -51,7 +51,7 @@ class SamplerActor:
         torch.set_num_threads(max(1, int(self.cfg.sampler.num_cpus)))
         device = torch.device("cuda" if self.cfg.sampler.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         parts = load_model(self.cfg)
-        make_trainable(parts.unet, self.cfg.lora)
+        make_trainable(parts.unet, self.cfg.lora, family=parts.family)
         self.sampler = build_sampler(self.cfg.sampler, parts, prompts=self.cfg.prompts, device=device)
         self.sampler.unet.eval().requires_grad_(False)
         # With reward actors the images leave from here (sample_images), decoded in the sampler's precision.

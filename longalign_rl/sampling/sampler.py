@@ -38,6 +38,7 @@ class Sampler:
         train_mode: bool = False,
         family=None,
         latent_channels: int | None = None,
+        grad_steps: str = "strided",
     ):
         self.unet = unet
         self.family = family  # Components.family: how the denoiser reads the conditioning (None: SD 1.x)
@@ -54,6 +55,9 @@ class Sampler:
         # the initial noise's scale: DDIM's init_noise_sigma (1 for SD's); a flow model starts at sigma 1
         self.init_noise_sigma = getattr(scheduler, "init_noise_sigma", 1.0)
         self.num_grad_steps = num_grad_steps
+        if grad_steps not in ("strided", "last"):
+            raise ValueError(f"sampler.grad_steps must be strided or last, got {grad_steps!r}")
+        self.grad_steps = grad_steps  # sampler.grad_steps: which steps carry the gradient
         self.train_mode = train_mode  # sampler.train_mode: the LoRA's dropout on, seeded per call
         (family or PLAIN).set_timesteps(scheduler, num_steps, self.latent_size)
         self.a, self.b = step_coefficients(scheduler)
@@ -77,9 +81,12 @@ class Sampler:
         start = time.perf_counter()
         seeds = sample_seeds(seed, len(prompts)) if seeds is None else [int(s) for s in seeds]
         generator = torch.Generator().manual_seed(seed)
-        stride = self.num_steps // self.num_grad_steps
-        offset = int(torch.randint(stride, (1,), generator=generator))
-        indices = grad_step_indices(self.num_steps, self.num_grad_steps, offset)
+        if self.grad_steps == "last":  # DRaFT-K: the chain's last K steps
+            indices = list(range(self.num_steps - self.num_grad_steps, self.num_steps))
+        else:
+            stride = self.num_steps // self.num_grad_steps
+            offset = int(torch.randint(stride, (1,), generator=generator))
+            indices = grad_step_indices(self.num_steps, self.num_grad_steps, offset)
 
         cond = self.encoder(prompts).float()
         uncond = self.encoder.uncond(1).float()
@@ -224,4 +231,4 @@ def build_sampler(cfg: SamplerConfig, parts: Components, *, prompts: PromptConfi
     return Sampler(unet, encoder, scheduler, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                    resolution=cfg.resolution, num_grad_steps=cfg.num_grad_steps,
                    vae_scale_factor=vae_scale_factor(parts.vae), train_mode=cfg.train_mode, family=parts.family,
-                   latent_channels=parts.vae.config.latent_channels)
+                   latent_channels=parts.vae.config.latent_channels, grad_steps=cfg.grad_steps)

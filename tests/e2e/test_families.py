@@ -1,8 +1,11 @@
-"""SDXL through the product (issue 25): configs/tiny_sdxl.yaml (two sampler actors, two
-DeepSpeed workers) trains, exports a LoRA that diffusers' StableDiffusionXLPipeline loads, and
-`pipeline.load` redraws its validation images. Slow: a folder that diffusers saved from a
-tiny random StableDiffusionXLPipeline this project did not make (its own sizes, its own
-scheduler class) trains with the same config, resumes and loads back; GRPO and stage 1 on SDXL.
+"""Model families through the product (issues 25, 26). SDXL: configs/tiny_sdxl.yaml (two
+sampler actors, two DeepSpeed workers) trains, exports a LoRA that diffusers'
+StableDiffusionXLPipeline loads, and `pipeline.load` redraws its validation images. Slow: a
+folder that diffusers saved from a tiny random StableDiffusionXLPipeline this project did
+not make (its own sizes, its own scheduler class) trains with the same config, resumes and
+loads back; GRPO and stage 1 on SDXL. The flow-matching transformers: configs/tiny_sd3.yaml
+(reward backpropagation) and configs/tiny_flux.yaml (Flow-GRPO) the same way; slow: each
+family's other algorithm, resumed, SD3 without its T5, and stage 1 on both.
 (configs/sdxl_longalign.yaml runs in test_configs.py, with its sizes swapped.)
 
 One Ray instance (conftest.ray_local) serves every test of this module."""
@@ -32,29 +35,32 @@ def validation_of(run_dir, step):
     return prompts, seeds, saved
 
 
-def assert_loads_redraw_the_validation(run_dir, step, diffusers_pipe):
-    """pipeline.load(run_dir) is a StableDiffusionXLPipeline with segment-encoded prompts that
-    redraws the validation images of `step` from their seeds (to PNG rounding);
-    `diffusers_pipe`, diffusers' own StableDiffusionXLPipeline of the run's base model, with
-    the exported LoRA loaded by load_lora_weights and the same embeddings
-    (Family.pipeline_inputs), draws the same images."""
+def assert_loads_redraw_the_validation(run_dir, step, diffusers_pipe, family="sdxl"):
+    """pipeline.load(run_dir) is the family's diffusers pipeline with segment-encoded prompts
+    that redraws the validation images of `step` from their seeds (to PNG rounding);
+    `diffusers_pipe`, diffusers' own pipeline of the run's base model, with the exported LoRA
+    loaded by load_lora_weights and the same embeddings (Family.pipeline_inputs), draws the
+    same images."""
     from longalign_rl.noise import initial_noise
-    from longalign_rl.pipeline import LongPromptXLPipeline, load
+    from longalign_rl.pipeline import LongPromptFluxPipeline, LongPromptSD3Pipeline, LongPromptXLPipeline, load
 
     prompts, seeds, saved = validation_of(run_dir, step)
     pipe = load(run_dir, device="cpu")
-    assert isinstance(pipe, LongPromptXLPipeline) and pipe.longalign["family"] == "sdxl"
+    kind = {"sdxl": LongPromptXLPipeline, "sd3": LongPromptSD3Pipeline, "flux": LongPromptFluxPipeline}[family]
+    assert isinstance(pipe, kind) and pipe.longalign["family"] == family
     drawn = pipe.generate(prompts, seeds, output_type="pt")
     assert (drawn - saved).abs().max() <= 1 / 255
 
     diffusers_pipe.scheduler = pipe.scheduler
     diffusers_pipe.load_lora_weights(run_dir / "lora")
-    assert sum("lora_" in n for n, _ in diffusers_pipe.unet.named_parameters()) > 0
+    denoiser = getattr(diffusers_pipe, pipe.family.denoiser)
+    assert sum("lora_" in n for n, _ in denoiser.named_parameters()) > 0
     diffusers_pipe.set_progress_bar_config(disable=True)
     encoder = pipe.segment_encoder
     embeds = pipe.family.pipeline_inputs(encoder(prompts), encoder.uncond(1))
     latent = pipe.longalign["resolution"] // pipe.vae_scale_factor
-    images = diffusers_pipe(**embeds, latents=initial_noise(seeds, (4, latent, latent)),
+    noise = pipe.family.to_pipeline_latents(initial_noise(seeds, (pipe.vae.config.latent_channels, latent, latent)))
+    images = diffusers_pipe(**embeds, latents=noise,
                             num_inference_steps=pipe.longalign["num_steps"],
                             guidance_scale=pipe.longalign["guidance_scale"], height=pipe.longalign["resolution"],
                             width=pipe.longalign["resolution"], output_type="pt").images
@@ -164,3 +170,72 @@ def test_grpo_and_stage_1_run_on_sdxl(ray_local, tmp_path):
     assert json.loads((run_dir / "model" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
     assert load_components(str(run_dir / "model")).family.name == "sdxl"
     StableDiffusionXLPipeline.from_pretrained(run_dir / "model")
+
+
+# ------------------------------------------------------------------------------ SD3 and FLUX (issue 26)
+
+FLOW = {"sd3": str(REPO / "configs" / "tiny_sd3.yaml"), "flux": str(REPO / "configs" / "tiny_flux.yaml")}
+# the default tier runs each family with the algorithm it is most used with: SD3 with reward
+# backpropagation through its last Euler steps, FLUX with Flow-GRPO; the slow tier the other
+DEFAULT_ALGORITHM = {"sd3": [], "flux": ["algorithm.name=grpo", "algorithm.group_size=2"]}
+OTHER_ALGORITHM = {"sd3": ["algorithm.name=grpo", "algorithm.group_size=2"], "flux": []}
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def flow_run(request, ray_local, tmp_path_factory):
+    """configs/tiny_sd3.yaml / tiny_flux.yaml as shipped, for 2 of their 12 steps."""
+    family = request.param
+    out = tmp_path_factory.mktemp("runs")
+    assert train.main(["--config", FLOW[family], *DEFAULT_ALGORITHM[family], "train.steps=2",
+                       f"run.output_dir={out}", f"run.name={family}"]) == 0
+    return family, out / family
+
+
+def test_tiny_sd3_and_flux_train_through_the_product_and_load_in_diffusers(flow_run):
+    from longalign_rl.models import load_components
+
+    family, run_dir = flow_run
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["workers"] == 2 for m in metrics)
+    assert all(np.isfinite(m["loss"]) and np.isfinite(m["reward"]) and m["grad_norm"] > 0 for m in metrics)
+    assert f"family: {family}" in (run_dir / "config.yaml").read_text()
+    if family == "sd3":  # reward backpropagation: the replay reproduces the sampler's chain to the policy lag
+        assert all(m["replay_error"] < 0.05 for m in metrics)
+    else:  # Flow-GRPO: the first update's ratio is 1 (the samples are the current policy's)
+        assert metrics[0]["ratio_error"] < 1e-5
+    parts = load_components(f"tiny-{family}")
+    assert_loads_redraw_the_validation(run_dir, 2, parts.family.pipeline(parts, None), family)
+
+
+@pytest.mark.slow  # four more runs per family (about 3 minutes each); each family runs above in the default tier
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_other_algorithm_resume_and_stage_1_on_flow_families(ray_local, tmp_path, family):
+    """The family's other algorithm for 2 steps with a checkpoint each, --resume to 3 (SD3:
+    without its T5); stage 1 (2 steps, ShapesWorld pairs): its merged model/ is a folder of
+    the family's pipeline that diffusers and the framework load, and stage 2 starts from it."""
+    from longalign_rl.models import load_components
+
+    extra = ["model.without_t5=true"] if family == "sd3" else []
+    assert train.main(["--config", FLOW[family], *OTHER_ALGORITHM[family], *extra, "train.steps=2",
+                       "run.checkpoint_every=1", "run.eval_every=3", "run.image_every=3", f"run.output_dir={tmp_path}",
+                       "run.name=other"]) == 0
+    run_dir = tmp_path / "other"
+    first = read_metrics(run_dir)
+    assert train.main(["--resume", str(run_dir), "train.steps=3"]) == 0
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[:2] == first
+    assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
+    parts = load_components(f"tiny-{family}", without_t5=bool(extra))
+    assert_loads_redraw_the_validation(run_dir, 3, parts.family.pipeline(parts, None), family)
+
+    assert train.main(["--config", str(REPO / "configs" / "tiny_stage1.yaml"), f"model.pretrained=tiny-{family}",
+                       "prompts.t5_max_tokens=64", "data.kwargs.n=16", "train.steps=2", "run.eval_every=2",
+                       f"run.output_dir={tmp_path}", "run.name=stage1"]) == 0
+    model = tmp_path / "stage1" / "model"
+    assert [m["step"] for m in read_metrics(tmp_path / "stage1")] == [1, 2]
+    pipeline_class = parts.family.pipeline_classes[0]
+    assert json.loads((model / "model_index.json").read_text())["_class_name"] == pipeline_class
+    assert load_components(str(model)).family.name == family
+    parts.family.pipeline_class().from_pretrained(model)
+    assert train.main(["--config", FLOW[family], f"model.pretrained={model}", "train.steps=1",
+                       f"run.output_dir={tmp_path}", "run.name=from_stage1"]) == 0
