@@ -3,10 +3,12 @@ model family at real size, with the run config's conditioning shapes and LoRA si
 GPU time they imply at a given utilisation.
 
 The model is the family's real-size built-in architecture (random weights, no memory:
-`sd15-random`, `sdxl-random`), built through the same code a run uses; the config gives the
+`sd15-random`, `sdxl-random`, `sd35-medium-random`, `flux-dev-random`), built through the
+same code a run uses; the config gives the
 resolution, the prompt encoding (max_tokens, the family's encoder run on meta tensors), the
 steps and the LoRA. Forward FLOPs are counted with torch's FlopCounterMode: one guided
-denoiser step (batch 2), the VAE decoder at the config's resolution, and a ViT-H/14 image
+denoiser step of one sample (the family's guidance: classifier-free, two calls; FLUX's
+embedding, one), the prompt's encoding (every text encoder, T5 included), the VAE decoder at the config's resolution, and a ViT-H/14 image
 tower (HPSv2's and PickScore's architecture) at 224 px. The backward multipliers are the
 usual ones and are printed with the result:
 - denoiser at the gradient steps, LoRA (frozen base weights): backward ~ 1x forward
@@ -55,22 +57,28 @@ def inspect(config: str | Path = SD15, model: str | None = None) -> dict:
     model = model or (find_family(cfg.model.family) if cfg.model.family else default_family()).real_size
     with torch.device("meta"):  # the modules; token ids stay real, every activation is meta
         parts = build_random(model)
-        make_trainable(parts.unet, cfg.lora)
+        make_trainable(parts.unet, cfg.lora, family=parts.family)
         clip = open_clip.create_model("ViT-H-14", pretrained=None, device="meta")
     family, res = parts.family, cfg.sampler.resolution
-    cond = family.encoder(parts, cfg.prompts, resolution=res, device="meta")(["A prompt. Of two sentences."])
+    encoder = family.encoder(parts, cfg.prompts, resolution=res, device="meta")
+    prompt = ["A prompt. Of two sentences."]
+    text_encode = forward_flops(lambda: encoder(prompt))  # token ids are real here, the encoders on meta
+    cond = encoder(prompt)
     lora = [n for n, m in parts.unet.named_modules() if hasattr(m, "lora_A")]
     trainable = sum(p.numel() for p in parts.unet.parameters() if p.requires_grad)
     side = res // vae_scale_factor(parts.vae)
+    channels = parts.vae.config.latent_channels
     with torch.device("meta"):
-        latents = torch.empty(2, parts.unet.config.in_channels, side, side)  # one guided step: uncond + cond
-        context = torch.empty(2, *cond.shape[1:])
+        latents = torch.empty(1, channels, side, side)  # one guided step (the family's: CFG's two calls, FLUX's one)
+        context = torch.empty(1, *cond.shape[1:])
         return {
             "config": str(config), "model": model, "family": family.name, "resolution": res,
             "cond_shape": list(cond.shape), "lora_layers": len(lora), "lora_params": trainable,
             "unet_params": sum(p.numel() for n, p in parts.unet.named_parameters() if "lora_" not in n),
-            "unet_guided_step": forward_flops(lambda: family.predict(parts.unet, latents, 500, context)),
-            "vae_decode": forward_flops(lambda: parts.vae.decode(torch.empty(1, 4, side, side))),
+            "unet_guided_step": forward_flops(lambda: family.guided(parts.unet, latents, torch.tensor(500.0), context,
+                                                                    context, cfg.sampler.guidance_scale)),
+            "text_encode": text_encode,
+            "vae_decode": forward_flops(lambda: parts.vae.decode(torch.empty(1, channels, side, side))),
             "reward_image": forward_flops(lambda: clip.encode_image(torch.empty(1, 3, 224, 224))),
             "steps": cfg.train.steps, "samples_per_step": cfg.global_batch,
             "num_steps": cfg.sampler.num_steps, "num_grad_steps": cfg.sampler.num_grad_steps,
@@ -80,7 +88,7 @@ def inspect(config: str | Path = SD15, model: str | None = None) -> dict:
 def count(config: str | Path = SD15, model: str | None = None) -> dict[str, float]:
     """Forward FLOPs per sample (`inspect`'s): unet_guided_step, vae_decode, reward_image."""
     found = inspect(config, model)
-    return {k: found[k] for k in ("unet_guided_step", "vae_decode", "reward_image")}
+    return {k: found[k] for k in ("unet_guided_step", "text_encode", "vae_decode", "reward_image")}
 
 
 def main() -> None:
@@ -105,11 +113,12 @@ def main() -> None:
         "full": grad_steps * 4 * f["unet_guided_step"] + 2 * (f["vae_decode"] + f["reward_image"]),
     }
     # The reference runs the whole 50-step chain in the trainer (45 steps without grad).
-    reference_lora = (steps - grad_steps) * f["unet_guided_step"] + train["LoRA"]
+    reference_lora = f["text_encode"] + (steps - grad_steps) * f["unet_guided_step"] + train["LoRA"]
     print("forward TFLOP per sample, counted on the meta device:")
-    for k in ("unet_guided_step", "vae_decode", "reward_image"):
+    for k in ("unet_guided_step", "text_encode", "vae_decode", "reward_image"):
         print(f"  {k:<18} {f[k] / 1e12:8.3f}")
-    print(f"sampling ({steps} guided steps, no grad): {sampling / 1e12:.2f} TFLOP/sample")
+    sampling += f["text_encode"]
+    print(f"sampling (the prompt encoded, {steps} guided steps, no grad): {sampling / 1e12:.2f} TFLOP/sample")
     for k, v in train.items():
         print(f"trainer step, {k} ({grad_steps} grad steps fwd+recompute+bwd, decode+reward fwd+bwd): "
               f"{v / 1e12:.2f} TFLOP/sample")

@@ -24,7 +24,7 @@ from longalign_rl.outputs import read_metrics
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 # Files that another e2e module already runs as shipped (more steps, a resume, its own
-# checks), each a minute of the test command: run there, not twice. Only these five are left
+# checks), each a minute of the test command: run there, not twice. Only these seven are left
 # out; a new file is run here. test_the_files_left_out_are_run_as_shipped_elsewhere keeps this true.
 RUN_ELSEWHERE = {
     "default.yaml": "test_end_to_end.py",  # tiny_run: `python -m longalign_rl.train` with no --config
@@ -32,6 +32,8 @@ RUN_ELSEWHERE = {
     "tiny_reference_stage1.yaml": "test_reference_mode.py",
     "tiny_reference.yaml": "test_reference_mode.py",
     "tiny_sdxl.yaml": "test_families.py",
+    "tiny_sd3.yaml": "test_families.py",
+    "tiny_flux.yaml": "test_families.py",
 }
 CONFIGS = [p for p in sorted((REPO / "configs").glob("*.yaml")) if p.name not in RUN_ELSEWHERE]
 
