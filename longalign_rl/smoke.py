@@ -26,7 +26,7 @@ It runs `python -m longalign_rl.train` itself (train.main, in this process), pri
 overrides it used, so that the same run can be repeated by hand, and the peak memory of each
 process of the run (the driver, the trainer workers, the sampler and reward actors).
 The README's test command runs every file in configs/ this way (tests/e2e/test_configs.py),
-but for five tiny ones that other e2e tests run as shipped (its RUN_ELSEWHERE).
+but for the tiny ones that other e2e tests run as shipped (its RUN_ELSEWHERE).
 """
 
 from __future__ import annotations

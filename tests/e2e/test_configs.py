@@ -4,7 +4,7 @@ on local Ray, with only its sizes swapped (longalign_rl/smoke.py: the model and 
 T5 encoder that needs a download for tiny stand-ins of the same classes, the resolution,
 steps, workers and actors). Every other key is kept, and checked to be: dropout,
 checkpointing, precision, train_mode, the T5 branch, splits, crops, the algorithm. A new
-file in configs/ is picked up without editing this test. (Five tiny files that other e2e
+file in configs/ is picked up without editing this test. (The tiny files that other e2e
 modules run as shipped are run there: RUN_ELSEWHERE.)
 
 Before issue 21 the config a real user starts from (sd15_longalign.yaml) and the defaults
