@@ -1,13 +1,15 @@
 """GPU benchmark without Ray: our sampler against diffusers' pipeline, and one trainer step.
 
 Runs the code the actors and trainer workers run (`Sampler`, `reward_backprop_step`), on a
-model family's architecture with random weights (`sd15-random`, `sdxl-random`: no
-download), so it fits on a machine where Ray cannot be installed. On the CPU it runs at
-tiny size as a check (`tiny`, `tiny-sdxl`).
+model family's architecture with random weights (`sd15-random`, `sdxl-random`,
+`sd35-medium-random`, `flux-dev-random`: no download), so it fits on a machine where Ray
+cannot be installed. On the CPU it runs at tiny size as a check (`tiny`, `tiny-sdxl`,
+`tiny-sd3`, `tiny-flux`).
 
 1. Sampling: images/s of our `Sampler` (segment-encoded 240-token prompts, DDIM, guidance,
    recording the gradient steps) against the family's diffusers pipeline
-   (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) given the same embeddings
+   (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline`,
+   `FluxPipeline`) given the same embeddings
    (Family.pipeline_inputs), scheduler, steps, guidance and starting noise
    (`output_type="latent"`, so neither decodes). Rounds alternate between the two; medians
    are compared.
@@ -19,6 +21,10 @@ tiny size as a check (`tiny`, `tiny-sdxl`).
     python benchmarks/gpu_benchmark.py --out $OUT/gpu.json                 # GPU, SD v1.5 size
     python benchmarks/gpu_benchmark.py --model sdxl-random --resolution 1024 --guidance 5 \\
         --batch 4 --out $OUT/gpu_sdxl.json                                 # GPU, SDXL size
+    python benchmarks/gpu_benchmark.py --model sd35-medium-random --resolution 512 --steps 28 \
+        --grad-steps 4 --guidance 4.5 --batch 4 --out $OUT/gpu_sd35.json    # GPU, SD3.5 medium
+    python benchmarks/gpu_benchmark.py --model flux-dev-random --resolution 512 --steps 28 \
+        --grad-steps 4 --guidance 3.5 --batch 1 --out $OUT/gpu_flux.json    # GPU (H200), FLUX.1-dev
     python benchmarks/gpu_benchmark.py --model tiny --resolution 64 --steps 10 --grad-steps 2 \\
         --batch 2 --reward tiny --dtype fp32 --rounds 2                     # CPU check (tiny-sdxl too)
 """
@@ -35,7 +41,7 @@ import torch
 from longalign_rl.algorithms.reward_backprop import reward_backprop_step
 from longalign_rl.config import LoRAConfig, PromptConfig, SamplerConfig
 from longalign_rl.lora import make_trainable
-from longalign_rl.models import DTYPES, load_components, make_scheduler, vae_scale_factor
+from longalign_rl.models import DTYPES, load_components, vae_scale_factor
 from longalign_rl.prompts import load_prompts
 from longalign_rl.sampling.sampler import build_sampler
 from longalign_rl.vae import placed
@@ -72,11 +78,11 @@ def bench_sampling(args, parts, device, dtype) -> dict:
     if args.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     parts.vae.to(device, dtype)
-    pipe = parts.family.pipeline(parts, make_scheduler(parts.scheduler_config, timestep_spacing="trailing"))
+    pipe = parts.family.pipeline(parts, parts.family.scheduler(parts.scheduler_config, timestep_spacing="trailing"))
     pipe.set_progress_bar_config(disable=True)
     prompts = (load_prompts("demo") * 8)[: args.batch]
     embeds = parts.family.pipeline_inputs(encoder(prompts), encoder.uncond(1))
-    size, channels = args.resolution // vae_scale_factor(parts.vae), unet.config.in_channels
+    size, channels = args.resolution // vae_scale_factor(parts.vae), parts.vae.config.latent_channels
 
     def ours(seed):
         sampler.sample(prompts, seed)
@@ -86,7 +92,7 @@ def bench_sampling(args, parts, device, dtype) -> dict:
         with torch.no_grad():
             pipe(**embeds, num_inference_steps=args.steps,
                  guidance_scale=args.guidance, height=args.resolution, width=args.resolution,
-                 latents=latents.to(device, dtype), output_type="latent")
+                 latents=parts.family.to_pipeline_latents(latents.to(device, dtype)), output_type="latent")
 
     runs = {"ours": ours, "diffusers": diffusers_pipe}
     if args.compile:
@@ -111,7 +117,7 @@ def bench_train_step(args, model, lora: bool, rollout, device, dtype) -> dict:
 
     parts = load_components(model)
     unet = parts.unet.to(device)
-    params = make_trainable(unet, LoRAConfig(enabled=lora, rank=32, alpha=32.0, dropout=0.0))
+    params = make_trainable(unet, LoRAConfig(enabled=lora, rank=32, alpha=32.0, dropout=0.0), family=parts.family)
     unet = unet.to(dtype).train()
     unet.enable_gradient_checkpointing()
     vae = placed(parts.vae, device, dtype, parts.family.vae_fp16_overflows)

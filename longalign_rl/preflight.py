@@ -180,6 +180,7 @@ def warn_cut_prompts(cfg: Config, key: str, prompts: list[str], what: str = "pro
     measured = prompts[:limit]
     lengths = encoded_lengths(measured, build_clip_tokenizer(), pack_segments=p.pack_segments, split=p.split,
                               clean_text=p.clean_text)
+    warn_t5_cut_prompts(cfg, key, measured, what, len(prompts) > limit)
     cut = sum(n > p.max_tokens for n in lengths)
     if not cut:
         return
@@ -189,6 +190,36 @@ def warn_cut_prompts(cfg: Config, key: str, prompts: list[str], what: str = "pro
                 "(the longest, number %d, has %d: %r); raise prompts.max_tokens to keep them whole",
                 key, cut, "the first " if len(prompts) > limit else "", len(measured), what, p.max_tokens,
                 longest + 1, lengths[longest], start)
+
+
+def warn_t5_cut_prompts(cfg: Config, key: str, prompts: list[str], what: str, first: bool) -> None:
+    """The same for a family's own T5 encoder (SD3, FLUX), which reads the whole prompt up to
+    prompts.t5_max_tokens tokens: one warning counting the prompts it cuts."""
+    from longalign_rl.families import find_family
+    from longalign_rl.models import declared_family
+
+    try:
+        family = declared_family(cfg.model.pretrained, cfg.model.revision, download=False)
+    except (OSError, ValueError):
+        family = None
+    family = family or (find_family(cfg.model.family) if cfg.model.family else None)
+    if family is None or cfg.model.without_t5:
+        return
+    family = family()
+    try:
+        tokenizer = family.t5_tokenizer(cfg.model.pretrained, cfg.model.revision)
+    except OSError:  # not in the hub cache yet: the workers say it where they encode
+        return
+    if tokenizer is None:
+        return
+    limit = family.t5_tokens(cfg.prompts)
+    lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]
+    cut = sum(n > limit for n in lengths)
+    if cut:
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        log.warning("%s: %d of %s%d %s are longer than prompts.t5_max_tokens=%d T5 tokens and are cut to it "
+                    "(the longest, number %d, has %d); raise prompts.t5_max_tokens to keep them whole",
+                    key, cut, "the first " if first else "", len(prompts), what, limit, longest + 1, lengths[longest])
 
 
 def check_trackers(cfg: Config) -> None:
@@ -209,6 +240,19 @@ def model_line(cfg: Config) -> str:
         family = None
     name = family.name if family is not None else cfg.model.family or "read when it loads"
     return f"{cfg.model.pretrained} (family {name})"
+
+
+def steps_name(cfg: Config) -> str:
+    """What the samplers' steps are, by the model's family: DDIM's, or a flow model's Euler steps."""
+    from longalign_rl.families import find_family
+    from longalign_rl.models import declared_family
+
+    try:
+        family = declared_family(cfg.model.pretrained, cfg.model.revision, download=False)
+    except (OSError, ValueError):
+        family = None
+    family = family or (find_family(cfg.model.family) if cfg.model.family else None)
+    return family.steps_name if family is not None else "DDIM"
 
 
 def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str:
@@ -241,7 +285,8 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
         + (f", scored by {cfg.reward.num_actors} reward actors ({cfg.reward.num_cpus:g} CPU, "
            f"{cfg.reward.num_gpus:g} GPU each)" if cfg.reward.num_actors else "") + "\n"
         f"algorithm          {algorithm.describe(cfg)}\n"
-        f"samplers           {s.num_actors} actors, {s.num_steps} DDIM steps ({algorithm.describe_sampling(cfg)}), "
+        f"samplers           {s.num_actors} actors, {s.num_steps} {steps_name(cfg)} steps "
+        f"({algorithm.describe_sampling(cfg)}), "
         f"guidance {s.guidance_scale}, {s.resolution} px\n"
         f"trainers           {t.num_workers} workers{elastic} x {t.batch_size} prompts x {t.grad_accum} accumulation "
         f"= {cfg.global_batch} samples per step, ZeRO-{t.zero_stage}, {t.precision}\n"

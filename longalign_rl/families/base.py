@@ -79,6 +79,8 @@ class Family:
     # layers); None: that default. A transformer family names its own (as diffusers' LoRA
     # training scripts for it choose).
     lora_targets: tuple[str, ...] | None = None
+    # What its sampling steps are called in the run header.
+    steps_name = "DDIM"
     # What the pipeline's __call__ takes for its deterministic sampler (DDIM: eta 0).
     deterministic_kwargs = {"eta": 0.0}
 
@@ -179,6 +181,11 @@ class Family:
     def check_config(self, cfg) -> list[str]:
         """Problems of a run config with this family (one line each, naming the key)."""
         return []
+
+    def t5_tokenizer(self, model: str, revision: str | None = None):
+        """The tokenizer of the model's own T5 encoder (SD3, FLUX), for the driver's count of
+        the prompts it cuts; None for a family without one."""
+        return None
 
 
 def read_config(config_dir: Path, part: str) -> dict:

@@ -39,6 +39,7 @@ class FlowFamily(Family):
     lora_targets = TRANSFORMER_LORA_TARGETS
     patch = 2
     deterministic_kwargs = {}  # the Euler ODE takes no eta
+    steps_name = "flow-matching Euler"
     # the T5 encoder's token limit when prompts.t5_max_tokens is 0 (the pipeline's default)
     t5_default_tokens = 256
 
@@ -87,6 +88,18 @@ class FlowFamily(Family):
             problems.append(f"sampler.final: {cfg.sampler.final!r} is DDIM's; a flow-matching model's last Euler step "
                             "lands on its clean latent (leave it at step)")
         return problems
+
+    # the T5 tokenizer's folder in a diffusers model (SD3: tokenizer_3, FLUX: tokenizer_2)
+    t5_tokenizer_folder = ""
+
+    def t5_tokenizer(self, model, revision=None):
+        from pathlib import Path
+
+        from longalign_rl.families.sd3 import load_t5_tokenizer, tiny_t5_tokenizer
+
+        if Path(model).is_dir() or "/" in model:  # a diffusers folder or a hub id
+            return load_t5_tokenizer(model, self.t5_tokenizer_folder, revision)
+        return tiny_t5_tokenizer()  # the built-ins carry the shipped test tokenizer
 
     def t5_tokens(self, prompts) -> int:
         """The T5 limit of a run: prompts.t5_max_tokens, or the family's default."""

@@ -61,6 +61,7 @@ class Flux(FlowFamily):
     tiny = "tiny-flux"
     real_size = "flux-dev-random"
     t5_default_tokens = 512  # FluxPipeline's max_sequence_length
+    t5_tokenizer_folder = "tokenizer_2"
 
     pooled_dim: int = 768  # CLIP-L's width: the transformer's pooled_projection_dim
     guidance_embeds: bool = True  # FLUX.1-dev: guidance as an embedding; schnell: none

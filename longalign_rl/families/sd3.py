@@ -51,6 +51,7 @@ class SD3(FlowFamily):
     tiny = "tiny-sd3"
     real_size = "sd35-medium-random"
     t5_default_tokens = 256  # StableDiffusion3Pipeline's max_sequence_length
+    t5_tokenizer_folder = "tokenizer_3"
 
     pooled_dim: int = 2048  # CLIP-L's + CLIP-G's projections: the transformer's pooled_projection_dim
     joint_dim: int = 4096  # the transformer's joint_attention_dim (T5's width)

@@ -15,7 +15,7 @@ from tests import REPO
 BENCHMARKS = REPO / "benchmarks"
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_gpu_benchmark_runs_at_tiny_size_on_cpu(tmp_path, monkeypatch, model):
     """...for each model family, and without Ray or DeepSpeed, which the GPU machine cannot install."""
     for module in ("ray", "deepspeed"):

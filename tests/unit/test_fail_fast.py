@@ -243,6 +243,31 @@ def test_prompts_longer_than_max_tokens_are_said_once_on_the_driver(tmp_path, ca
     assert "prompts.source: 1 of the first 2 prompts are longer" in caplog.records[0].getMessage()
 
 
+def test_the_driver_counts_the_prompts_a_models_own_t5_cuts(caplog):
+    """SD3 and FLUX read the whole prompt through T5 up to prompts.t5_max_tokens: one line
+    on the driver counts what it cuts, naming the key; SD3 without its T5 cuts nothing there."""
+    import logging
+
+    from longalign_rl.config import load_config
+
+    prompts = ["short.", "A long one. " * 40, "A long one. " * 20]
+    for config in ("configs/tiny_sd3.yaml", "configs/tiny_flux.yaml"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="longalign_rl"):
+            preflight.warn_cut_prompts(load_config(config, ["prompts.t5_max_tokens=16"]), "prompts.source", prompts)
+        said = [r.getMessage() for r in caplog.records if r.name == "longalign_rl"]
+        assert said == ["prompts.source: 2 of 3 prompts are longer than prompts.t5_max_tokens=16 T5 tokens and are "
+                        "cut to it (the longest, number 2, has 322); raise prompts.t5_max_tokens to keep them whole"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="longalign_rl"):
+        preflight.warn_cut_prompts(load_config("configs/tiny_sd3.yaml", ["prompts.t5_max_tokens=16",
+                                                                         "model.without_t5=true"]),
+                                   "prompts.source", prompts)
+        preflight.warn_cut_prompts(load_config("configs/tiny_flux.yaml", ["prompts.t5_max_tokens=0"]),  # 512
+                                   "prompts.source", prompts)
+    assert not [r for r in caplog.records if r.name == "longalign_rl"]
+
+
 def test_custom_resources_are_checked_on_the_driver():
     from longalign_rl.config import ConfigError, load_config
 
