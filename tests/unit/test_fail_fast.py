@@ -39,7 +39,15 @@ def main(tmp_path, capsys, *overrides):
     # model families (issue 25): the family the weights are, one that exists, settings it takes
     (["model.pretrained=tiny-sdxl", "model.family=sd"], "model.family: 'sd', but 'tiny-sdxl' is a 'sdxl' model "
      r"\(pipeline StableDiffusionXLPipeline\)"),
-    (["model.family=flux"], "model.family: unknown model family 'flux'; known: sd, sdxl"),
+    (["model.family=kandinsky"], "model.family: unknown model family 'kandinsky'; known: flux, sd, sd3, sdxl"),
+    # the flow-matching families (issue 26): what they do not take
+    (["model.pretrained=tiny-flux", "model.without_t5=true"], "model.without_t5: FLUX reads the words from its T5"),
+    (["model.pretrained=tiny", "model.without_t5=true"], "model.without_t5: only SD3 loads without a T5 encoder"),
+    (["model.pretrained=tiny-sd3", "sampler.final=pred_x0"], "sampler.final: 'pred_x0' is DDIM's"),
+    (["model.pretrained=tiny-sd3", "t5.encoder=tiny"], "t5.encoder: the reference release's T5 branch is SD 1.x's; "
+     "sd3 has its own T5"),
+    (["prompts.t5_max_tokens=-1"], "prompts.t5_max_tokens: must be >= 0"),
+    (["sampler.grad_steps=first"], "sampler.grad_steps: must be strided or last"),
     (["model.pretrained=tiny-sdxl", "t5.encoder=tiny"], "t5.encoder: the reference release's T5 branch is SD 1.x's"),
     (["prompts.pooled=last"], "prompts.pooled: must be first or mean, got 'last'"),
 ])
