@@ -82,7 +82,20 @@ def inspect(config: str | Path = SD15, model: str | None = None) -> dict:
             "reward_image": forward_flops(lambda: clip.encode_image(torch.empty(1, 3, 224, 224))),
             "steps": cfg.train.steps, "samples_per_step": cfg.global_batch,
             "num_steps": cfg.sampler.num_steps, "num_grad_steps": cfg.sampler.num_grad_steps,
+            "policy_gradient": policy_gradient(cfg),
         }
+
+
+def policy_gradient(cfg) -> dict | None:
+    """A policy-gradient run's trainer work (GRPO, DDPO): its trained steps per sample, whether
+    a KL reference pass runs, its PPO epochs; None for reward backpropagation."""
+    from longalign_rl.algorithms.policy_gradient import PolicyGradient, trained_steps
+    from longalign_rl.registry import algorithm_of
+
+    if not isinstance(algorithm_of(cfg), PolicyGradient):
+        return None
+    return {"trained_steps": trained_steps(cfg), "kl": cfg.algorithm.kl_weight > 0,
+            "inner_epochs": cfg.algorithm.inner_epochs}
 
 
 def count(config: str | Path = SD15, model: str | None = None) -> dict[str, float]:
@@ -108,10 +121,19 @@ def main() -> None:
     print(f"  denoiser parameters          {f['unet_params'] / 1e9:.3f} B")
     print(f"  LoRA                         {f['lora_layers']} layers, {f['lora_params'] / 1e6:.1f} M parameters")
     sampling = steps * f["unet_guided_step"]
-    train = {
-        "LoRA": grad_steps * 3 * f["unet_guided_step"] + 2 * (f["vae_decode"] + f["reward_image"]),
-        "full": grad_steps * 4 * f["unet_guided_step"] + 2 * (f["vae_decode"] + f["reward_image"]),
-    }
+    pg = f["policy_gradient"]
+    if pg is not None:  # the trained steps' recompute, fwd + bwd each, a KL reference forward; the reward forward only
+        per_step = lambda backward: (1 + backward + int(pg["kl"])) * f["unet_guided_step"]  # noqa: E731
+        train = {name: pg["inner_epochs"] * pg["trained_steps"] * per_step(backward)
+                 + f["vae_decode"] + f["reward_image"] for name, backward in (("LoRA", 2), ("full", 3))}
+        grad_steps = pg["trained_steps"]
+        print(f"  policy gradient              {grad_steps} trained steps per sample, "
+              f"{pg['inner_epochs']} epoch(s), KL reference pass: {pg['kl']}")
+    else:
+        train = {
+            "LoRA": grad_steps * 3 * f["unet_guided_step"] + 2 * (f["vae_decode"] + f["reward_image"]),
+            "full": grad_steps * 4 * f["unet_guided_step"] + 2 * (f["vae_decode"] + f["reward_image"]),
+        }
     # The reference runs the whole 50-step chain in the trainer (45 steps without grad).
     reference_lora = f["text_encode"] + (steps - grad_steps) * f["unet_guided_step"] + train["LoRA"]
     print("forward TFLOP per sample, counted on the meta device:")
@@ -119,14 +141,20 @@ def main() -> None:
         print(f"  {k:<18} {f[k] / 1e12:8.3f}")
     sampling += f["text_encode"]
     print(f"sampling (the prompt encoded, {steps} guided steps, no grad): {sampling / 1e12:.2f} TFLOP/sample")
+    what = ("fwd+recompute+bwd" + (" + the KL reference fwd" if pg and pg["kl"] else "") + ", decode+reward fwd" if pg
+            else "fwd+recompute+bwd, decode+reward fwd+bwd")
     for k, v in train.items():
-        print(f"trainer step, {k} ({grad_steps} grad steps fwd+recompute+bwd, decode+reward fwd+bwd): "
+        print(f"trainer step, {k} ({grad_steps} {'trained' if pg else 'grad'} steps {what}): "
               f"{v / 1e12:.2f} TFLOP/sample")
     ours = sampling + train["LoRA"]
-    print(f"total per sample, LoRA: {ours / 1e12:.2f} TFLOP; the reference's single chain: "
-          f"{reference_lora / 1e12:.2f} TFLOP. Replay costs {100 * (ours / reference_lora - 1):.0f}% more "
-          f"(the gradient steps' forward runs in the sampler and again in the trainer) and moves "
-          f"{100 * sampling / ours:.0f}% of the FLOPs to gradient-free samplers")
+    if pg:
+        print(f"total per sample, LoRA: {ours / 1e12:.2f} TFLOP; {100 * sampling / ours:.0f}% of it in the "
+              "gradient-free samplers")
+    else:
+        print(f"total per sample, LoRA: {ours / 1e12:.2f} TFLOP; the reference's single chain: "
+              f"{reference_lora / 1e12:.2f} TFLOP. Replay costs {100 * (ours / reference_lora - 1):.0f}% more "
+              f"(the gradient steps' forward runs in the sampler and again in the trainer) and moves "
+              f"{100 * sampling / ours:.0f}% of the FLOPs to gradient-free samplers")
     total = f["steps"] * f["samples_per_step"] * (sampling + train["LoRA"])
     print(f"this config's run: {f['steps']} x {f['samples_per_step']} samples = {total / 1e18:.1f} EFLOP "
           f"(the paper's SD 1.5 run: {PAPER['steps']} x {PAPER['samples_per_step']} in about "

@@ -7,8 +7,9 @@ the T5 branch, splits, crops, the algorithm, the schedule, ZeRO) stays as the fi
 says *how big* is swapped:
 
 - the model for a stand-in of the same family and classes without a download: size "tiny"
-  -> the family's tiny random model at 64 px ("tiny", "tiny-sdxl"); size "real" -> its real
-  architecture with random weights ("sd15-random", "sdxl-random") at 256 px. Models that
+  -> the family's tiny random model at 64 px ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux";
+  a model's own T5 window to 64 tokens); size "real" -> its real architecture with random
+  weights ("sd15-random", "sdxl-random", "sd35-medium-random", "flux-dev-random") at 256 px. Models that
   need no download (the shipped ShapesWorld ones, a local folder, a loader) are kept, at
   their resolution;
 - the T5 encoder likewise (tiny; or T5-large's architecture with random weights, written
@@ -50,11 +51,15 @@ SWAPPED = ("model.pretrained", "t5.encoder", "t5.adapter", "reward.name", "rewar
            "prompts.source", "run.validation", "sampler.resolution", "data.resolution", "train.steps",
            "train.use_gpu", "train.num_workers", "train.cpus_per_worker", "train.batch_size", "sampler.num_actors",
            "sampler.num_gpus", "sampler.num_cpus", "sampler.num_steps", "sampler.num_grad_steps",
+           "prompts.t5_max_tokens",
            "run.validation_size", "reward.num_actors", "reward.num_gpus", "reward.num_cpus")
 # The CPUs a smoke run shares out among its processes: the smallest machine it is meant for.
 CPUS = 2
 # The resolution a stand-in model of each size runs at (the model: its family's, `_model`).
 RESOLUTION = {"tiny": 64, "real": 256}
+# The T5 window of a tiny stand-in of a family with its own T5 (SD3, FLUX): a test-sized T5
+# needs no 256 or 512 tokens (the tiny configs' own value).
+TINY_T5_TOKENS = 64
 
 
 def _exists(value: str, names=None) -> bool:
@@ -198,6 +203,8 @@ def shrink(cfg: Config, size: str, folder: Path) -> dict:
     if model is not None:
         new.update({"model.pretrained": model, "sampler.resolution": RESOLUTION[size],
                     "data.resolution": RESOLUTION[size]})
+        if size == "tiny" and hasattr(_family(cfg), "t5_default_tokens"):  # a tiny T5 stand-in (SD3, FLUX)
+            new["prompts.t5_max_tokens"] = TINY_T5_TOKENS
     if t5 is not None:
         new["t5.encoder"] = t5
     if cfg.t5.adapter and (model is not None or t5 is not None or not Path(cfg.t5.adapter).exists()):

@@ -31,6 +31,7 @@ RUN_ELSEWHERE = {
     "tiny_stage1.yaml": "test_stage1.py",
     "tiny_reference_stage1.yaml": "test_reference_mode.py",
     "tiny_reference.yaml": "test_reference_mode.py",
+    # slow there (a family's tiny config is its real config's smoke run here, with the same models)
     "tiny_sdxl.yaml": "test_families.py",
     "tiny_sd3.yaml": "test_families.py",
     "tiny_flux.yaml": "test_families.py",

@@ -1,12 +1,17 @@
-"""Model families through the product (issues 25, 26). SDXL: configs/tiny_sdxl.yaml (two
-sampler actors, two DeepSpeed workers) trains, exports a LoRA that diffusers'
-StableDiffusionXLPipeline loads, and `pipeline.load` redraws its validation images. Slow: a
-folder that diffusers saved from a tiny random StableDiffusionXLPipeline this project did
-not make (its own sizes, its own scheduler class) trains with the same config, resumes and
-loads back; GRPO and stage 1 on SDXL. The flow-matching transformers: configs/tiny_sd3.yaml
-(reward backpropagation) and configs/tiny_flux.yaml (Flow-GRPO) the same way; slow: each
-family's other algorithm, resumed, SD3 without its T5, and stage 1 on both.
-(configs/sdxl_longalign.yaml runs in test_configs.py, with its sizes swapped.)
+"""Model families through the product (issues 25, 26), all in the slow tier: the default tier
+runs each family through the product with its shipped real-size config and tiny stand-ins
+(tests/e2e/test_configs.py: sdxl_longalign.yaml, sd35_medium_longalign.yaml with reward
+backpropagation, flux_dev_longalign.yaml with Flow-GRPO; two sampler actors' worth of
+sampling and two DeepSpeed workers each), and `pipeline.load` of a run of each family in
+tests/unit/test_pipeline.py and test_flow_families.py.
+
+SDXL: configs/tiny_sdxl.yaml trains, exports a LoRA that diffusers' StableDiffusionXLPipeline
+loads, and `pipeline.load` redraws its validation images; a folder that diffusers saved from
+a tiny random StableDiffusionXLPipeline this project did not make (its own sizes, its own
+scheduler class) trains with the same config, resumes and loads back; GRPO and stage 1 on
+SDXL. The flow-matching transformers: configs/tiny_sd3.yaml (reward backpropagation) and
+configs/tiny_flux.yaml (Flow-GRPO) the same way; then each family's other algorithm,
+resumed, SD3 without its T5, and stage 1 on both.
 
 One Ray instance (conftest.ray_local) serves every test of this module."""
 
@@ -75,6 +80,7 @@ def sdxl_run(ray_local, tmp_path_factory):
     return out / "sdxl"
 
 
+@pytest.mark.slow  # SDXL runs in the default tier as configs/sdxl_longalign.yaml's smoke (test_configs.py)
 def test_tiny_sdxl_trains_through_the_product(sdxl_run):
     metrics = read_metrics(sdxl_run)
     assert [m["step"] for m in metrics] == [1, 2] and all(m["workers"] == 2 for m in metrics)
@@ -84,6 +90,7 @@ def test_tiny_sdxl_trains_through_the_product(sdxl_run):
     assert (sdxl_run / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_the_exported_lora_loads_in_diffusers_and_pipeline_load_redraws_the_validation(sdxl_run):
     from longalign_rl.models import load_components
 
@@ -191,6 +198,7 @@ def flow_run(request, ray_local, tmp_path_factory):
     return family, out / family
 
 
+@pytest.mark.slow  # both run in the default tier as sd35_medium_longalign.yaml's and flux_dev_longalign.yaml's smokes
 def test_tiny_sd3_and_flux_train_through_the_product_and_load_in_diffusers(flow_run):
     from longalign_rl.models import load_components
 

@@ -65,6 +65,16 @@ def test_flop_estimate_counts_each_familys_real_size_model_on_the_meta_device():
     assert sdxl["family"] == "sdxl" and sdxl["cond_shape"] == [1, 241, 2048]
     assert 2.56e9 < sdxl["unet_params"] < 2.57e9 and sdxl["lora_layers"] > 0 and sdxl["lora_params"] > 0
     assert 7 * flops["unet_guided_step"] < sdxl["unet_guided_step"] < 12 * flops["unet_guided_step"]
+    # the flow-matching transformers (issue 26): SD3.5 medium's 240 CLIP + 256 T5 tokens and the
+    # pooled row, its T5's encoding counted; FLUX.1-dev's 512 T5 tokens, one call per guided step
+    sd3 = inspect(REPO / "configs" / "sd35_medium_longalign.yaml")
+    assert sd3["family"] == "sd3" and sd3["cond_shape"] == [1, 240 + 256 + 1, 4096]
+    assert 2.2e9 < sd3["unet_params"] < 2.3e9 and sd3["lora_layers"] == 285
+    assert sd3["text_encode"] > 50 * flops["text_encode"] and sd3["policy_gradient"] is None
+    flux = inspect(REPO / "configs" / "flux_dev_longalign.yaml")
+    assert flux["family"] == "flux" and flux["cond_shape"] == [1, 513, 4096]
+    assert 11.8e9 < flux["unet_params"] < 12e9 and flux["lora_layers"] == 342
+    assert flux["policy_gradient"] == {"trained_steps": 6, "kl": True, "inner_epochs": 1}  # Flow-GRPO's recipe
 
 
 def test_algorithm_throughput_times_both_algorithms_side_by_side(tmp_path, monkeypatch, capsys):

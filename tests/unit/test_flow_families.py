@@ -305,3 +305,46 @@ def test_the_default_lora_adapts_the_transformers_projections_and_loads_in_diffu
         base = family.predict(parts.unet, x, torch.tensor(500.0), cond)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert (ours - base).abs().max() > 1e-3  # the LoRA matters
+
+
+# ------------------------------------------------------------------------------ pipeline.load of a run
+
+
+@pytest.mark.parametrize("config", ["tiny_sd3.yaml", "tiny_flux.yaml"])
+def test_pipeline_load_of_a_run_draws_what_its_samplers_draw(tmp_path, config):
+    """A stage-2 run directory as a run leaves it (config.yaml, metrics.jsonl, lora/): `load`
+    returns the family's diffusers pipeline (StableDiffusion3Pipeline / FluxPipeline) with the
+    exported LoRA loaded by load_lora_weights and prompts segment-encoded by the run's encoder;
+    it draws the latents the run's sampler draws from the same seeds."""
+    import json
+
+    from longalign_rl.config import load_config, to_yaml
+    from longalign_rl.lora import export_for_diffusers, make_trainable
+    from longalign_rl.pipeline import LongPrompts, load
+
+    cfg = load_config(f"configs/{config}", ["sampler.num_steps=4", "lora.rank=4", "lora.alpha=8.0"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.1}) + "\n")
+    parts = load_components(cfg.model.pretrained)
+    make_trainable(parts.unet, cfg.lora, family=parts.family)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in parts.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # a LoRA that visibly changes the output
+    export_for_diffusers(parts.unet, cfg.lora, tmp_path / "lora", parts.family)
+    sampler = build_sampler(cfg.sampler, parts, prompts=cfg.prompts)
+    prompts, seeds = [SHORT, LONG], [5, 6]
+    expected = generate_latents(sampler, prompts, seeds)
+
+    pipe = load(tmp_path, device="cpu")
+    assert isinstance(pipe, LongPrompts) and isinstance(pipe, parts.family.pipeline_class())
+    assert pipe.longalign["family"] == parts.family.name and pipe.longalign["weights"] == "lora"
+    latents = pipe.generate(prompts, seeds, output_type="latent")
+    assert latents.shape == expected.shape == (2, 16, 8, 8)
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-4 * max(1.0, float(expected.abs().max())))
+    base = generate_latents(build_sampler(cfg.sampler, load_components(cfg.model.pretrained), prompts=cfg.prompts),
+                            prompts, seeds)
+    assert (base - expected).abs().max() > 1e-2  # the LoRA was loaded, not left out
+    images = pipe.generate(prompts, seeds, output_type="pt")
+    assert images.shape == (2, 3, 64, 64) and 0 <= float(images.min()) and float(images.max()) <= 1

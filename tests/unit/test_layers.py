@@ -4,7 +4,7 @@ inside functions) of longalign_rl/, rewards/ and shapesworld/:
     foundations   config, types, registry, hub, encoding, families, noise, models, vae, lora, prompts, data,
                   outputs, summary, hooks, direction, console, trackers, validation, arguments,
                   uncertainty, scoring, typed_yaml, config_docs
-    maths         sampling.ddim, sampling.stochastic, sampling.sampler, algorithms
+    maths         sampling.ddim, sampling.stochastic, sampling.flow, sampling.sampler, algorithms
     inference     pipeline, generate, evaluate, reference_import   (no ray: they run where Ray is not installed)
     distributed   actor_pool, sampling.group, reward_actors, training   (the only ones that import ray/deepspeed)
     entry         train (and its preflight, resume, launch), cli, smoke
@@ -26,7 +26,7 @@ LAYERS = {
                     "prompts", "data",
                     "outputs", "summary", "hooks", "direction", "console", "trackers", "validation", "arguments",
                     "uncertainty", "scoring", "typed_yaml", "config_docs"],
-    "maths": ["sampling.ddim", "sampling.stochastic", "sampling.sampler", "algorithms"],
+    "maths": ["sampling.ddim", "sampling.stochastic", "sampling.flow", "sampling.sampler", "algorithms"],
     "inference": ["pipeline", "generate", "evaluate", "reference_import"],
     "distributed": ["actor_pool", "sampling.group", "reward_actors", "training"],
     "entry": ["train", "preflight", "resume", "launch", "cli", "smoke"],

@@ -73,7 +73,8 @@ def test_builtin_architectures_include_sd15_sized_configs():
 
     from longalign_rl.models import _read_config, builtin_models
 
-    assert builtin_models() == ["sd15-random", "sdxl-random", "tiny", "tiny-sdxl"]
+    assert builtin_models() == ["flux-dev-random", "sd15-random", "sd35-medium-random", "sdxl-random", "tiny",
+                                "tiny-flux", "tiny-sd3", "tiny-sdxl"]
     with torch.device("meta"):
         unet = UNet2DConditionModel(**_read_config("sd15-random", "unet"))
     assert 855e6 < sum(p.numel() for p in unet.parameters()) < 865e6  # SD v1.5: 859.5M
