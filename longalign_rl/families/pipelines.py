@@ -36,6 +36,21 @@ class LongPrompts:
                         else self.segment_encoder(_as_list(negative_prompt, cond.shape[0])))
         return cond, negative
 
+    def pooled_embeds(self, prompt, negative_prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                      dtype):
+        """What SDXL's and SD3's encode_prompt return, from the family's encoder: (prompt_embeds,
+        negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds), the
+        negatives None without guidance."""
+        cond, negative = self.encoded(prompt, negative_prompt, None, None, do_classifier_free_guidance)
+        if negative is None:  # no guidance: the family's inputs want one; the zeros are dropped below
+            negative = torch.zeros_like(cond)
+        embeds = {k: v.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
+                  for k, v in self.family.pipeline_inputs(cond, negative).items()}
+        if not do_classifier_free_guidance:
+            return embeds["prompt_embeds"], None, embeds["pooled_prompt_embeds"], None
+        return (embeds["prompt_embeds"], embeds["negative_prompt_embeds"], embeds["pooled_prompt_embeds"],
+                embeds["negative_pooled_prompt_embeds"])
+
     @torch.no_grad()
     def generate(self, prompts: str | list[str], seeds: int | list[int] | None = None, *,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -105,16 +120,8 @@ class LongPromptXLPipeline(LongPrompts, StableDiffusionXLPipeline):
             return super().encode_prompt(prompt, prompt_2, device, num_images_per_prompt, do_classifier_free_guidance,
                                          negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                                          pooled_prompt_embeds, negative_pooled_prompt_embeds, lora_scale, clip_skip)
-        cond, negative = self.encoded(prompt, negative_prompt, None, None, do_classifier_free_guidance)
-        if negative is None:  # no guidance: the family's inputs want one; the zeros are dropped below
-            negative = torch.zeros_like(cond)
-        dtype = self.text_encoder_2.dtype
-        embeds = {k: v.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
-                  for k, v in self.family.pipeline_inputs(cond, negative).items()}
-        if not do_classifier_free_guidance:
-            return embeds["prompt_embeds"], None, embeds["pooled_prompt_embeds"], None
-        return (embeds["prompt_embeds"], embeds["negative_prompt_embeds"], embeds["pooled_prompt_embeds"],
-                embeds["negative_pooled_prompt_embeds"])
+        return self.pooled_embeds(prompt, negative_prompt, device, num_images_per_prompt,
+                                  do_classifier_free_guidance, self.text_encoder_2.dtype)
 
 
 class LongPromptSD3Pipeline(LongPrompts, StableDiffusion3Pipeline):
@@ -134,16 +141,8 @@ class LongPromptSD3Pipeline(LongPrompts, StableDiffusion3Pipeline):
                                          negative_prompt_3, prompt_embeds, negative_prompt_embeds,
                                          pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip,
                                          max_sequence_length, lora_scale)
-        cond, negative = self.encoded(prompt, negative_prompt, None, None, do_classifier_free_guidance)
-        if negative is None:  # no guidance: the family's inputs want one; dropped below
-            negative = cond
-        dtype = self.text_encoder.dtype
-        embeds = {k: v.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
-                  for k, v in self.family.pipeline_inputs(cond, negative).items()}
-        if not do_classifier_free_guidance:
-            return embeds["prompt_embeds"], None, embeds["pooled_prompt_embeds"], None
-        return (embeds["prompt_embeds"], embeds["negative_prompt_embeds"], embeds["pooled_prompt_embeds"],
-                embeds["negative_pooled_prompt_embeds"])
+        return self.pooled_embeds(prompt, negative_prompt, device, num_images_per_prompt,
+                                  do_classifier_free_guidance, self.text_encoder.dtype)
 
 
 class LongPromptFluxPipeline(LongPrompts, FluxPipeline):

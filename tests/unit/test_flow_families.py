@@ -213,6 +213,7 @@ def test_recorded_log_probs_are_the_gaussians_and_the_trainers_first_ratio_is_on
     from longalign_rl.algorithms.policy_gradient import policy_step_loss
     from longalign_rl.sampling.ddim import guided_eps
     from longalign_rl.sampling.stochastic import step_mean
+    from tests.unit.test_policy_gradient import adapter_off
 
     sampler = lora_sampler(parts)
     unet, family = sampler.unet.eval(), parts.family
@@ -226,21 +227,9 @@ def test_recorded_log_probs_are_the_gaussians_and_the_trainers_first_ratio_is_on
             closed = torch.distributions.Normal(mean, float(traj.sigma[k])).log_prob(traj.next_latents[:, k])
             torch.testing.assert_close(traj.log_probs[:, k], closed.flatten(1).mean(1), rtol=1e-5, atol=1e-5)
 
-    def adapter_off():
-        import contextlib
-
-        @contextlib.contextmanager
-        def context():
-            unet.disable_adapters()
-            try:
-                yield unet
-            finally:
-                unet.enable_adapters()
-        return context()
-
     for k in range(len(traj.indices)):
         loss, stats = policy_step_loss(unet, traj, k, torch.tensor([1.0, -1.0]), 4.5, clip_range=1e-4,
-                                       advantage_clip=5.0, kl_weight=0.1, reference=adapter_off, family=family)
+                                       advantage_clip=5.0, kl_weight=0.1, reference=adapter_off(unet), family=family)
         torch.testing.assert_close(stats["ratio"], torch.ones(2), rtol=0, atol=2e-5)
         assert stats["kl"].abs().max() < 1e-10
         loss.backward()
