@@ -95,7 +95,7 @@ class FlowFamily(Family):
     def t5_tokenizer(self, model, revision=None):
         from pathlib import Path
 
-        from longalign_rl.families.sd3 import load_t5_tokenizer, tiny_t5_tokenizer
+        from longalign_rl.families.text import load_t5_tokenizer, tiny_t5_tokenizer
 
         if Path(model).is_dir() or "/" in model:  # a diffusers folder or a hub id
             return load_t5_tokenizer(model, self.t5_tokenizer_folder, revision)

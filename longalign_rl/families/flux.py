@@ -25,8 +25,7 @@ import torch
 
 from longalign_rl.families.base import Components, load_tokenizer, read_config, scheduler_config
 from longalign_rl.families.flowmatch import FlowFamily
-from longalign_rl.families.sd3 import load_t5_tokenizer, tiny_t5_tokenizer
-from longalign_rl.families.text import ClipSegments, T5Tokens
+from longalign_rl.families.text import ClipSegments, T5Tokens, load_t5_tokenizer, tiny_t5_tokenizer
 
 # The guidance a guidance-distilled FLUX is trained at in stage 1 (diffusers' FLUX training
 # scripts' --guidance_scale default).

@@ -27,20 +27,7 @@ import torch.nn.functional as F
 
 from longalign_rl.families.base import Components, load_tokenizer, read_config, scheduler_config
 from longalign_rl.families.flowmatch import FlowFamily
-from longalign_rl.families.text import ClipSegments, T5Tokens
-
-
-def tiny_t5_tokenizer():
-    """The test-sized T5 tokenizer shipped in model_configs/tiny/t5_tokenizer/ (no download)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "model_configs" / "tiny" / "t5_tokenizer")
-
-
-def load_t5_tokenizer(path_or_id: str, subfolder: str, revision: str | None = None):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path_or_id, subfolder=subfolder, **({"revision": revision} if revision else {}))
+from longalign_rl.families.text import ClipSegments, T5Tokens, load_t5_tokenizer, tiny_t5_tokenizer
 
 
 @dataclass(frozen=True)

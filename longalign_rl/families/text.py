@@ -17,6 +17,7 @@ and FLUX pipelines call theirs; zeros where the model has no T5 (SD3 loaded with
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -127,4 +128,17 @@ class T5Tokens:
         return self.encoder(ids.to(next(self.encoder.parameters()).device))[0]
 
 
-__all__ = ["ClipSegments", "POOLED_CHOICES", "T5Tokens", "pooled_output"]
+def tiny_t5_tokenizer():
+    """The test-sized T5 tokenizer shipped in model_configs/tiny/t5_tokenizer/ (no download)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "model_configs" / "tiny" / "t5_tokenizer")
+
+
+def load_t5_tokenizer(path_or_id: str, subfolder: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path_or_id, subfolder=subfolder, **({"revision": revision} if revision else {}))
+
+
+__all__ = ["ClipSegments", "POOLED_CHOICES", "T5Tokens", "load_t5_tokenizer", "pooled_output", "tiny_t5_tokenizer"]
