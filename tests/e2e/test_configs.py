@@ -37,10 +37,21 @@ RUN_ELSEWHERE = {
     "tiny_flux.yaml": "test_families.py",
 }
 CONFIGS = [p for p in sorted((REPO / "configs").glob("*.yaml")) if p.name not in RUN_ELSEWHERE]
+# Files whose smoke run is slow-marked (still run as shipped with -m slow), each with the
+# default-tier run that covers the same family and algorithm: Flow-GRPO on FLUX with its
+# recipe's group of 12 per worker is three minutes here; configs/tiny_flux.yaml's GRPO run
+# (groups of 2, the same classes) is test_families.py's default-tier FLUX run.
+SLOW = {"flux_dev_longalign.yaml": "test_families.py::test_tiny_flux_grpo_trains_through_the_product"}
 
 
 def test_the_files_left_out_are_run_as_shipped_elsewhere():
     from longalign_rl import train
+
+    for name, where in SLOW.items():  # a slow smoke's family and algorithm run in the default tier there
+        module, test = where.split("::")
+        source = (REPO / "tests" / "e2e" / module).read_text()
+        before = source[:source.index(f"def {test}(")].rstrip().splitlines()[-1]
+        assert (REPO / "configs" / name).is_file() and "pytest.mark.slow" not in before, where
 
     assert train.DEFAULT_CONFIG == REPO / "configs" / "default.yaml"
     for name, module in RUN_ELSEWHERE.items():
@@ -63,7 +74,8 @@ def leaves(data: dict, prefix: str = "") -> dict:
     return out
 
 
-@pytest.mark.parametrize("config", [*CONFIGS, None], ids=[p.name for p in CONFIGS] + ["defaults"])
+@pytest.mark.parametrize("config", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p
+                                    for p in CONFIGS] + [None], ids=[p.name for p in CONFIGS] + ["defaults"])
 def test_a_shipped_config_runs_as_shipped_with_its_sizes_swapped(ray_local, tmp_path, config):
     code, run_dir, memory, used = smoke.run(config, "tiny", output_dir=tmp_path, name="smoke", work=tmp_path)
     assert code == 0, (run_dir / "errors").exists() and sorted((run_dir / "errors").iterdir())

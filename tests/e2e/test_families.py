@@ -1,9 +1,10 @@
-"""Model families through the product (issues 25, 26), all in the slow tier: the default tier
-runs each family through the product with its shipped real-size config and tiny stand-ins
+"""Model families through the product (issues 25, 26). The default tier runs SDXL and SD3
+through the product with their shipped real-size configs and tiny stand-ins
 (tests/e2e/test_configs.py: sdxl_longalign.yaml, sd35_medium_longalign.yaml with reward
-backpropagation, flux_dev_longalign.yaml with Flow-GRPO; two sampler actors' worth of
-sampling and two DeepSpeed workers each), and `pipeline.load` of a run of each family in
-tests/unit/test_pipeline.py and test_flow_families.py.
+backpropagation; DeepSpeed workers and sampler actors), FLUX here with Flow-GRPO
+(configs/tiny_flux.yaml: its real config's recipe, groups of 12, is slow there), and
+`pipeline.load` of a run of each family in tests/unit/test_pipeline.py and
+test_flow_families.py. The rest is slow:
 
 SDXL: configs/tiny_sdxl.yaml trains, exports a LoRA that diffusers' StableDiffusionXLPipeline
 loads, and `pipeline.load` redraws its validation images; a folder that diffusers saved from
@@ -188,21 +189,9 @@ DEFAULT_ALGORITHM = {"sd3": [], "flux": ["algorithm.name=grpo", "algorithm.group
 OTHER_ALGORITHM = {"sd3": ["algorithm.name=grpo", "algorithm.group_size=2"], "flux": []}
 
 
-@pytest.fixture(scope="module", params=["sd3", "flux"])
-def flow_run(request, ray_local, tmp_path_factory):
-    """configs/tiny_sd3.yaml / tiny_flux.yaml as shipped, for 2 of their 12 steps."""
-    family = request.param
-    out = tmp_path_factory.mktemp("runs")
-    assert train.main(["--config", FLOW[family], *DEFAULT_ALGORITHM[family], "train.steps=2",
-                       f"run.output_dir={out}", f"run.name={family}"]) == 0
-    return family, out / family
-
-
-@pytest.mark.slow  # both run in the default tier as sd35_medium_longalign.yaml's and flux_dev_longalign.yaml's smokes
-def test_tiny_sd3_and_flux_train_through_the_product_and_load_in_diffusers(flow_run):
+def check_flow_run(family, run_dir):
     from longalign_rl.models import load_components
 
-    family, run_dir = flow_run
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2] and all(m["workers"] == 2 for m in metrics)
     assert all(np.isfinite(m["loss"]) and np.isfinite(m["reward"]) and m["grad_norm"] > 0 for m in metrics)
@@ -213,6 +202,21 @@ def test_tiny_sd3_and_flux_train_through_the_product_and_load_in_diffusers(flow_
         assert metrics[0]["ratio_error"] < 1e-5
     parts = load_components(f"tiny-{family}")
     assert_loads_redraw_the_validation(run_dir, 2, parts.family.pipeline(parts, None), family)
+
+
+def test_tiny_flux_grpo_trains_through_the_product(ray_local, tmp_path):
+    """configs/tiny_flux.yaml with Flow-GRPO (groups of 2), 2 of its 12 steps: the exported
+    LoRA loads in diffusers' FluxPipeline and `pipeline.load` redraws the validation."""
+    assert train.main(["--config", FLOW["flux"], *DEFAULT_ALGORITHM["flux"], "train.steps=2",
+                       f"run.output_dir={tmp_path}", "run.name=flux"]) == 0
+    check_flow_run("flux", tmp_path / "flux")
+
+
+@pytest.mark.slow  # SD3 runs in the default tier as sd35_medium_longalign.yaml's smoke, FLUX above
+def test_tiny_sd3_trains_through_the_product_and_loads_in_diffusers(ray_local, tmp_path):
+    assert train.main(["--config", FLOW["sd3"], *DEFAULT_ALGORITHM["sd3"], "train.steps=2",
+                       f"run.output_dir={tmp_path}", "run.name=sd3"]) == 0
+    check_flow_run("sd3", tmp_path / "sd3")
 
 
 @pytest.mark.slow  # four more runs per family (about 3 minutes each); each family runs above in the default tier
