@@ -38,15 +38,23 @@ RUN_ELSEWHERE = {
 }
 CONFIGS = [p for p in sorted((REPO / "configs").glob("*.yaml")) if p.name not in RUN_ELSEWHERE]
 # Files whose smoke run is slow-marked (still run as shipped with -m slow), each with the
-# default-tier run that covers the same family and algorithm: Flow-GRPO on FLUX with its
-# recipe's group of 12 per worker is three minutes here; configs/tiny_flux.yaml's GRPO run
-# (groups of 2, the same classes) is test_families.py's default-tier FLUX run.
-SLOW = {"flux_dev_longalign.yaml": "test_families.py::test_tiny_flux_grpo_trains_through_the_product"}
+# default-tier run that covers the same keys: Flow-GRPO on FLUX with its recipe's group of 12
+# per worker is three minutes here, configs/tiny_flux.yaml's GRPO run (groups of 2, the same
+# classes) is test_families.py's default-tier FLUX run; the paper-exact configs are included
+# whole by configs/tiny_reference*.yaml, which change only their sizes (as a smoke run does)
+# and run in test_reference_mode.py's default tier.
+SLOW = {"flux_dev_longalign.yaml": "test_families.py::test_tiny_flux_grpo_trains_through_the_product",
+        "longalign_reference.yaml": "test_reference_mode.py::test_stage2_replays_exactly_with_dropout_on_and_on_policy",
+        "longalign_reference_stage1.yaml": "test_reference_mode.py::test_stage1_trains_the_t5_adapter_beside_the_lora"}
 
 
 def test_the_files_left_out_are_run_as_shipped_elsewhere():
     from longalign_rl import train
 
+    from longalign_rl.config import load_config
+
+    defaults, paper = to_dict(load_config(None)), to_dict(load_config(REPO / "configs" / "sd15_longalign.yaml"))
+    assert leaves(defaults) == {**leaves(paper), "reward.kwargs": {}}  # the slow "defaults" smoke's twin
     for name, where in SLOW.items():  # a slow smoke's family and algorithm run in the default tier there
         module, test = where.split("::")
         source = (REPO / "tests" / "e2e" / module).read_text()
@@ -74,8 +82,11 @@ def leaves(data: dict, prefix: str = "") -> dict:
     return out
 
 
+# The defaults of config.py alone (no file) are configs/sd15_longalign.yaml's but for the
+# reward's kwargs, whose smoke runs in the default tier: slow-marked too.
 @pytest.mark.parametrize("config", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p
-                                    for p in CONFIGS] + [None], ids=[p.name for p in CONFIGS] + ["defaults"])
+                                    for p in CONFIGS] + [pytest.param(None, marks=pytest.mark.slow)],
+                         ids=[p.name for p in CONFIGS] + ["defaults"])
 def test_a_shipped_config_runs_as_shipped_with_its_sizes_swapped(ray_local, tmp_path, config):
     code, run_dir, memory, used = smoke.run(config, "tiny", output_dir=tmp_path, name="smoke", work=tmp_path)
     assert code == 0, (run_dir / "errors").exists() and sorted((run_dir / "errors").iterdir())
