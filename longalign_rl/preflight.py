@@ -192,9 +192,9 @@ def warn_cut_prompts(cfg: Config, key: str, prompts: list[str], what: str = "pro
                 longest + 1, lengths[longest], start)
 
 
-def warn_t5_cut_prompts(cfg: Config, key: str, prompts: list[str], what: str, first: bool) -> None:
-    """The same for a family's own T5 encoder (SD3, FLUX), which reads the whole prompt up to
-    prompts.t5_max_tokens tokens: one warning counting the prompts it cuts."""
+def configured_family(cfg: Config):
+    """The family class of model.pretrained as the driver knows it without loading weights
+    (its model_index.json, else model.family), or None."""
     from longalign_rl.families import find_family
     from longalign_rl.models import declared_family
 
@@ -202,7 +202,13 @@ def warn_t5_cut_prompts(cfg: Config, key: str, prompts: list[str], what: str, fi
         family = declared_family(cfg.model.pretrained, cfg.model.revision, download=False)
     except (OSError, ValueError):
         family = None
-    family = family or (find_family(cfg.model.family) if cfg.model.family else None)
+    return family or (find_family(cfg.model.family) if cfg.model.family else None)
+
+
+def warn_t5_cut_prompts(cfg: Config, key: str, prompts: list[str], what: str, first: bool) -> None:
+    """The same for a family's own T5 encoder (SD3, FLUX), which reads the whole prompt up to
+    prompts.t5_max_tokens tokens: one warning counting the prompts it cuts."""
+    family = configured_family(cfg)
     if family is None or cfg.model.without_t5:
         return
     family = family()
@@ -244,14 +250,7 @@ def model_line(cfg: Config) -> str:
 
 def steps_name(cfg: Config) -> str:
     """What the samplers' steps are, by the model's family: DDIM's, or a flow model's Euler steps."""
-    from longalign_rl.families import find_family
-    from longalign_rl.models import declared_family
-
-    try:
-        family = declared_family(cfg.model.pretrained, cfg.model.revision, download=False)
-    except (OSError, ValueError):
-        family = None
-    family = family or (find_family(cfg.model.family) if cfg.model.family else None)
+    family = configured_family(cfg)
     return family.steps_name if family is not None else "DDIM"
 
 
