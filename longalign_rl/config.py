@@ -75,6 +75,9 @@ class DataConfig:
     # Reshuffle the pairs every epoch (seeded by train.seed).
     shuffle: bool = True
 
+# prompts.split's choices (encoding/segments.py SPLITS; kept here so the config needs no torch).
+PROMPT_SPLITS = ("sentences", "reference", "none")
+
 
 @dataclass(frozen=True)
 class PromptConfig:
@@ -92,6 +95,8 @@ class PromptConfig:
     # inside a number; an over-long sentence split at commas, nothing lost) or "reference"
     # (the reference code's rule: at . and ?, also inside numbers, each piece + "."; a piece
     # over 75 tokens cut by the tokenizer). encoding/segments.py; docs/reference_mode.md.
+    # "none": the prompt whole, cut at 77 tokens as the pipelines cut it (with max_tokens 77,
+    # exactly their encoding: the baseline a long-prompt run is compared against).
     split: str = "sentences"
     # Clean every CLIP segment before it is tokenised as the reference's CLIP tokenizer
     # (transformers' slow one, with ftfy) did: ftfy.fix_text (mojibake, HTML entities such as
@@ -563,12 +568,12 @@ def validate(cfg: Config) -> None:
         _require(value >= 1, key, f"must be >= 1, got {value}")
     _require(s.num_grad_steps <= s.num_steps, "sampler.num_grad_steps",
              f"{s.num_grad_steps} gradient steps do not fit in sampler.num_steps={s.num_steps}")
-    _require(cfg.prompts.split in ("sentences", "reference"), "prompts.split",
-             f"must be sentences or reference, got {cfg.prompts.split!r}")
+    _require(cfg.prompts.split in PROMPT_SPLITS, "prompts.split",
+             f"must be one of {', '.join(PROMPT_SPLITS)}, got {cfg.prompts.split!r}")
     _require(cfg.prompts.pooled in ("first", "mean"), "prompts.pooled",
              f"must be first or mean, got {cfg.prompts.pooled!r}")
-    _require(not (cfg.prompts.split == "reference" and cfg.prompts.pack_segments), "prompts.pack_segments",
-             "the reference split keeps its pieces as they are; packing needs prompts.split: sentences")
+    _require(not (cfg.prompts.split != "sentences" and cfg.prompts.pack_segments), "prompts.pack_segments",
+             f"prompts.split: {cfg.prompts.split} keeps its pieces as they are; packing needs prompts.split: sentences")
     _require(cfg.t5.max_tokens >= 1, "t5.max_tokens", f"must be >= 1, got {cfg.t5.max_tokens}")
     _require(cfg.prompts.t5_max_tokens >= 0, "prompts.t5_max_tokens",
              f"must be >= 0 (0 = the family's default), got {cfg.prompts.t5_max_tokens}")

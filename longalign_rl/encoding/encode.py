@@ -83,8 +83,9 @@ def encode_prompts(
 ) -> torch.Tensor:
     """Encode prompts by segments: `[B, max_tokens, hidden]`.
 
-    `split`: "sentences" (this project's) or "reference" (the reference code's rule,
-    segments.split_reference), see segments.py. `clean_text`: see `prompt_segments`.
+    `split`: "sentences" (this project's), "reference" (the reference code's rule,
+    segments.split_reference) or "none" (the prompt as one window, cut at 77 tokens: with
+    max_tokens 77 exactly the pipeline's encoding, TruncatedEncoder's), see segments.py. `clean_text`: see `prompt_segments`.
 
     `pad` is the pad vector; pass a cached one (see `SegmentEncoder`) to save one
     encoder call. The empty prompt gives <sot> followed by pad vectors: the
@@ -97,8 +98,9 @@ def encode_prompts(
     states = _run_encoder(text_encoder, ids)  # one call for all segments of all prompts
     if pad is None:
         pad = pad_vector(tokenizer, text_encoder)
+    # split "none" is the pipeline's encoding: the window's own <eot> and padding states follow the words
     return merge_segments(states, word_counts(ids, tokenizer.eos_token_id), [len(s) for s in per_prompt], prompts,
-                          max_tokens=max_tokens, pad=pad)
+                          max_tokens=max_tokens, pad=pad, keep_tail=split == "none")
 
 
 def split_prompts(prompts: Sequence[str], tokenizer, *, pack_segments: bool = False, split: str = "sentences",

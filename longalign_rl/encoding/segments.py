@@ -4,7 +4,9 @@ docs/method.md section 1.1. The reference splits on "." and "?" only and truncat
 longer than the encoder's window; we split on ". ! ? ;" and newlines, never inside a
 decimal number, and split an over-long sentence further (at commas, then at word and
 character boundaries) so that no text is silently lost. `split="reference"` reproduces
-the reference's rule (`split_reference`) for a paper-exact run.
+the reference's rule (`split_reference`) for a paper-exact run; `split="none"` keeps the
+prompt whole as one segment, which the encoder's window cuts at 77 tokens: the plain
+pipeline encoding, the baseline a long prompt is measured against.
 
 Pure Python: the only thing needed from the tokenizer is a token counter (tokenizer.py).
 """
@@ -37,8 +39,9 @@ def split_sentences(text: str) -> list[str]:
 
 
 # How a prompt is cut into segments (prompts.split): this project's sentences (the
-# default), or the reference code's rule (paper-exact mode).
-SPLITS = ("sentences", "reference")
+# default), the reference code's rule (paper-exact mode), or not at all (the pipeline's
+# 77-token truncation).
+SPLITS = ("sentences", "reference", "none")
 # The reference's delimiters, tried in this order at every position: its pattern was meant
 # to list ! and ; but, quoted as written, matches the two-character sequences '"!' and ';"'.
 _REFERENCE_DELIMITERS = ('"!', ".", "?", ';"')
@@ -142,10 +145,13 @@ def split_segments(
     One sentence per segment (the reference's choice) unless `pack_segments`, which
     joins consecutive sentences while they fit. An empty or blank text gives [].
     `split="reference"`: the reference's pieces as they are (`split_reference`; over-long
-    ones are cut by the encoder's truncation), never packed.
+    ones are cut by the encoder's truncation), never packed. `split="none"`: the text as
+    one segment (cut by the encoder's truncation at 77 tokens, as the pipelines cut it).
     """
     if split == "reference":
         return split_reference(text)
+    if split == "none":
+        return [text] if text.strip() else []
     if split != "sentences":
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     segments = [piece for s in split_sentences(text) for piece in _fit(s, count_tokens, max_segment_tokens)]

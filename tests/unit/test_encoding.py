@@ -525,3 +525,30 @@ def test_encoded_lengths_are_what_the_encoder_keeps_before_cutting(tiny_parts, c
         reported[prompt] = int(total)
     expected = {repr(p if len(p) <= 60 else p[:57] + "..."): n for p, n in zip(prompts, lengths) if n > 1}
     assert reported == expected
+
+
+@torch.no_grad()
+def test_split_none_is_the_pipelines_77_token_encoding(tiny_parts, count, caplog):
+    """prompts.split: none keeps a prompt whole in one window, which cuts it at 77 tokens:
+    at max_tokens 77 exactly the plain encoding (TruncatedEncoder, the pipeline's), its own
+    <eot> and padding states included, and the empty prompt's too; the driver counts the
+    prompts the window cuts. The baseline a long-prompt run is measured against."""
+    from longalign_rl import preflight
+    from longalign_rl.config import ConfigError, load_config
+    from longalign_rl.encoding import TruncatedEncoder
+
+    prompts = ["A red cube. " * 30, "A red cube on a blue floor.", ""]
+    assert count(prompts[0]) > 75 and split_segments(prompts[0], count, split="none") == [prompts[0]]
+    plain = TruncatedEncoder(tiny_parts.tokenizer, tiny_parts.text_encoder)
+    whole = SegmentEncoder(tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=77, split="none")
+    assert torch.equal(whole(prompts), plain(prompts)) and torch.equal(whole.uncond(2), plain.uncond(2))
+    by_sentence = SegmentEncoder(tiny_parts.tokenizer, tiny_parts.text_encoder, max_tokens=77)
+    assert not torch.equal(by_sentence(prompts[:1]), plain(prompts[:1]))
+    cfg = load_config(None, ["prompts.split=none", "prompts.max_tokens=77"])
+    with caplog.at_level(logging.WARNING, logger="longalign_rl"):
+        preflight.warn_cut_prompts(cfg, "prompts.source", prompts)
+    said = [r.getMessage() for r in caplog.records if r.name == "longalign_rl"]
+    assert said == ["prompts.source: 1 of 3 prompts are longer than CLIP's 77-token window and are cut there, as "
+                    "the pipelines cut them (prompts.split: none); prompts.split: sentences keeps them whole"]
+    with pytest.raises(ConfigError, match="prompts.pack_segments"):
+        load_config(None, ["prompts.split=none", "prompts.pack_segments=true"])

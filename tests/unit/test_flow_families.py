@@ -79,6 +79,27 @@ def test_a_one_segment_prompt_equals_the_pipelines_encode_prompt_bit_for_bit(par
         assert torch.equal(inputs[name], expected), name
 
 
+def test_split_none_is_the_pipelines_own_cut_of_a_long_prompt(parts):
+    """prompts.split: none at max_tokens 77: the prompt whole, its CLIP part cut at 77 tokens
+    as the pipeline cuts it, equal bit for bit to encode_prompt's (the T5 part holds it whole)."""
+    family = parts.family
+    prompt = LONG + " " + LONG  # over CLIP's 77 tokens, within T5's 256
+    encoder = family.encoder(parts, PromptConfig(max_tokens=77, split="none"), resolution=64)
+    assert encoder.segments(prompt) == [prompt]
+    inputs = family.pipeline_inputs(encoder([prompt]), encoder.uncond(1))
+    pipe = model_pipeline(parts)
+    if family.name == "sd3":
+        out = pipe.encode_prompt(prompt, None, None, device="cpu", do_classifier_free_guidance=True, negative_prompt="")
+        names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+    else:
+        out = pipe.encode_prompt(prompt, None, device="cpu")[:2]
+        names = ["prompt_embeds", "pooled_prompt_embeds"]
+    for name, expected in zip(names, out):
+        assert torch.equal(inputs[name], expected), name
+    by_sentence = family.encoder(parts, PromptConfig(max_tokens=77), resolution=64)
+    assert not torch.equal(by_sentence([prompt]), encoder([prompt]))
+
+
 def test_sd3_without_its_t5_equals_the_pipeline_without_it():
     """model.without_t5: diffusers' text_encoder_3=None, whose T5 tokens are zeros."""
     parts = load_components("tiny-sd3", without_t5=True)
