@@ -93,13 +93,21 @@ class FlowFamily(Family):
     t5_tokenizer_folder = ""
 
     def t5_tokenizer(self, model, revision=None):
+        import json
         from pathlib import Path
 
         from longalign_rl.families.text import load_t5_tokenizer, tiny_t5_tokenizer
 
+        index_file = Path(model) / "model_index.json"
+        if index_file.is_file():  # a diffusers folder; one saved without its T5 says [null, null]
+            if json.loads(index_file.read_text()).get(self.t5_tokenizer_folder, ["transformers"])[0] is None:
+                return None
         if Path(model).is_dir() or "/" in model:  # a diffusers folder or a hub id
             return load_t5_tokenizer(model, self.t5_tokenizer_folder, revision)
-        return tiny_t5_tokenizer()  # the built-ins carry the shipped test tokenizer
+        config_dir = Path(__file__).resolve().parent.parent / "model_configs" / model
+        if (config_dir / "model_index.json").is_file():
+            return tiny_t5_tokenizer()  # the built-ins carry the shipped test tokenizer
+        return None  # a registered model's loader: its workers say what their T5 cuts
 
     def t5_tokens(self, prompts) -> int:
         """The T5 limit of a run: prompts.t5_max_tokens, or the family's default."""

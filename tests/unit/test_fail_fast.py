@@ -274,6 +274,17 @@ def test_the_driver_counts_the_prompts_a_models_own_t5_cuts(caplog):
         preflight.warn_cut_prompts(load_config("configs/tiny_flux.yaml", ["prompts.t5_max_tokens=0"]),  # 512
                                    "prompts.source", prompts)
     assert not [r for r in caplog.records if r.name == "longalign_rl"]
+    # an SD3 model saved without its T5 (model_index.json: text_encoder_3 [null, null]), by folder
+    # or by a registered name, has no T5 to cut: no T5 line though prompts.t5_max_tokens is 1
+    from shapesworld.plugin import WEIGHTS_DIR
+
+    for model in ("shapesworld-flow", str(WEIGHTS_DIR / "shapesworld-flow")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="longalign_rl"):
+            preflight.warn_cut_prompts(load_config("configs/shapesworld_flow.yaml", [f"model.pretrained={model}"]),
+                                       "prompts.source", prompts)
+        said = [r.getMessage() for r in caplog.records if r.name == "longalign_rl"]
+        assert len(said) == 1 and "prompts.max_tokens=120" in said[0] and "T5" not in said[0], said
 
 
 def test_custom_resources_are_checked_on_the_driver():
