@@ -147,10 +147,14 @@ def check_finite_file(path: Path) -> None:
 def check_model_folder(folder: Path, key: str = "model.pretrained") -> None:
     """ValueError naming `key` and the file, unless `folder` holds a loadable diffusers model:
     each weight folder of its family (SD: unet/, vae/, text_encoder/; SDXL also
-    text_encoder_2/) with config.json and complete, finite weights, and scheduler/'s config.
+    text_encoder_2/) with config.json and complete, finite weights, and scheduler/'s config;
+    a part model_index.json says was saved as None (SD3's text_encoder_3) is not looked for.
     A pipeline class of no known family is named with the supported ones."""
     problems = []
-    for part in family_of(folder, read_model_index(folder), key).parts:
+    index = read_model_index(folder)
+    for part in family_of(folder, index, key).parts:
+        if index.get(part, ["saved"])[0] is None:  # saved without it: diffusers' [null, null] (SD3 without T5)
+            continue
         sub = folder / part
         weights = sorted(sub.glob("*.safetensors")) + sorted(sub.glob("*.bin"))
         if not (sub / "config.json").is_file():

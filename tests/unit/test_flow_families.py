@@ -115,6 +115,22 @@ def test_sd3_without_its_t5_equals_the_pipeline_without_it():
         load_components("tiny-flux", without_t5=True)
 
 
+def test_a_folder_saved_without_t5_is_complete_and_loads_without_it(tmp_path):
+    """A stage-1 run of an SD3 model without T5 writes model/ with text_encoder_3 [null, null]
+    (diffusers' save of text_encoder_3=None): the folder check does not ask for the T5's
+    folder, it loads without T5, and the driver looks for no T5 tokenizer in it."""
+    import json
+
+    from longalign_rl.models import check_model_folder, save_model_folder
+
+    folder = save_model_folder(load_components("tiny-sd3", without_t5=True), tmp_path / "model")
+    assert json.loads((folder / "model_index.json").read_text())["text_encoder_3"] == [None, None]
+    check_model_folder(folder)
+    again = load_components(str(folder))
+    assert again.text_encoder_3 is None and again.family.t5_tokenizer(str(folder)) is None
+    assert load_components("tiny-sd3").family.t5_tokenizer("tiny-sd3") is not None  # a built-in has its T5
+
+
 def test_a_long_prompt_keeps_every_segment_in_the_clip_tokens_and_t5_says_what_it_cuts(sd3, caplog):
     encoder = sd3.family.encoder(sd3, PromptConfig(max_tokens=240, t5_max_tokens=32), resolution=64)
     segments = encoder.segments(LONG)
