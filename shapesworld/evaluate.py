@@ -21,6 +21,9 @@ from shapesworld.world import WorldConfig, caption, sample_scene, to_uint8
 # Segment-encoded length of a default ShapesWorld caption: preamble (1 + 28 states) and
 # 4 cell sentences (1 + 19 or 20 each), at most 113.
 SEGMENT_MAX_TOKENS = 120
+# The ShapesWorld flow model (an SD3 transformer, shapesworld/pretrain_flow.py) has no T5:
+# the pipeline's zero T5 tokens, one of them (prompts.t5_max_tokens in its configs).
+T5_TOKENS = 1
 
 
 def margin_mask(cfg: WorldConfig) -> np.ndarray:
@@ -70,9 +73,9 @@ def draw_captions(cfg: WorldConfig, n: int, seed: int) -> list[str]:
 def generate(parts, encoder, prompts: list[str], *, seed: int, num_steps: int = 20, guidance_scale: float = 5.0,
              resolution: int = 32, batch: int = 64, eta: float = 0.0) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1] from DDIM with guidance, by the framework's sampler over
-    `parts` (models.Components), prompts encoded by `encoder` (a SegmentEncoder or a
-    TruncatedEncoder), in float32 on the CPU. `eta` > 0: stochastic DDIM, the sampler
-    policy-gradient runs train (sample_trajectory)."""
+    `parts` (models.Components), prompts encoded by `encoder` (`make_encoder`), in float32
+    on the CPU. `eta` > 0: the stochastic sampler policy-gradient runs train (DDIM's eta, a
+    flow model's SDE noise level; sample_trajectory)."""
     from longalign_rl.config import SamplerConfig
     from longalign_rl.sampling.sampler import build_sampler, sample_trajectory
     from longalign_rl.vae import decode
@@ -92,13 +95,16 @@ def generate(parts, encoder, prompts: list[str], *, seed: int, num_steps: int = 
 
 
 def make_encoder(parts, encoding: str, max_tokens: int = SEGMENT_MAX_TOKENS):
-    from longalign_rl.encoding import SegmentEncoder, TruncatedEncoder
+    """The model family's own prompt encoder (families/): "segment" (sentence by sentence, up to
+    `max_tokens` states) or "truncated" (the prompt whole, cut at 77 tokens: exactly the
+    pipeline's encoding)."""
+    from longalign_rl.config import PromptConfig
 
-    if encoding == "segment":
-        return SegmentEncoder(parts.tokenizer, parts.text_encoder, max_tokens=max_tokens)
-    if encoding == "truncated":
-        return TruncatedEncoder(parts.tokenizer, parts.text_encoder)
-    raise ValueError(f"encoding must be 'segment' or 'truncated', got {encoding!r}")
+    if encoding not in ("segment", "truncated"):
+        raise ValueError(f"encoding must be 'segment' or 'truncated', got {encoding!r}")
+    prompts = (PromptConfig(max_tokens=max_tokens, t5_max_tokens=T5_TOKENS) if encoding == "segment"
+               else PromptConfig(max_tokens=77, split="none", t5_max_tokens=T5_TOKENS))
+    return parts.family.encoder(parts, prompts, resolution=WorldConfig().image_size)
 
 
 def evaluate(parts, encoding: str, prompts: list[str], *, seed: int, cfg: WorldConfig | None = None,

@@ -161,12 +161,12 @@ def _ms(values) -> str:
     return f"{values.mean():.3f} ± {values.std():.3f}" if len(values) > 1 else f"{values.mean():.3f}"
 
 
-def report(results: dict) -> str:
+def report(results: dict, start_model: str = START) -> str:
     c = results["settings"]
     start = late_cells(results["start"])
     names = [m["name"] for m in c["methods"]]
     lines = ["# Policy gradients against reward backpropagation, through the product", "",
-             f"{len(c['seeds'])} seed(s) per method from `{START}`; "
+             f"{len(c['seeds'])} seed(s) per method from `{start_model}`; "
              f"held-out ground truth on {c['eval_captions']} captions (seed {EVAL_SEED}), mean ± std over seeds. "
              f"Wall clock {results['seconds'] / 60:.1f} min.", "",
              "| method | step | samples | shape 3 | shape 4 | cells 3-4 | shape 1-2 | colour 3-4 | background | "
@@ -218,7 +218,7 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(results: dict, target: Path) -> None:
+def figure(results: dict, target: Path, start_model: str = START) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,7 +234,7 @@ def figure(results: dict, target: Path) -> None:
     ax.set_xlabel("samples seen")
     ax.set_ylabel("held-out shape accuracy, cells 3-4")
     ax.legend(fontsize=8)
-    ax.set_title(f"from {START}: mean ± std over {len(results['settings']['seeds'])} seed(s)", fontsize=10)
+    ax.set_title(f"from {start_model}: mean ± std over {len(results['settings']['seeds'])} seed(s)", fontsize=10)
     fig.tight_layout()
     fig.savefig(target, dpi=90)
     plt.close(fig)

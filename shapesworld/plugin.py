@@ -8,7 +8,9 @@ third-party world or dataset uses, and nothing else (docs/architecture.md).
 | `data.source` (stage 1)             | `shapesworld.plugin:pairs` (rendered image pairs) |
 | `run.metrics`                       | `shapesworld.plugin:ground_truth` (exact checker) |
 | `longalign_rl.models` entry points  | "shapesworld", "shapesworld-stage1",              |
-|                                     | "shapesworld-partial" (shipped)                   |
+|                                     | "shapesworld-partial" (SD 1.x UNets),             |
+|                                     | "shapesworld-flow", "shapesworld-flow-partial"    |
+|                                     | (SD3 transformers; all shipped)                   |
 | `longalign_rl.rewards` entry points | "shapes_clip", "shapes_pref", "shapes_checker"    |
 
 The entry points are declared in setup.cfg, as a plugin package declares its own.
@@ -92,3 +94,16 @@ def partial_model(seed: int = 0):
     (configs/shapesworld_stage1.yaml, a LoRA merged): cells 3-4 in the right colours but
     their shapes only partly right, so stage 2 has headroom (weights/shapesworld-partial/report.json)."""
     return _load_shipped("shapesworld-partial")
+
+
+def flow_model(seed: int = 0):
+    """Model "shapesworld-flow": an SD3-class transformer pretrained on plain 77-token
+    captions, on the base's VAE and text encoder, without T5 (shapesworld/pretrain_flow.py)."""
+    return _load_shipped("shapesworld-flow")
+
+
+def flow_partial_model(seed: int = 0):
+    """Model "shapesworld-flow-partial": "shapesworld-flow" after the framework's own stage 1
+    (configs/shapesworld_flow_stage1.yaml, a LoRA merged), a start for stage 2 with headroom
+    (weights/shapesworld-flow-partial/report.json)."""
+    return _load_shipped("shapesworld-flow-partial")

@@ -1,14 +1,16 @@
-"""Ship the UNet of a model a framework run wrote as a named ShapesWorld model.
+"""Ship the denoiser of a model a framework run wrote as a named ShapesWorld model.
 
     python -m longalign_rl.train --config configs/shapesworld_stage1.yaml run.name=partial
     python -m shapesworld.ship_model runs/partial --name shapesworld-partial
 
-Stage 1 (configs/shapesworld_stage1.yaml) writes `model/`, a diffusers folder with the
-LoRA merged into the UNet. Its VAE, text encoder and scheduler are the shipped base's, so
-only the UNet ships (float16, in shapesworld/weights/<name>/unet/), with a report.json:
-the run's config and the exact checker's accuracy per cell on held-out captions (both
-encodings, DDIM 10 steps, guidance 5). The name loads like the others once it is an entry
-point in setup.cfg (`longalign_rl.models`), with a loader in shapesworld/plugin.py.
+Stage 1 (configs/shapesworld_stage1.yaml; configs/shapesworld_flow_stage1.yaml for the
+flow model) writes `model/`, a diffusers folder with the LoRA merged into the denoiser (a
+UNet, or the flow model's transformer). Its other parts are those of the shipped model
+the run started from (`model.pretrained`), so only the denoiser ships (float16, in
+shapesworld/weights/<name>/unet/ or transformer/), with a report.json: the run's config
+and the exact checker's accuracy per cell on held-out captions (both encodings, 10
+sampling steps, guidance 5). The name loads like the others once it is an entry point in
+setup.cfg (`longalign_rl.models`), with a loader in shapesworld/plugin.py.
 """
 
 from __future__ import annotations
@@ -27,43 +29,53 @@ from shapesworld.plugin import SHIPPED_BASE, WEIGHTS_DIR
 EVAL_SEED = 12345  # held-out captions, as shapesworld.evaluate.evaluate_model draws them
 
 
-SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
-
-
 def complete_folder(folder: Path, base: Path = WEIGHTS_DIR / SHIPPED_BASE) -> None:
-    """Make a shipped model folder a complete diffusers folder that
-    `StableDiffusionPipeline.from_pretrained` loads: the parts it does not ship itself
-    (a stage-1 model ships only its UNet) link to the base's (relative symlinks), and
-    model_index.json is the base's. The base itself must be complete (tokenizer/ and
-    model_index.json included)."""
+    """Make a shipped model folder a complete diffusers folder that its pipeline's
+    `from_pretrained` loads: every part it does not ship itself (a stage-1 model ships only
+    its denoiser) links to the base's (relative symlinks), and model_index.json is the
+    base's. The base itself must be complete (tokenizers and model_index.json included)."""
     import os
     import shutil
 
-    for part in SHARED_PARTS:
-        target = folder / part
+    for part in sorted(p for p in base.iterdir() if p.is_dir()):
+        target = folder / part.name
         if not target.exists():
-            target.symlink_to(os.path.relpath(base / part, folder), target_is_directory=True)
+            target.symlink_to(os.path.relpath(part, folder), target_is_directory=True)
     if folder.resolve() != base.resolve():
         shutil.copyfile(base / "model_index.json", folder / "model_index.json")
 
 
-def ship(run_dir: Path, name: str, n: int, out_dir: Path = WEIGHTS_DIR) -> dict:
-    from diffusers import UNet2DConditionModel
+def base_of(run_config: dict, out_dir: Path) -> Path:
+    """The shipped model a run started from (its `model.pretrained`; the SD base when the
+    config does not say), in `out_dir` when it is there, else in shapesworld/weights/."""
+    name = (run_config.get("model") or {}).get("pretrained") or SHIPPED_BASE
+    for folder in (out_dir / name, WEIGHTS_DIR / name):
+        if (folder / "model_index.json").is_file():
+            return folder
+    raise ValueError(f"model.pretrained={name!r}: not a shipped ShapesWorld model folder in {out_dir} or "
+                     f"{WEIGHTS_DIR}; ship_model ships the denoiser of a run that started from one")
 
-    from longalign_rl.models import load_pretrained
+
+def ship(run_dir: Path, name: str, n: int, out_dir: Path = WEIGHTS_DIR) -> dict:
+    import diffusers
+
+    from longalign_rl.models import load_pretrained, read_model_index
     from shapesworld.evaluate import draw_captions, evaluate
     from shapesworld.world import WorldConfig
 
-    unet = UNet2DConditionModel.from_pretrained(run_dir / MODEL, subfolder="unet", torch_dtype=torch.float32)
+    run_config = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
+    base = base_of(run_config, out_dir)
+    index = read_model_index(base)
+    denoiser = "transformer" if "transformer" in index else "unet"
+    model_class = getattr(diffusers, index.get(denoiser, ["diffusers", "UNet2DConditionModel"])[1])
+    model = model_class.from_pretrained(run_dir / MODEL, subfolder=denoiser, torch_dtype=torch.float32)
     folder = out_dir / name
-    unet.half().save_pretrained(folder / "unet", safe_serialization=True)
-    # beside the base when shipping into shapesworld/weights; elsewhere (a test) the links reach the shipped base
-    complete_folder(folder, out_dir / SHIPPED_BASE if (out_dir / SHIPPED_BASE).is_dir() else WEIGHTS_DIR / SHIPPED_BASE)
+    model.half().save_pretrained(folder / denoiser, safe_serialization=True)
+    complete_folder(folder, base)
     report = {"made_by": f"python -m shapesworld.ship_model {run_dir} --name {name}",
-              "run_config": yaml.safe_load((run_dir / CONFIG).read_text()),
-              "last_step": read_metrics(run_dir)[-1],
+              "run_config": run_config, "last_step": read_metrics(run_dir)[-1],
               "eval": {"captions": n, "seed": EVAL_SEED, "num_steps": 10, "guidance_scale": 5.0}}
-    # What ships, loaded as the loader loads it: the complete folder (the base's parts, this UNet; float16 -> float32).
+    # What ships, loaded as the loader loads it: the complete folder (the base's parts, this denoiser; float16 -> float32).
     parts = load_pretrained(str(folder))
     prompts = draw_captions(WorldConfig(), n, seed=EVAL_SEED)
     for encoding in ("truncated", "segment"):

@@ -90,10 +90,11 @@ def checkpoints(run_dir: Path) -> dict[int, Path]:
 
 @torch.no_grad()
 def evaluate_weights(weights: Path | None, lora: dict, s: Sweep, prompts: list[str], grid: Path | None = None,
-                     eta: float = 0.0) -> dict:
-    """Held-out ground truth of the start model with `weights` (a checkpoint's trainable
+                     eta: float = 0.0, start: str = START) -> dict:
+    """Held-out ground truth of the `start` model with `weights` (a checkpoint's trainable
     weights; None = the start model itself); `grid`: also save the images there; `eta` > 0:
-    sampled by stochastic DDIM, as policy-gradient runs train."""
+    sampled by the stochastic sampler policy-gradient runs train (DDIM's eta, a flow
+    model's SDE)."""
     from safetensors.torch import load_file
 
     from longalign_rl.config import LoRAConfig
@@ -103,10 +104,10 @@ def evaluate_weights(weights: Path | None, lora: dict, s: Sweep, prompts: list[s
     from longalign_rl.outputs import save_image_grid
     from shapesworld.pref_train import ink
 
-    parts = load_components(START)
+    parts = load_components(start)
     if weights is not None:
         cfg = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()})
-        make_trainable(parts.unet, cfg)
+        make_trainable(parts.unet, cfg, family=parts.family)
         load_trainable_state_dict(parts.unet, load_file(weights), cfg)
     images, summary = evaluate(parts, "segment", prompts, seed=EVAL_SEED, num_steps=s.eval_steps,
                                guidance_scale=s.guidance, eta=eta)

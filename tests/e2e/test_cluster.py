@@ -1,8 +1,8 @@
 """Runs on a multi-node Ray cluster, on one machine (issue 24, item 3): the node types of
 cluster/aws.yaml scaled down to logical CPUs (tests/cluster.py), runs submitted with `ray job
 submit` or started as drivers on the cluster (`python -m longalign_rl.train` with RAY_ADDRESS
-set), and nodes lost mid-run. The `ray job submit` placement test runs by default; the
-node-loss, autoscaler and head-loss tests are marked slow (each several runs long)."""
+set), and nodes lost mid-run. All four are marked slow (each minutes long; run them with
+`-m slow`)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,9 @@ def plugin_package(tmp_path):
     return pkg
 
 
+@pytest.mark.slow  # CI time: a 3-node cluster with a dashboard and a GRPO run with a reward actor, 250 s of the
+# test command's ~31 minutes; joining a running cluster (RAY_ADDRESS, as `ray job submit` sets it) is
+# test_end_to_end.py's default-tier test_the_run_joins_the_cluster_named_by_ray_address
 def test_ray_job_submit_places_a_plugin_run_on_the_node_types_it_asks_for(tmp_path, plugin_package):
     """What a user does on a cluster: `ray job submit --working-dir <repo> --runtime-env-json
     '{"py_modules": [plugin]}' -- python -m longalign_rl.train ...`, with a reward plugin that

@@ -42,8 +42,11 @@ CONFIGS = [p for p in sorted((REPO / "configs").glob("*.yaml")) if p.name not in
 # per worker is three minutes here, configs/tiny_flux.yaml's GRPO run (groups of 2, the same
 # classes) is test_families.py's default-tier FLUX run; the paper-exact configs are included
 # whole by configs/tiny_reference*.yaml, which change only their sizes (as a smoke run does)
-# and run in test_reference_mode.py's default tier.
+# and run in test_reference_mode.py's default tier; SD3's reward backpropagation runs in the
+# default tier here as configs/shapesworld_flow.yaml's smoke (the ShapesWorld SD3 model, kept
+# as shipped: no T5; SD3's T5 encoding is test_flow_families.py's).
 SLOW = {"flux_dev_longalign.yaml": "test_families.py::test_tiny_flux_grpo_trains_through_the_product",
+        "sd35_medium_longalign.yaml": "test_configs.py::test_a_shipped_config_runs_as_shipped_with_its_sizes_swapped",
         "longalign_reference.yaml": "test_reference_mode.py::test_stage2_replays_exactly_with_dropout_on_and_on_policy",
         "longalign_reference_stage1.yaml": "test_reference_mode.py::test_stage1_trains_the_t5_adapter_beside_the_lora"}
 
@@ -60,6 +63,10 @@ def test_the_files_left_out_are_run_as_shipped_elsewhere():
         source = (REPO / "tests" / "e2e" / module).read_text()
         before = source[:source.index(f"def {test}(")].rstrip().splitlines()[-1]
         assert (REPO / "configs" / name).is_file() and "pytest.mark.slow" not in before, where
+
+    sd35, twin = (load_config(REPO / "configs" / n) for n in ("sd35_medium_longalign.yaml", "shapesworld_flow.yaml"))
+    assert twin.model.family == sd35.model.family == "sd3" and twin.algorithm.name == sd35.algorithm.name
+    assert "shapesworld_flow.yaml" not in SLOW and (REPO / "configs" / "shapesworld_flow.yaml") in CONFIGS
 
     assert train.DEFAULT_CONFIG == REPO / "configs" / "default.yaml"
     for name, module in RUN_ELSEWHERE.items():

@@ -4,6 +4,7 @@ models, and the experiment end to end. (They train in-process: seconds to a minu
 import json
 
 import pytest
+import torch
 import yaml
 
 from longalign_rl.models import load_components, vae_scale_factor
@@ -19,6 +20,42 @@ def test_quick_pretraining_writes_loadable_models(tmp_path):
     report = json.loads((tmp_path / "shapesworld" / "report.json").read_text())
     assert report["quick"] is True
     assert set(report["eval"]["shapesworld"]) == {"truncated", "segment"}
+
+
+def test_quick_flow_pretraining_writes_an_sd3_folder_without_t5(tmp_path):
+    """The flow model's script: an SD3 transformer on the base's VAE (with a shift factor)
+    and text encoder (as both CLIPs), no T5, a complete folder that diffusers' pipeline and
+    the framework load, trained on the plain 77-token encoding."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from shapesworld import pretrain_flow
+
+    assert pretrain_flow.main(["--quick", "--out", str(tmp_path), "--eval", "2", "--threads", "1"]) == 0
+    folder = tmp_path / "shapesworld-flow"
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    assert pipe.text_encoder_3 is None and pipe.vae.config.shift_factor == 0.0
+    assert pipe.transformer.config.joint_attention_dim == 2 * pipe.text_encoder.config.hidden_size
+    parts = load_components(str(folder))
+    assert parts.family.name == "sd3" and parts.text_encoder_3 is None and vae_scale_factor(parts.vae) == 4
+    assert all(p.dtype == torch.float32 for p in parts.unet.parameters())
+    report = json.loads((folder / "report.json").read_text())
+    assert report["quick"] is True and "split none" in report["conditioning"]
+    assert set(report["eval"]) >= {"truncated", "segment"} and len(report["eval"]["segment"]["shape"]) == 4
+
+    # ship_model ships a stage-1 run's transformer beside the base it started from
+    import shutil
+
+    from shapesworld import ship_model
+
+    run = tmp_path / "run"
+    shutil.copytree(folder / "transformer", run / "model" / "transformer")
+    (run / "config.yaml").write_text("stage: 1\nmodel:\n  pretrained: shapesworld-flow\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.1}\n')
+    assert ship_model.main([str(run), "--name", "mine", "--eval", "2", "--out", str(tmp_path)]) == 0
+    shipped = tmp_path / "mine"
+    assert not (shipped / "transformer").is_symlink() and (shipped / "text_encoder_2").is_symlink()
+    assert StableDiffusion3Pipeline.from_pretrained(shipped).text_encoder_3 is None
+    assert json.loads((shipped / "report.json").read_text())["run_config"]["model"]["pretrained"] == "shapesworld-flow"
 
 
 def test_quick_experiment_end_to_end(tmp_path):
@@ -131,6 +168,31 @@ def test_quick_policy_gradient_comparison_runs_both_methods_through_the_product(
     report = (tmp_path / "report.md").read_text()
     assert "| start | 0 | 0 |" in report and "| grpo | 2 |" in report and "Samples needed" in report
     assert (tmp_path / "curves.png").stat().st_size > 5_000
+
+
+@pytest.mark.slow  # three subprocess runs (2-3 min): CI time; the flow configs' runs are test_configs.py's smokes
+def test_quick_flow_comparison_runs_stage1_and_both_stage2_methods_through_the_product(tmp_path):
+    """The flow model's evidence: stage 1 from shapesworld-flow (its merged model evaluated
+    with both encodings), then reward backpropagation and Flow-GRPO from
+    shapesworld-flow-partial, each `python -m longalign_rl.train`, every checkpoint
+    evaluated on held-out captions."""
+    from shapesworld import flow_compare
+
+    assert flow_compare.main(["--out", str(tmp_path), "--quick"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    (stage1,) = results["stage1"]
+    assert set(stage1["held_out"]) == {"truncated", "segment"} and set(results["base"]) == {"truncated", "segment"}
+    assert yaml.safe_load((tmp_path / "runs" / "stage1_s0" / "config.yaml").read_text())["model"]["pretrained"] \
+        == "shapesworld-flow"
+    assert [r["method"] for r in results["runs"]] == ["reward_backprop", "flow_grpo"]
+    for run in results["runs"]:
+        cfg = yaml.safe_load((tmp_path / "runs" / f"{run['method']}_s0" / "config.yaml").read_text())
+        assert cfg["model"]["pretrained"] == "shapesworld-flow-partial" and cfg["prompts"]["t5_max_tokens"] == 1
+        assert [m["step"] for m in run["metrics"]] == [1, 2] and sorted(run["held_out"]) == ["1", "2"]
+    grpo = yaml.safe_load((tmp_path / "runs" / "flow_grpo_s0" / "config.yaml").read_text())
+    assert grpo["algorithm"]["name"] == "grpo" and grpo["reward"]["name"] == "shapes_exact"
+    report = (tmp_path / "report.md").read_text()
+    assert "| stage 1, segment |" in report and "| flow_grpo | 2 |" in report and "Samples needed" in report
 
 
 def test_quick_gradient_check_compares_the_policy_gradient_with_the_pathwise_one():

@@ -115,3 +115,43 @@ def test_the_partial_stage1_model_leaves_headroom_on_the_late_shapes():
     base = load_components("shapesworld")
     assert any(not torch.equal(a, b) for a, b in zip(parts.unet.state_dict().values(), base.unet.state_dict().values()))
     torch.testing.assert_close(next(parts.vae.parameters()), next(base.vae.parameters()))
+
+
+def test_the_shipped_flow_model_is_sd3_without_t5_and_cut_at_77_tokens():
+    """shapesworld-flow (shapesworld/pretrain_flow.py): an SD3 transformer on the base's VAE
+    and text encoder, no T5, loaded by name; by its report it draws cells 1-2 (colours far
+    above chance 1/7) and not cells 3-4, whose words are past its 77 tokens; and the sampler
+    draws the first cells' colours on held-out captions through the framework."""
+    from shapesworld.evaluate import make_encoder
+    from shapesworld.plugin import WEIGHTS_DIR
+
+    assert {"shapesworld-flow", "shapesworld-flow-partial"} <= set(MODELS.names())
+    flow = load_components("shapesworld-flow")
+    assert flow.family.name == "sd3" and flow.text_encoder_3 is None and type(flow.unet).__name__ == "SD3Transformer2DModel"
+    torch.testing.assert_close(next(flow.vae.parameters()), next(load_components("shapesworld").vae.parameters()))
+    report = json.loads((WEIGHTS_DIR / "shapesworld-flow" / "report.json").read_text())
+    truncated = report["eval"]["truncated"]
+    assert report["quick"] is False and min(truncated["colour"][:2]) > 0.9 and max(truncated["colour"][2:]) < 0.3
+    prompts = draw_captions(WORLD, 16, seed=777)
+    images = generate(flow, make_encoder(flow, "truncated"), prompts, seed=0, num_steps=10, resolution=32)
+    acc = summarize(ground_truth(images, prompts, WORLD))
+    assert np.mean(acc["colour"][:2]) > 0.6, acc
+
+
+def test_the_flow_partial_model_leaves_headroom_on_the_late_shapes():
+    """shapesworld-flow-partial (the framework's stage 1 of the flow model, stopped at 160 of
+    its config's 256 steps): by its report the first cells are right and the late shapes
+    have headroom; it loads by name, its transformer changed and nothing else."""
+    from shapesworld.plugin import WEIGHTS_DIR
+
+    report = json.loads((WEIGHTS_DIR / "shapesworld-flow-partial" / "report.json").read_text())
+    segment, truncated = report["eval"]["segment"], report["eval"]["truncated"]
+    assert min(segment["colour"][:2]) > 0.9 and np.mean(segment["shape"][2:]) < 0.75
+    assert np.mean(segment["colour"][2:]) > np.mean(truncated["colour"][2:]) + 0.3  # stage 1 reached cells 3-4
+    run = report["run_config"]
+    assert run["stage"] == 1 and run["model"]["pretrained"] == "shapesworld-flow" and run["lora"]["enabled"]
+    parts, base = load_components("shapesworld-flow-partial"), load_components("shapesworld-flow")
+    assert parts.family.name == "sd3" and parts.text_encoder_3 is None
+    assert any(not torch.equal(a, b) for a, b in zip(parts.unet.state_dict().values(), base.unet.state_dict().values()))
+    for a, b in ((parts.vae, base.vae), (parts.text_encoder_2, base.text_encoder_2)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
