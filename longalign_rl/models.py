@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from longalign_rl.families import Components, Family, default_family, family_for_pipeline
-from longalign_rl.families.base import ddim_scheduler, read_config
+from longalign_rl.families.base import ddim_scheduler, read_config, saved_without
 from longalign_rl.registry import Registry, resolve_source
 from longalign_rl.hub import check_hub_model, unloadable
 
@@ -153,7 +153,7 @@ def check_model_folder(folder: Path, key: str = "model.pretrained") -> None:
     problems = []
     index = read_model_index(folder)
     for part in family_of(folder, index, key).parts:
-        if index.get(part, ["saved"])[0] is None:  # saved without it: diffusers' [null, null] (SD3 without T5)
+        if saved_without(index, part):  # SD3 saved without its T5
             continue
         sub = folder / part
         weights = sorted(sub.glob("*.safetensors")) + sorted(sub.glob("*.bin"))

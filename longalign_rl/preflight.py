@@ -178,14 +178,15 @@ def warn_cut_prompts(cfg: Config, key: str, prompts: list[str], what: str = "pro
 
     p = cfg.prompts
     measured = prompts[:limit]
-    lengths = encoded_lengths(measured, build_clip_tokenizer(), pack_segments=p.pack_segments, split=p.split,
+    tokenizer = build_clip_tokenizer()
+    lengths = encoded_lengths(measured, tokenizer, pack_segments=p.pack_segments, split=p.split,
                               clean_text=p.clean_text)
     warn_t5_cut_prompts(cfg, key, measured, what, len(prompts) > limit)
     if p.split == "none":  # one segment each: CLIP's window cuts it, whatever max_tokens says
         from longalign_rl.encoding.segments import MAX_SEGMENT_TOKENS
         from longalign_rl.encoding.tokenizer import token_counter
 
-        count = token_counter(build_clip_tokenizer())
+        count = token_counter(tokenizer)
         window_cut = sum(count(prompt) > MAX_SEGMENT_TOKENS for prompt in measured)
         if window_cut:
             log.warning("%s: %d of %s%d %s are longer than CLIP's 77-token window and are cut there, as the "

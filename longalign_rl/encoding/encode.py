@@ -85,7 +85,8 @@ def encode_prompts(
 
     `split`: "sentences" (this project's), "reference" (the reference code's rule,
     segments.split_reference) or "none" (the prompt as one window, cut at 77 tokens: with
-    max_tokens 77 exactly the pipeline's encoding, TruncatedEncoder's), see segments.py. `clean_text`: see `prompt_segments`.
+    max_tokens 77 exactly the pipeline's encoding, TruncatedEncoder's), see segments.py.
+    `clean_text`: see `prompt_segments`.
 
     `pad` is the pad vector; pass a cached one (see `SegmentEncoder`) to save one
     encoder call. The empty prompt gives <sot> followed by pad vectors: the

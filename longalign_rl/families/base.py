@@ -188,6 +188,12 @@ class Family:
         return None
 
 
+def saved_without(model_index: dict, part: str) -> bool:
+    """Whether a model folder's model_index.json says `part` was saved as None (diffusers
+    writes [null, null], as for SD3 saved with text_encoder_3=None)."""
+    return model_index.get(part, ["saved"])[0] is None
+
+
 def read_config(config_dir: Path, part: str) -> dict:
     """One part's JSON config of a built-in architecture, without its `_comment` keys."""
     import json

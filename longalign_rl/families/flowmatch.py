@@ -96,12 +96,12 @@ class FlowFamily(Family):
         import json
         from pathlib import Path
 
+        from longalign_rl.families.base import saved_without
         from longalign_rl.families.text import load_t5_tokenizer, tiny_t5_tokenizer
 
         index_file = Path(model) / "model_index.json"
-        if index_file.is_file():  # a diffusers folder; one saved without its T5 says [null, null]
-            if json.loads(index_file.read_text()).get(self.t5_tokenizer_folder, ["transformers"])[0] is None:
-                return None
+        if index_file.is_file() and saved_without(json.loads(index_file.read_text()), self.t5_tokenizer_folder):
+            return None  # a diffusers folder saved without its T5
         if Path(model).is_dir() or "/" in model:  # a diffusers folder or a hub id
             return load_t5_tokenizer(model, self.t5_tokenizer_folder, revision)
         config_dir = Path(__file__).resolve().parent.parent / "model_configs" / model

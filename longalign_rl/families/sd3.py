@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longalign_rl.families.base import Components, load_tokenizer, read_config, scheduler_config
+from longalign_rl.families.base import Components, load_tokenizer, read_config, saved_without, scheduler_config
 from longalign_rl.families.flowmatch import FlowFamily
 from longalign_rl.families.text import ClipSegments, T5Tokens, load_t5_tokenizer, tiny_t5_tokenizer
 
@@ -82,9 +82,7 @@ class SD3(FlowFamily):
         te, te2 = (CLIPTextModelWithProjection.from_pretrained(path_or_id, subfolder=part, dtype=torch.float32, **kw)
                    for part in ("text_encoder", "text_encoder_2"))
         t5 = tokenizer_3 = None
-        # a folder diffusers saved with text_encoder_3=None says so in its model_index.json: [null, null]
-        saved_without_t5 = (model_index or {}).get("text_encoder_3", ["transformers"])[0] is None
-        if "text_encoder_3" not in without and not saved_without_t5:
+        if "text_encoder_3" not in without and not saved_without(model_index or {}, "text_encoder_3"):
             t5 = T5EncoderModel.from_pretrained(path_or_id, subfolder="text_encoder_3", dtype=torch.float32, **kw)
             tokenizer_3 = load_t5_tokenizer(path_or_id, "tokenizer_3", revision)
         return Components(transformer, vae, te, load_tokenizer(path_or_id, "tokenizer", revision),
