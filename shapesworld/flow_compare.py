@@ -2,7 +2,7 @@
 `python -m longalign_rl.train` (sampler actors, DeepSpeed workers, checkpoints), every
 model is evaluated on held-out captions by the exact checker.
 
-    python -m shapesworld.flow_compare --out /tmp/flow            # 3 seeds, ~50 min on 2 cores
+    python -m shapesworld.flow_compare --out /tmp/flow            # 3 seeds, ~43 min on 2 cores
     python -m shapesworld.flow_compare --out /tmp/x --quick        # one seed, 2 steps each (tests)
 
 The model is `shapesworld-flow`, an SD3-class transformer without T5 pretrained on captions
@@ -13,12 +13,13 @@ cut at 77 tokens (shapesworld/pretrain_flow.py): cells 3-4 are past its window.
 2. Stage 2, seeds 0-2, from `shapesworld-flow-partial` (the same stage 1 stopped early, late
    shapes partly right), evaluated at every checkpoint:
    reward_backprop  configs/shapesworld_flow.yaml: shapes_clip (decomposed, w = 0.3),
-                    gradients through the last 2 of 10 Euler steps, 16 samples per step
-   flow_grpo        Flow-GRPO: the exact checker on sentences 3-4 as the reward (not
-                    differentiable), the SDE sampler (noise level 0.7) in the first half
-                    of the chain and the ODE after it (algorithm.sde_window), groups of 8,
-                    128 samples per update, on-policy, 8 updates: 1,024 samples, about
-                    reward backpropagation's 768
+                    gradients through the last 2 of 10 Euler steps, 16 samples per step,
+                    36 steps: 576 samples
+   flow_grpo        Flow-GRPO-Fast: the exact checker on sentences 3-4 as the reward (not
+                    differentiable), the SDE (noise level 0.7) on the first 2 of the 10
+                    steps only, the ODE after them (algorithm.sde_window), so each sample
+                    trains 2 steps; groups of 8 from one starting noise (shared_start), 128
+                    samples per update, on-policy, lr 2e-3, 10 updates: 1,280 samples
 Writes results.json, report.md (both tables; the samples each method needs for the same
 gain) and curves.png. Resumable: finished runs and their evaluations are kept.
 """
@@ -44,14 +45,14 @@ BASE = "shapesworld-flow"
 START = "shapesworld-flow-partial"
 STAGE1 = Method("stage1", ("--config", str(CONFIGS / "shapesworld_flow_stage1.yaml")), steps=256, checkpoint_every=128,
                 samples_per_step=32)
-REWARD_BACKPROP = Method("reward_backprop", ("--config", str(CONFIGS / "shapesworld_flow.yaml")), steps=48,
+REWARD_BACKPROP = Method("reward_backprop", ("--config", str(CONFIGS / "shapesworld_flow.yaml")), steps=36,
                          checkpoint_every=12, samples_per_step=16)
 FLOW_GRPO = Method("flow_grpo", ("--config", str(CONFIGS / "shapesworld_flow.yaml"), "algorithm.name=grpo",
                                  "reward.name=shapes_exact", "reward.kwargs={positions: [3, 4]}", "sampler.eta=0.7",
-                                 "algorithm.sde_window=[0, 0.5]", "algorithm.timestep_fraction=1.0",
-                                 "algorithm.group_size=8", "train.max_policy_lag=0", "train.batch_size=16",
-                                 "train.grad_accum=4", "train.lr=5e-4"),
-                   steps=8, checkpoint_every=2, samples_per_step=128)
+                                 "algorithm.sde_window=[0, 0.2]", "algorithm.timestep_fraction=1.0",
+                                 "algorithm.group_size=8", "algorithm.shared_start=true", "train.max_policy_lag=0",
+                                 "train.batch_size=16", "train.grad_accum=4", "train.lr=2e-3"),
+                   steps=10, checkpoint_every=5, samples_per_step=128)
 
 
 @dataclass(frozen=True)
