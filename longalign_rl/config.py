@@ -263,7 +263,13 @@ class AlgorithmConfig:
     advantage_clip: float = 5.0
     # Weight of the KL penalty to the starting model (the LoRA adapter disabled, or a frozen
     # copy of the UNet when fine-tuning it whole); 0 = no penalty and no reference pass.
+    # reward_backprop: a KL-style penalty, the squared distance of the guided predictions to
+    # the starting model's at the replayed steps (one more forward pass per step, no graph).
     kl_weight: float = 0.0
+    # reward_backprop: each sample's reward counts up to this value in the loss, so a prompt
+    # already above it is not pushed further (null = no cap). Off by default: a regulariser
+    # against reward hacking, measured in docs/guard.md.
+    reward_cap: float | None = None
     # Optimiser updates over each step's samples (ddpo-pytorch: num_inner_epochs). The
     # warm-up (train.warmup_steps) still counts steps, i.e. batches of samples.
     inner_epochs: int = 1
@@ -357,6 +363,57 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SelectConfig:
+    """Which validation picks the exported weights (guard.py): lora/ (unet/, model/) hold the
+    best validation's, lora_last/ (unet_last/) the last step's, and best/ keeps them whatever
+    run.keep_checkpoints prunes."""
+
+    # The validation key that picks the run's weights (a mean of validation.jsonl: a judge's
+    # "judge/<name>", "reward", a metric hook's name). "" = the first judge key when run.judge
+    # has one, else no selection: lora/ holds the last step's weights, as without a guard.
+    key: str = ""
+    # Whether a higher value of the key is better.
+    higher_is_better: bool = True
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    """Ending the run when run.select_by's key stops improving (off by default); the run then
+    ends as a finished one does: checkpoint, export of the selected weights, summary."""
+
+    # Stop after this many validations in a row without a new best of run.select_by's key
+    # (0 = never for that reason).
+    patience: int = 0
+    # Stop at the first validation whose selected key is worse than at the best validation
+    # by more than its uncertainty (two standard errors of the paired per-prompt changes).
+    on_drop: bool = False
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Drift alarms (guard.py), with or without a judge: at every validation each statistic
+    of the validation images (validation keys drift/<name>) against step 0's, the same
+    prompts and noise, prompt by prompt. An alarm fires once per statistic, when its mean
+    change is beyond the threshold here and beyond its uncertainty: one console line, a
+    tracker event (alarm/<name>), a row in summary.md. 0 turns one off. The defaults sit
+    above what the default ShapesWorld run moves and below what a brightness-rewarding run
+    does (docs/guard.md, "Calibration")."""
+
+    # Mean luma in [0, 1].
+    brightness: float = 0.1
+    # Mean HSV saturation in [0, 1].
+    saturation: float = 0.1
+    # Standard deviation of the luma within an image.
+    contrast: float = 0.05
+    # Share of the spectral power above half the Nyquist frequency (grids, speckle; blur lowers it).
+    high_frequency: float = 0.05
+    # Distance of an image's mean colour from the set's: colour diversity across prompts.
+    colour_spread: float = 0.05
+    # 1 - cosine to the step-0 image in the reward's image tower (a judge's without one).
+    feature_distance: float = 0.1
+
+
+@dataclass(frozen=True)
 class RunConfig:
     # Runs are written to output_dir/name; an empty name is replaced by a timestamp.
     output_dir: str = "runs"
@@ -401,6 +458,16 @@ class RunConfig:
     # Experiment trackers the driver logs the metrics, image grids and config to:
     # tensorboard (run_dir/tensorboard, offline), wandb, mlflow (longalign_rl/trackers.py).
     report_to: tuple[str, ...] = ("tensorboard",)
+    # The guard against reward hacking (longalign_rl/guard.py, docs/guard.md).
+    # Judges: scorers run only on the validation images, never trained on, each a mapping
+    # {reward: a registered name or import path, kwargs: {...}, name: its key} or {metric:
+    # 'pkg.module:function'}; validation keys judge/<name> (a reward's total; its parts as
+    # judge/<name>/<part>) and judge/<metric's names>. The console and summary.md set the
+    # reward beside them and say when they diverge.
+    judge: tuple[dict, ...] = ()
+    select_by: SelectConfig = field(default_factory=SelectConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
 
 REPORT_TO = ("tensorboard", "wandb", "mlflow")
@@ -651,6 +718,25 @@ def validate(cfg: Config) -> None:
     for i, hook in enumerate(cfg.run.metrics):
         _require(bool(IMPORT_PATH.match(hook)), f"run.metrics[{i}]",
                  f"must be an import path 'package.module:function', got {hook!r}")
+    _validate_guard(cfg)
+
+
+def _validate_guard(cfg: Config) -> None:
+    from longalign_rl.guard import judge_entries, selection_key
+
+    r = cfg.run
+    judges = judge_entries(r.judge)  # a ConfigError naming run.judge[i]
+    for name in dataclasses.fields(r.drift):
+        value = getattr(r.drift, name.name)
+        _require(value >= 0, f"run.drift.{name.name}", f"must be >= 0 (0: no alarm), got {value}")
+    _require(r.early_stop.patience >= 0, "run.early_stop.patience",
+             f"must be >= 0 (0: no patience limit), got {r.early_stop.patience}")
+    wanted = [key for key, on in (("run.judge", bool(judges)), ("run.select_by.key", bool(r.select_by.key)),
+                                  ("run.early_stop", r.early_stop.patience > 0 or r.early_stop.on_drop)) if on]
+    _require(not wanted or r.validation_size > 0, wanted[0] if wanted else "run.validation_size",
+             "works on the validation prompts, but run.validation_size is 0 (no validation); set it > 0")
+    _require(not (r.early_stop.patience > 0 or r.early_stop.on_drop) or selection_key(r) is not None,
+             "run.early_stop", "needs a key to watch: set run.select_by.key or add a run.judge")
 
 
 def _validate_algorithm(cfg: Config) -> None:
@@ -670,6 +756,9 @@ def _validate_algorithm(cfg: Config) -> None:
     for key, value in [("algorithm.clip_range", a.clip_range), ("algorithm.advantage_clip", a.advantage_clip)]:
         _require(value > 0, key, f"must be > 0, got {value}")
     _require(a.kl_weight >= 0, "algorithm.kl_weight", f"must be >= 0, got {a.kl_weight}")
+    _require(a.reward_cap is None or algorithm.differentiable_reward, "algorithm.reward_cap",
+             f"caps the reward in reward backpropagation's loss; {a.name} normalises rewards into advantages, "
+             "where a cap does not act: leave it null")
     for key, value in [("algorithm.inner_epochs", a.inner_epochs), ("algorithm.buffer_size", a.buffer_size),
                        ("algorithm.min_count", a.min_count)]:
         _require(value >= 1, key, f"must be >= 1, got {value}")

@@ -25,8 +25,8 @@ import sys
 import threading
 from pathlib import Path
 
-from longalign_rl import validation
-from longalign_rl.config import Config
+from longalign_rl import guard, validation
+from longalign_rl.config import Config, ConfigError
 from longalign_rl.outputs import LORA, METRICS, UNET
 from longalign_rl.registry import algorithm_of
 from longalign_rl.trackers import numbers
@@ -131,7 +131,8 @@ def format_validation(cfg: Config, record: dict, first: dict | None) -> str:
     first validation's value beside it."""
     means = record["means"]
     parts = []
-    for label, keys in shown_keys(cfg, {"reward": 0, **means}):
+    judged = [(k, [k]) for k in means if k.startswith(guard.JUDGE) and k.count("/") == 1]  # a judge reward's total
+    for label, keys in [*shown_keys(cfg, {"reward": 0, **means}), *judged]:
         if not all(k in means for k in keys):
             continue
         value = sum(means[k] for k in keys) / len(keys)
@@ -237,12 +238,32 @@ class Progress:
             if grid.is_file():
                 self._track("image", step, "validation", grid)
             self._write(format_validation(self.cfg, record, self.validated[min(self.validated)]))
+            self._guard(step)
         images = self.run_dir / "images"
         for path in sorted(images.glob("step_*.png")) if self.trackers and images.is_dir() else []:
             step = int(path.stem.split("_")[1])
             if path.name not in self.images_seen and step > self.start_step:  # a resume's earlier grids are logged
                 self.images_seen.add(path.name)
                 self._track("image", step, "samples", path)
+
+    def _guard(self, step: int) -> None:
+        """The guard's verdict after the validation at `step` (guard.py): the selection, a
+        divergence of the reward and the judge, an early stop; to the trackers as guard/..."""
+        records = [self.validated[s] for s in sorted(self.validated)]
+        for alarm in guard.drift_alarms(self.cfg.run.drift, records):
+            if alarm.step == step:  # each statistic's alarm once, at the validation it fired at
+                self._track("scalars", step, {f"alarm/{alarm.statistic}": alarm.change})
+                self._write(alarm.message())
+        try:
+            verdict = guard.assess(self.cfg.run, records)
+        except ConfigError as e:  # a select_by key the validations lack: the workers stop on it too
+            self._write(f"warning: {e}")
+            return
+        if verdict is None:
+            return
+        self._track("scalars", step, guard.tracked(verdict))
+        for line in guard.format_verdict(verdict):
+            self._write(line if line.startswith("warning") else f"  {line}")
 
     def _track(self, method: str, *args) -> None:
         """A tracker that fails (a network down, a full disk) is reported and dropped; the
@@ -282,9 +303,13 @@ def outputs(run_dir: Path, cfg: Config, last_checkpoint: str | None) -> list[str
     """Where the run's results are: the exported weights, the last checkpoint, the logs."""
     run_dir = Path(run_dir)
     rows = []
-    for name, what in ((LORA, "LoRA for diffusers (pipe.load_lora_weights)"), (UNET, "fine-tuned UNet"),
+    selected = guard.read_selection(run_dir)
+    chosen = f" of step {selected['exported_step']} (selected)" if selected else ""
+    for name, what in ((LORA, f"LoRA for diffusers{chosen} (pipe.load_lora_weights)"),
+                       (UNET, f"fine-tuned UNet{chosen}"),
+                       (LORA + "_last", "LoRA of the last step"), (UNET + "_last", "fine-tuned UNet of the last step"),
                        ("text_adapter", "trained T5 adapter (TextAdapter)"),
-                       ("model", "the whole pipeline (from_pretrained)")):
+                       ("model", f"the whole pipeline{chosen} (from_pretrained)")):
         if (run_dir / name).is_dir():
             rows.append(f"{what:<44} {run_dir / name}")
     if last_checkpoint:

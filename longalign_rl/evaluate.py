@@ -10,7 +10,8 @@ others, `--no-reward` scores with the hooks alone. Prompt i is drawn from seed -
 with deterministic DDIM. `--against MODEL` draws the same prompts from the same noise
 with another model (`base`: the run's own `model.pretrained`, without what the run
 trained), sampled and encoded with the run's settings, and reports each key's paired change with two standard errors of the per-prompt
-changes. Writes DIR/evaluation.json (every value) and the images (DIR/<model>/NNN.png).
+changes. A run that selected its weights by validation (run.select_by) is scored with the
+selected ones (lora/); `--last` takes its last step's (lora_last/). Writes DIR/evaluation.json (every value) and the images (DIR/<model>/NNN.png).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def build_parser(prog: str = "python -m longalign_rl.evaluate") -> argparse.Argu
     parser.add_argument("--steps", type=at_least(1), help="DDIM steps (default: the run's sampler.num_steps)")
     parser.add_argument("--guidance", type=finite(minimum=1.0), help="guidance scale, >= 1 (default: the run's)")
     parser.add_argument("--checkpoint", help="a checkpoint of the run (folder or step) instead of its exported weights")
+    parser.add_argument("--last", action="store_true", help="a run that selected its weights by validation "
+                        "(run.select_by): its last step's (lora_last/) instead of the selected ones (lora/)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument("--batch-size", type=at_least(1), default=8)
     parser.add_argument("--t5", metavar="ENCODER", help="the T5 encoder of a model folder with a T5 branch "
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.eval
                 raise ValueError("--against base needs a run directory (its model.pretrained is the base)")
             against = cfg.model.pretrained
         pipes = [(Path(args.run).name or args.run,
-                  load(args.run, checkpoint=args.checkpoint, device=args.device, t5=args.t5))]
+                  load(args.run, checkpoint=args.checkpoint, device=args.device, t5=args.t5, last=args.last))]
         if against:
             label = Path(against).name or against
             like = args.run if cfg is not None else None  # sampled and encoded as the run is

@@ -35,6 +35,8 @@ def build_parser(prog: str = "python -m longalign_rl.generate") -> argparse.Argu
     parser.add_argument("--resolution", type=multiple_of(8),
                         help="pixels per side, a multiple of 8 (default: the run's sampler.resolution)")
     parser.add_argument("--checkpoint", help="a checkpoint of the run (folder or step) instead of its exported weights")
+    parser.add_argument("--last", action="store_true", help="a run that selected its weights by validation "
+                        "(run.select_by): its last step's (lora_last/) instead of the selected ones (lora/)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--batch-size", type=at_least(1), default=8)
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m longalign_rl.gene
         check_device(args.device)
         check_output_folder(args.out)
         prompts = gather_prompts(args)
-        pipe = load(args.run, checkpoint=args.checkpoint, device=args.device, dtype=DTYPES[args.precision], t5=args.t5)
+        pipe = load(args.run, checkpoint=args.checkpoint, device=args.device, dtype=DTYPES[args.precision], t5=args.t5,
+                    last=args.last)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

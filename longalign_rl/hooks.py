@@ -53,11 +53,11 @@ def run_metric_hooks(hooks: list[tuple[str, MetricHook]], images: torch.Tensor, 
     return out
 
 
-def probe_metric_hooks(hooks: list[tuple[str, MetricHook]], prompts: list[str], resolution: int) -> None:
+def probe_metric_hooks(hooks: list[tuple[str, MetricHook]], prompts: list[str], resolution: int) -> set[str]:
     """Every hook called once on two random images, as a run calls it: ValueError naming
     `run.metrics[i]` when a hook raises, returns something else than {name: Tensor [2]}, or
     reuses another hook's name. Run on the driver, so that a broken hook stops the run before
-    it starts, not at its first logged step."""
+    it starts, not at its first logged step. Returns the names the hooks log."""
     images = torch.rand(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     prompts = (list(prompts) * 2)[:2]
     logged: set[str] = set()
@@ -70,3 +70,4 @@ def probe_metric_hooks(hooks: list[tuple[str, MetricHook]], prompts: list[str], 
             if name in logged:
                 raise ValueError(f"run.metrics: metric hook {path!r}: {name!r} is also logged by another hook")
             logged.add(name)
+    return logged

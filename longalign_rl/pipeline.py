@@ -65,7 +65,7 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 def load(source: str | Path, *, checkpoint: str | Path | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype = torch.float32, max_tokens: int | None = None,
-         like: str | Path | None = None, t5: str | None = None) -> LongPrompts:
+         like: str | Path | None = None, t5: str | None = None, last: bool = False) -> LongPrompts:
     """The pipeline of a run directory (or of a model: a built-in or registered name, a
     diffusers folder, a hub id); see the module docstring. `checkpoint`: a checkpoint folder
     of the run (or its step) whose weights replace the exported ones. `max_tokens`
@@ -75,7 +75,10 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
     native size (SD v1.5: 512 px) with the defaults of its folder's sampling.json, else
     of config.py (50 DDIM steps, guidance 7.5, 240 tokens). `t5`: the
     T5 encoder (t5.encoder: "tiny", a folder, a hub id) of a model that has a T5 branch,
-    whose adapter is the model folder's text_adapter/; a run directory names its own."""
+    whose adapter is the model folder's text_adapter/; a run directory names its own.
+    `last`: a run that selected its weights by validation (run.select_by, guard.py) exported
+    the selected step's as lora/ (unet/, model/), which load takes; last=True takes the last
+    step's (lora_last/, unet_last/) instead."""
     source = str(source)
     other = None
     if like is not None:
@@ -85,11 +88,12 @@ def load(source: str | Path, *, checkpoint: str | Path | None = None, device: st
     if is_run_dir(source):
         run_dir = Path(source)
         cfg = load_config(run_dir / CONFIG)
-        weights, model = _run_weights(run_dir, cfg, checkpoint)
+        weights, model = _run_weights(run_dir, cfg, checkpoint, last)
         scheduler = "ddim"
     else:
-        if checkpoint is not None:
-            raise ValueError(f"checkpoint= needs a run directory; {source!r} is a model (no config.yaml and metrics.jsonl)")
+        if checkpoint is not None or last:
+            raise ValueError(f"{'checkpoint=' if checkpoint is not None else 'last='} needs a run directory; "
+                             f"{source!r} is a model (no config.yaml and metrics.jsonl)")
         scheduler, recorded = read_sampling_defaults(source)
         try:
             cfg = from_dict({**recorded, "model": {"pretrained": source}})
@@ -208,8 +212,19 @@ def check_weights(kind: str, where: Path | None) -> None:
             check_weights_file(file, f"the run's {kind}/")
 
 
-def _run_weights(run_dir: Path, cfg: Config, checkpoint) -> tuple[tuple[str, Path | None], str]:
+def _run_weights(run_dir: Path, cfg: Config, checkpoint, last: bool = False) -> tuple[tuple[str, Path | None], str]:
     """(what to load on the model, where) and the model to load it on, for a run directory."""
+    if last:
+        if checkpoint is not None:
+            raise ValueError("last=True and checkpoint= name two different weights; pass one")
+        if cfg.stage == 1 and (run_dir / ADAPTER_FOLDER).is_dir():
+            raise ValueError(f"{run_dir}: its trained T5 adapter is exported for the selected step only; load the "
+                             "last step's weights with checkpoint= (its step)")
+        for name, kind in ((LORA, "lora"), (UNET, "unet")):
+            if (run_dir / f"{name}_last").is_dir():
+                return (kind, run_dir / f"{name}_last"), cfg.model.pretrained
+        raise FileNotFoundError(f"{run_dir} has no lora_last/ or unet_last/: it selected no weights by validation "
+                                "(run.select_by), so its lora/ (unet/, model/) are the last step's already")
     if checkpoint is not None:
         folder = run_dir / f"checkpoint_{int(checkpoint):06d}" if str(checkpoint).isdigit() else Path(checkpoint)
         if not (folder / "weights.safetensors").is_file():

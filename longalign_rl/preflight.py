@@ -12,6 +12,7 @@ from pathlib import Path
 
 from longalign_rl.config import Config, ConfigError
 from longalign_rl.data import Pair, check_source
+from longalign_rl.guard import DRIFT, JUDGE, STATISTICS, build_judges, judge_entries, selection_key
 from longalign_rl.hooks import load_metric_hooks, probe_metric_hooks
 from longalign_rl.prompts import load_prompts
 from longalign_rl.registry import algorithm_of
@@ -20,10 +21,11 @@ from longalign_rl.validation import validation_set
 log = logging.getLogger("longalign_rl")
 
 
-def check_reward(cfg: Config, prompts: list[str]) -> None:
+def check_reward(cfg: Config, prompts: list[str]) -> list[str] | None:
     """Fail on the driver, before any worker starts, for a reward that cannot be used: it is
     built with reward.kwargs and called once on two random images with the run's first
-    prompts (registry.probe_reward: shapes, finite values, a gradient when it claims one)."""
+    prompts (registry.probe_reward: shapes, finite values, a gradient when it claims one).
+    Returns the names of its parts (None: it lives in the reward actors, not probed here)."""
     from transformers.utils import logging as transformers_logging
 
     from longalign_rl.registry import (ALGORITHMS, check_reward_kwargs, find_algorithm, find_reward, get_reward,
@@ -34,14 +36,14 @@ def check_reward(cfg: Config, prompts: list[str]) -> None:
         factory = find_reward(cfg.reward.name)
     except Exception as e:
         if cfg.reward.num_actors:
-            return  # it may exist only in the reward actors' runtime_env: probed there (start_reward_actors)
+            return None  # it may exist only in the reward actors' runtime_env: probed there (start_reward_actors)
         raise ConfigError(f"reward: {e}") from e
     try:  # a misspelt keyword, named before anything is built
         check_reward_kwargs(cfg.reward.name, cfg.reward.kwargs, factory)
     except TypeError as e:
         raise ConfigError(str(e)) from None
     if cfg.reward.num_actors:
-        return  # built and probed in the reward actors (start_reward_actors), never here
+        return None  # built and probed in the reward actors (start_reward_actors), never here
     try:
         reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
     except Exception as e:  # a plugin's factory may raise anything: name the key and the plugin
@@ -53,9 +55,10 @@ def check_reward(cfg: Config, prompts: list[str]) -> None:
                           f"{cfg.algorithm.name} needs gradients from the reward to the image "
                           f"(algorithm.name: {' or '.join(others) or 'another algorithm'} optimises any reward)")
     try:
-        probe_reward(reward, cfg.reward.name, prompts, cfg.sampler.resolution)
+        out = probe_reward(reward, cfg.reward.name, prompts, cfg.sampler.resolution)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"reward: {e}") from e
+    return list(out.components)
 
 
 def check_model(cfg: Config) -> None:
@@ -149,6 +152,7 @@ def check_inputs(cfg: Config) -> list[Pair] | None:
     check_t5(cfg)
     validation = validation_set(cfg)  # the validation prompts: a bad run.validation fails here
     hooks = load_metric_hooks(cfg.run.metrics)
+    reward_keys: list[str] | None = []  # stage 1 has no reward
     if cfg.stage == 1:
         pairs = check_source(cfg.data)
         captions = [p.caption for p in pairs or []]
@@ -157,13 +161,21 @@ def check_inputs(cfg: Config) -> list[Pair] | None:
             warn_cut_prompts(cfg, "data.source", captions, "captions")
     else:
         pairs, prompts = None, load_prompts(cfg.prompts.source)
-        check_reward(cfg, prompts)
+        parts = check_reward(cfg, prompts)
+        reward_keys = None if parts is None else ["reward", *parts]
         warn_cut_prompts(cfg, "prompts.source", prompts)
     if validation and (cfg.run.validation or cfg.stage == 1):  # stage 2's default: prompts.source's first ones
         warn_cut_prompts(cfg, "run.validation" if cfg.run.validation else "prompts.source", validation.prompts,
                          "validation prompts")
-    if hooks and prompts:  # on prompts of the run: a world's checker parses them
-        probe_metric_hooks(hooks, prompts, cfg.sampler.resolution)
+    hook_keys = probe_metric_hooks(hooks, prompts, cfg.sampler.resolution) if hooks and prompts else set()
+    judges = build_judges(cfg.run, "cpu")  # run.judge: built and probed here, as the reward is
+    judge_keys = judges.probe(validation.prompts if validation else prompts, cfg.sampler.resolution) if judges else []
+    key = cfg.run.select_by.key
+    if key and validation and reward_keys is not None:  # a reward in the reward actors is not probed here
+        known = [*reward_keys, *hook_keys, *judge_keys, *(DRIFT + name for name in STATISTICS)]
+        if key not in known:
+            raise ConfigError(f"run.select_by.key: {key!r} is not a validation key of this run; it has: "
+                              f"{', '.join(known)}")
     return pairs
 
 
@@ -266,6 +278,22 @@ def steps_name(cfg: Config) -> str:
 
 
 def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str:
+    """The run's header; a run with a guard (guard.py) adds its line."""
+    text = _describe(cfg, run_dir, pairs)
+    key = selection_key(cfg.run)
+    if key is None:
+        return text
+    judges = [JUDGE + e.name if e.kind == "reward" else e.target for e in judge_entries(cfg.run.judge)]
+    e = cfg.run.early_stop
+    stop = " or ".join(([f"after {e.patience} validations without a new best"] if e.patience else [])
+                       + (["at a drop beyond the uncertainty"] if e.on_drop else [])) or "off"
+    return (text + f"\nguard              judges: {', '.join(judges) or 'none'}; selects by "
+            f"{'the first judge key' if key == JUDGE else key} "
+            f"({'higher' if cfg.run.select_by.higher_is_better else 'lower'} is better) every {cfg.run.eval_every} "
+            f"steps; early stop: {stop}")
+
+
+def _describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str:
     s, t = cfg.sampler, cfg.train
     trains = f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "the whole UNet"
     algorithm = algorithm_of(cfg)

@@ -301,10 +301,10 @@ def check_reward_output(out: Any, batch: int, name: str) -> None:
                             f"got {got}")
 
 
-def probe_reward(reward: Reward, name: str, prompts: list[str], resolution: int) -> None:
+def probe_reward(reward: Reward, name: str, prompts: list[str], resolution: int) -> RewardOutput:
     """One call on two random images, as a run would make it: ValueError naming the reward
     unless it returns finite values of the right shapes and, when it says it is
-    differentiable, a finite gradient to the images."""
+    differentiable, a finite gradient to the images. Returns the call's output."""
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, resolution, resolution, generator=generator)
     images.requires_grad_(reward.differentiable)
@@ -324,6 +324,7 @@ def probe_reward(reward: Reward, name: str, prompts: list[str], resolution: int)
         if images.grad is None or not bool(torch.isfinite(images.grad).all()):
             raise ValueError(f"reward {name!r} says it is differentiable, but its gradient to the images is "
                              f"{'missing' if images.grad is None else 'not finite'}")
+    return out
 
 
 # ---------------------------------------------------------------- algorithms

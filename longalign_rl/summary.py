@@ -75,7 +75,18 @@ def format_summary(summary: dict) -> str:
                      f"{v['last_step']}; change ± 2 standard errors of the per-prompt changes")
         for r in v["rows"]:
             lines.append(f"  {r['key']:<{width}}  {r['first']:8.3f} -> {r['last']:8.3f}   {_change(r):<18} {verdict(r)}")
+    if summary.get("selection"):
+        from longalign_rl.guard import format_selection
+
+        lines += format_selection(summary["selection"])
+    lines += [_alarm_line(a) for a in summary.get("alarms", [])]
     return "\n".join(lines) or "summary: no steps were logged"
+
+
+def _alarm_line(a: dict) -> str:
+    spread = f" ± {a['uncertainty']:.2g}" if a["uncertainty"] is not None else ""
+    return (f"drift alarm: {a['statistic']} {a['change']:+.3g}{spread} since step 0 at step {a['step']} "
+            f"(threshold {a['threshold']:g})")
 
 
 def format_markdown(summary: dict, run_dir: Path) -> str:
@@ -104,7 +115,34 @@ def format_markdown(summary: dict, run_dir: Path) -> str:
         if (run_dir / grid).is_file():
             lines += ["", f"![each prompt at step {v['first_step']} (left) and step {v['last_step']} (right)]({grid})",
                       "", "Prompts: `validation/prompts.txt`."]
+    if summary.get("selection"):
+        lines += ["", *selection_markdown(summary["selection"])]
+    if summary.get("alarms"):
+        lines += ["", "## Drift alarms (run.drift)", "",
+                  "Statistics of the validation images against step 0's, the same prompts and noise; each fires once, "
+                  "at the first validation beyond its threshold and its uncertainty (± 2 standard errors of the "
+                  "per-prompt changes).", "", "| statistic | step | change since step 0 | threshold |",
+                  "|---|---|---|---|"]
+        lines += [f"| {a['statistic']} | {a['step']} | {a['change']:+.4f}"
+                  + (f" ± {a['uncertainty']:.4f}" if a["uncertainty"] is not None else "")
+                  + f" | {a['threshold']:g} |" for a in summary["alarms"]]
     return "\n".join(lines) + "\n"
+
+
+def selection_markdown(s: dict) -> list[str]:
+    """summary.md's guard section: what was selected, and the training reward beside the
+    selecting key at every validation."""
+    from longalign_rl.guard import format_selection
+
+    lines = ["## Selection (run.select_by)", "", *[line.strip() for line in format_selection(s)], "",
+             f"| validation step | reward (trained on) | {s['key']} | |", "|---|---|---|---|"]
+    diverged = set(s["diverged_at"])
+    for row in s["validations"]:
+        mark = "selected" if row["step"] == s["exported_step"] else ("diverging" if row["step"] in diverged else "")
+        reward = f"{row['reward']:.4f}" if isinstance(row["reward"], (int, float)) else ""
+        key = f"{row['key']:.4f}" if isinstance(row["key"], (int, float)) else ""
+        lines.append(f"| {row['step']} | {reward} | {key} | {mark} |")
+    return lines
 
 
 def write_summary(run_dir: str | Path, keys: list[str] | tuple[str, ...], samples_per_step: int) -> dict:
@@ -119,6 +157,13 @@ def write_summary(run_dir: str | Path, keys: list[str] | tuple[str, ...], sample
     validation = compare(read(run_dir))
     if validation:
         summary["validation"] = validation
+    from longalign_rl.guard import read_report
+
+    report = read_report(run_dir)  # guard.json, written by the export just before (guard.py)
+    if report.get("selection"):
+        summary["selection"] = report["selection"]
+    if report.get("alarms"):
+        summary["alarms"] = report["alarms"]
     (run_dir / FILE).write_text(json.dumps(summary, indent=1) + "\n")
     (run_dir / MARKDOWN).write_text(format_markdown(summary, run_dir))
     return summary

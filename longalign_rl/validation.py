@@ -70,17 +70,21 @@ def reward_values(out: RewardOutput) -> dict[str, torch.Tensor]:
 
 
 def score_images(reward, hooks, images: torch.Tensor, prompts: list[str],
-                 scored: RewardOutput | None = None, statistics: Statistics | None = None) -> dict[str, torch.Tensor]:
+                 scored: RewardOutput | None = None, statistics: Statistics | None = None,
+                 judges=None, every_prompt: list[str] | None = None) -> dict[str, torch.Tensor]:
     """The values a validation (or `longalign_rl.evaluate`) records for one batch: the
     reward's total and parts (`reward` may be None; `scored`: its output computed elsewhere,
-    by the reward actors) and every metric hook's, [B] each. `statistics`: the reward's
-    batch statistics of every prompt scored (`batch_statistics(reward, all prompts)`, once
-    for the whole set), so that a value does not depend on the batch size it was scored at."""
+    by the reward actors), every metric hook's, and the judges' (guard.Judges, run.judge),
+    [B] each. `statistics`: the reward's batch statistics of every prompt scored
+    (`batch_statistics(reward, all prompts)`, once for the whole set), and `every_prompt`
+    those prompts, for the judges: a value does not depend on the batch size it was scored at."""
     if scored is None and reward is not None:
         with torch.no_grad():  # a reward is a pure function: rank 0 may call it alone (scoring.py)
             scored, _ = score(reward, images, prompts, statistics)
     values = reward_values(scored) if scored is not None else {}
     values.update(run_metric_hooks(hooks, images, prompts, reserved=values))
+    if judges is not None:
+        values.update(judges.values(images, prompts, every_prompt))
     return values
 
 

@@ -48,6 +48,16 @@ def heldout_captions() -> list[str]:
     return draw_captions(WorldConfig(), 128, seed=HELDOUT_SEED)
 
 
+VALIDATION_SEED = 65_432
+
+
+def validation_captions() -> list[str]:
+    """`run.validation` when the held-out captions are kept for the evaluation after the run
+    (shapesworld/guard_compare.py selects weights on these and evaluates on those): 64
+    captions of the default world from a seed of their own, in no training pool."""
+    return draw_captions(WorldConfig(), 64, seed=VALIDATION_SEED)
+
+
 def pairs(n: int = 1000, seed: int = 0, **world) -> list[tuple[np.ndarray, str]]:
     """`data.source`: n (uint8 image, caption) pairs; `world` are WorldConfig fields
     (image_size, grid, ...), given as `data.kwargs`."""

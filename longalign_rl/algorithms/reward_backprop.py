@@ -25,7 +25,18 @@ from longalign_rl.vae import decode
 
 def replay_final_latents(unet, rollout: Rollout, guidance_scale: float, train_mode: bool = False,
                          family=None) -> torch.Tensor:
-    """The rollout's final latents as a function of the UNet's weights (with gradient).
+    """The rollout's final latents as a function of the UNet's weights (with gradient); see replay."""
+    return replay(unet, rollout, guidance_scale, train_mode, family)[0]
+
+
+def replay(unet, rollout: Rollout, guidance_scale: float, train_mode: bool = False, family=None,
+           reference=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rollout's final latents as a function of the UNet's weights (with gradient), and,
+    given `reference()` (a context that yields the starting model, as the policy gradients'
+    KL uses), the squared distance of the guided predictions to the starting model's at the
+    replayed steps, averaged over steps and elements, per sample [B] (with gradient): the KL
+    between the two models' steps, up to the step's own factor (their means differ by b_k
+    times the predictions' difference).
     `train_mode` (sampler.train_mode): the rollout was sampled with the LoRA's dropout on,
     so each replayed call draws that step's masks again (ddim.replay_dropout); otherwise
     dropout is off, as it was in the sampler. Either way `unet`'s dropout layers must be set
@@ -34,6 +45,7 @@ def replay_final_latents(unet, rollout: Rollout, guidance_scale: float, train_mo
     device = next(unet.parameters()).device
     cond, uncond = rollout.cond.to(device), rollout.uncond.to(device)
     latents = rollout.final_latents.to(device)
+    distances = []
     for k, t in enumerate(rollout.grad_timesteps.tolist()):
         x_k = rollout.grad_latents[:, k].to(device)  # a recorded tensor: no graph behind it
         seed = dropout_seed(batch_dropout_seed(rollout.seeds), rollout.grad_indices[k]) if train_mode else None
@@ -41,16 +53,24 @@ def replay_final_latents(unet, rollout: Rollout, guidance_scale: float, train_mo
             eps_k = guided_eps(unet, x_k, t, cond, uncond, guidance_scale, family)
         recorded = rollout.grad_eps[:, k].to(device)
         latents = latents + float(rollout.coeffs[k]) * (eps_k.to(latents.dtype) - recorded)
-    return latents
+        if reference is not None:
+            with torch.no_grad(), reference() as start:
+                eps_start = guided_eps(start, x_k, t, cond, uncond, guidance_scale, family)
+            distances.append((eps_k.float() - eps_start.float()).square().flatten(1).mean(dim=1))
+    return latents, (torch.stack(distances).mean(dim=0) if distances else None)
 
 
-def reward_loss(out: RewardOutput) -> torch.Tensor:
+def reward_loss(out: RewardOutput, cap: float | None = None) -> torch.Tensor:
     """The reference loss: 0.5 * (1 - mean reward). A cosine reward lies in [-1, 1].
 
     Samples whose reward is NaN or infinite are left out of the mean (see scoring.score).
+    `cap` (algorithm.reward_cap): each sample's reward counts up to it, so a sample already
+    above it sends no gradient: the reward cannot be pushed further on that prompt.
     """
     finite = torch.isfinite(out.total)
     total = torch.where(finite, out.total, torch.zeros_like(out.total))
+    if cap is not None:
+        total = total.clamp(max=cap)
     return 0.5 * (1.0 - total.sum() / finite.sum().clamp(min=1))
 
 
@@ -70,13 +90,18 @@ def segment_score_stats(segment_scores: list[torch.Tensor] | None) -> dict[str, 
 
 
 def reward_backprop_step(unet, vae, reward, rollout: Rollout, guidance_scale: float, train_mode: bool = False,
-                         statistics=None, family=None):
+                         statistics=None, family=None, kl_weight: float = 0.0, reference=None,
+                         reward_cap: float | None = None):
     """Loss (with graph) and per-sample statistics for one rollout. `replay_error`, the
     largest |replayed - recorded| final latent, is what the policy lag (and the precision
     of the two sides' arithmetic) changed: dropout is the sampler's, draw for draw.
     `statistics`: the reward's batch statistics summed over every worker (scoring.score).
-    `family`: the model's (Components.family), which reads the conditioning back."""
-    latents = replay_final_latents(unet, rollout, guidance_scale, train_mode, family)
+    `family`: the model's (Components.family), which reads the conditioning back.
+    The optional regularisers (algorithm.kl_weight, algorithm.reward_cap): kl_weight times
+    `replay`'s distance to the starting model (`reference()`), and the reward capped."""
+    if kl_weight > 0 and reference is None:
+        raise ValueError("kl_weight > 0 needs the reference model")
+    latents, distance = replay(unet, rollout, guidance_scale, train_mode, family, reference if kl_weight > 0 else None)
     replay_error = (latents.detach() - rollout.final_latents.to(latents.device)).abs().max()
     out, finite = score(reward, decode(vae, latents), rollout.prompts, statistics)
     stats = {"reward": out.total.detach().float()[finite], "replay_error": replay_error.reshape(1).float(),
@@ -84,7 +109,13 @@ def reward_backprop_step(unet, vae, reward, rollout: Rollout, guidance_scale: fl
     stats.update({k: v.detach().float() for k, v in out.components.items()})
     if out.segment_scores is not None:
         stats.update(segment_score_stats(out.segment_scores))
-    return reward_loss(out), stats
+    loss = reward_loss(out, reward_cap)
+    if reward_cap is not None:
+        stats["reward_capped"] = (out.total.detach() >= reward_cap).float()
+    if distance is not None:
+        loss = loss + kl_weight * distance.mean()
+        stats["kl"] = distance.detach().float()
+    return loss, stats
 
 
 class RewardBackprop(Algorithm):
@@ -96,7 +127,11 @@ class RewardBackprop(Algorithm):
     differentiable_reward = True
 
     def describe(self, cfg) -> str:
-        return "reward backpropagation through the decoder and the gradient steps"
+        a = cfg.algorithm
+        extra = ([f"KL-style penalty {a.kl_weight:g} to the starting model"] if a.kl_weight else []) + (
+            [f"reward capped at {a.reward_cap:g}"] if a.reward_cap is not None else [])
+        return "reward backpropagation through the decoder and the gradient steps" + (
+            f" ({', '.join(extra)})" if extra else "")
 
 
 REWARD_BACKPROP = RewardBackprop()

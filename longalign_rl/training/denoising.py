@@ -41,6 +41,7 @@ from longalign_rl import validation
 from longalign_rl.algorithms.denoising import caption_dropout, denoising_loss
 from longalign_rl.config import Config, DataConfig
 from longalign_rl.data import GlobalOrder, Pair, generate_rows, is_generator, load_pairs
+from longalign_rl import guard
 from longalign_rl.hooks import load_metric_hooks
 from longalign_rl.encoding.t5 import ADAPTER_FOLDER
 from longalign_rl.lora import ADAPTER, export_adapter, load_trainable_state_dict, make_trainable, merge_lora
@@ -147,6 +148,7 @@ class Denoising:
         self.scheduler = parts.family.training_scheduler(parts.scheduler_config)
         self.scheduler_config = parts.scheduler_config  # validation's sampler: the model's own settings
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
+        self.judges = guard.build_judges(cfg.run, ctx.device) if self.validation else None  # run.judge: rank 0 alone
         self.hooks = load_metric_hooks(cfg.run.metrics)
         self.source = PairSource(loop_config["data"], cfg.data)
 
@@ -168,8 +170,12 @@ class Denoising:
             with torch.no_grad():
                 chunk = decode(self.vae, latents.to(ctx.device)).float()
             images.append(chunk.cpu())
-            validation.extend(values, validation.score_images(None, self.hooks, chunk, prompts))
-        validation.save(ctx.run_dir, step, torch.cat(images), vset, values)
+            validation.extend(values, validation.score_images(None, self.hooks, chunk, prompts, judges=self.judges,
+                                                              every_prompt=vset.prompts))
+        images = torch.cat(images)
+        tower = guard.image_tower(*(self.judges.scorers if self.judges else []))  # stage 1 has no reward
+        values.update(guard.drift_values(ctx.run_dir, images, tower, ctx.device))
+        validation.save(ctx.run_dir, step, images, vset, values)
         self.validated = step
 
     def start(self, state: TrainerState) -> None:
@@ -232,9 +238,12 @@ class Denoising:
         self.step_done = step + 1
         return StepOutput(stats, extra)
 
-    def export(self) -> None:
+    def finish(self) -> None:
+        """Before the export: the last validation, when the data ended before train.steps."""
         if self.validation and self.validated != self.step_done:
-            self.validate(self.step_done)  # the data ended before train.steps
+            self.validate(self.step_done)
+
+    def export(self) -> None:
         model_dir = save_merged_model(self.cfg, self.ctx.trainable_weights(), self.ctx.run_dir / MODEL)
         # the trained T5 adapter, which a stage 2 from model/ takes (t5.adapter "" looks there)
         export_adapter(self.ctx.engine.module, model_dir / ADAPTER_FOLDER)

@@ -21,8 +21,6 @@ One step reads:
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import time
 
 import ray
@@ -66,23 +64,7 @@ class PolicyGradientBody(SamplerFed):
         check_trained_steps(self.cfg, parts)
         self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count) if self.algorithm.per_prompt_statistics else None
         # Built before the checkpoint loads: the reference is the model the run started from.
-        self.reference = self._make_reference() if a.kl_weight > 0 else None
-
-    def _make_reference(self):
-        """A context that yields the starting model: the UNet with its LoRA adapter disabled, or
-        (fine-tuning the whole UNet) a frozen copy of it."""
-        unet = self.ctx.engine.module
-        if self.cfg.lora.enabled:
-            @contextlib.contextmanager
-            def adapter_off():
-                unet.disable_adapters()
-                try:
-                    yield unet
-                finally:
-                    unet.enable_adapters()
-            return adapter_off
-        frozen = copy.deepcopy(unet).requires_grad_(False).eval()
-        return lambda: contextlib.nullcontext(frozen)
+        self.reference = self.make_reference() if a.kl_weight > 0 else None
 
     def start(self, state: TrainerState) -> None:
         super().start(state)

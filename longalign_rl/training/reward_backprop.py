@@ -25,11 +25,13 @@ from longalign_rl.types import Rollout
 
 
 def update(engine, vae, reward, rollout: Rollout, guidance_scale: float, train_mode: bool = False,
-           statistics=None, family=None) -> dict[str, torch.Tensor]:
+           statistics=None, family=None, **regularisers) -> dict[str, torch.Tensor]:
     """One micro-step of reward backpropagation through the DeepSpeed engine; `statistics`:
     the reward's batch statistics over the step's global batch (SamplerFed.reward_statistics);
-    `family`: the model's (Components.family)."""
-    loss, stats = reward_backprop_step(engine, vae, reward, rollout, guidance_scale, train_mode, statistics, family)
+    `family`: the model's (Components.family); `regularisers`: reward_backprop_step's
+    kl_weight, reference and reward_cap."""
+    loss, stats = reward_backprop_step(engine, vae, reward, rollout, guidance_scale, train_mode, statistics, family,
+                                       **regularisers)
     engine.backward(loss)
     engine.step()
     stats["loss"] = loss.detach().reshape(1).float()
@@ -39,6 +41,13 @@ def update(engine, vae, reward, rollout: Rollout, guidance_scale: float, train_m
 class RewardBackpropBody(SamplerFed):
     log_keys = REWARD_BACKPROP.progress_keys
     summary_keys = ["reward", "text_relevant", "text_irrelevant"]
+
+    def __init__(self, ctx, parts, loop_config: dict):
+        super().__init__(ctx, parts, loop_config)
+        a = self.cfg.algorithm
+        # Built before the checkpoint loads: the reference is the model the run started from.
+        self.regularisers = {"kl_weight": a.kl_weight, "reward_cap": a.reward_cap,
+                             "reference": self.make_reference() if a.kl_weight > 0 else None}
 
     def step(self, step: int, state: TrainerState) -> StepOutput:
         cfg, ctx, accum = self.cfg, self.ctx, self.cfg.train.grad_accum
@@ -56,7 +65,7 @@ class RewardBackpropBody(SamplerFed):
             # UPDATE
             t = time.perf_counter()
             step_stats = update(ctx.engine, self.vae, self.reward, rollout, cfg.sampler.guidance_scale,
-                                cfg.sampler.train_mode, self.reward_statistics(step), self.family)
+                                cfg.sampler.train_mode, self.reward_statistics(step), self.family, **self.regularisers)
             train_time += time.perf_counter() - t
             replay_errors.append(step_stats.pop("replay_error"))
             self.observe(step, j, rollout.final_latents, rollout.prompts, step_stats)

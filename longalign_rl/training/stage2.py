@@ -13,12 +13,14 @@ asks for exactly what the killed run would have asked for, with any worker count
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
 
 import torch
 import torch.distributed as dist
 
-from longalign_rl import validation
+from longalign_rl import guard, validation
 from longalign_rl.hooks import load_metric_hooks, run_metric_hooks
 from longalign_rl.models import DTYPES, Components
 from longalign_rl.outputs import save_image_grid
@@ -58,8 +60,26 @@ class SamplerFed:
         self.repeats = self.algorithm.group_size(cfg)
         self.prompts_per_batch = cfg.prompts_per_batch  # read once: the property looks up the record
         self.validation = validation.validation_set(cfg) if ctx.rank == 0 else None
+        self.judges = guard.build_judges(cfg.run, ctx.device) if self.validation else None  # run.judge: rank 0 alone
         self._step_prompts: dict[int, list[str]] = {}
         self._statistics: dict[int, Statistics | None] = {}
+
+    def make_reference(self):
+        """A context that yields the starting model, for a penalty that keeps the weights near
+        it (algorithm.kl_weight): the UNet with its LoRA adapter disabled, or (fine-tuning the
+        whole UNet) a frozen copy of it. Called before the checkpoint loads."""
+        unet = self.ctx.engine.module
+        if self.cfg.lora.enabled:
+            @contextlib.contextmanager
+            def adapter_off():
+                unet.disable_adapters()
+                try:
+                    yield unet
+                finally:
+                    unet.enable_adapters()
+            return adapter_off
+        frozen = copy.deepcopy(unet).requires_grad_(False).eval()
+        return lambda: contextlib.nullcontext(frozen)
 
     def step_prompts(self, step: int) -> list[str]:
         """The prompts of step `step`'s whole global batch, in sample order (each prompt
@@ -227,7 +247,9 @@ class SamplerFed:
                 rewards = self.client.rewards
                 scored = rewards.get(rewards.submit(chunk.cpu(), prompts, vset.prompts)).output
             validation.extend(values, validation.score_images(self.reward, self.hooks, chunk, prompts, scored,
-                                                              statistics))
+                                                              statistics, self.judges, vset.prompts))
+        towers = [self.reward, *(self.judges.scorers if self.judges else [])]  # feature drift: the reward's tower first
+        values.update(guard.drift_values(ctx.run_dir, images, guard.image_tower(*towers), ctx.device))
         return validation.save(ctx.run_dir, step, images.cpu(), vset, values)
 
     def export(self) -> None:

@@ -17,15 +17,21 @@ reads:
       GUARD  a non-finite loss, grad norm, reward or weights for more than
              run.max_nonfinite_steps steps in a row stops the run: no checkpoint, no
              export, stopped.json says why (the driver exits 1)
+      SELECT after a validation, the guard's verdict (guard.py: run.judge, run.select_by,
+             run.early_stop): rank 0 keeps a new best validation's weights in best/;
+             every worker learns whether the run stops early (it then ends as a finished
+             run does: checkpoint, export)
       CKPT   every run.checkpoint_every steps and at the end, every worker reports to Ray Train
       STOP   when the driver was interrupted: checkpoint this step and stop (resumable)
     EXPORT   rank 0 writes lora/ (or unet/), from the fp32 master weights of a bf16/fp16
              run (and text_adapter/ when stage 1 trained a T5 adapter), then whatever the
-             body adds (stage 1: model/),
+             body adds (stage 1: model/); a run that selects (guard.py) writes the last
+             step's as lora_last/ (unet_last/) and the selected validation's as lora/ ...,
              and summary.json: the body's summary_keys, first vs last window (summary.py)
 
 A body is a class `Body(ctx, parts, loop_config)` with `start(state)`, `step(step, state)
--> StepOutput | None` (None: its data ended), `export()`, `log_keys` and `summary_keys`. Adding an
+-> StepOutput | None` (None: its data ended), `export()`, `log_keys` and `summary_keys`,
+and optionally `finish()` (before the export: stage 1's last validation). Adding an
 algorithm means writing its body, its pure loss and its record (registry.Algorithm),
 nothing else (docs/architecture.md).
 """
@@ -38,7 +44,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,7 +58,8 @@ from longalign_rl.config import Config, from_dict, to_yaml
 from longalign_rl.console import WARNINGS_LOG, log_warnings_to
 from longalign_rl.encoding.encode import CUT_PROMPTS_LOGGER
 from longalign_rl.data import is_generator
-from longalign_rl.lora import export_adapter, export_for_diffusers, trainable_state_dict
+from longalign_rl import guard, validation
+from longalign_rl.lora import export_adapter, export_for_diffusers, load_trainable_state_dict, trainable_state_dict
 from longalign_rl.models import Components
 from longalign_rl.outputs import CONFIG, LORA, MetricsLog, STOPPED, STOP_REQUEST, UNET, write_atomic
 from longalign_rl.registry import import_path
@@ -271,6 +278,63 @@ def _format(record: dict, keys: tuple[str, ...]) -> str:
     return f"step {record['step']}: {' '.join(shown)} ({record['time/step']:.2f}s)"
 
 
+def select(ctx: WorkerContext, step: int) -> bool:
+    """After the validation at `step`: rank 0 takes the guard's verdict from
+    validation.jsonl and, when this validation is the new best, keeps the weights it sampled
+    with in best/. Whether the run stops early, the same on every worker."""
+    stop = False
+    if ctx.rank == 0:
+        verdict = guard.assess(ctx.cfg.run, validation.read(ctx.run_dir))
+        if verdict is not None and verdict.best_step == step:
+            guard.save_best(ctx.run_dir, step, ctx.trainable_weights(), verdict)
+        stop = verdict is not None and verdict.stop is not None
+        if stop:
+            log.info("early stop at step %d: %s", step, verdict.stop)
+    flag = torch.tensor([1.0 if stop else 0.0], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def reconcile_best(ctx: WorkerContext, step: int) -> None:
+    """Rank 0, at the start: best/ must hold the weights of the best validation up to `step`
+    (a resume cut validation.jsonl back to it). Weights of a later step are of a future the
+    resume dropped; the selected step's are taken from its checkpoint when best/ lacks them."""
+    import shutil
+
+    verdict = guard.assess(ctx.cfg.run, validation.read(ctx.run_dir))
+    held = guard.best_step(ctx.run_dir)
+    if held is not None and (verdict is None or held != verdict.best_step):
+        shutil.rmtree(ctx.run_dir / guard.BEST)
+        held = None
+    if verdict is None or verdict.best_step is None or held is not None:
+        return
+    from safetensors.torch import load_file
+
+    folder = next((p for p in checkpoint.on_disk(ctx.run_dir) if checkpoint.step_of(p) == verdict.best_step), None)
+    if folder is not None:
+        guard.save_best(ctx.run_dir, verdict.best_step, load_file(str(folder / checkpoint.WEIGHTS)), verdict)
+    elif verdict.best_step == step:
+        guard.save_best(ctx.run_dir, step, ctx.trainable_weights(), verdict)
+    else:
+        log.warning("the selected validation's weights (step %d) are not in best/ nor in a checkpoint (the run resumed "
+                    "from step %d); a later best replaces them, else lora/ holds the last step's", verdict.best_step,
+                    step)
+
+
+def use_selected(ctx: WorkerContext, verdict: guard.Verdict, last: int) -> None:
+    """Rank 0, exporting: the selected validation's weights into the model (from best/), so
+    that lora/ (unet/, model/) are theirs; the last step's are the model's already."""
+    if verdict.best_step not in (None, last) and guard.best_step(ctx.run_dir) == verdict.best_step:
+        load_trainable_state_dict(ctx.engine.module, guard.load_best(ctx.run_dir), ctx.cfg.lora)
+
+
+def exported_step(ctx: WorkerContext, verdict: guard.Verdict, last: int) -> int:
+    """The step whose weights lora/ holds: the selected one's, or the last step's when best/
+    lost them (reconcile_best)."""
+    held = guard.best_step(ctx.run_dir)
+    return held if held is not None and held == verdict.best_step else last
+
+
 def train_func(loop_config: dict) -> None:
     """Ray Train's function on every worker: the skeleton above, with the body named by
     loop_config["body"], "pkg.module:Class" (imported here, on the worker). An exception is
@@ -314,9 +378,13 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
         # config as it was, so the run stays resumable.
         write_atomic(run_dir / CONFIG, to_yaml(asked))  # as asked: not an elastic run's count of the moment
     body.start(state)
+    selecting = guard.selection_key(cfg.run) is not None and cfg.run.validation_size > 0
+    if selecting and rank == 0:
+        reconcile_best(ctx, state.step)
 
     # ------------------------------------------------------------------ LOOP
     checkpointed, record, nonfinite, stopped, cause = state.step, None, 0, None, None
+    ended_early = False
     if rank == 0:
         (run_dir / STOPPED).unlink(missing_ok=True)
     watchdog = attempt.watchdog = failures.Watchdog(run_dir, rank, cfg.train.step_timeout_s)
@@ -367,6 +435,11 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
                                f"{cfg.run.max_nonfinite_steps}): stopped at step {step + 1}")
             break
 
+        # SELECT (guard.py): after a validation; every worker stops together
+        if selecting and validation.due(cfg, state.step) and select(ctx, state.step):
+            ended_early = True
+            break
+
         # CKPT (never of non-finite weights)
         if state.step % cfg.run.checkpoint_every == 0 and not cause:
             _report(ctx, state, record, body)
@@ -391,12 +464,30 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
     if state.step > checkpointed:  # the run ended between checkpoints: one more, at the end
         _report(ctx, state, record, body)
 
+    finish = getattr(body, "finish", None)  # stage 1: the last validation when its data ended early
+    if finish is not None:
+        finish()
+        if selecting and not ended_early and not validation.due(cfg, state.step):
+            select(ctx, state.step)
+
     # ------------------------------------------------------------------ EXPORT
+    exported = run_dir / (LORA if cfg.lora.enabled else UNET)
+    family = getattr(body, "family", None)
     with ctx.master_precision():  # a bf16/fp16 run exports its fp32 master weights
         if rank == 0:
-            export_for_diffusers(engine.module, cfg.lora, run_dir / (LORA if cfg.lora.enabled else UNET),
-                                getattr(body, "family", None))
+            verdict = guard.assess(cfg.run, validation.read(run_dir)) if selecting else None
+            if verdict is not None:  # the last step's weights beside the selected ones
+                export_for_diffusers(engine.module, cfg.lora, exported.with_name(exported.name + "_last"), family)
+                use_selected(ctx, verdict, state.step)
+            export_for_diffusers(engine.module, cfg.lora, exported, family)
             export_adapter(engine.module, run_dir / "text_adapter")  # stage 1's trained T5 adapter, if any
             body.export()
+            records = validation.read(run_dir)
+            if records:  # guard.json: what was selected, and the drift alarms
+                report = {"selection": guard.selection_record(cfg.run, records, ended_early,
+                                                              exported_step(ctx, verdict, state.step))
+                          if verdict is not None else None,
+                          "alarms": [asdict(a) for a in guard.drift_alarms(cfg.run.drift, records)]}
+                write_atomic(run_dir / guard.REPORT, json.dumps(report, indent=1, allow_nan=True) + "\n")
     if rank == 0:
         write_summary(run_dir, body.summary_keys, cfg.global_batch)

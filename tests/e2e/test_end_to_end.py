@@ -201,6 +201,20 @@ def test_validation_draws_the_same_held_out_prompts_and_noise_at_step_0_every_ev
     assert sorted({e.step for e in events.Images("validation")}) == [0, 2, 4, 6]
 
 
+def test_the_default_run_records_drift_raises_no_alarm_and_selects_nothing(tiny_run):
+    """Without a judge nothing is selected (lora/ is the last step's, no lora_last/); the drift
+    statistics are recorded at every validation and none moved beyond run.drift's defaults."""
+    from longalign_rl import guard, validation
+
+    run_dir, _ = tiny_run
+    report = guard.read_report(run_dir)
+    assert report["selection"] is None and report["alarms"] == []
+    assert not (run_dir / "lora_last").exists() and not (run_dir / guard.BEST).exists()
+    for record in validation.read(run_dir):
+        assert {f"drift/{name}" for name in guard.STATISTICS} <= set(record["values"])
+        assert len(record["values"]["drift/brightness"]) == record["prompts"]
+
+
 def test_the_inference_helper_redraws_the_last_validation(tiny_run):
     """pipeline.load(run_dir) (base model + lora/, the run's scheduler, max_tokens, steps and
     guidance) draws the training-time sampler's images from the same seeds, to PNG rounding."""

@@ -195,6 +195,26 @@ def test_quick_flow_comparison_runs_stage1_and_both_stage2_methods_through_the_p
     assert "| stage 1, segment |" in report and "| flow_grpo | 2 |" in report and "Samples needed" in report
 
 
+@pytest.mark.slow  # one subprocess run (about a minute): CI time; the guard's own run is test_guard_run.py's
+def test_quick_guard_comparison_selects_judged_weights_and_evaluates_them_held_out(tmp_path):
+    """The guard's evidence: a run of the product with the exact checker as its judge, early
+    stopping on a drop, its selected and last weights evaluated on held-out captions."""
+    from shapesworld import guard_compare
+
+    assert guard_compare.main(["--out", str(tmp_path), "--quick"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    (run,) = results["runs"]
+    cfg = yaml.safe_load((tmp_path / "runs" / "shapes_pref_w1_s0" / "config.yaml").read_text())
+    assert cfg["run"]["judge"] == [{"reward": "shapes_exact"}] and cfg["run"]["early_stop"]["on_drop"] is True
+    assert cfg["run"]["validation"] == "shapesworld.plugin:validation_captions"
+    selection = run["selection"]
+    assert selection["key"] == "judge/shapes_exact" and selection["exported_step"] in {v["step"] for v in
+                                                                                      run["validations"]}
+    assert [v["step"] for v in run["validations"]][0] == 0 and set(run["selected"]) >= {"colour", "shape"}
+    report = (tmp_path / "report.md").read_text()
+    assert "| shapes_pref, w = 1 |" in report and "Drift statistics" in report
+
+
 def test_quick_gradient_check_compares_the_policy_gradient_with_the_pathwise_one():
     from shapesworld import pg_gradient_check
 

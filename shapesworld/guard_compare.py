@@ -1,0 +1,229 @@
+"""The guard against reward hacking on ShapesWorld (issue 27), through the product: every
+run is `python -m longalign_rl.train` with a judge, selection and early stopping, and the
+weights it selects are evaluated on held-out captions by the exact checker.
+
+    python -m shapesworld.guard_compare --out /tmp/guard        # 3 conditions x 3 seeds, ~30 min on 2 cores
+    python -m shapesworld.guard_compare --out /tmp/x --quick    # one run of 4 steps (tests)
+
+Conditions, each from `shapesworld-partial` with the sweep's settings (shapesworld/sweep.py:
+lr 3e-3, 48 steps, 16 samples per step), seeds 0-2:
+    shapes_pref, w = 1     the sweep's hacked condition (held-out cell-1 shapes 0.88 -> 0.38)
+    shapes_pref, w = 0.3   hacked more slowly
+    shapes_clip, w = 0.3   the default run: no hacking
+Every run validates on 16 captions of their own (shapesworld.plugin:validation_captions, not
+the evaluation's) every 6 steps, judged by the exact checker (`shapes_exact`, never trained
+on), selects by it and stops at its first drop beyond the uncertainty (run.early_stop.on_drop).
+Each run's selected weights (best/) and last step's are evaluated on the 128 held-out captions
+of the sweep. A run that stopped early has no step 48: the sweep's run of the same seed and
+settings (validation off, so the same training) gives the step-48 numbers, and the training
+rewards of both runs are compared step by step to show that they are the same run.
+Writes results.json, report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longalign_rl import guard, validation
+from longalign_rl.outputs import CONFIG, read_metrics
+from shapesworld.sweep import EVAL_SEED, START, Sweep, checkpoints, evaluate_weights, launch
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEP = ROOT / "docs" / "shapesworld_sweep" / "results.json"
+JUDGE = "run.judge=[{reward: shapes_exact}]"
+
+
+@dataclass(frozen=True)
+class GuardCompare:
+    conditions: tuple[tuple[str, float], ...] = (("shapes_pref", 1.0), ("shapes_pref", 0.3), ("shapes_clip", 0.3))
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 48
+    eval_every: int = 6
+    validation_size: int = 16
+    lr: float = 3e-3
+    eval_captions: int = 128
+    eval_steps: int = 10
+    guidance: float = 5.0
+
+    @classmethod
+    def quick(cls) -> "GuardCompare":
+        return cls(conditions=(("shapes_pref", 1.0),), seeds=(0,), steps=4, eval_every=2, validation_size=4,
+                   eval_captions=4, eval_steps=3)
+
+    def sweep(self) -> Sweep:
+        return Sweep(eval_captions=self.eval_captions, eval_steps=self.eval_steps, guidance=self.guidance)
+
+
+def run_name(reward: str, w: float, seed: int) -> str:
+    return f"{reward}_w{w:g}_s{seed}"
+
+
+def train_run(c: GuardCompare, reward: str, w: float, seed: int, runs: Path) -> Path:
+    """One run of the product with the guard on, as a user starts it."""
+    return launch([f"model.pretrained={START}",
+                   f"reward.name={reward}", f"reward.kwargs.text_irrelevant_weight={w}",
+                   f"train.seed={seed}", f"train.lr={c.lr}", f"train.steps={c.steps}",
+                   "run.checkpoint_every=12", "run.keep_checkpoints=1", f"run.image_every={c.steps}",
+                   "run.validation=shapesworld.plugin:validation_captions",
+                   f"run.validation_size={c.validation_size}", f"run.eval_every={c.eval_every}",
+                   JUDGE, "run.early_stop.on_drop=true"], run_name(reward, w, seed), runs)
+
+
+def finished(run_dir: Path) -> bool:
+    return guard.read_selection(run_dir) is not None and (run_dir / "summary.json").is_file()
+
+
+def sweep_run(reward: str, w: float, seed: int) -> dict | None:
+    """The sweep's run of the same condition and seed (docs/shapesworld_sweep/results.json)."""
+    if not SWEEP.is_file():
+        return None
+    for r in json.loads(SWEEP.read_text())["runs"]:
+        if (r["reward"], r["w"], r["seed"]) == (reward, w, seed):
+            return r
+    return None
+
+
+def same_training(ours: list[dict], theirs: list[dict]) -> float | None:
+    """The largest |reward difference| over the steps both runs made (None: no sweep run)."""
+    pairs = [(a["reward"], b["reward"]) for a, b in zip(ours, theirs)]
+    return max(abs(a - b) for a, b in pairs) if pairs else None
+
+
+def run_compare(c: GuardCompare, out: Path, log=print) -> dict:
+    import yaml
+
+    from shapesworld.evaluate import draw_captions
+    from shapesworld.world import WorldConfig
+
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    prompts = draw_captions(WorldConfig(), c.eval_captions, seed=EVAL_SEED)
+    began = time.perf_counter()
+    results = {"settings": asdict(c), "start": evaluate_weights(None, {}, c.sweep(), prompts), "runs": []}
+    for reward, w in c.conditions:
+        for seed in c.seeds:
+            t = time.perf_counter()
+            run_dir = runs / run_name(reward, w, seed)
+            if not finished(run_dir):
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)
+                run_dir = train_run(c, reward, w, seed, runs)
+            selection = guard.read_selection(run_dir)
+            lora = yaml.safe_load((run_dir / CONFIG).read_text())["lora"]
+            last_step, last_folder = max(checkpoints(run_dir).items())
+            selected = evaluate_weights(run_dir / guard.BEST / "weights.safetensors", lora, c.sweep(), prompts)
+            last = evaluate_weights(last_folder / "weights.safetensors", lora, c.sweep(), prompts)
+            metrics = read_metrics(run_dir)
+            other = sweep_run(reward, w, seed) if c.steps == Sweep().steps else None
+            results["runs"].append({
+                "reward": reward, "w": w, "seed": seed, "selection": selection,
+                "alarms": guard.read_report(run_dir).get("alarms", []),
+                "validations": validation.read(run_dir), "selected": selected, "last_step": last_step, "last": last,
+                "sweep_step_48": other["held_out"][str(Sweep().steps)] if other else None,
+                "same_training_as_sweep": same_training(metrics, other["metrics"]) if other else None,
+                "train_seconds": round(sum(m["time/step"] for m in metrics), 1),
+                "seconds": round(time.perf_counter() - t, 1)})
+            log(f"{run_name(reward, w, seed)}: {time.perf_counter() - t:.0f} s; selected step "
+                f"{selection['exported_step']}, ended early: {selection['ended_early']} (step {selection['last_step']}); "
+                f"held-out shapes selected {[round(x, 2) for x in selected['shape']]}, last "
+                f"{[round(x, 2) for x in last['shape']]}")
+            (out / "results.partial.json").write_text(json.dumps(results, indent=1) + "\n")
+    results["seconds"] = round(time.perf_counter() - began, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "report.md").write_text(report(results))
+    return results
+
+
+def accuracy(held: dict) -> float:
+    """Mean held-out accuracy over the four cells' colour and shape."""
+    return float(np.mean([*held["colour"], *held["shape"]]))
+
+
+def _ms(values) -> str:
+    values = np.asarray([v for v in values if v is not None], dtype=float)
+    if len(values) == 0:
+        return ""
+    return f"{values.mean():.3f} ± {values.std():.3f}" if len(values) > 1 else f"{values.mean():.3f}"
+
+
+def report(results: dict) -> str:
+    c = results["settings"]
+    start = results["start"]
+    lines = ["# The guard against reward hacking on ShapesWorld, through the product", "",
+             f"{len(c['seeds'])} seed(s) per condition from `shapesworld-partial`, lr {c['lr']}, up to {c['steps']} "
+             f"steps; judge: the exact checker on {c['validation_size']} validation captions of their own every "
+             f"{c['eval_every']} steps; selection by it; early stop at its first drop beyond the uncertainty. "
+             f"Held-out: the exact checker on {c['eval_captions']} captions (seed {EVAL_SEED}), mean ± std over "
+             f"seeds. Wall clock {results['seconds'] / 60:.1f} min.", "",
+             "Accuracy = the mean over the four cells' colour and shape; shape 1 is the cell the sweep saw hacked.",
+             "", "| condition | stopped at | selected step | accuracy: start | selected | last step | step 48 "
+             "(unguarded) | shape 1: start | selected | step 48 | divergence warned at |", "|---" * 11 + "|"]
+    for reward, w in c["conditions"]:
+        runs = [r for r in results["runs"] if (r["reward"], r["w"]) == (reward, w)]
+        stopped = [r["selection"]["last_step"] if r["selection"]["ended_early"] else None for r in runs]
+        step48 = [r["sweep_step_48"] if r["selection"]["ended_early"] else (r["last"] if r["last_step"] == c["steps"]
+                                                                          else None) for r in runs]
+        warned = [r["selection"]["diverged_at"][0] if r["selection"]["diverged_at"] else None for r in runs]
+        lines.append(
+            f"| {reward}, w = {w:g} | {', '.join(str(s) if s else 'never' for s in stopped)} | "
+            f"{', '.join(str(r['selection']['exported_step']) for r in runs)} | {accuracy(start):.3f} | "
+            f"{_ms([accuracy(r['selected']) for r in runs])} | {_ms([accuracy(r['last']) for r in runs])} | "
+            f"{_ms([accuracy(h) if h else None for h in step48])} | {start['shape'][0]:.2f} | "
+            f"{_ms([r['selected']['shape'][0] for r in runs])} | {_ms([h['shape'][0] if h else None for h in step48])} | "
+            f"{', '.join(str(s) if s else 'never' for s in warned)} |")
+    lines += ["", "Per run: the judge (exact checker) and the training reward at every validation, the drift alarms, "
+              "and whether the run trained as the sweep's run of the same seed (largest |reward difference| over "
+              "the steps both made).", ""]
+    for r in results["runs"]:
+        s = r["selection"]
+        rows = ", ".join(f"{v['step']}: {v['key']:.3f}" + (" (selected)" if v["step"] == s["exported_step"] else "")
+                         for v in s["validations"] if isinstance(v["key"], (int, float)))
+        alarms = "; ".join(f"{a['statistic']} {a['change']:+.3f} at {a['step']}" for a in r["alarms"]) or "none"
+        same = r["same_training_as_sweep"]
+        lines.append(f"- {run_name(r['reward'], r['w'], r['seed'])}: judge {rows}. Alarms: {alarms}. "
+                     + (f"Same training as the sweep's: max |Δ reward| {same:.2g}. " if same is not None else "")
+                     + f"Held-out accuracy selected {accuracy(r['selected']):.3f}, last step ({r['last_step']}) "
+                       f"{accuracy(r['last']):.3f}.")
+    drift = {}
+    for r in results["runs"]:
+        last, first = r["validations"][-1], r["validations"][0]
+        for name in guard.STATISTICS:
+            change, _ = guard.paired_change(first, last, guard.DRIFT + name)
+            if math.isfinite(change):
+                drift.setdefault((r["reward"], r["w"]), {}).setdefault(name, []).append(change)
+    lines += ["", "Drift statistics at each run's last validation against step 0 (mean ± std over seeds; the "
+              "calibration of run.drift's defaults):", "",
+              "| condition | " + " | ".join(guard.STATISTICS) + " |", "|---" * (len(guard.STATISTICS) + 1) + "|"]
+    for (reward, w), stats in drift.items():
+        lines.append(f"| {reward}, w = {w:g} | " + " | ".join(_ms(stats.get(n, [])) for n in guard.STATISTICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shapesworld.guard_compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--quick", action="store_true", help="one run of 4 steps, for tests")
+    parser.add_argument("--report", action="store_true", help="only rewrite report.md from OUT/results.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    if args.report:
+        (args.out / "report.md").write_text(report(json.loads((args.out / "results.json").read_text())))
+        return 0
+    results = run_compare(GuardCompare.quick() if args.quick else GuardCompare(), args.out)
+    print((args.out / "report.md").read_text())
+    print(f"done in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
