@@ -13,11 +13,9 @@ lr 3e-3, 48 steps, 16 samples per step), seeds 0-2:
 Every run validates on 16 captions of their own (shapesworld.plugin:validation_captions, not
 the evaluation's) every 6 steps, judged by the exact checker (`shapes_exact`, never trained
 on), selects by it and stops at its first drop beyond the uncertainty (run.early_stop.on_drop).
-Each run's selected weights (best/) and last step's are evaluated on the 128 held-out captions
-of the sweep. A run that stopped early has no step 48: the sweep's run of the same seed and
-settings (validation off, so the same training) gives the step-48 numbers, and the training
-rewards of both runs are compared step by step to show that they are the same run.
-Writes results.json, report.md.
+Each run's selected weights (best/) and last step's (the step it stopped at) are evaluated on
+the 128 held-out captions of the sweep. Writes results.json, report.md.
+`--regularisers`: reward backprop's optional regularisers on the hacked condition instead.
 """
 
 from __future__ import annotations
@@ -38,8 +36,6 @@ from longalign_rl import guard, validation
 from longalign_rl.outputs import CONFIG, read_metrics
 from shapesworld.sweep import EVAL_SEED, START, Sweep, checkpoints, evaluate_weights, launch
 
-ROOT = Path(__file__).resolve().parent.parent
-SWEEP = ROOT / "docs" / "shapesworld_sweep" / "results.json"
 JUDGE = "run.judge=[{reward: shapes_exact}]"
 
 
@@ -83,22 +79,6 @@ def finished(run_dir: Path) -> bool:
     return guard.read_selection(run_dir) is not None and (run_dir / "summary.json").is_file()
 
 
-def sweep_run(reward: str, w: float, seed: int) -> dict | None:
-    """The sweep's run of the same condition and seed (docs/shapesworld_sweep/results.json)."""
-    if not SWEEP.is_file():
-        return None
-    for r in json.loads(SWEEP.read_text())["runs"]:
-        if (r["reward"], r["w"], r["seed"]) == (reward, w, seed):
-            return r
-    return None
-
-
-def same_training(ours: list[dict], theirs: list[dict]) -> float | None:
-    """The largest |reward difference| over the steps both runs made (None: no sweep run)."""
-    pairs = [(a["reward"], b["reward"]) for a, b in zip(ours, theirs)]
-    return max(abs(a - b) for a, b in pairs) if pairs else None
-
-
 def run_compare(c: GuardCompare, out: Path, log=print) -> dict:
     import yaml
 
@@ -124,13 +104,10 @@ def run_compare(c: GuardCompare, out: Path, log=print) -> dict:
             selected = evaluate_weights(run_dir / guard.BEST / "weights.safetensors", lora, c.sweep(), prompts)
             last = evaluate_weights(last_folder / "weights.safetensors", lora, c.sweep(), prompts)
             metrics = read_metrics(run_dir)
-            other = sweep_run(reward, w, seed) if c.steps == Sweep().steps else None
             results["runs"].append({
                 "reward": reward, "w": w, "seed": seed, "selection": selection,
                 "alarms": guard.read_report(run_dir).get("alarms", []),
                 "validations": validation.read(run_dir), "selected": selected, "last_step": last_step, "last": last,
-                "sweep_step_48": other["held_out"][str(Sweep().steps)] if other else None,
-                "same_training_as_sweep": same_training(metrics, other["metrics"]) if other else None,
                 "train_seconds": round(sum(m["time/step"] for m in metrics), 1),
                 "seconds": round(time.perf_counter() - t, 1)})
             log(f"{run_name(reward, w, seed)}: {time.perf_counter() - t:.0f} s; selected step "
@@ -166,34 +143,31 @@ def report(results: dict) -> str:
              f"Held-out: the exact checker on {c['eval_captions']} captions (seed {EVAL_SEED}), mean ± std over "
              f"seeds. Wall clock {results['seconds'] / 60:.1f} min.", "",
              "Accuracy = the mean over the four cells' colour and shape; shape 1 is the cell the sweep saw hacked.",
-             "", "| condition | stopped at | selected step | accuracy: start | selected | last step | step 48 "
-             "(unguarded) | shape 1: start | selected | step 48 | divergence warned at |", "|---" * 11 + "|"]
+             "", "| condition | stopped at | selected step | accuracy: start | selected | last step | shape 1: start | "
+             "selected | last step | divergence warned at | alarms (runs) |", "|---" * 11 + "|"]
     for reward, w in c["conditions"]:
         runs = [r for r in results["runs"] if (r["reward"], r["w"]) == (reward, w)]
         stopped = [r["selection"]["last_step"] if r["selection"]["ended_early"] else None for r in runs]
-        step48 = [r["sweep_step_48"] if r["selection"]["ended_early"] else (r["last"] if r["last_step"] == c["steps"]
-                                                                          else None) for r in runs]
         warned = [r["selection"]["diverged_at"][0] if r["selection"]["diverged_at"] else None for r in runs]
+        alarms = sorted({a["statistic"] for r in runs for a in r["alarms"]})
+        counts = ", ".join(f"{a} ({sum(any(x['statistic'] == a for x in r['alarms']) for r in runs)})" for a in alarms)
         lines.append(
             f"| {reward}, w = {w:g} | {', '.join(str(s) if s else 'never' for s in stopped)} | "
             f"{', '.join(str(r['selection']['exported_step']) for r in runs)} | {accuracy(start):.3f} | "
             f"{_ms([accuracy(r['selected']) for r in runs])} | {_ms([accuracy(r['last']) for r in runs])} | "
-            f"{_ms([accuracy(h) if h else None for h in step48])} | {start['shape'][0]:.2f} | "
-            f"{_ms([r['selected']['shape'][0] for r in runs])} | {_ms([h['shape'][0] if h else None for h in step48])} | "
-            f"{', '.join(str(s) if s else 'never' for s in warned)} |")
-    lines += ["", "Per run: the judge (exact checker) and the training reward at every validation, the drift alarms, "
-              "and whether the run trained as the sweep's run of the same seed (largest |reward difference| over "
-              "the steps both made).", ""]
+            f"{start['shape'][0]:.2f} | {_ms([r['selected']['shape'][0] for r in runs])} | "
+            f"{_ms([r['last']['shape'][0] for r in runs])} | {', '.join(str(s) if s else 'never' for s in warned)} | "
+            f"{counts or 'none'} |")
+    lines += ["", "Per run: the judge (exact checker on the validation captions) at every validation, the drift "
+              "alarms, and the held-out accuracy of the selected and the last weights.", ""]
     for r in results["runs"]:
         s = r["selection"]
         rows = ", ".join(f"{v['step']}: {v['key']:.3f}" + (" (selected)" if v["step"] == s["exported_step"] else "")
                          for v in s["validations"] if isinstance(v["key"], (int, float)))
         alarms = "; ".join(f"{a['statistic']} {a['change']:+.3f} at {a['step']}" for a in r["alarms"]) or "none"
-        same = r["same_training_as_sweep"]
         lines.append(f"- {run_name(r['reward'], r['w'], r['seed'])}: judge {rows}. Alarms: {alarms}. "
-                     + (f"Same training as the sweep's: max |Δ reward| {same:.2g}. " if same is not None else "")
-                     + f"Held-out accuracy selected {accuracy(r['selected']):.3f}, last step ({r['last_step']}) "
-                       f"{accuracy(r['last']):.3f}.")
+                     f"Held-out accuracy selected {accuracy(r['selected']):.3f}, last step ({r['last_step']}) "
+                     f"{accuracy(r['last']):.3f}.")
     drift = {}
     for r in results["runs"]:
         last, first = r["validations"][-1], r["validations"][0]
@@ -209,13 +183,79 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The regularisers of reward backpropagation (algorithm.kl_weight, algorithm.reward_cap), each
+# on the sweep's hacked condition (shapes_pref, w = 1, seed 0) without the guard, 48 steps.
+# The same condition without them and without the guard, seeds 0-2: what the guarded runs'
+# early stops saved them from.
+REGULARISERS = (("unguarded_s0", 0, "algorithm.kl_weight=0.0"), ("unguarded_s1", 1, "algorithm.kl_weight=0.0"),
+                ("unguarded_s2", 2, "algorithm.kl_weight=0.0"), ("kl_weight_s0", 0, "algorithm.kl_weight=10.0"),
+                ("reward_cap_s0", 0, "algorithm.reward_cap=0.12"))
+
+
+def run_regularisers(c: GuardCompare, out: Path, log=print) -> dict:
+    """Each regulariser's run and the run without one, every checkpoint evaluated held out."""
+    import yaml
+
+    from shapesworld.evaluate import draw_captions
+    from shapesworld.world import WorldConfig
+
+    runs = out / "regularisers"
+    runs.mkdir(parents=True, exist_ok=True)
+    prompts = draw_captions(WorldConfig(), c.eval_captions, seed=EVAL_SEED)
+    results = {"settings": asdict(c), "runs": []}
+    for name, seed, override in REGULARISERS:
+        t = time.perf_counter()
+        run_dir = runs / name
+        if max(checkpoints(run_dir), default=0) != c.steps:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir = launch([f"model.pretrained={START}", "reward.name=shapes_pref",
+                              "reward.kwargs.text_irrelevant_weight=1.0", f"train.seed={seed}", f"train.lr={c.lr}",
+                              f"train.steps={c.steps}", "run.checkpoint_every=12", "run.keep_checkpoints=0",
+                              f"run.image_every={c.steps}", "run.validation_size=0", override], name, runs)
+        lora = yaml.safe_load((run_dir / CONFIG).read_text())["lora"]
+        held = {step: evaluate_weights(folder / "weights.safetensors", lora, c.sweep(), prompts)
+                for step, folder in checkpoints(run_dir).items()}
+        results["runs"].append({"name": name, "seed": seed, "override": override, "metrics": read_metrics(run_dir),
+                                "held_out": {str(k): v for k, v in held.items()},
+                                "seconds": round(time.perf_counter() - t, 1)})
+        log(f"{name}: {time.perf_counter() - t:.0f} s; held-out accuracy "
+            f"{ {k: round(accuracy(v), 3) for k, v in held.items()} }")
+    (out / "regularisers.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def regulariser_report(results: dict) -> str:
+    """Held-out accuracy (and cell 1's shape) at each checkpoint of each run."""
+    steps = sorted({int(k) for r in results["runs"] for k in r["held_out"]})
+    lines = ["| run | " + " | ".join(f"step {s}: accuracy, shape 1" for s in steps) + " | reward, last quarter | "
+             "kl or capped share, last quarter |", "|---" * (len(steps) + 3) + "|"]
+    for r in results["runs"]:
+        extra = {"kl_weight_s0": "kl", "reward_cap_s0": "reward_capped"}.get(r["name"])
+        quarter = r["metrics"][-max(1, len(r["metrics"]) // 4):]
+        held = [r["held_out"].get(str(s)) for s in steps]
+        lines.append(f"| {r['name']}: `{r['override']}` | " + " | ".join(f"{accuracy(h):.3f}, {h['shape'][0]:.2f}" if h else ""
+                                                          for h in held)
+                     + f" | {np.mean([m['reward'] for m in quarter]):.3f} | "
+                     + (f"{np.mean([m.get(extra, math.nan) for m in quarter]):.3g}" if extra else "") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shapesworld.guard_compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--quick", action="store_true", help="one run of 4 steps, for tests")
     parser.add_argument("--report", action="store_true", help="only rewrite report.md from OUT/results.json")
+    parser.add_argument("--regularisers", action="store_true", help="instead: the hacked condition without the "
+                        "guard (seeds 0-2) and with reward backprop's regularisers (seed 0), OUT/regularisers.json "
+                        "and regularisers.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    if args.regularisers:
+        results = run_regularisers(GuardCompare.quick() if args.quick else GuardCompare(), args.out)
+        text = regulariser_report(results)
+        (args.out / "regularisers.md").write_text(text)
+        print(text)
+        return 0
     if args.report:
         (args.out / "report.md").write_text(report(json.loads((args.out / "results.json").read_text())))
         return 0

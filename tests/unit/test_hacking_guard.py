@@ -287,3 +287,41 @@ def test_the_driver_names_a_select_by_key_no_validation_gives():
     with pytest.raises(ConfigError, match=r"run.select_by.key: 'gt/shape/5' is not a validation key of this run; "
                                           r"it has: reward, text_relevant, .*gt/shape/4, .*drift/feature_distance"):
         preflight.check_inputs(config(select_by={"key": "gt/shape/5"}))
+
+
+def test_a_resume_drops_best_weights_from_a_future_it_cut_and_finds_the_selected_ones_in_their_checkpoint(tmp_path):
+    """training/worker.reconcile_best, as a resume calls it once validation.jsonl is cut back."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from longalign_rl.training.worker import reconcile_best
+
+    cfg = config(**JUDGED)
+    now = {"w": torch.full((2,), 6.0)}
+    ctx = SimpleNamespace(cfg=cfg, run_dir=tmp_path, trainable_weights=lambda: now)
+    judge = [[0.5, 0.5], [0.7, 0.8], [0.6, 0.6]]
+    records = [record(s, reward=[0.1, 0.2], **{"judge/j": judge[i]}) for i, s in enumerate((0, 6, 12))]
+
+    def write(recs):
+        (tmp_path / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    # killed after best/ took step 12's weights, resumed from step 6 (its validation the best)
+    write(records[:2])
+    guard.save_best(tmp_path, 12, {"w": torch.full((2,), 12.0)}, guard.assess(cfg.run, records[:2]))
+    reconcile_best(ctx, 6)
+    assert guard.best_step(tmp_path) == 6 and torch.equal(guard.load_best(tmp_path)["w"], now["w"])
+    # best/ lost, resumed at step 12: the selected step 6's weights come from checkpoint_000006
+    write(records)
+    import shutil
+
+    shutil.rmtree(tmp_path / guard.BEST)
+    folder = tmp_path / "checkpoint_000006"
+    folder.mkdir()
+    save_file({"w": torch.full((2,), 66.0)}, str(folder / "weights.safetensors"))
+    (folder / "state.json").write_text(json.dumps({"step": 6}))
+    reconcile_best(ctx, 12)
+    assert guard.best_step(tmp_path) == 6 and torch.equal(guard.load_best(tmp_path)["w"], torch.full((2,), 66.0))
+    # kept as it is when it holds the selected step already
+    reconcile_best(ctx, 12)
+    assert torch.equal(guard.load_best(tmp_path)["w"], torch.full((2,), 66.0))
