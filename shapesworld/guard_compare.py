@@ -121,6 +121,14 @@ def run_compare(c: GuardCompare, out: Path, log=print) -> dict:
     return results
 
 
+def alarms_now(run: dict) -> list:
+    """The run's drift alarms at run.drift's current defaults, from its validation records (a
+    pure function of them: guard.drift_alarms), whatever thresholds the run had."""
+    from longalign_rl.config import DriftConfig
+
+    return guard.drift_alarms(DriftConfig(), run["validations"])
+
+
 def accuracy(held: dict) -> float:
     """Mean held-out accuracy over the four cells' colour and shape."""
     return float(np.mean([*held["colour"], *held["shape"]]))
@@ -144,13 +152,14 @@ def report(results: dict) -> str:
              f"seeds. Wall clock {results['seconds'] / 60:.1f} min.", "",
              "Accuracy = the mean over the four cells' colour and shape; shape 1 is the cell the sweep saw hacked.",
              "", "| condition | stopped at | selected step | accuracy: start | selected | last step | shape 1: start | "
-             "selected | last step | divergence warned at | alarms (runs) |", "|---" * 11 + "|"]
+             "selected | last step | divergence warned at | drift alarms (runs) |", "|---" * 11 + "|"]
     for reward, w in c["conditions"]:
         runs = [r for r in results["runs"] if (r["reward"], r["w"]) == (reward, w)]
         stopped = [r["selection"]["last_step"] if r["selection"]["ended_early"] else None for r in runs]
         warned = [r["selection"]["diverged_at"][0] if r["selection"]["diverged_at"] else None for r in runs]
-        alarms = sorted({a["statistic"] for r in runs for a in r["alarms"]})
-        counts = ", ".join(f"{a} ({sum(any(x['statistic'] == a for x in r['alarms']) for r in runs)})" for a in alarms)
+        fired = [alarms_now(r) for r in runs]
+        alarms = sorted({a.statistic for f in fired for a in f})
+        counts = ", ".join(f"{a} ({sum(any(x.statistic == a for x in f) for f in fired)})" for a in alarms)
         lines.append(
             f"| {reward}, w = {w:g} | {', '.join(str(s) if s else 'never' for s in stopped)} | "
             f"{', '.join(str(r['selection']['exported_step']) for r in runs)} | {accuracy(start):.3f} | "
@@ -158,13 +167,15 @@ def report(results: dict) -> str:
             f"{start['shape'][0]:.2f} | {_ms([r['selected']['shape'][0] for r in runs])} | "
             f"{_ms([r['last']['shape'][0] for r in runs])} | {', '.join(str(s) if s else 'never' for s in warned)} | "
             f"{counts or 'none'} |")
-    lines += ["", "Per run: the judge (exact checker on the validation captions) at every validation, the drift "
-              "alarms, and the held-out accuracy of the selected and the last weights.", ""]
+    lines += ["", "Drift alarms at run.drift's current defaults, recomputed from each run's validation.jsonl (the "
+              "runs themselves had feature_distance at 0.1, which fired in every run: guard.json keeps what they "
+              "said).", "", "Per run: the judge (exact checker on the validation captions) at every validation, the "
+              "drift alarms, and the held-out accuracy of the selected and the last weights.", ""]
     for r in results["runs"]:
         s = r["selection"]
         rows = ", ".join(f"{v['step']}: {v['key']:.3f}" + (" (selected)" if v["step"] == s["exported_step"] else "")
                          for v in s["validations"] if isinstance(v["key"], (int, float)))
-        alarms = "; ".join(f"{a['statistic']} {a['change']:+.3f} at {a['step']}" for a in r["alarms"]) or "none"
+        alarms = "; ".join(f"{a.statistic} {a.change:+.3f} at {a.step}" for a in alarms_now(r)) or "none"
         lines.append(f"- {run_name(r['reward'], r['w'], r['seed'])}: judge {rows}. Alarms: {alarms}. "
                      f"Held-out accuracy selected {accuracy(r['selected']):.3f}, last step ({r['last_step']}) "
                      f"{accuracy(r['last']):.3f}.")
@@ -187,9 +198,9 @@ def report(results: dict) -> str:
 # on the sweep's hacked condition (shapes_pref, w = 1, seed 0) without the guard, 48 steps.
 # The same condition without them and without the guard, seeds 0-2: what the guarded runs'
 # early stops saved them from.
-REGULARISERS = (("unguarded_s0", 0, "algorithm.kl_weight=0.0"), ("unguarded_s1", 1, "algorithm.kl_weight=0.0"),
-                ("unguarded_s2", 2, "algorithm.kl_weight=0.0"), ("kl_weight_s0", 0, "algorithm.kl_weight=10.0"),
-                ("reward_cap_s0", 0, "algorithm.reward_cap=0.12"))
+REGULARISERS = (("unguarded_s0", 0, "algorithm.kl_weight=0.0"), ("kl_weight_s0", 0, "algorithm.kl_weight=10.0"),
+                ("reward_cap_s0", 0, "algorithm.reward_cap=0.12"), ("unguarded_s1", 1, "algorithm.kl_weight=0.0"),
+                ("unguarded_s2", 2, "algorithm.kl_weight=0.0"))
 
 
 def run_regularisers(c: GuardCompare, out: Path, log=print) -> dict:

@@ -71,14 +71,16 @@ def test_stage1_validates_and_its_merged_model_redraws_the_last_validation(stage
     helper, loading model/ (the LoRA merged), draws the same images."""
     import numpy as np
 
-    from longalign_rl import validation
+    from longalign_rl import guard, validation
     from longalign_rl.pipeline import load
     from longalign_rl.prompts import demo_prompts
 
     run_dir, _ = stage1_run
     records = validation.read(run_dir)
     assert [r["step"] for r in records] == [0, 3, 4, 8] and all(r["prompts"] == 4 for r in records)
-    assert records[0]["values"] == {}  # no metric hooks here: images only
+    # no metric hooks here, and no reward: the images and their drift statistics only (guard.py; no image
+    # tower to measure feature_distance in)
+    assert set(records[0]["values"]) == {f"drift/{name}" for name in guard.STATISTICS if name != "feature_distance"}
     assert (run_dir / "validation" / "step_000008.png").is_file()
     pipe = load(run_dir, device="cpu")
     assert pipe.longalign["weights"] == "merged"

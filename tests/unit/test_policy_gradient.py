@@ -310,13 +310,13 @@ def test_the_kl_reference_is_the_starting_model(tiny_parts, lora):
 
     from longalign_rl.config import LoRAConfig
     from longalign_rl.lora import make_trainable
-    from longalign_rl.training.policy_gradient import PolicyGradientBody
+    from longalign_rl.training.stage2 import SamplerFed
 
     unet = copy.deepcopy(tiny_parts.unet)
     make_trainable(unet, LoRAConfig(enabled=lora, rank=4, alpha=4.0, dropout=0.0))
     body = SimpleNamespace(ctx=SimpleNamespace(engine=SimpleNamespace(module=unet)),
                            cfg=SimpleNamespace(lora=SimpleNamespace(enabled=lora)))
-    reference = PolicyGradientBody._make_reference(body)
+    reference = SamplerFed.make_reference(body)  # policy gradients' KL and reward backprop's penalty
     x, t = torch.randn(1, 4, 8, 8), torch.tensor(500)
     context = torch.randn(1, 77, unet.config.cross_attention_dim)
     before = unet(x, t, encoder_hidden_states=context).sample.detach()
