@@ -110,7 +110,10 @@ def test_one_worker_and_one_actor_repeat_the_run_of_two_of_each(tiny_run, tmp_pa
     assert [v["step"] for v in validations[0]] == [v["step"] for v in validations[1]] == [0, 2, 4]
     for mine, theirs in zip(*validations):
         for k, values in theirs["values"].items():
-            torch.testing.assert_close(torch.tensor(mine["values"][k]), torch.tensor(values), **SPLIT_TOLERANCE)
+            # the drift statistics (guard.py) measure the images as their 8-bit PNGs hold them: a pixel that a sum's
+            # rounding puts on the other side of a level moves them by about 1e-3
+            tolerance = {"rtol": 1e-2, "atol": 1e-2} if k.startswith("drift/") else SPLIT_TOLERANCE
+            torch.testing.assert_close(torch.tensor(mine["values"][k]), torch.tensor(values), **tolerance)
     # The weights: Adam scales each gradient element to about lr, so an element whose gradient is
     # about 0 may step either way (measured: at most 0.25 lr apart); as a whole they agree to
     # 0.15 % of how far they moved from step 2 to step 4 (asserted: 1 %).

@@ -26,6 +26,8 @@ def lora_tensors(folder):
     return [v for _, v in sorted(load_file(folder / "pytorch_lora_weights.safetensors").items())]
 
 
+@pytest.mark.slow  # two runs (100-145 s): CI time. The default tier holds the verdicts, best/, the resume rule and the
+# driver's checks in unit/test_hacking_guard.py, and the drift statistics of a real run in e2e/test_end_to_end.py
 def test_a_judge_that_falls_under_a_rising_reward_stops_the_run_and_its_best_weights_are_kept(
         ray_local, tmp_path, capsys):
     assert train.main([*JUDGED, "train.steps=4", f"run.output_dir={tmp_path}", "run.name=judged"]) == 0

@@ -25,7 +25,7 @@ LAYERS = {
     "foundations": ["config", "types", "registry", "hub", "encoding", "families", "noise", "models", "vae", "lora",
                     "prompts", "data",
                     "outputs", "summary", "hooks", "direction", "console", "trackers", "validation", "arguments",
-                    "uncertainty", "scoring", "typed_yaml", "config_docs"],
+                    "uncertainty", "scoring", "typed_yaml", "config_docs", "guard"],
     "maths": ["sampling.ddim", "sampling.stochastic", "sampling.flow", "sampling.sampler", "algorithms"],
     "inference": ["pipeline", "generate", "evaluate", "reference_import"],
     "distributed": ["actor_pool", "sampling.group", "reward_actors", "training"],
