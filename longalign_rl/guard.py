@@ -121,43 +121,50 @@ class Judges:
     def __init__(self, entries: list[JudgeEntry], device):
         from longalign_rl.registry import get_reward, import_path
 
-        self.rewards, self.hooks = [], []  # (index in run.judge, name, reward), (index, path, function)
+        self.judges = []  # (index in run.judge, kind, name (a reward's key) or path (a hook's), reward or function)
         for i, e in enumerate(entries):
             if e.kind == "metric":
                 fn = import_path(e.target, f"run.judge[{i}].metric")
                 if not callable(fn):
                     raise ConfigError(f"run.judge[{i}].metric: {e.target!r} is not a function")
-                self.hooks.append((i, e.target, fn))
+                self.judges.append((i, "metric", e.target, fn))
                 continue
             try:
                 reward = get_reward(e.target, **e.kwargs)
             except Exception as error:
                 raise ConfigError(f"run.judge[{i}]: reward {e.target!r} could not be built "
                                   f"({type(error).__name__}: {error})") from error
-            self.rewards.append((i, e.name, reward.to(device) if hasattr(reward, "to") else reward))
+            self.judges.append((i, "reward", e.name, reward.to(device) if hasattr(reward, "to") else reward))
 
     @property
     def scorers(self) -> list:
         """The judge rewards (image_tower looks among them)."""
-        return [reward for _, _, reward in self.rewards]
+        return [obj for _, kind, _, obj in self.judges if kind == "reward"]
 
-    def values(self, images, prompts: list[str], every_prompt: list[str] | None = None) -> dict:
-        """Every judge's values of one batch, [B] each on the CPU. `every_prompt`: the whole
-        validation set's prompts, whose batch statistics a reward uses (scoring.py), so that a
-        value does not depend on the batch it was scored in."""
+    @staticmethod
+    def _values_of(kind: str, name: str, obj, images, prompts: list[str], every_prompt: list[str] | None,
+                   reserved) -> dict:
+        """One judge's values of one batch, [B] each on the CPU."""
         import torch
 
         from longalign_rl.hooks import run_metric_hooks
         from longalign_rl.scoring import batch_statistics, score
 
-        out = {}
         with torch.no_grad():
-            for _, name, reward in self.rewards:
-                scored, _ = score(reward, images, prompts, batch_statistics(reward, every_prompt or prompts))
-                out[JUDGE + name] = scored.total.detach().float().cpu()
-                out.update({f"{JUDGE}{name}/{k}": v.detach().float().cpu() for k, v in scored.components.items()})
-            hooked = run_metric_hooks([(path, fn) for _, path, fn in self.hooks], images, prompts)
-        out.update({JUDGE + k: v for k, v in hooked.items()})
+            if kind == "metric":
+                return {JUDGE + k: v for k, v in run_metric_hooks([(name, obj)], images, prompts, reserved).items()}
+            scored, _ = score(obj, images, prompts, batch_statistics(obj, every_prompt or prompts))
+        return {JUDGE + name: scored.total.detach().float().cpu(),
+                **{f"{JUDGE}{name}/{k}": v.detach().float().cpu() for k, v in scored.components.items()}}
+
+    def values(self, images, prompts: list[str], every_prompt: list[str] | None = None) -> dict:
+        """Every judge's values of one batch, [B] each on the CPU. `every_prompt`: the whole
+        validation set's prompts, whose batch statistics a reward uses (scoring.py), so that a
+        value does not depend on the batch it was scored in. Two metric judges may not log one name."""
+        out = {}
+        for _, kind, name, obj in self.judges:
+            reserved = [k[len(JUDGE):] for k in out]
+            out.update(self._values_of(kind, name, obj, images, prompts, every_prompt, reserved))
         return out
 
     def probe(self, prompts: list[str], resolution: int) -> list[str]:
@@ -169,28 +176,16 @@ class Judges:
         images = torch.rand(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
         prompts = (list(prompts) * 2)[:2]
         keys = []
-        for i, name, reward in self.rewards:
-            one = Judges.__new__(Judges)
-            one.rewards, one.hooks = [(i, name, reward)], []
-            keys += self._probe_one(i, one, images, prompts)
-        for i, path, fn in self.hooks:
-            one = Judges.__new__(Judges)
-            one.rewards, one.hooks = [], [(i, path, fn)]
-            keys += self._probe_one(i, one, images, prompts)
+        for i, kind, name, obj in self.judges:
+            try:
+                values = self._values_of(kind, name, obj, images, prompts, None, [k[len(JUDGE):] for k in keys])
+            except Exception as e:
+                raise ConfigError(f"run.judge[{i}]: failed on two test images: {type(e).__name__}: {e}") from e
+            bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
+            if bad:
+                raise ConfigError(f"run.judge[{i}]: non-finite values on two test images: {', '.join(bad)}")
+            keys += list(values)
         return keys
-
-    @staticmethod
-    def _probe_one(i: int, one: "Judges", images, prompts: list[str]) -> list[str]:
-        import torch
-
-        try:
-            values = one.values(images, prompts)
-        except Exception as e:
-            raise ConfigError(f"run.judge[{i}]: failed on two test images: {type(e).__name__}: {e}") from e
-        bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
-        if bad:
-            raise ConfigError(f"run.judge[{i}]: non-finite values on two test images: {', '.join(bad)}")
-        return list(values)
 
 
 def build_judges(run, device) -> Judges | None:
@@ -218,9 +213,6 @@ class Verdict:
     reward_uncertainty: float | None
     diverging: bool  # the key fell beyond its uncertainty while the reward did not fall
     stop: str | None  # why the run stops early at the last validation, or None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def paired_change(before: dict, after: dict, key: str) -> tuple[float, float | None]:
@@ -381,7 +373,7 @@ def selection_record(run, records: list[dict], ended_early: bool, exported_step:
     last = verdicts[-1]
     table = [{"step": r["step"], "reward": r["means"].get("reward"), "key": r["means"].get(last.key)}
              for r in records]
-    return {**last.as_dict(), "ended_early": ended_early, "exported_step": exported_step,
+    return {**asdict(last), "ended_early": ended_early, "exported_step": exported_step,
             "diverged_at": [v.last_step for v in verdicts if v.diverging], "validations": table}
 
 
@@ -423,11 +415,14 @@ STATISTICS = ("brightness", "saturation", "contrast", "high_frequency", "colour_
 
 
 def quantized(images):
-    """Images as their PNGs hold them (8 bits), so that step 0's, read back from
-    validation/step_000000/, and a later validation's are measured alike."""
+    """Images as their PNGs hold them (outputs.to_uint8, what save_images writes), so that
+    step 0's, read back from validation/step_000000/, and a later validation's are measured
+    alike."""
     import torch
 
-    return torch.round(images.detach().float().clamp(0, 1).cpu() * 255) / 255
+    from longalign_rl.outputs import to_uint8
+
+    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float() / 255
 
 
 def image_statistics(images) -> dict:

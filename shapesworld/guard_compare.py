@@ -34,6 +34,7 @@ import torch
 
 from longalign_rl import guard, validation
 from longalign_rl.outputs import CONFIG, read_metrics
+from shapesworld.pg_compare import _ms
 from shapesworld.sweep import EVAL_SEED, START, Sweep, checkpoints, evaluate_weights, launch
 
 JUDGE = "run.judge=[{reward: shapes_exact}]"
@@ -134,13 +135,6 @@ def accuracy(held: dict) -> float:
     return float(np.mean([*held["colour"], *held["shape"]]))
 
 
-def _ms(values) -> str:
-    values = np.asarray([v for v in values if v is not None], dtype=float)
-    if len(values) == 0:
-        return ""
-    return f"{values.mean():.3f} ± {values.std():.3f}" if len(values) > 1 else f"{values.mean():.3f}"
-
-
 def report(results: dict) -> str:
     c = results["settings"]
     start = results["start"]
@@ -190,7 +184,7 @@ def report(results: dict) -> str:
               "calibration of run.drift's defaults):", "",
               "| condition | " + " | ".join(guard.STATISTICS) + " |", "|---" * (len(guard.STATISTICS) + 1) + "|"]
     for (reward, w), stats in drift.items():
-        lines.append(f"| {reward}, w = {w:g} | " + " | ".join(_ms(stats.get(n, [])) for n in guard.STATISTICS) + " |")
+        lines.append(f"| {reward}, w = {w:g} | " + " | ".join(_ms(stats[n]) if n in stats else "" for n in guard.STATISTICS) + " |")
     return "\n".join(lines) + "\n"
 
 

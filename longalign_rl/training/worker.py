@@ -378,7 +378,7 @@ def _run_worker(loop_config: dict, make_body: type, attempt: failures.Attempt) -
         # config as it was, so the run stays resumable.
         write_atomic(run_dir / CONFIG, to_yaml(asked))  # as asked: not an elastic run's count of the moment
     body.start(state)
-    selecting = guard.selection_key(cfg.run) is not None and cfg.run.validation_size > 0
+    selecting = guard.selection_key(cfg.run) is not None  # config.validate: a selection needs validation
     if selecting and rank == 0:
         reconcile_best(ctx, state.step)
 
