@@ -365,7 +365,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SelectConfig:
     """Which validation picks the exported weights (guard.py): lora/ (unet/, model/) hold the
-    best validation's, lora_last/ (unet_last/) the last step's, and best/ keeps them whatever
+    latest validation's within the uncertainty of the best one's, lora_last/ (unet_last/) the last step's, and best/ keeps them whatever
     run.keep_checkpoints prunes."""
 
     # The validation key that picks the run's weights (a mean of validation.jsonl: a judge's

@@ -8,9 +8,11 @@ the run exits 0 and exports its last, worst weights. The guard watches the valid
   reward by name or import path with its kwargs, or a metric hook. Their values are the
   validation keys `judge/<name>` (a reward's total; its parts `judge/<name>/<part>`) and
   `judge/<metric's names>`;
-- selection (`run.select_by`): the validation with the best value of one key (the first
-  judge's by default) picks the weights that lora/ (or unet/, model/) holds; lora_last/
-  holds the last step's; best/ keeps the selected weights whatever keep_checkpoints prunes;
+- selection (`run.select_by`): of the validations whose value of one key (the first
+  judge's by default) is within the uncertainty of the best one's, the latest picks the
+  weights that lora/ (or unet/, model/) holds: a validation set's noise does not send a
+  run that is still improving back to an early step. lora_last/ holds the last step's;
+  best/ keeps the selected weights whatever keep_checkpoints prunes;
 - drift alarms (`run.drift`), judge or not: statistics of the validation images against
   step 0's (brightness, saturation, contrast, high-frequency energy, colour spread across
   prompts, distance in the reward's image tower), one alarm per statistic beyond its
@@ -202,8 +204,10 @@ class Verdict:
 
     key: str | None  # the selecting key as recorded (None: no selection)
     higher_is_better: bool
-    best_step: int | None  # the selected validation's step
+    best_step: int | None  # the validation with the best value of the key
     best_value: float
+    selected_step: int | None  # the latest validation within the uncertainty of the best: its weights are kept
+    selected_value: float
     last_step: int
     last_value: float
     since_best: int  # validations after the best one
@@ -230,9 +234,27 @@ def _worse(change: float, uncertainty: float | None, higher_is_better: bool) -> 
     return math.isfinite(worse) and worse > (uncertainty or 0.0)
 
 
+def _within(best: dict, record: dict, key: str, higher_is_better: bool) -> bool:
+    """`record`'s value of `key` is not worse than `best`'s beyond the uncertainty of their
+    paired change (without per-prompt values, not worse at all)."""
+    value = record["means"].get(key, math.nan)
+    if not math.isfinite(value):
+        return False
+    change, error = paired_change(best, record, key)
+    if not math.isfinite(change):
+        change, error = value - best["means"][key], None
+    return not _worse(change, error, higher_is_better)
+
+
 def assess(run, records: list[dict]) -> Verdict | None:
     """The guard's verdict after `records` (validation.jsonl, in step order); None when the
-    run selects nothing or has no validation yet. Ties go to the later validation."""
+    run selects nothing or has no validation yet. Ties go to the later validation.
+
+    The selected validation is the latest one not worse than the best beyond the uncertainty
+    of their paired change. It was the selected one at its own validation too (the best
+    then was the best now, and the later ones are worse than it beyond their uncertainty),
+    so the worker, keeping the weights of each validation selected when it is made, holds
+    the final selection's."""
     key = selection_key(run)
     if key is None or not records:
         return None
@@ -250,8 +272,9 @@ def assess(run, records: list[dict]) -> Verdict | None:
             since += 1
     last = records[-1]
     if best is None:  # never finite: nothing to select
-        return Verdict(key, higher, None, math.nan, last["step"], last["means"].get(key, math.nan), since,
-                       math.nan, None, None, None, False, None)
+        return Verdict(key, higher, None, math.nan, None, math.nan, last["step"], last["means"].get(key, math.nan),
+                       since, math.nan, None, None, None, False, None)
+    selected = next(r for r in reversed(records) if r is best or _within(best, r, key, higher))
     change, error = paired_change(best, last, key)
     reward_change, reward_error = (paired_change(best, last, "reward") if "reward" in last["values"]
                                    else (None, None))
@@ -266,9 +289,9 @@ def assess(run, records: list[dict]) -> Verdict | None:
     elif e.patience and since >= e.patience:
         stop = (f"no new best of {key} in {since} validations since step {best['step']} "
                 f"(run.early_stop.patience={e.patience})")
-    return Verdict(key, higher, best["step"], best["means"][key], last["step"], last["means"].get(key, math.nan),
-                   since, change if last is not best else 0.0, error if last is not best else None,
-                   reward_change, reward_error, fell and reward_held, stop)
+    return Verdict(key, higher, best["step"], best["means"][key], selected["step"], selected["means"][key],
+                   last["step"], last["means"].get(key, math.nan), since, change if last is not best else 0.0,
+                   error if last is not best else None, reward_change, reward_error, fell and reward_held, stop)
 
 
 def format_verdict(v: Verdict) -> list[str]:
@@ -280,14 +303,17 @@ def format_verdict(v: Verdict) -> list[str]:
         lines = [f"selection: step {v.best_step}, {v.key} {v.best_value:.4g} (the best so far)"]
     else:
         shown = f"{v.change:+.3g}" + (f" ± {v.uncertainty:.2g}" if v.uncertainty is not None else "")
-        lines = [f"selection: step {v.best_step}, {v.key} {v.best_value:.4g}; now {v.last_value:.4g} ({shown}), "
+        chosen = (f"step {v.selected_step}, {v.key} {v.selected_value:.4g}, within the uncertainty of the best "
+                  f"(step {v.best_step}, {v.best_value:.4g})" if v.selected_step != v.best_step
+                  else f"step {v.best_step}, {v.key} {v.best_value:.4g}")
+        lines = [f"selection: {chosen}; now {v.last_value:.4g} ({shown} from the best), "
                  f"{v.since_best} validation(s) without a new best"]
     if v.diverging:
         reward = f"{v.reward_change:+.3g}" + (f" ± {v.reward_uncertainty:.2g}" if v.reward_uncertainty is not None
                                               else "")
         lines.append(f"warning: the reward and {v.key} diverge since step {v.best_step}: reward {reward}, "
                      f"{v.key} {v.change:+.3g} ± {v.uncertainty or 0:.2g} (beyond its uncertainty): the reward may "
-                     f"be hacked; the selected weights stay step {v.best_step}'s")
+                     f"be hacked; the selected weights stay step {v.selected_step}'s")
     if v.stop:
         lines.append(f"early stop: {v.stop}")
     return lines
@@ -295,7 +321,7 @@ def format_verdict(v: Verdict) -> list[str]:
 
 def tracked(v: Verdict) -> dict[str, float]:
     """The verdict's numbers for the trackers."""
-    return {"guard/selected_step": float(v.best_step) if v.best_step is not None else math.nan,
+    return {"guard/selected_step": float(v.selected_step) if v.selected_step is not None else math.nan,
             "guard/since_best": float(v.since_best), "guard/diverging": float(v.diverging),
             "guard/early_stop": float(v.stop is not None)}
 
@@ -318,7 +344,7 @@ def save_best(run_dir, step: int, weights: dict, verdict: Verdict) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(partial / "weights.safetensors"))
-    (partial / "state.json").write_text(json.dumps({"step": step, "key": verdict.key, "value": verdict.best_value},
+    (partial / "state.json").write_text(json.dumps({"step": step, "key": verdict.key, "value": verdict.selected_value},
                                                    allow_nan=True) + "\n")
     old = best.with_name(f".{BEST}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -328,7 +354,7 @@ def save_best(run_dir, step: int, weights: dict, verdict: Verdict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def best_step(run_dir) -> int | None:
+def held_step(run_dir) -> int | None:
     """The step whose weights run_dir/best/ holds (None: none)."""
     import json
     from pathlib import Path
@@ -383,13 +409,18 @@ def format_selection(s: dict) -> list[str]:
     if s["best_step"] is None:
         return [f"selection: {s['key']} never had a finite value; lora/ holds the last step's weights"]
     where = "lora/ (unet/, model/)"
+    selected = s.get("selected_step", s["best_step"])  # guard.json from before the selection rule had best only
     held = (f"{where} holds step {s['exported_step']}'s weights: the best {s['key']} {s['best_value']:.4g} of "
             f"{len(s['validations'])} validations")
-    if s["exported_step"] != s["best_step"]:
+    if selected != s["best_step"]:
+        held = (f"{where} holds step {selected}'s weights: {s['key']} {s['selected_value']:.4g}, the latest within "
+                f"the uncertainty of the best ({s['best_value']:.4g}, step {s['best_step']}) of "
+                f"{len(s['validations'])} validations")
+    if s["exported_step"] != selected:
         held = (f"{where} holds the last step's weights ({s['exported_step']}): the selected step "
-                f"{s['best_step']}'s were lost with a resume")
+                f"{selected}'s were lost with a resume")
     lines.append("selection: " + held + (f"; the last validation (step {s['last_step']}) "
-                                          f"{s['last_value']:.4g}" if s["last_step"] != s["best_step"] else ""))
+                                          f"{s['last_value']:.4g}" if s["last_step"] != selected else ""))
     if s["diverged_at"]:
         lines.append(f"  the reward and {s['key']} diverged at step(s) {', '.join(map(str, s['diverged_at']))}: "
                      "the reward held or rose while the key fell beyond its uncertainty")

@@ -15,7 +15,9 @@ the evaluation's) every 6 steps, judged by the exact checker (`shapes_exact`, ne
 on), selects by it and stops at its first drop beyond the uncertainty (run.early_stop.on_drop).
 Each run's selected weights (best/) and last step's (the step it stopped at) are evaluated on
 the 128 held-out captions of the sweep. Writes results.json, report.md.
-`--regularisers`: reward backprop's optional regularisers on the hacked condition instead.
+`--regularisers`: reward backprop's optional regularisers instead, without the guard: the KL
+penalty and the reward cap on the hacked condition and the KL penalty on the default run, 3
+seeds each (REGULARISERS), every checkpoint evaluated held out; regularisers.json, .md.
 """
 
 from __future__ import annotations
@@ -135,6 +137,12 @@ def accuracy(held: dict) -> float:
     return float(np.mean([*held["colour"], *held["shape"]]))
 
 
+def selected_step(run: dict) -> str:
+    """The step whose weights the run exported, and the best validation's where it is another."""
+    s = run["selection"]
+    return str(s["exported_step"]) + (f" ({s['best_step']})" if s["best_step"] != s["exported_step"] else "")
+
+
 def report(results: dict) -> str:
     c = results["settings"]
     start = results["start"]
@@ -156,18 +164,19 @@ def report(results: dict) -> str:
         counts = ", ".join(f"{a} ({sum(any(x.statistic == a for x in f) for f in fired)})" for a in alarms)
         lines.append(
             f"| {reward}, w = {w:g} | {', '.join(str(s) if s else 'never' for s in stopped)} | "
-            f"{', '.join(str(r['selection']['exported_step']) for r in runs)} | {accuracy(start):.3f} | "
+            f"{', '.join(map(selected_step, runs))} | {accuracy(start):.3f} | "
             f"{_ms([accuracy(r['selected']) for r in runs])} | {_ms([accuracy(r['last']) for r in runs])} | "
             f"{start['shape'][0]:.2f} | {_ms([r['selected']['shape'][0] for r in runs])} | "
             f"{_ms([r['last']['shape'][0] for r in runs])} | {', '.join(str(s) if s else 'never' for s in warned)} | "
             f"{counts or 'none'} |")
-    lines += ["", "Drift alarms at run.drift's current defaults, recomputed from each run's validation.jsonl (the "
-              "runs themselves had feature_distance at 0.1, which fired in every run: guard.json keeps what they "
-              "said).", "", "Per run: the judge (exact checker on the validation captions) at every validation, the "
+    lines += ["", "Selected step: the latest validation within the uncertainty of the best one (the best's step "
+              "in brackets where it is another). Drift alarms at run.drift's current defaults, recomputed from each "
+              "run's validation.jsonl (guard.json keeps what the run said at its own thresholds).", "", "Per run: the judge (exact checker on the validation captions) at every validation, the "
               "drift alarms, and the held-out accuracy of the selected and the last weights.", ""]
     for r in results["runs"]:
         s = r["selection"]
         rows = ", ".join(f"{v['step']}: {v['key']:.3f}" + (" (selected)" if v["step"] == s["exported_step"] else "")
+                         + (" (best)" if v["step"] == s["best_step"] != s["exported_step"] else "")
                          for v in s["validations"] if isinstance(v["key"], (int, float)))
         alarms = "; ".join(f"{a.statistic} {a.change:+.3f} at {a.step}" for a in alarms_now(r)) or "none"
         lines.append(f"- {run_name(r['reward'], r['w'], r['seed'])}: judge {rows}. Alarms: {alarms}. "
@@ -188,17 +197,32 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The regularisers of reward backpropagation (algorithm.kl_weight, algorithm.reward_cap), each
-# on the sweep's hacked condition (shapes_pref, w = 1, seed 0) without the guard, 48 steps.
-# The same condition without them and without the guard, seeds 0-2: what the guarded runs'
-# early stops saved them from.
-REGULARISERS = (("unguarded_s0", 0, "algorithm.kl_weight=0.0"), ("kl_weight_s0", 0, "algorithm.kl_weight=10.0"),
-                ("reward_cap_s0", 0, "algorithm.reward_cap=0.12"), ("unguarded_s1", 1, "algorithm.kl_weight=0.0"),
-                ("unguarded_s2", 2, "algorithm.kl_weight=0.0"))
+# The regularisers of reward backpropagation (algorithm.kl_weight, algorithm.reward_cap), without
+# the guard, 48 steps: (run name, seed, reward, text-irrelevant weight, override). On the
+# sweep's hacked condition (shapes_pref, w = 1): each regulariser and the run without one, 3
+# seeds (the latter is what the guarded runs' early stops saved them from); on the default
+# run (shapes_clip, w = 0.3) the KL penalty, to see whether it also holds back a real gain
+# (its unregularised runs are run_compare's default condition, which never stops early).
+# Ordered so that a stopped command has the most telling runs.
+HACKED, DEFAULT = ("shapes_pref", 1.0), ("shapes_clip", 0.3)
+REGULARISERS = tuple(
+    (f"{prefix}{name}_s{seed}", seed, *condition, override)
+    for (prefix, name, condition, override), seeds in [
+        (("", "unguarded", HACKED, "algorithm.kl_weight=0.0"), (0,)),
+        (("", "kl_weight", HACKED, "algorithm.kl_weight=10.0"), (0,)),
+        (("", "reward_cap", HACKED, "algorithm.reward_cap=0.12"), (0,)),
+        (("", "kl_weight", HACKED, "algorithm.kl_weight=10.0"), (1,)),
+        (("", "unguarded", HACKED, "algorithm.kl_weight=0.0"), (1,)),
+        (("", "kl_weight", HACKED, "algorithm.kl_weight=10.0"), (2,)),
+        (("", "unguarded", HACKED, "algorithm.kl_weight=0.0"), (2,)),
+        (("default_", "kl_weight", DEFAULT, "algorithm.kl_weight=10.0"), (0, 1, 2)),
+        (("", "reward_cap", HACKED, "algorithm.reward_cap=0.12"), (1, 2)),
+    ] for seed in seeds)
 
 
-def run_regularisers(c: GuardCompare, out: Path, log=print) -> dict:
-    """Each regulariser's run and the run without one, every checkpoint evaluated held out."""
+def run_regularisers(c: GuardCompare, out: Path, log=print, only: int | None = None) -> dict:
+    """Each regulariser's runs and the runs without one, every checkpoint evaluated held out;
+    regularisers.json is rewritten after each run (`only`: the first runs alone, for tests)."""
     import yaml
 
     from shapesworld.evaluate import draw_captions
@@ -208,40 +232,50 @@ def run_regularisers(c: GuardCompare, out: Path, log=print) -> dict:
     runs.mkdir(parents=True, exist_ok=True)
     prompts = draw_captions(WorldConfig(), c.eval_captions, seed=EVAL_SEED)
     results = {"settings": asdict(c), "runs": []}
-    for name, seed, override in REGULARISERS:
+    for name, seed, reward, w, override in REGULARISERS[:only]:
         t = time.perf_counter()
         run_dir = runs / name
         if max(checkpoints(run_dir), default=0) != c.steps:
             shutil.rmtree(run_dir, ignore_errors=True)
-            run_dir = launch([f"model.pretrained={START}", "reward.name=shapes_pref",
-                              "reward.kwargs.text_irrelevant_weight=1.0", f"train.seed={seed}", f"train.lr={c.lr}",
+            run_dir = launch([f"model.pretrained={START}", f"reward.name={reward}",
+                              f"reward.kwargs.text_irrelevant_weight={w}", f"train.seed={seed}", f"train.lr={c.lr}",
                               f"train.steps={c.steps}", "run.checkpoint_every=12", "run.keep_checkpoints=0",
                               f"run.image_every={c.steps}", "run.validation_size=0", override], name, runs)
         lora = yaml.safe_load((run_dir / CONFIG).read_text())["lora"]
         held = {step: evaluate_weights(folder / "weights.safetensors", lora, c.sweep(), prompts)
                 for step, folder in checkpoints(run_dir).items()}
-        results["runs"].append({"name": name, "seed": seed, "override": override, "metrics": read_metrics(run_dir),
-                                "held_out": {str(k): v for k, v in held.items()},
+        results["runs"].append({"name": name, "seed": seed, "reward": reward, "w": w, "override": override,
+                                "metrics": read_metrics(run_dir), "held_out": {str(k): v for k, v in held.items()},
                                 "seconds": round(time.perf_counter() - t, 1)})
         log(f"{name}: {time.perf_counter() - t:.0f} s; held-out accuracy "
             f"{ {k: round(accuracy(v), 3) for k, v in held.items()} }")
-    (out / "regularisers.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / "regularisers.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 
 def regulariser_report(results: dict) -> str:
-    """Held-out accuracy (and cell 1's shape) at each checkpoint of each run."""
+    """Held-out accuracy (and cell 1's shape) at each checkpoint, mean ± std over the seeds of
+    each condition and override; the training reward and the regulariser's own metric over
+    the last quarter of the steps."""
     steps = sorted({int(k) for r in results["runs"] for k in r["held_out"]})
-    lines = ["| run | " + " | ".join(f"step {s}: accuracy, shape 1" for s in steps) + " | reward, last quarter | "
-             "kl or capped share, last quarter |", "|---" * (len(steps) + 3) + "|"]
+    groups: dict = {}
     for r in results["runs"]:
-        extra = {"kl_weight_s0": "kl", "reward_cap_s0": "reward_capped"}.get(r["name"])
-        quarter = r["metrics"][-max(1, len(r["metrics"]) // 4):]
-        held = [r["held_out"].get(str(s)) for s in steps]
-        lines.append(f"| {r['name']}: `{r['override']}` | " + " | ".join(f"{accuracy(h):.3f}, {h['shape'][0]:.2f}" if h else ""
-                                                          for h in held)
-                     + f" | {np.mean([m['reward'] for m in quarter]):.3f} | "
-                     + (f"{np.mean([m.get(extra, math.nan) for m in quarter]):.3g}" if extra else "") + " |")
+        groups.setdefault((r.get("reward", "shapes_pref"), r.get("w", 1.0), r["override"]), []).append(r)
+    lines = ["| condition | override | seeds | " + " | ".join(f"step {s}: accuracy, shape 1" for s in steps)
+             + " | reward, last quarter | kl or capped share, last quarter |", "|---" * (len(steps) + 5) + "|"]
+    for (reward, w, override), rs in groups.items():
+        extra = "kl" if "kl_weight=0.0" not in override and "kl_weight" in override else (
+            "reward_capped" if "reward_cap" in override else None)
+        quarters = [r["metrics"][-max(1, len(r["metrics"]) // 4):] for r in rs]
+        cells = []
+        for s in steps:
+            held = [r["held_out"][str(s)] for r in rs if str(s) in r["held_out"]]
+            cells.append(f"{_ms([accuracy(h) for h in held])}, {_ms([h['shape'][0] for h in held])}" if held else "")
+        lines.append(f"| {reward}, w = {w:g} | `{override}` | {', '.join(str(r['seed']) for r in rs)} | "
+                     + " | ".join(cells)
+                     + f" | {_ms([float(np.mean([m['reward'] for m in q])) for q in quarters])} | "
+                     + (_ms([float(np.mean([m.get(extra, math.nan) for m in q])) for q in quarters]) if extra else "")
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -251,12 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one run of 4 steps, for tests")
     parser.add_argument("--report", action="store_true", help="only rewrite report.md from OUT/results.json")
     parser.add_argument("--regularisers", action="store_true", help="instead: the hacked condition without the "
-                        "guard (seeds 0-2) and with reward backprop's regularisers (seed 0), OUT/regularisers.json "
-                        "and regularisers.md")
+                        "guard and with reward backprop's regularisers (3 seeds each; the KL penalty on the default "
+                        "run too), OUT/regularisers.json and regularisers.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     if args.regularisers:
-        results = run_regularisers(GuardCompare.quick() if args.quick else GuardCompare(), args.out)
+        results = run_regularisers(GuardCompare.quick() if args.quick else GuardCompare(), args.out,
+                                   only=2 if args.quick else None)
         text = regulariser_report(results)
         (args.out / "regularisers.md").write_text(text)
         print(text)

@@ -280,12 +280,13 @@ def _format(record: dict, keys: tuple[str, ...]) -> str:
 
 def select(ctx: WorkerContext, step: int) -> bool:
     """After the validation at `step`: rank 0 takes the guard's verdict from
-    validation.jsonl and, when this validation is the new best, keeps the weights it sampled
-    with in best/. Whether the run stops early, the same on every worker."""
+    validation.jsonl and, when this validation is the selected one, keeps the weights it sampled
+    with in best/ (guard.assess: the latest within the uncertainty of the best). Whether the
+    run stops early, the same on every worker."""
     stop = False
     if ctx.rank == 0:
         verdict = guard.assess(ctx.cfg.run, validation.read(ctx.run_dir))
-        if verdict is not None and verdict.best_step == step:
+        if verdict is not None and verdict.selected_step == step:
             guard.save_best(ctx.run_dir, step, ctx.trainable_weights(), verdict)
         stop = verdict is not None and verdict.stop is not None
         if stop:
@@ -296,43 +297,43 @@ def select(ctx: WorkerContext, step: int) -> bool:
 
 
 def reconcile_best(ctx: WorkerContext, step: int) -> None:
-    """Rank 0, at the start: best/ must hold the weights of the best validation up to `step`
+    """Rank 0, at the start: best/ must hold the weights of the selected validation up to `step`
     (a resume cut validation.jsonl back to it). Weights of a later step are of a future the
     resume dropped; the selected step's are taken from its checkpoint when best/ lacks them."""
     import shutil
 
     verdict = guard.assess(ctx.cfg.run, validation.read(ctx.run_dir))
-    held = guard.best_step(ctx.run_dir)
-    if held is not None and (verdict is None or held != verdict.best_step):
+    held = guard.held_step(ctx.run_dir)
+    if held is not None and (verdict is None or held != verdict.selected_step):
         shutil.rmtree(ctx.run_dir / guard.BEST)
         held = None
-    if verdict is None or verdict.best_step is None or held is not None:
+    if verdict is None or verdict.selected_step is None or held is not None:
         return
     from safetensors.torch import load_file
 
-    folder = next((p for p in checkpoint.on_disk(ctx.run_dir) if checkpoint.step_of(p) == verdict.best_step), None)
+    selected = verdict.selected_step
+    folder = next((p for p in checkpoint.on_disk(ctx.run_dir) if checkpoint.step_of(p) == selected), None)
     if folder is not None:
-        guard.save_best(ctx.run_dir, verdict.best_step, load_file(str(folder / checkpoint.WEIGHTS)), verdict)
-    elif verdict.best_step == step:
+        guard.save_best(ctx.run_dir, selected, load_file(str(folder / checkpoint.WEIGHTS)), verdict)
+    elif selected == step:
         guard.save_best(ctx.run_dir, step, ctx.trainable_weights(), verdict)
     else:
         log.warning("the selected validation's weights (step %d) are not in best/ nor in a checkpoint (the run resumed "
-                    "from step %d); a later best replaces them, else lora/ holds the last step's", verdict.best_step,
-                    step)
+                    "from step %d); a later selection replaces them, else lora/ holds the last step's", selected, step)
 
 
 def use_selected(ctx: WorkerContext, verdict: guard.Verdict, last: int) -> None:
     """Rank 0, exporting: the selected validation's weights into the model (from best/), so
     that lora/ (unet/, model/) are theirs; the last step's are the model's already."""
-    if verdict.best_step not in (None, last) and guard.best_step(ctx.run_dir) == verdict.best_step:
+    if verdict.selected_step not in (None, last) and guard.held_step(ctx.run_dir) == verdict.selected_step:
         load_trainable_state_dict(ctx.engine.module, guard.load_best(ctx.run_dir), ctx.cfg.lora)
 
 
 def exported_step(ctx: WorkerContext, verdict: guard.Verdict, last: int) -> int:
     """The step whose weights lora/ holds: the selected one's, or the last step's when best/
     lost them (reconcile_best)."""
-    held = guard.best_step(ctx.run_dir)
-    return held if held is not None and held == verdict.best_step else last
+    held = guard.held_step(ctx.run_dir)
+    return held if held is not None and held == verdict.selected_step else last
 
 
 def train_func(loop_config: dict) -> None:

@@ -39,12 +39,12 @@ def test_a_judge_that_falls_under_a_rising_reward_stops_the_run_and_its_best_wei
     assert records[-1]["means"]["reward"] > records[0]["means"]["reward"]
     assert records[-1]["means"]["judge/darkness"] < records[0]["means"]["judge/darkness"]
     verdict = guard.assess(load_config(run_dir / "config.yaml").run, records)
-    assert verdict.key == "judge/darkness" and verdict.best_step < 4 and verdict.diverging
+    assert verdict.key == "judge/darkness" and verdict.selected_step < 4 and verdict.diverging
     assert "warning: the reward and judge/darkness diverge" in first and "selection: step" in first
     kept = {k: v.clone() for k, v in guard.load_best(run_dir).items()}
-    assert guard.best_step(run_dir) == verdict.best_step
+    assert guard.held_step(run_dir) == verdict.selected_step
     selected = guard.read_selection(run_dir)
-    assert selected["exported_step"] == verdict.best_step and not selected["ended_early"]
+    assert selected["exported_step"] == verdict.selected_step and not selected["ended_early"]
 
     # resumed with early stopping: its first validation (step 5) is below the best beyond its uncertainty
     assert train.main(["--resume", str(run_dir), "train.steps=8", "run.early_stop.on_drop=true"]) == 0
@@ -52,7 +52,7 @@ def test_a_judge_that_falls_under_a_rising_reward_stops_the_run_and_its_best_wei
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
     selected = guard.read_selection(run_dir)
     assert selected["ended_early"] and selected["last_step"] == 5
-    assert selected["best_step"] == selected["exported_step"] == verdict.best_step
+    assert selected["selected_step"] == selected["exported_step"] == verdict.selected_step
     assert "early stop: judge/darkness fell from" in out and "stopped early at step 5" in out
     # best/ kept the selected step's weights through the resume; lora/ holds them, lora_last/ step 5's
     best = guard.load_best(run_dir)

@@ -98,6 +98,7 @@ def test_the_best_validation_is_selected_and_a_fall_under_a_rising_reward_is_div
     run = config(**JUDGED).run
     verdicts = guard.history(run, hacked_records())
     assert [v.best_step for v in verdicts] == [0, 1, 2, 2, 2]
+    assert [v.selected_step for v in verdicts] == [0, 1, 2, 2, 2]  # the falls are beyond the uncertainty
     assert [v.since_best for v in verdicts] == [0, 0, 0, 1, 2]
     assert [v.diverging for v in verdicts] == [False, False, False, True, True]
     last = verdicts[-1]
@@ -136,6 +137,39 @@ def test_early_stop_on_a_drop_or_after_patience_and_ties_go_to_the_later_validat
     assert (v.best_step, v.since_best, v.reward_change, v.diverging) == (1, 1, None, False)
 
 
+def test_the_latest_validation_within_the_uncertainty_of_the_best_is_selected():
+    """A run still improving, measured on a few noisy prompts: the best validation is an early
+    one by chance, and the later ones are within its uncertainty; the latest of them is
+    selected. A fall beyond the uncertainty sends the selection back to the latest before it."""
+    run = config(**JUDGED, early_stop={"patience": 5}).run
+    judge = [[0.3, 0.5, 0.4, 0.6], [0.9, 0.5, 0.8, 0.6], [0.6, 0.8, 0.5, 0.8], [0.8, 0.5, 0.7, 0.7],
+             [0.2, 0.3, 0.2, 0.1]]
+    records = [record(s, reward=[0.1 * s] * 4, **{"judge/j": judge[s]}) for s in range(5)]
+    verdicts = guard.history(run, records)
+    assert [v.best_step for v in verdicts] == [0, 1, 1, 1, 1]
+    assert [v.selected_step for v in verdicts] == [0, 1, 2, 3, 3]
+    assert verdicts[3].selected_value == pytest.approx(0.675) and verdicts[3].since_best == 2
+    assert guard.format_verdict(verdicts[3])[0].startswith(
+        "selection: step 3, judge/j 0.675, within the uncertainty of the best (step 1, 0.7)")
+    assert guard.tracked(verdicts[4])["guard/selected_step"] == 3.0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_final_selection_was_selected_at_its_own_validation(seed):
+    """The worker keeps a validation's weights only when it is selected as it is made; on any
+    history, what it kept last is the selection at the end."""
+    rng = np.random.default_rng(seed)
+    run = config(**JUDGED).run
+    level = np.cumsum(rng.normal(0.0, 0.05, 12))
+    records = [record(s, reward=[0.0] * 6, **{"judge/j": list(level[s] + rng.normal(0.0, 0.1, 6))}) for s in range(12)]
+    kept = None
+    for i in range(len(records)):
+        v = guard.assess(run, records[: i + 1])
+        if v.selected_step == records[i]["step"]:
+            kept = v.selected_step
+        assert kept == v.selected_step
+
+
 def test_non_finite_values_are_never_selected():
     run = config(**JUDGED).run
     records = [record(0, reward=[0.1, 0.1], **{"judge/j": [math.nan, math.nan]}),
@@ -168,10 +202,10 @@ def test_judges_score_with_rewards_and_metric_hooks_under_their_own_keys():
 def test_best_holds_one_validations_weights_whole(tmp_path):
     run = config(**JUDGED).run
     verdict = guard.assess(run, hacked_records()[:3])
-    assert guard.best_step(tmp_path) is None
+    assert guard.held_step(tmp_path) is None
     guard.save_best(tmp_path, 1, {"w": torch.ones(2)}, verdict)
     guard.save_best(tmp_path, 2, {"w": torch.full((2,), 2.0)}, verdict)
-    assert guard.best_step(tmp_path) == 2 and torch.equal(guard.load_best(tmp_path)["w"], torch.full((2,), 2.0))
+    assert guard.held_step(tmp_path) == 2 and torch.equal(guard.load_best(tmp_path)["w"], torch.full((2,), 2.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no partial or old folder left
 
 
@@ -310,7 +344,7 @@ def test_a_resume_drops_best_weights_from_a_future_it_cut_and_finds_the_selected
     write(records[:2])
     guard.save_best(tmp_path, 12, {"w": torch.full((2,), 12.0)}, guard.assess(cfg.run, records[:2]))
     reconcile_best(ctx, 6)
-    assert guard.best_step(tmp_path) == 6 and torch.equal(guard.load_best(tmp_path)["w"], now["w"])
+    assert guard.held_step(tmp_path) == 6 and torch.equal(guard.load_best(tmp_path)["w"], now["w"])
     # best/ lost, resumed at step 12: the selected step 6's weights come from checkpoint_000006
     write(records)
     import shutil
@@ -321,7 +355,7 @@ def test_a_resume_drops_best_weights_from_a_future_it_cut_and_finds_the_selected
     save_file({"w": torch.full((2,), 66.0)}, str(folder / "weights.safetensors"))
     (folder / "state.json").write_text(json.dumps({"step": 6}))
     reconcile_best(ctx, 12)
-    assert guard.best_step(tmp_path) == 6 and torch.equal(guard.load_best(tmp_path)["w"], torch.full((2,), 66.0))
+    assert guard.held_step(tmp_path) == 6 and torch.equal(guard.load_best(tmp_path)["w"], torch.full((2,), 66.0))
     # kept as it is when it holds the selected step already
     reconcile_best(ctx, 12)
     assert torch.equal(guard.load_best(tmp_path)["w"], torch.full((2,), 66.0))

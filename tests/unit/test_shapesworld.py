@@ -269,3 +269,24 @@ def test_samples_to_reach_interpolates_between_evaluations():
     assert samples_to_reach(curve, 0.67) == pytest.approx(150)
     assert samples_to_reach(curve, 0.60) == 0
     assert samples_to_reach(curve, 0.71) is None
+
+
+def test_the_regularisers_table_has_three_seeds_per_condition_and_averages_them():
+    from shapesworld.guard_compare import REGULARISERS, regulariser_report
+
+    assert len({name for name, *_ in REGULARISERS}) == len(REGULARISERS)
+    seeds: dict = {}
+    for _, seed, reward, w, override in REGULARISERS:
+        seeds.setdefault((reward, w, override), []).append(seed)
+    assert all(sorted(s) == [0, 1, 2] for s in seeds.values()) and len(seeds) == 4
+
+    def held(colour: float, shape1: float) -> dict:
+        return {"colour": [colour] * 4, "shape": [shape1, colour, colour, colour]}
+
+    runs = [{"name": f"kl_s{seed}", "seed": seed, "reward": "shapes_pref", "w": 1.0, "override": "algorithm.kl_weight=10.0",
+             "held_out": {"12": held(0.8 + 0.1 * seed, 0.5)}, "metrics": [{"reward": 0.1, "kl": 0.002 * (seed + 1)}]}
+            for seed in range(2)]
+    table = regulariser_report({"runs": runs}).splitlines()
+    assert len(table) == 3 and table[2].startswith("| shapes_pref, w = 1 | `algorithm.kl_weight=10.0` | 0, 1 | ")
+    # accuracy: the mean of 4 colours and 4 shapes, 6.1 / 8 and 6.8 / 8 -> 0.806 ± 0.044; kl 0.002, 0.004
+    assert "0.806 ± 0.044, 0.500 ± 0.000" in table[2] and table[2].endswith("| 0.003 ± 0.001 |")
