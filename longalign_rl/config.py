@@ -365,8 +365,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SelectConfig:
     """Which validation picks the exported weights (guard.py): lora/ (unet/, model/) hold the
-    latest validation's within the uncertainty of the best one's, lora_last/ (unet_last/) the last step's, and best/ keeps them whatever
-    run.keep_checkpoints prunes."""
+    selected validation's, lora_last/ (unet_last/) the last step's, and best/ keeps the
+    selected ones whatever run.keep_checkpoints prunes."""
 
     # The validation key that picks the run's weights (a mean of validation.jsonl: a judge's
     # "judge/<name>", "reward", a metric hook's name). "" = the first judge key when run.judge
@@ -374,6 +374,11 @@ class SelectConfig:
     key: str = ""
     # Whether a higher value of the key is better.
     higher_is_better: bool = True
+    # The selected validation is the latest whose value is within this many standard errors
+    # (of its paired per-prompt change) of the best validation's: the one-standard-error
+    # rule, so that the noise of a few validation prompts does not send a run that is still
+    # improving back to an early lucky draw. 0 = the best validation itself.
+    within: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -730,6 +735,8 @@ def _validate_guard(cfg: Config) -> None:
     for name in dataclasses.fields(r.drift):
         value = getattr(r.drift, name.name)
         _require(value >= 0, f"run.drift.{name.name}", f"must be >= 0 (0: no alarm), got {value}")
+    _require(r.select_by.within >= 0, "run.select_by.within",
+             f"must be >= 0 standard errors (0: the best validation itself), got {r.select_by.within}")
     _require(r.early_stop.patience >= 0, "run.early_stop.patience",
              f"must be >= 0 (0: no patience limit), got {r.early_stop.patience}")
     wanted = [key for key, on in (("run.judge", bool(judges)), ("run.select_by.key", bool(r.select_by.key)),

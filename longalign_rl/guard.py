@@ -9,9 +9,10 @@ the run exits 0 and exports its last, worst weights. The guard watches the valid
   validation keys `judge/<name>` (a reward's total; its parts `judge/<name>/<part>`) and
   `judge/<metric's names>`;
 - selection (`run.select_by`): of the validations whose value of one key (the first
-  judge's by default) is within the uncertainty of the best one's, the latest picks the
-  weights that lora/ (or unet/, model/) holds: a validation set's noise does not send a
-  run that is still improving back to an early step. lora_last/ holds the last step's;
+  judge's by default) is within `within` standard errors of the best one's (the
+  one-standard-error rule), the latest picks the weights that lora/ (or unet/, model/)
+  holds: a validation set's noise does not send a run that is still improving back to an
+  early lucky draw. lora_last/ holds the last step's;
   best/ keeps the selected weights whatever keep_checkpoints prunes;
 - drift alarms (`run.drift`), judge or not: statistics of the validation images against
   step 0's (brightness, saturation, contrast, high-frequency energy, colour spread across
@@ -206,7 +207,7 @@ class Verdict:
     higher_is_better: bool
     best_step: int | None  # the validation with the best value of the key
     best_value: float
-    selected_step: int | None  # the latest validation within the uncertainty of the best: its weights are kept
+    selected_step: int | None  # the latest validation within run.select_by.within of the best: its weights are kept
     selected_value: float
     last_step: int
     last_value: float
@@ -234,24 +235,25 @@ def _worse(change: float, uncertainty: float | None, higher_is_better: bool) -> 
     return math.isfinite(worse) and worse > (uncertainty or 0.0)
 
 
-def _within(best: dict, record: dict, key: str, higher_is_better: bool) -> bool:
-    """`record`'s value of `key` is not worse than `best`'s beyond the uncertainty of their
-    paired change (without per-prompt values, not worse at all)."""
+def _within(best: dict, record: dict, key: str, higher_is_better: bool, errors: float) -> bool:
+    """`record`'s value of `key` is not worse than `best`'s by more than `errors` standard
+    errors of their paired change (without per-prompt values, not worse at all)."""
     value = record["means"].get(key, math.nan)
     if not math.isfinite(value):
         return False
     change, error = paired_change(best, record, key)
     if not math.isfinite(change):
         change, error = value - best["means"][key], None
-    return not _worse(change, error, higher_is_better)
+    return not _worse(change, None if error is None else error / 2 * errors, higher_is_better)
 
 
 def assess(run, records: list[dict]) -> Verdict | None:
     """The guard's verdict after `records` (validation.jsonl, in step order); None when the
     run selects nothing or has no validation yet. Ties go to the later validation.
 
-    The selected validation is the latest one not worse than the best beyond the uncertainty
-    of their paired change. It was the selected one at its own validation too (the best
+    The selected validation is the latest one not worse than the best by more than
+    run.select_by.within standard errors of their paired change. It was the selected one at
+    its own validation too (the best
     then was the best now, and the later ones are worse than it beyond their uncertainty),
     so the worker, keeping the weights of each validation selected when it is made, holds
     the final selection's."""
@@ -274,7 +276,8 @@ def assess(run, records: list[dict]) -> Verdict | None:
     if best is None:  # never finite: nothing to select
         return Verdict(key, higher, None, math.nan, None, math.nan, last["step"], last["means"].get(key, math.nan),
                        since, math.nan, None, None, None, False, None)
-    selected = next(r for r in reversed(records) if r is best or _within(best, r, key, higher))
+    within = run.select_by.within
+    selected = next(r for r in reversed(records) if r is best or _within(best, r, key, higher, within))
     change, error = paired_change(best, last, key)
     reward_change, reward_error = (paired_change(best, last, "reward") if "reward" in last["values"]
                                    else (None, None))
@@ -303,7 +306,7 @@ def format_verdict(v: Verdict) -> list[str]:
         lines = [f"selection: step {v.best_step}, {v.key} {v.best_value:.4g} (the best so far)"]
     else:
         shown = f"{v.change:+.3g}" + (f" ± {v.uncertainty:.2g}" if v.uncertainty is not None else "")
-        chosen = (f"step {v.selected_step}, {v.key} {v.selected_value:.4g}, within the uncertainty of the best "
+        chosen = (f"step {v.selected_step}, {v.key} {v.selected_value:.4g}, within run.select_by.within of the best "
                   f"(step {v.best_step}, {v.best_value:.4g})" if v.selected_step != v.best_step
                   else f"step {v.best_step}, {v.key} {v.best_value:.4g}")
         lines = [f"selection: {chosen}; now {v.last_value:.4g} ({shown} from the best), "
@@ -414,7 +417,7 @@ def format_selection(s: dict) -> list[str]:
             f"{len(s['validations'])} validations")
     if selected != s["best_step"]:
         held = (f"{where} holds step {selected}'s weights: {s['key']} {s['selected_value']:.4g}, the latest within "
-                f"the uncertainty of the best ({s['best_value']:.4g}, step {s['best_step']}) of "
+                f"run.select_by.within of the best ({s['best_value']:.4g}, step {s['best_step']}) of "
                 f"{len(s['validations'])} validations")
     if s["exported_step"] != selected:
         held = (f"{where} holds the last step's weights ({s['exported_step']}): the selected step "

@@ -63,6 +63,8 @@ def test_the_guard_needs_validation_and_early_stopping_needs_a_key():
         config(early_stop={"on_drop": True})
     with pytest.raises(ConfigError, match="run.early_stop.patience: must be >= 0"):
         config(early_stop={"patience": -1}, select_by={"key": "reward"})
+    with pytest.raises(ConfigError, match=r"run.select_by.within: must be >= 0 standard errors"):
+        config(select_by={"within": -1.0}, **JUDGED)
     with pytest.raises(ConfigError, match="unknown config key 'run.select_by.mode'"):
         config(select_by={"key": "reward", "mode": "max"})
 
@@ -150,8 +152,11 @@ def test_the_latest_validation_within_the_uncertainty_of_the_best_is_selected():
     assert [v.selected_step for v in verdicts] == [0, 1, 2, 3, 3]
     assert verdicts[3].selected_value == pytest.approx(0.675) and verdicts[3].since_best == 2
     assert guard.format_verdict(verdicts[3])[0].startswith(
-        "selection: step 3, judge/j 0.675, within the uncertainty of the best (step 1, 0.7)")
+        "selection: step 3, judge/j 0.675, within run.select_by.within of the best (step 1, 0.7)")
     assert guard.tracked(verdicts[4])["guard/selected_step"] == 3.0
+    # within 0 standard errors: the best itself; within 4, step 4's fall (-0.5, 4 SE 0.43) is still too far
+    assert guard.assess(config(**JUDGED, select_by={"within": 0.0}).run, records).selected_step == 1
+    assert guard.assess(config(**JUDGED, select_by={"within": 4.0}).run, records).selected_step == 3
 
 
 @pytest.mark.parametrize("seed", range(20))
