@@ -14,7 +14,7 @@ cut at 77 tokens (shapesworld/pretrain_flow.py): cells 3-4 are past its window.
    shapes partly right), evaluated at every checkpoint:
    reward_backprop  configs/shapesworld_flow.yaml: shapes_clip (decomposed, w = 0.3),
                     gradients through the last 2 of 10 Euler steps, 16 samples per step,
-                    36 steps: 576 samples, evaluated at 18 and 36
+                    24 steps: 384 samples, evaluated at 12 and 24
    flow_grpo        Flow-GRPO-Fast: the exact checker on sentences 3-4 as the reward (not
                     differentiable), the SDE (noise level 0.7) on the first 2 of the 10
                     steps only, the ODE after them (algorithm.sde_window), so each sample
@@ -45,8 +45,8 @@ BASE = "shapesworld-flow"
 START = "shapesworld-flow-partial"
 STAGE1 = Method("stage1", ("--config", str(CONFIGS / "shapesworld_flow_stage1.yaml")), steps=256, checkpoint_every=128,
                 samples_per_step=32)
-REWARD_BACKPROP = Method("reward_backprop", ("--config", str(CONFIGS / "shapesworld_flow.yaml")), steps=36,
-                         checkpoint_every=18, samples_per_step=16)
+REWARD_BACKPROP = Method("reward_backprop", ("--config", str(CONFIGS / "shapesworld_flow.yaml")), steps=24,
+                         checkpoint_every=12, samples_per_step=16)
 FLOW_GRPO = Method("flow_grpo", ("--config", str(CONFIGS / "shapesworld_flow.yaml"), "algorithm.name=grpo",
                                  "reward.name=shapes_exact", "reward.kwargs={positions: [3, 4]}", "sampler.eta=0.7",
                                  "algorithm.sde_window=[0, 0.2]", "algorithm.timestep_fraction=1.0",
