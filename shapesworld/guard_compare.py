@@ -169,10 +169,11 @@ def report(results: dict) -> str:
             f"{start['shape'][0]:.2f} | {_ms([r['selected']['shape'][0] for r in runs])} | "
             f"{_ms([r['last']['shape'][0] for r in runs])} | {', '.join(str(s) if s else 'never' for s in warned)} | "
             f"{counts or 'none'} |")
-    lines += ["", "Selected step: the latest validation within the uncertainty of the best one (the best's step "
-              "in brackets where it is another). Drift alarms at run.drift's current defaults, recomputed from each "
-              "run's validation.jsonl (guard.json keeps what the run said at its own thresholds).", "", "Per run: the judge (exact checker on the validation captions) at every validation, the "
-              "drift alarms, and the held-out accuracy of the selected and the last weights.", ""]
+    lines += ["", "Selected step: the latest validation within run.select_by.within (1) standard errors of the best "
+              "one (the best's step in brackets where it is another). Drift alarms at run.drift's current defaults, "
+              "recomputed from each run's validation.jsonl (guard.json keeps what the run said at its own "
+              "thresholds).", "", "Per run: the judge (exact checker on the validation captions) at every "
+              "validation, the drift alarms, and the held-out accuracy of the selected and the last weights.", ""]
     for r in results["runs"]:
         s = r["selection"]
         rows = ", ".join(f"{v['step']}: {v['key']:.3f}" + (" (selected)" if v["step"] == s["exported_step"] else "")
