@@ -12,8 +12,8 @@ the run exits 0 and exports its last, worst weights. The guard watches the valid
   judge's by default) is within `within` standard errors of the best one's (the
   one-standard-error rule), the latest picks the weights that lora/ (or unet/, model/)
   holds: a validation set's noise does not send a run that is still improving back to an
-  early lucky draw. lora_last/ holds the last step's;
-  best/ keeps the selected weights whatever keep_checkpoints prunes;
+  early lucky draw. lora_last/ holds the last step's; best/ keeps the selected weights
+  whatever keep_checkpoints prunes;
 - drift alarms (`run.drift`), judge or not: statistics of the validation images against
   step 0's (brightness, saturation, contrast, high-frequency energy, colour spread across
   prompts, distance in the reward's image tower), one alarm per statistic beyond its
@@ -244,7 +244,7 @@ def _within(best: dict, record: dict, key: str, higher_is_better: bool, errors: 
     change, error = paired_change(best, record, key)
     if not math.isfinite(change):
         change, error = value - best["means"][key], None
-    return not _worse(change, None if error is None else error / 2 * errors, higher_is_better)
+    return not _worse(change, None if error is None else error / 2 * errors, higher_is_better)  # error: 2 SE
 
 
 def assess(run, records: list[dict]) -> Verdict | None:
@@ -253,10 +253,9 @@ def assess(run, records: list[dict]) -> Verdict | None:
 
     The selected validation is the latest one not worse than the best by more than
     run.select_by.within standard errors of their paired change. It was the selected one at
-    its own validation too (the best
-    then was the best now, and the later ones are worse than it beyond their uncertainty),
-    so the worker, keeping the weights of each validation selected when it is made, holds
-    the final selection's."""
+    its own validation too (the best then was the best now, and the later ones are worse
+    than it beyond that width), so the worker, keeping the weights of each validation
+    selected when it is made, holds the final selection's."""
     key = selection_key(run)
     if key is None or not records:
         return None
@@ -412,7 +411,7 @@ def format_selection(s: dict) -> list[str]:
     if s["best_step"] is None:
         return [f"selection: {s['key']} never had a finite value; lora/ holds the last step's weights"]
     where = "lora/ (unet/, model/)"
-    selected = s.get("selected_step", s["best_step"])  # guard.json from before the selection rule had best only
+    selected = s["selected_step"]
     held = (f"{where} holds step {s['exported_step']}'s weights: the best {s['key']} {s['best_value']:.4g} of "
             f"{len(s['validations'])} validations")
     if selected != s["best_step"]:

@@ -206,19 +206,14 @@ def report(results: dict) -> str:
 # (its unregularised runs are run_compare's default condition, which never stops early).
 # Ordered so that a stopped command has the most telling runs.
 HACKED, DEFAULT = ("shapes_pref", 1.0), ("shapes_clip", 0.3)
-REGULARISERS = tuple(
-    (f"{prefix}{name}_s{seed}", seed, *condition, override)
-    for (prefix, name, condition, override), seeds in [
-        (("", "unguarded", HACKED, "algorithm.kl_weight=0.0"), (0,)),
-        (("", "kl_weight", HACKED, "algorithm.kl_weight=10.0"), (0,)),
-        (("", "reward_cap", HACKED, "algorithm.reward_cap=0.12"), (0,)),
-        (("", "kl_weight", HACKED, "algorithm.kl_weight=10.0"), (1,)),
-        (("", "unguarded", HACKED, "algorithm.kl_weight=0.0"), (1,)),
-        (("", "kl_weight", HACKED, "algorithm.kl_weight=10.0"), (2,)),
-        (("", "unguarded", HACKED, "algorithm.kl_weight=0.0"), (2,)),
-        (("default_", "kl_weight", DEFAULT, "algorithm.kl_weight=10.0"), (0, 1, 2)),
-        (("", "reward_cap", HACKED, "algorithm.reward_cap=0.12"), (1, 2)),
-    ] for seed in seeds)
+NONE, KL, CAP = "algorithm.kl_weight=0.0", "algorithm.kl_weight=10.0", "algorithm.reward_cap=0.12"
+REGULARISERS = (
+    ("unguarded_s0", 0, *HACKED, NONE), ("kl_weight_s0", 0, *HACKED, KL), ("reward_cap_s0", 0, *HACKED, CAP),
+    ("kl_weight_s1", 1, *HACKED, KL), ("unguarded_s1", 1, *HACKED, NONE),
+    ("kl_weight_s2", 2, *HACKED, KL), ("unguarded_s2", 2, *HACKED, NONE),
+    ("default_kl_weight_s0", 0, *DEFAULT, KL), ("default_kl_weight_s1", 1, *DEFAULT, KL),
+    ("default_kl_weight_s2", 2, *DEFAULT, KL),
+    ("reward_cap_s1", 1, *HACKED, CAP), ("reward_cap_s2", 2, *HACKED, CAP))
 
 
 def run_regularisers(c: GuardCompare, out: Path, log=print, only: int | None = None) -> dict:
@@ -261,12 +256,11 @@ def regulariser_report(results: dict) -> str:
     steps = sorted({int(k) for r in results["runs"] for k in r["held_out"]})
     groups: dict = {}
     for r in results["runs"]:
-        groups.setdefault((r.get("reward", "shapes_pref"), r.get("w", 1.0), r["override"]), []).append(r)
+        groups.setdefault((r["reward"], r["w"], r["override"]), []).append(r)
     lines = ["| condition | override | seeds | " + " | ".join(f"step {s}: accuracy, shape 1" for s in steps)
              + " | reward, last quarter | kl or capped share, last quarter |", "|---" * (len(steps) + 5) + "|"]
     for (reward, w, override), rs in groups.items():
-        extra = "kl" if "kl_weight=0.0" not in override and "kl_weight" in override else (
-            "reward_capped" if "reward_cap" in override else None)
+        extra = {KL: "kl", CAP: "reward_capped"}.get(override)
         quarters = [r["metrics"][-max(1, len(r["metrics"]) // 4):] for r in rs]
         cells = []
         for s in steps:
