@@ -2,7 +2,7 @@
 `python -m longalign_rl.train` (sampler actors, DeepSpeed workers, checkpoints), every
 model is evaluated on held-out captions by the exact checker.
 
-    python -m shapesworld.flow_compare --out /tmp/flow            # 3 seeds, 47 min on 2 cores with 36 reward-backprop steps
+    python -m shapesworld.flow_compare --out /tmp/flow            # 3 seeds, 43 min on 2 cores
     python -m shapesworld.flow_compare --out /tmp/x --quick        # one seed, 2 steps each (tests)
 
 The model is `shapesworld-flow`, an SD3-class transformer without T5 pretrained on captions
