@@ -271,12 +271,6 @@ def model_line(cfg: Config) -> str:
     return f"{cfg.model.pretrained} (family {name})"
 
 
-def steps_name(cfg: Config) -> str:
-    """What the samplers' steps are, by the model's family: DDIM's, or a flow model's Euler steps."""
-    family = configured_family(cfg)
-    return family.steps_name if family is not None else "DDIM"
-
-
 def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str:
     """The run's header; a run with a guard (guard.py) adds its line."""
     text = _describe(cfg, run_dir, pairs)
@@ -296,7 +290,7 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
 def _describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str:
     s, t = cfg.sampler, cfg.train
     trains = f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "the whole UNet"
-    algorithm = algorithm_of(cfg)
+    algorithm, family = algorithm_of(cfg), configured_family(cfg)
     # an elastic run (train.min_workers) may run on fewer, accumulating more
     elastic = f" (elastic: {t.min_workers} at least, the global batch kept)" if t.min_workers else ""
     if cfg.stage == 1:
@@ -323,8 +317,8 @@ def _describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> st
         + (f", scored by {cfg.reward.num_actors} reward actors ({cfg.reward.num_cpus:g} CPU, "
            f"{cfg.reward.num_gpus:g} GPU each)" if cfg.reward.num_actors else "") + "\n"
         f"algorithm          {algorithm.describe(cfg)}\n"
-        f"samplers           {s.num_actors} actors, {s.num_steps} {steps_name(cfg)} steps "
-        f"({algorithm.describe_sampling(cfg)}), "
+        f"samplers           {s.num_actors} actors, {s.num_steps} {family.steps_name if family else 'DDIM'} steps "
+        f"({algorithm.describe_sampling(cfg, family)}), "
         f"guidance {s.guidance_scale}, {s.resolution} px\n"
         f"trainers           {t.num_workers} workers{elastic} x {t.batch_size} prompts x {t.grad_accum} accumulation "
         f"= {cfg.global_batch} samples per step, ZeRO-{t.zero_stage}, {t.precision}\n"

@@ -386,8 +386,9 @@ class Algorithm:
         """The run header's "algorithm" line."""
         return self.name
 
-    def describe_sampling(self, cfg) -> str:
-        """What the samplers' DDIM chain records, for the run header's "samplers" line."""
+    def describe_sampling(self, cfg, family=None) -> str:
+        """What the samplers' chain records, for the run header's "samplers" line; `family`:
+        the model's family class, where the driver knows it without loading the model."""
         where = " (the last)" if cfg.sampler.grad_steps == "last" else ""
         return f"{cfg.sampler.num_grad_steps} with gradient{where}"
 

@@ -188,10 +188,11 @@ class PolicyGradient(Algorithm):
     def advantages_line(self, cfg) -> str:
         raise NotImplementedError
 
-    def describe_sampling(self, cfg) -> str:
+    def describe_sampling(self, cfg, family=None) -> str:
         window, steps = sde_steps(cfg), cfg.sampler.num_steps
         where = "" if window == (0, steps) else f" on steps {window[0]}-{window[1] - 1}, deterministic elsewhere"
-        return f"eta {cfg.sampler.eta}{where}, {trained_steps(cfg)} trained"
+        noise = family.noise_name if family is not None else "eta"
+        return f"{noise} {cfg.sampler.eta}{where}, {trained_steps(cfg)} trained"
 
 
 class GRPO(PolicyGradient):

@@ -79,8 +79,9 @@ class Family:
     # layers); None: that default. A transformer family names its own (as diffusers' LoRA
     # training scripts for it choose).
     lora_targets: tuple[str, ...] | None = None
-    # What its sampling steps are called in the run header.
+    # What its sampling steps are called in the run header, and what sampler.eta is there.
     steps_name = "DDIM"
+    noise_name = "eta"
     # What the pipeline's __call__ takes for its deterministic sampler (DDIM: eta 0).
     deterministic_kwargs = {"eta": 0.0}
 

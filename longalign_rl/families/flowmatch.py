@@ -40,6 +40,7 @@ class FlowFamily(Family):
     patch = 2
     deterministic_kwargs = {}  # the Euler ODE takes no eta
     steps_name = "flow-matching Euler"
+    noise_name = "SDE noise level"  # sampler.eta is Flow-GRPO's a (sampling/flow.py)
     # the T5 encoder's token limit when prompts.t5_max_tokens is 0 (the pipeline's default)
     t5_default_tokens = 256
 
