@@ -288,9 +288,12 @@ def describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str
 
 
 def _describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> str:
+    from longalign_rl.families import default_family
+
     s, t = cfg.sampler, cfg.train
     trains = f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "the whole UNet"
-    algorithm, family = algorithm_of(cfg), configured_family(cfg)
+    algorithm = algorithm_of(cfg)
+    family = configured_family(cfg) or default_family()  # what the samplers will load
     # an elastic run (train.min_workers) may run on fewer, accumulating more
     elastic = f" (elastic: {t.min_workers} at least, the global batch kept)" if t.min_workers else ""
     if cfg.stage == 1:
@@ -317,7 +320,7 @@ def _describe(cfg: Config, run_dir: Path, pairs: list[Pair] | None = None) -> st
         + (f", scored by {cfg.reward.num_actors} reward actors ({cfg.reward.num_cpus:g} CPU, "
            f"{cfg.reward.num_gpus:g} GPU each)" if cfg.reward.num_actors else "") + "\n"
         f"algorithm          {algorithm.describe(cfg)}\n"
-        f"samplers           {s.num_actors} actors, {s.num_steps} {family.steps_name if family else 'DDIM'} steps "
+        f"samplers           {s.num_actors} actors, {s.num_steps} {family.steps_name} steps "
         f"({algorithm.describe_sampling(cfg, family)}), "
         f"guidance {s.guidance_scale}, {s.resolution} px\n"
         f"trainers           {t.num_workers} workers{elastic} x {t.batch_size} prompts x {t.grad_accum} accumulation "

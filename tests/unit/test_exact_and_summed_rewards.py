@@ -85,7 +85,8 @@ def test_policy_gradients_accept_a_non_differentiable_reward_on_the_driver():
     rb = load_config(train.DEFAULT_CONFIG, [])
     assert "reward backpropagation" in preflight.describe(rb, Path("/tmp/r"))
     # on a flow model sampler.eta is Flow-GRPO's noise level, and the header calls it that
-    flow = load_config(Path(train.DEFAULT_CONFIG).parent / "tiny_sd3.yaml", ["algorithm.name=grpo", "algorithm.group_size=2", "sampler.eta=0.7"])
+    flow = load_config(Path(train.DEFAULT_CONFIG).parent / "tiny_sd3.yaml",
+                       ["algorithm.name=grpo", "algorithm.group_size=2", "sampler.eta=0.7"])
     text = preflight.describe(flow, Path("/tmp/r"))
     assert "flow-matching Euler steps (SDE noise level 0.7" in text and "eta" not in text, text
 
